@@ -1,0 +1,192 @@
+"""Command line: ``python -m rr_alloc {search,verify,compare,apply,export,list}``.
+
+Flags override the config file's values, which override the defaults in
+``RunConfig``. Bad input ends with one ``error:`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import RunConfig, load_config_file
+from .errors import UserError
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+EMBEDDED_NOTE = ("This ran the embedded default (a 7-layer residual CNN trained on scikit-learn's bundled "
+                 "digits). Point rr_alloc at a real model with e.g.\n  python -m rr_alloc search --budget 0.9 "
+                 "--config configs/cifar10_resnet20.yaml   (after export RR_ALLOC_SHARED=/path/to/shared)\n"
+                 "or --model NAME|package.module:factory --checkpoint FILE --dataset imagefolder "
+                 "--train-data DIR --test-data DIR.")
+
+
+def _budget(text: str) -> float:
+    try:
+        b = float(text)
+    except ValueError:
+        raise UserError(f"--budget must be a number in (0, 1), got {text!r}: pass e.g. --budget 0.9")
+    if not 0.0 < b < 1.0:
+        raise UserError(f"--budget must lie in (0, 1), got {b}: pass a fraction such as 0.9")
+    return b
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, as every other bad input
+        raise UserError(f"{message} (see --help)")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data (override the config file)")
+    g.add_argument("--config", help="YAML config file (keys = long flag names with underscores)")
+    g.add_argument("--model", help="zoo name (see `list`), torchvision model, or package.module:factory "
+                   "(imports and runs that code)")
+    g.add_argument("--checkpoint", help="state_dict file, loaded with weights_only=True")
+    g.add_argument("--num-classes", type=int, help="classifier outputs when building the model")
+    g.add_argument("--pretrained", action="store_true", default=None,
+                   help="torchvision models: download the DEFAULT weights")
+    g.add_argument("--dataset", help="digits | imagefolder | cifar10 | cifar100 | mnist | fashionmnist")
+    g.add_argument("--train-data", help="training images: ImageFolder directory or torchvision root")
+    g.add_argument("--test-data", help="test images (reporting only): ImageFolder directory or root")
+    g.add_argument("--calib-size", type=int, help="calibration images from the training data (default 1024)")
+    g.add_argument("--selection-size", type=int, help="held-out selection images, disjoint (default 1024)")
+    g.add_argument("--eval-size", type=int, help="test images to report on (default: all)")
+    g.add_argument("--batch-size", type=int, help="images per forward (default 256)")
+    g.add_argument("--seed", type=int, help="seed of the calibration/selection draw (default 0)")
+    g.add_argument("--device", help="auto | cpu | cuda (default auto)")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--no-cache", dest="cache", action="store_false", default=None,
+                   help="recompute the RR profile instead of reusing a cached one")
+    r = p.add_argument_group("profile, allocation and repair")
+    r.add_argument("--grid", type=float, nargs="+", help="probe sparsities of the RR profile")
+    r.add_argument("--s-max", type=float, help="per-layer sparsity cap (default 0.99)")
+    r.add_argument("--include", nargs="+", help="layer-name patterns to allocate (default: all Conv2d/Linear)")
+    r.add_argument("--exclude", nargs="+", help="layer-name patterns to leave dense")
+    r.add_argument("--allocator", help="allocator (see `list`; default rr-greedy)")
+    r.add_argument("--reference", help="baseline verified side by side (default global)")
+    r.add_argument("--unit", choices=["weights", "flops"], help="count the budget in weights or FLOPs (MACs)")
+    r.add_argument("--layer-weights", choices=["uniform", "sensitivity"],
+                   help="per-layer weights of the RR objective (default uniform)")
+    r.add_argument("--repair", help="repair pipeline for verification, e.g. bn or bn>asr@block+logits")
+    o = p.add_argument_group("optuna allocator")
+    o.add_argument("--n-trials", type=int, help="trials to add to the study (default 30)")
+    o.add_argument("--timeout", type=float, help="stop the study after this many seconds")
+    o.add_argument("--storage", help="Optuna storage URL (default: SQLite file beside the plan)")
+    o.add_argument("--objective", choices=["kl", "agreement", "top1"],
+                   help="search objective on the selection split (default kl, label-free)")
+
+
+_RUN_KEYS = ("model", "checkpoint", "num_classes", "pretrained", "dataset", "train_data", "test_data",
+             "calib_size", "selection_size", "eval_size", "batch_size", "seed", "device", "threads", "cache",
+             "grid", "s_max", "include", "exclude", "allocator", "reference", "unit", "layer_weights", "repair",
+             "n_trials", "timeout", "storage", "objective")
+
+
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- base (e.g. a plan's source) <- config file <- flags."""
+    kw: dict[str, Any] = dict(base or {})
+    if getattr(args, "config", None):
+        kw.update(load_config_file(args.config))
+    for k in _RUN_KEYS:
+        v = getattr(args, k, None)
+        if v is not None:
+            kw[k] = tuple(v) if isinstance(v, list) else v
+    return RunConfig(**kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m rr_alloc",
+                description="Per-layer sparsity allocation by Relative Repairability, verified with "
+                            "training-free repair.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("search", help="profile RR, allocate a global budget, verify, write the plan",
+                       description="Profile each layer's Relative Repairability on calibration images, "
+                                   "allocate the budget, verify the plan (and the reference baseline) with "
+                                   "prune -> repair -> evaluate, and write the plan JSON, profile CSV and "
+                                   "RR-curve figure.")
+    s.add_argument("--budget", type=_budget, required=True, help="global sparsity in (0, 1): fraction of "
+                   "all prunable weights (or MACs with --unit flops) set to zero")
+    _add_run_flags(s)
+    s.add_argument("--out", help="plan JSON path (default runs/<model>_<allocator>_b<budget>/plan.json)")
+    s.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip verification (plan only)")
+
+    v = sub.add_parser("verify", help="re-run a plan's verification: prune, repair, evaluate",
+                       description="Rebuild model and data from a plan's source block and verify it.")
+    v.add_argument("--plan", required=True, help="plan JSON written by search")
+    v.add_argument("--split", choices=["test", "selection"], default="test", help="split to evaluate on")
+    _add_run_flags(v)
+
+    sub.add_parser("list", help="registered models, allocators and repair pipelines")
+    _register_more(sub)
+    return p
+
+
+def _register_more(sub) -> None:
+    """Commands defined in their own modules (kept out of this file's way)."""
+    from . import commands
+
+    commands.register(sub, _add_run_flags)
+
+
+def _default_out(cfg: RunConfig, budget: float) -> Path:
+    model = cfg.model.replace(":", "_").replace("/", "_").replace(".", "_")
+    return Path("runs") / f"{model}_{cfg.allocator}_b{budget:g}" / "plan.json"
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import run_search
+
+    cfg = config_from_args(args)
+    out = Path(args.out) if args.out else _default_out(cfg, args.budget)
+    run_search(cfg, args.budget, out, verify=args.verify, embedded_note=EMBEDDED_NOTE)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .search import run_verify
+
+    run_verify(args)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .allocators import ALLOCATORS
+    from .models import list_models
+    from .repair import CHANNEL_METHODS, PRESETS, SITE_KINDS
+
+    print("models:")
+    for k, v in list_models().items():
+        print(f"  {k:<22} {v}")
+    print("  <torchvision name>       any torchvision classification model, e.g. resnet18 (--pretrained downloads)")
+    print("  package.module:factory   your own model factory (imports your code)")
+    print("allocators:")
+    for k, cls in ALLOCATORS.items():
+        print(f"  {k:<22} {cls.description}")
+    print("repair pipelines (steps joined by '>'; channel steps METHOD@SITES[:noshift][:lam=mean|median]):")
+    for k, v in PRESETS.items():
+        print(f"  {k:<22} {v}")
+    print(f"  methods: bn, {', '.join(CHANNEL_METHODS)}; sites: {', '.join(SITE_KINDS)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        handler = {"search": cmd_search, "verify": cmd_verify, "list": cmd_list}.get(args.command)
+        if handler is None:
+            from . import commands
+
+            handler = commands.HANDLERS[args.command]
+        return handler(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

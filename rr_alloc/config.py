@@ -1,0 +1,132 @@
+"""Run configuration: one frozen dataclass, filled from a YAML file and then CLI flags.
+
+YAML keys are the long flag names with underscores (``calib_size: 1024``);
+values may use environment variables (``${RR_ALLOC_SHARED}/weights/...``).
+Files are read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .data import DataSpec
+from .errors import UserError
+from .models.transforms import TransformSpec
+from .profile import DEFAULT_GRID
+
+__all__ = ["RunConfig", "load_config_file", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # model
+    model: str = "digits_resnet"         # zoo name, torchvision name, or package.module:factory
+    checkpoint: str | None = None        # state_dict file (weights_only load)
+    num_classes: int | None = None       # None: the model's default
+    pretrained: bool = False             # torchvision models: download the DEFAULT weights
+    # data
+    dataset: str = "digits"              # digits | imagefolder | cifar10 | cifar100 | mnist | fashionmnist
+    train_data: str | None = None
+    test_data: str | None = None
+    transform: dict[str, Any] | None = None  # overrides the model's default transform
+    download: bool = False
+    calib_size: int | None = None        # images; None: 1024 (512 for the 1,400-image digits pool)
+    selection_size: int | None = None    # images; None: as calib_size
+    eval_size: int | None = None         # test images for reporting; None = all
+    batch_size: int = 256
+    seed: int = 0                        # calibration/selection draw
+    # profile
+    grid: tuple[float, ...] = DEFAULT_GRID
+    s_max: float = 0.99                  # per-layer sparsity cap; the grid must reach it
+    include: tuple[str, ...] = ()        # shell patterns of layer names to allocate
+    exclude: tuple[str, ...] = ()
+    lam: str = "mean"                    # ASR shrinkage rule of the RR profile
+    # allocation
+    allocator: str = "rr-greedy"
+    reference: str = "global"            # baseline verified side by side
+    unit: str = "weights"                # budget counted in weights or flops (MACs)
+    layer_weights: str = "uniform"       # RR objective weights: uniform | sensitivity
+    # repair / verification
+    repair: str = "bn>asr@block+logits"
+    # optuna
+    n_trials: int = 30
+    timeout: float | None = None
+    storage: str | None = None
+    objective: str = "kl"                # kl | agreement | top1 (selection split)
+    # execution
+    device: str = "auto"
+    threads: int | None = None
+    out: str | None = None
+    cache: bool = True                   # reuse RR profiles from the cache directory
+
+    def data_spec(self, default_transform: TransformSpec | None) -> DataSpec:
+        tf = TransformSpec.from_dict(self.transform) if self.transform else default_transform
+        small = self.dataset == "digits"
+        calib = self.calib_size if self.calib_size is not None else (512 if small else 1024)
+        sel = self.selection_size if self.selection_size is not None else (512 if small else 1024)
+        return DataSpec(kind=self.dataset, train=self.train_data, test=self.test_data, transform=tf,
+                        calib_size=calib, selection_size=sel,
+                        eval_size=self.eval_size, seed=self.seed, download=self.download)
+
+    def updated(self, **kw: Any) -> "RunConfig":
+        """Copy with the given non-None values replaced."""
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+_ENV = re.compile(r"\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _expand(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            name = m.group(1) or m.group(2)
+            if name not in os.environ:
+                raise UserError(f"{where} uses ${{{name}}}, which is not set: export {name}=PATH "
+                                "(see the README) or pass the path as a flag")
+            return os.environ[name]
+        return os.path.expanduser(_ENV.sub(sub, value))
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config (safe_load) into validated ``RunConfig`` keyword arguments."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist: pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {p} must be a mapping of option: value")
+    known = {f.name: f for f in fields(RunConfig)}
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = str(k).replace("-", "_")
+        if key == "budget":
+            continue  # the budget is a search argument, read by the CLI
+        if key not in known:
+            raise UserError(f"config file {p}: unknown key {k!r}; known keys: {', '.join(sorted(known))}")
+        if key in ("grid", "include", "exclude") and v is not None:
+            v = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+        out[key] = _expand(v, f"config file {p} ({k})")
+    return out
+
+
+def resolve_device(name: str):
+    """``auto`` picks CUDA when present; an unavailable ``cuda`` is a one-line error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)

@@ -1,0 +1,191 @@
+"""Datasets, seeded disjoint splits, and pre-decoded batches.
+
+Every pass in rr_alloc (profiling, repair, evaluation) reads the same small
+splits many times, so splits are decoded once into tensors and batched from
+memory. Calibration and selection are disjoint, seeded subsets of *training*
+images; test data is for reporting only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .models.transforms import TransformSpec
+
+__all__ = ["DataSpec", "Batches", "Splits", "load_splits", "DATASET_KINDS"]
+
+DATASET_KINDS = ("digits", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist")
+# Test subsets are drawn with a fixed seed, independent of the calibration seed,
+# so every run and seed is scored on the same images.
+_EVAL_SEED = 12345
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the images come from and how to split them.
+
+    ``kind``: one of ``DATASET_KINDS``; ``train``/``test``: directory (ImageFolder)
+    or torchvision root; ``transform``: evaluation transform; sizes in images.
+    """
+
+    kind: str = "digits"
+    train: str | None = None
+    test: str | None = None
+    transform: TransformSpec | None = None
+    calib_size: int = 1024
+    selection_size: int = 1024
+    eval_size: int | None = None  # None: the whole test set
+    seed: int = 0
+    download: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["transform"] = self.transform.to_dict() if self.transform else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataSpec":
+        d = dict(d)
+        if d.get("transform") is not None:
+            d["transform"] = TransformSpec.from_dict(d["transform"])
+        return cls(**d)
+
+
+class Batches:
+    """Re-iterable mini-batches over in-memory tensors ``x`` (images) and ``y`` (labels)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> None:
+        if len(x) != len(y):
+            raise ValueError("x and y differ in length")
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self) -> int:
+        return (len(self.x) + self.batch_size - 1) // self.batch_size
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.x), self.batch_size):
+            yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
+
+    def with_batch_size(self, batch_size: int) -> "Batches":
+        return Batches(self.x, self.y, batch_size)
+
+
+@dataclass
+class Splits:
+    """Calibration and selection (both from training images) and test (reporting only)."""
+
+    calib: Batches
+    selection: Batches
+    test: Batches
+    calib_indices: list[int] = field(default_factory=list)
+    selection_indices: list[int] = field(default_factory=list)
+    test_indices: list[int] = field(default_factory=list)
+    description: str = ""
+
+
+def _require_dir(path: str | None, what: str, flag: str) -> Path:
+    if not path:
+        raise UserError(f"no {what} given: pass {flag} PATH (or set it in the config file)")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"{what} {p} is not a directory: pass an existing directory to {flag}")
+    return p
+
+
+def _torchvision_sets(spec: DataSpec, tf) -> tuple[Any, Any]:
+    import torchvision.datasets as D
+
+    if spec.kind == "imagefolder":
+        train_dir = _require_dir(spec.train, "training data directory", "--train-data")
+        test_dir = _require_dir(spec.test, "test data directory", "--test-data")
+        try:
+            return D.ImageFolder(str(train_dir), transform=tf), D.ImageFolder(str(test_dir), transform=tf)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UserError(f"cannot read ImageFolder data ({str(e).splitlines()[0]}): "
+                            "point --train-data/--test-data at folders with one subfolder per class")
+    cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "mnist": D.MNIST,
+           "fashionmnist": D.FashionMNIST}[spec.kind]
+    root = spec.train or spec.test
+    if not root:
+        raise UserError(f"no dataset root for {spec.kind}: pass --train-data ROOT "
+                        "(the torchvision root folder; add download: true in the config to fetch it)")
+    root_p = Path(root).expanduser()
+    if not spec.download and not root_p.is_dir():
+        raise UserError(f"dataset root {root_p} is not a directory: pass an existing torchvision root "
+                        "to --train-data, or set download: true in the config")
+    try:
+        tr = cls(str(root_p), train=True, transform=tf, download=spec.download)
+        te = cls(str(Path(spec.test).expanduser() if spec.test else root_p), train=False, transform=tf,
+                 download=spec.download)
+    except RuntimeError as e:
+        raise UserError(f"cannot read {spec.kind} under {root_p} ({str(e).splitlines()[0]}): "
+                        "pass the folder that holds the dataset, or set download: true")
+    return tr, te
+
+
+def _materialise(ds, indices: np.ndarray, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from tqdm.auto import tqdm
+
+    xs, ys = [], []
+    for i in tqdm(indices.tolist(), desc=f"decoding {desc}", leave=False, disable=len(indices) < 2000):
+        x, y = ds[i]
+        xs.append(x)
+        ys.append(int(y))
+    if not xs:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+
+def _draw(n_pool: int, calib: int, selection: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if calib < 1 or selection < 0:
+        raise UserError(f"calibration size must be >= 1 and selection size >= 0, got {calib}/{selection}")
+    if calib + selection > n_pool:
+        raise UserError(f"calibration ({calib}) + selection ({selection}) images exceed the {n_pool} "
+                        f"training images of {what}: lower --calib-size/--selection-size")
+    perm = np.random.default_rng(seed).permutation(n_pool)
+    return np.sort(perm[:calib]), np.sort(perm[calib:calib + selection])
+
+
+def _eval_indices(n: int, eval_size: int | None) -> np.ndarray:
+    if eval_size is None or eval_size >= n:
+        return np.arange(n)
+    if eval_size < 1:
+        raise UserError(f"--eval-size must be >= 1, got {eval_size}")
+    return np.sort(np.random.default_rng(_EVAL_SEED).permutation(n)[:eval_size])
+
+
+def load_splits(spec: DataSpec, batch_size: int = 256) -> Splits:
+    """Decode the calibration, selection and test splits described by ``spec``."""
+    if spec.kind not in DATASET_KINDS:
+        raise UserError(f"unknown dataset {spec.kind!r}: use one of {', '.join(DATASET_KINDS)}")
+    if spec.kind == "digits":
+        from .models.digits import digits_arrays, digits_split_indices
+
+        x, y = digits_arrays()
+        pool, test = digits_split_indices(len(x))
+        c, s = _draw(len(pool), spec.calib_size, spec.selection_size, spec.seed, "the digits training pool")
+        ci, si = pool[c], pool[s]
+        ti = test[_eval_indices(len(test), spec.eval_size)]
+        return Splits(Batches(x[ci], y[ci], batch_size), Batches(x[si], y[si], batch_size),
+                      Batches(x[ti], y[ti], batch_size), ci.tolist(), si.tolist(), ti.tolist(),
+                      f"sklearn digits: {len(pool)} train pool / {len(test)} test")
+    tf = (spec.transform or TransformSpec()).build()
+    train_ds, test_ds = _torchvision_sets(spec, tf)
+    c, s = _draw(len(train_ds), spec.calib_size, spec.selection_size, spec.seed, spec.train or spec.kind)
+    t = _eval_indices(len(test_ds), spec.eval_size)
+    cx, cy = _materialise(train_ds, c, "calibration")
+    sx, sy = _materialise(train_ds, s, "selection")
+    tx, ty = _materialise(test_ds, t, "test")
+    return Splits(Batches(cx, cy, batch_size), Batches(sx, sy, batch_size), Batches(tx, ty, batch_size),
+                  c.tolist(), s.tolist(), t.tolist(),
+                  f"{spec.kind}: {len(train_ds)} train / {len(test_ds)} test")

@@ -1,0 +1,69 @@
+"""Evaluation: top-1 against labels, and label-free agreement and KL against the dense model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Metrics", "logits_of", "compare_logits", "evaluate", "wilson_interval"]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """``top1``/``agreement`` are fractions in [0, 1]; ``kl`` = mean KL(p_dense || p_model) in nats."""
+
+    top1: float
+    agreement: float
+    kl: float
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits (on CPU, float32) and labels for ``batches``, model in eval mode."""
+    was = model.training
+    model.eval()
+    outs, ys = [], []
+    try:
+        for x, y in batches:
+            outs.append(model(x.to(device)).float().cpu())
+            ys.append(y)
+    finally:
+        model.train(was)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def compare_logits(logits: torch.Tensor, labels: torch.Tensor, dense_logits: torch.Tensor) -> Metrics:
+    """Metrics of ``logits`` against ``labels`` and the dense model's logits on the same images."""
+    pred = logits.argmax(1)
+    top1 = float((pred == labels).float().mean())
+    agree = float((pred == dense_logits.argmax(1)).float().mean())
+    logp_d = F.log_softmax(dense_logits.double(), 1)
+    logp = F.log_softmax(logits.double(), 1)
+    kl = float((logp_d.exp() * (logp_d - logp)).sum(1).mean())
+    return Metrics(top1, agree, kl, len(labels))
+
+
+def evaluate(model: nn.Module, batches, dense_logits: torch.Tensor,
+             device: torch.device | str = "cpu") -> Metrics:
+    logits, labels = logits_of(model, batches, device)
+    return compare_logits(logits, labels, dense_logits)
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion ``p`` measured on ``n`` images."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return centre - half, centre + half

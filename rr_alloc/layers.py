@@ -1,0 +1,55 @@
+"""Prunable layers: every Conv2d (subclasses too) and Linear, by dotted name."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import nn
+
+from .errors import UserError
+
+__all__ = ["LayerInfo", "prunable_layers", "select_layers"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A prunable layer: dotted name, weight shape and number of weights."""
+
+    name: str
+    shape: tuple[int, ...]
+    n_weights: int
+    kind: str  # "conv" or "linear"
+    groups: int = 1
+
+
+def select_layers(names: Sequence[str], include: Sequence[str] | None = None,
+                  exclude: Sequence[str] | None = None) -> list[str]:
+    """Filter dotted names by shell-style ``include``/``exclude`` patterns (``layer1.*``)."""
+    out = list(names)
+    if include:
+        out = [n for n in out if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    if exclude:
+        out = [n for n in out if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    return out
+
+
+def prunable_layers(model: nn.Module, include: Sequence[str] | None = None,
+                    exclude: Sequence[str] | None = None) -> list[LayerInfo]:
+    """Prunable layers of ``model`` in ``named_modules()`` order.
+
+    Raises ``UserError`` when none is left, since nothing could be allocated.
+    """
+    found: dict[str, LayerInfo] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            found[name] = LayerInfo(name, tuple(m.weight.shape), m.weight.numel(), "conv", m.groups)
+        elif isinstance(m, nn.Linear):
+            found[name] = LayerInfo(name, tuple(m.weight.shape), m.weight.numel(), "linear")
+    keep = select_layers(list(found), include, exclude)
+    if not keep:
+        why = " after include/exclude patterns" if (include or exclude) else ""
+        raise UserError(f"the model has no prunable layers (Conv2d/Linear){why}: "
+                        "pass a CNN, or loosen --include/--exclude")
+    return [found[n] for n in keep]

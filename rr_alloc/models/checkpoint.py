@@ -1,0 +1,69 @@
+"""Checkpoint loading: tensors only (``weights_only=True``), common wrappers unwrapped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a state_dict from a checkpoint without executing code from it.
+
+    Accepts a plain state_dict or a dict wrapping one under a common key
+    (``state_dict``, ``model``, ...), and strips ``module.`` (DataParallel) and
+    ``_orig_mod.`` (torch.compile) prefixes. Tensors saved on CUDA land on
+    ``map_location``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: pass an existing file to --checkpoint")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors are long; keep the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load checkpoint {path} with weights_only=True ({first}): "
+                        "save it as a plain state_dict (torch.save(model.state_dict(), path))")
+    if isinstance(obj, dict):
+        for k in _WRAPPER_KEYS:
+            if k in obj and isinstance(obj[k], dict):
+                obj = obj[k]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint {path} holds no state_dict of tensors: "
+                        "save it as torch.save(model.state_dict(), path)")
+    for p in _PREFIXES:
+        if obj and all(k.startswith(p) for k in obj):
+            obj = {k[len(p):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, map_location: str | torch.device = "cpu") -> None:
+    """Load ``path`` into ``model`` strictly, with a one-line error on any mismatch."""
+    sd = read_state_dict(path, map_location)
+    own = model.state_dict()
+    # checkpoints from PyTorch < 0.4.1 lack BatchNorm's step counter; it does not affect eval
+    for k in own:
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = own[k]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shape:
+            k = shape[0]
+            parts.append(f"{len(shape)} shape mismatches (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
+        raise UserError(f"checkpoint {path} does not match the model: {', '.join(parts)}; "
+                        "pass the --model this checkpoint was trained with")
+    model.load_state_dict(sd, strict=True)

@@ -1,0 +1,119 @@
+"""Model zoo: names -> constructors with their default input transform.
+
+A model is named by
+- a zoo name (``digits_resnet``, ``cifar_resnet20`` ... ``cifar_resnet110``),
+- a torchvision classification model (``resnet18`` or ``torchvision:resnet18``),
+- or the user's own ``package.module:factory`` (importing it runs the user's code,
+  which is exactly what naming it asks for).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from ..errors import UserError
+from .cifar_resnet import CIFAR_DEPTHS, cifar_resnet
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
+
+__all__ = ["ZooEntry", "ZOO", "build_model", "list_models", "default_transform"]
+
+CIFAR_TRANSFORM = TransformSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+IMAGENET_TRANSFORM = TransformSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=256, crop=224)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    factory: Callable[..., nn.Module]
+    transform: TransformSpec | None
+    description: str
+
+
+def _digits(num_classes: int = 10, pretrained: bool = True) -> nn.Module:
+    from .digits import DigitsResNet, pretrained_digits_resnet
+
+    return pretrained_digits_resnet() if pretrained else DigitsResNet(num_classes)
+
+
+ZOO: dict[str, ZooEntry] = {
+    "digits_resnet": ZooEntry(_digits, None,
+                              "embedded default: 7-layer residual CNN on sklearn digits, trained on first use"),
+}
+for _d in CIFAR_DEPTHS:
+    ZOO[f"cifar_resnet{_d}"] = ZooEntry(
+        lambda num_classes=10, pretrained=False, _d=_d: cifar_resnet(_d, num_classes),
+        CIFAR_TRANSFORM, f"CIFAR ResNet-{_d} (akamaster layout; load weights with --checkpoint)")
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def list_models() -> dict[str, str]:
+    """Registered zoo names with descriptions (torchvision classifiers are accepted too)."""
+    return {k: v.description for k, v in ZOO.items()}
+
+
+def _import_factory(spec: str) -> Callable[..., nn.Module]:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UserError(f"cannot import module {mod_name!r} for --model {spec}: {e}; "
+                        "make it importable (PYTHONPATH) or pass a registered name (see `rr_alloc list`)")
+    try:
+        fn = getattr(mod, attr)
+    except AttributeError:
+        raise UserError(f"module {mod_name!r} has no attribute {attr!r}: pass --model package.module:factory")
+    if not callable(fn):
+        raise UserError(f"{spec} is not callable: pass a function or class that returns an nn.Module")
+    return fn
+
+
+def default_transform(name: str, pretrained: bool = False) -> TransformSpec | None:
+    """The model's own input transform (``None`` for the embedded digits model)."""
+    if name in ZOO:
+        return ZOO[name].transform
+    tv = name.split(":", 1)[1] if name.startswith("torchvision:") else name
+    if ":" not in name or name.startswith("torchvision:"):
+        if pretrained:
+            import torchvision
+
+            w = torchvision.models.get_model_weights(tv).DEFAULT
+            t = w.transforms()
+            return TransformSpec(mean=tuple(t.mean), std=tuple(t.std), resize=t.resize_size[0],
+                                 crop=t.crop_size[0])
+        return IMAGENET_TRANSFORM
+    return None
+
+
+def build_model(name: str, num_classes: int | None = None, pretrained: bool = False) -> nn.Module:
+    """Instantiate a model by name (see module docstring). Weights: zoo default or random."""
+    if name in ZOO:
+        kw = {} if num_classes is None else {"num_classes": num_classes}
+        if name == "digits_resnet":
+            kw["pretrained"] = True
+        return ZOO[name].factory(**kw)
+    if name.startswith("torchvision:") or ":" not in name:
+        tv = name.split(":", 1)[1] if name.startswith("torchvision:") else name
+        names = _torchvision_names()
+        if tv not in names:
+            zoo = ", ".join(sorted(ZOO))
+            raise UserError(f"unknown model {name!r}: use one of {zoo}, a torchvision classifier "
+                            "(e.g. resnet18) or package.module:factory")
+        import torchvision
+
+        kw = {}
+        if num_classes is not None and not pretrained:
+            kw["num_classes"] = num_classes
+        return torchvision.models.get_model(tv, weights="DEFAULT" if pretrained else None, **kw)
+    fn = _import_factory(name)
+    model = fn() if num_classes is None else fn(num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{name} returned {type(model).__name__}, not an nn.Module: return the model")
+    return model

@@ -1,0 +1,179 @@
+"""The sparsity plan: a versioned, validated, replayable JSON document.
+
+Schema (version 1), unit ``weight_fraction``::
+
+    {
+      "schema": "rr_alloc.plan", "version": 1, "unit": "weight_fraction",
+      "budget": 0.9, "budget_unit": "weights" | "flops", "achieved_sparsity": 0.9,
+      "allocator": "rr-greedy", "repair": "bn>asr@block+logits",
+      "layers": [{"name": "layer1.0.conv1", "sparsity": 0.93, "n_pruned": 2143,
+                  "n_weights": 2304, "shape": [16, 16, 3, 3]}, ...],
+      "source": {"model": ..., "num_classes": ..., "checkpoint": ..., "checkpoint_sha256": ...,
+                 "data": {DataSpec}, "device": ...},
+      "calibration": {"size": 1024, "selection_size": 1024, "seed": 0},
+      "profile": {"grid": [...], "s_max": 0.99, "lambda": "mean", ...},
+      "verify": {"split": "test", "n": ..., "top1": ..., "agreement": ..., "kl": ...,
+                 "dense_top1": ..., "reference": {"allocator": "global", ...}},
+      "tool": {"name": "rr_alloc", "version": "0.1.0"}, "created": "ISO-8601"
+    }
+
+``sparsity`` = ``n_pruned / n_weights``; ``achieved_sparsity`` is parameter-weighted
+over the listed layers (or MAC-weighted when ``budget_unit`` is ``flops``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import UserError
+from .io_utils import write_text_atomic
+
+__all__ = ["Plan", "LayerPlan", "SCHEMA", "SCHEMA_VERSION"]
+
+SCHEMA = "rr_alloc.plan"
+SCHEMA_VERSION = 1
+UNIT = "weight_fraction"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    n_pruned: int
+    n_weights: int
+    shape: tuple[int, ...]
+
+    @property
+    def sparsity(self) -> float:
+        return self.n_pruned / self.n_weights
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "sparsity": self.sparsity, "n_pruned": self.n_pruned,
+                "n_weights": self.n_weights, "shape": list(self.shape)}
+
+
+@dataclass
+class Plan:
+    """Per-layer pruned counts plus everything needed to rebuild and verify them."""
+
+    layers: list[LayerPlan]
+    budget: float
+    allocator: str
+    repair: str
+    budget_unit: str = "weights"
+    achieved_sparsity: float | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)
+    verify: dict[str, Any] = field(default_factory=dict)
+    tool: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        if self.achieved_sparsity is None:
+            self.achieved_sparsity = self.weight_sparsity
+
+    @property
+    def weight_sparsity(self) -> float:
+        total = sum(l.n_weights for l in self.layers)
+        return sum(l.n_pruned for l in self.layers) / total if total else 0.0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {l.name: l.n_pruned for l in self.layers}
+
+    @property
+    def sparsities(self) -> dict[str, float]:
+        return {l.name: l.sparsity for l in self.layers}
+
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {"schema": SCHEMA, "version": SCHEMA_VERSION, "unit": UNIT,
+                "budget": self.budget, "budget_unit": self.budget_unit,
+                "achieved_sparsity": self.achieved_sparsity,
+                "allocator": self.allocator, "repair": self.repair,
+                "layers": [l.to_dict() for l in self.layers],
+                "source": self.source, "calibration": self.calibration, "profile": self.profile,
+                "verify": self.verify, "tool": self.tool or {"name": "rr_alloc", "version": __version__},
+                "created": self.created}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan atomically (a failed write never replaces a good plan)."""
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "plan") -> "Plan":
+        """Validate and build; one-line ``UserError`` naming the first problem."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where} is not a JSON object: pass a plan written by rr_alloc")
+        if d.get("schema") != SCHEMA:
+            raise UserError(f"{where} is not an rr_alloc plan (schema {d.get('schema')!r}): "
+                            "pass a plan written by `rr_alloc search`")
+        if d.get("version") != SCHEMA_VERSION:
+            raise UserError(f"{where} has plan schema version {d.get('version')!r}; this rr_alloc reads "
+                            f"version {SCHEMA_VERSION}: regenerate it or upgrade rr_alloc")
+        if d.get("unit") != UNIT:
+            raise UserError(f"{where} has unit {d.get('unit')!r}, expected {UNIT!r}")
+        for key in ("budget", "allocator", "repair", "layers"):
+            if key not in d:
+                raise UserError(f"{where} lacks the key {key!r}: regenerate it with `rr_alloc search`")
+        if not isinstance(d["layers"], list) or not d["layers"]:
+            raise UserError(f"{where} lists no layers: regenerate it with `rr_alloc search`")
+        layers, seen = [], set()
+        for i, l in enumerate(d["layers"]):
+            try:
+                name, n_w, shape = str(l["name"]), int(l["n_weights"]), tuple(int(v) for v in l["shape"])
+                sp = float(l["sparsity"])
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"{where}: layer entry {i} needs name, sparsity, n_weights and shape")
+            if name in seen:
+                raise UserError(f"{where}: layer {name} is listed twice")
+            seen.add(name)
+            if not 0.0 <= sp < 1.0:
+                raise UserError(f"{where}: layer {name} has sparsity {sp} outside [0, 1)")
+            prod = 1
+            for v in shape:
+                prod *= v
+            if prod != n_w:
+                raise UserError(f"{where}: layer {name} has n_weights {n_w} but shape {list(shape)}")
+            k = int(l["n_pruned"]) if "n_pruned" in l else int(round(sp * n_w))
+            if not 0 <= k < n_w or abs(k / n_w - sp) > 1.0 / n_w + 1e-9:
+                raise UserError(f"{where}: layer {name} has n_pruned {k} inconsistent with sparsity {sp}")
+            layers.append(LayerPlan(name, k, n_w, shape))
+        try:
+            budget = float(d["budget"])
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: budget {d['budget']!r} is not a number")
+        if not 0.0 < budget < 1.0:
+            raise UserError(f"{where}: budget {budget} outside (0, 1)")
+        return cls(layers, budget, str(d["allocator"]), str(d["repair"]), d.get("budget_unit", "weights"),
+                   d.get("achieved_sparsity"), d.get("source", {}), d.get("calibration", {}),
+                   d.get("profile", {}), d.get("verify", {}), d.get("tool", {}), d.get("created", ""))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"plan {p} does not exist: pass the JSON written by `rr_alloc search --out`")
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"plan {p} is not valid JSON (line {e.lineno}): regenerate it")
+        return cls.from_dict(d, where=f"plan {p}")
+
+    def check_model(self, model: nn.Module) -> None:
+        """Every plan layer exists in ``model`` with the recorded weight shape."""
+        mods = dict(model.named_modules())
+        for l in self.layers:
+            m = mods.get(l.name)
+            if m is None or not hasattr(m, "weight"):
+                raise UserError(f"plan layer {l.name} is not a layer of this model: "
+                                "use the model the plan was made for")
+            if tuple(m.weight.shape) != l.shape:
+                raise UserError(f"plan layer {l.name} has shape {list(l.shape)} but the model's is "
+                                f"{list(m.weight.shape)}: use the model the plan was made for")

@@ -1,0 +1,73 @@
+"""Magnitude masks (unstructured and N:M) and their application.
+
+Unstructured, layer-local: prune exactly ``k = round(s * n)`` smallest ``|w|``;
+ties are broken by flat index (stable sort), the convention of
+``torch.nn.utils.prune.l1_unstructured`` up to tie order.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["n_pruned", "magnitude_order", "magnitude_mask", "nm_mask", "apply_masks", "masks_for_plan",
+           "layer_sparsity"]
+
+
+def n_pruned(sparsity: float, n: int) -> int:
+    """Number of weights pruned at ``sparsity`` (``round``, as torch.nn.utils.prune)."""
+    return int(round(float(sparsity) * n))
+
+
+def magnitude_order(weight: torch.Tensor) -> torch.Tensor:
+    """Flat indices of ``weight`` sorted by ascending ``|w|``, ties by index."""
+    return torch.sort(weight.detach().abs().flatten(), stable=True).indices
+
+
+def magnitude_mask(weight: torch.Tensor, k: int, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean keep-mask with the ``k`` smallest-magnitude weights removed."""
+    order = magnitude_order(weight) if order is None else order
+    keep = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
+    keep[order[:k]] = False
+    return keep.view_as(weight)
+
+
+def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor | None:
+    """N:M keep-mask over groups of ``m`` consecutive input channels (NVIDIA ASP convention).
+
+    Groups run along the input-channel axis at a fixed output channel and kernel
+    position. Returns ``None`` when the input channels are not a multiple of ``m``
+    (the layer stays dense).
+    """
+    if weight.dim() < 2 or weight.shape[1] % m != 0:
+        return None
+    w = weight.detach().abs().movedim(1, -1)  # (..., C_in)
+    g = w.reshape(*w.shape[:-1], w.shape[-1] // m, m)
+    # keep the n largest of each group; stable ordering breaks ties by position
+    idx = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
+    return keep.reshape(w.shape).movedim(-1, 1).contiguous()
+
+
+def masks_for_plan(model: nn.Module, counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Unstructured keep-masks pruning ``counts[name]`` weights of each named layer."""
+    return {name: magnitude_mask(model.get_submodule(name).weight, k) for name, k in counts.items()}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the masked-out weights in place (permanent: no reparametrisation left)."""
+    for name, keep in masks.items():
+        w = model.get_submodule(name).weight
+        w.mul_(keep.to(device=w.device, dtype=w.dtype))
+
+
+def layer_sparsity(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int]]:
+    """``name -> (zeros, total)`` for each named layer's weight."""
+    out = {}
+    for n in names:
+        w = model.get_submodule(n).weight
+        out[n] = (int((w == 0).sum()), w.numel())
+    return out

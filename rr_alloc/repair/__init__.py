@@ -1,0 +1,23 @@
+"""Training-free repair: BN recalibration and channel-wise corrections (LW, naive, ASR)."""
+
+from .affine import ChannelAffine, affine_modules, attach_output_affine, fold_correction
+from .bn import recalibrate_bn
+from .pipeline import (CHANNEL_METHODS, DenseSiteCache, RepairPipeline, RepairReport, RepairStep,
+                       run_repair, site_moments)
+from .sites import SITE_KINDS, Site, discover_sites, forward_order
+
+# Named pipelines the CLI lists; any text form is accepted too.
+PRESETS: dict[str, str] = {
+    "none": "no repair",
+    "bn": "BatchNorm recalibration only (REFLOW / EagleEye 'adaptive BN')",
+    "asr@conv>bn": "ASR at conv outputs, then BN recalibration (the ASR paper's order)",
+    "bn>asr@block+logits": "BN recalibration, then ASR at residual-block outputs and logits",
+    "bn>lw@block+logits": "BN recalibration, then layer-wise scaling at block outputs and logits",
+    "bn>naive@block+logits": "BN recalibration, then channel-wise without shrinkage",
+}
+DEFAULT_REPAIR = "bn>asr@block+logits"
+
+__all__ = ["ChannelAffine", "affine_modules", "attach_output_affine", "fold_correction", "recalibrate_bn",
+           "CHANNEL_METHODS", "DenseSiteCache", "RepairPipeline", "RepairReport", "RepairStep", "run_repair",
+           "site_moments", "SITE_KINDS", "Site", "discover_sites", "forward_order", "PRESETS",
+           "DEFAULT_REPAIR"]

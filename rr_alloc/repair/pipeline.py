@@ -1,0 +1,224 @@
+"""Repair pipelines: a sequence of steps, each BN recalibration or a channel-wise repair at sites.
+
+Text form (used by ``--repair`` and stored in plans), steps joined by ``>`` in
+the order they run::
+
+    none                      no repair
+    bn                        BatchNorm recalibration only
+    asr@conv>bn               ASR at conv outputs, then BN recalibration (the papers' order)
+    bn>asr@block+logits       BN recalibration, then ASR at residual-block outputs and logits
+    bn>naive@block:noshift    channel-wise without shrinkage, no mean shift
+    bn>asr@block:lam=median   ASR with lambda = median of v_p
+
+A channel step is ``METHOD@SITE[+SITE...][:noshift][:lam=RULE]`` with METHOD in
+``lw``, ``naive``, ``asr`` and SITE in ``conv``, ``bn``, ``block``, ``logits``.
+Corrections are computed sequentially in forward order: each site's pruned
+statistics are measured after all upstream corrections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..stats import LAMBDA_RULES, ChannelMoments, as_bcx, repair_gamma
+from .affine import fold_correction
+from .bn import recalibrate_bn
+from .sites import SITE_KINDS, Site, discover_sites, forward_order
+
+__all__ = ["RepairStep", "RepairPipeline", "RepairReport", "DenseSiteCache", "run_repair", "CHANNEL_METHODS",
+           "site_moments"]
+
+CHANNEL_METHODS = ("lw", "naive", "asr")
+
+
+@dataclass(frozen=True)
+class RepairStep:
+    """One step: ``bn`` recalibration, or a channel-wise method at sites."""
+
+    method: str
+    sites: tuple[str, ...] = ()
+    mean_shift: bool = True
+    lam: str | float = "mean"
+
+    def __str__(self) -> str:
+        if self.method == "bn":
+            return "bn"
+        s = f"{self.method}@{'+'.join(self.sites)}"
+        if not self.mean_shift:
+            s += ":noshift"
+        if self.method == "asr" and self.lam != "mean":
+            s += f":lam={self.lam}"
+        return s
+
+
+@dataclass(frozen=True)
+class RepairPipeline:
+    steps: tuple[RepairStep, ...] = ()
+
+    def __str__(self) -> str:
+        return ">".join(str(s) for s in self.steps) or "none"
+
+    @property
+    def uses_bn(self) -> bool:
+        return any(s.method == "bn" for s in self.steps)
+
+    @classmethod
+    def parse(cls, text: str) -> "RepairPipeline":
+        """Parse the text form (see module docstring); one-line ``UserError`` on bad input."""
+        text = (text or "").strip()
+        if text in ("", "none"):
+            return cls(())
+        steps = []
+        for part in text.split(">"):
+            part = part.strip()
+            if part == "bn":
+                steps.append(RepairStep("bn"))
+                continue
+            head, *opts = part.split(":")
+            method, _, sites_s = head.partition("@")
+            if method not in CHANNEL_METHODS:
+                raise UserError(f"unknown repair step {part!r} in --repair {text!r}: use bn or "
+                                f"METHOD@SITES with METHOD in {', '.join(CHANNEL_METHODS)} "
+                                "(e.g. bn>asr@block+logits)")
+            sites = tuple(s for s in sites_s.split("+") if s)
+            if not sites or any(s not in SITE_KINDS for s in sites):
+                raise UserError(f"repair step {part!r} needs sites from {', '.join(SITE_KINDS)} "
+                                f"after '@' (e.g. {method}@block+logits)")
+            shift, lam = True, "mean"
+            for o in opts:
+                if o == "noshift":
+                    shift = False
+                elif o == "shift":
+                    shift = True
+                elif o.startswith("lam="):
+                    v = o[4:]
+                    try:
+                        lam = float(v)
+                    except ValueError:
+                        if v not in LAMBDA_RULES:
+                            raise UserError(f"unknown lambda rule {v!r}: use {', '.join(LAMBDA_RULES)} or a number")
+                        lam = v
+                else:
+                    raise UserError(f"unknown repair option {o!r} in {part!r}: use noshift or lam=RULE")
+            steps.append(RepairStep(method, sites, shift, lam))
+        return cls(tuple(steps))
+
+
+@dataclass
+class RepairReport:
+    pipeline: str
+    corrections: list[dict[str, str]] = field(default_factory=list)
+    calib_passes: int = 0
+
+    @property
+    def affine_sites(self) -> list[str]:
+        return sorted({c["site"] for c in self.corrections if c["placement"] == "affine"})
+
+
+class _Stop(Exception):
+    """Raised by a hook once the site of interest has been seen: ends that forward early."""
+
+
+def site_moments(model: nn.Module, sites: list[Site], batches: Iterable[tuple[torch.Tensor, Any]],
+                 device: torch.device | str = "cpu", stop_after: str | None = None) -> dict[str, ChannelMoments]:
+    """Per-channel moments of each site's output over ``batches`` (hooks removed on exit).
+
+    With ``stop_after``, each forward ends as soon as that site's output is seen.
+    """
+    acc = {s.name: ChannelMoments() for s in sites}
+    dims = {s.name: s.channel_dim for s in sites}
+    handles = []
+
+    def make(name: str):
+        def hook(mod: nn.Module, inp: Any, out: Any) -> None:
+            acc[name].add_batch(as_bcx(out.float(), dims[name]))
+            if name == stop_after:
+                raise _Stop
+        return hook
+
+    was = model.training
+    model.eval()
+    try:
+        for s in sites:
+            handles.append(model.get_submodule(s.name).register_forward_hook(make(s.name)))
+        with torch.no_grad():
+            for x, _ in batches:
+                try:
+                    model(x.to(device))
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return acc
+
+
+class DenseSiteCache:
+    """Dense-model site statistics and forward order, computed once per calibration set.
+
+    The dense model never changes, so every plan verified against it (each
+    Optuna trial, each allocator of a comparison) reuses one dense pass.
+    """
+
+    def __init__(self, dense: nn.Module, batches, device: torch.device | str = "cpu") -> None:
+        self.dense, self.batches, self.device = dense, batches, device
+        self._sites: dict[tuple[str, ...], list[Site]] = {}
+        self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def sites(self, kinds: tuple[str, ...]) -> list[Site]:
+        if kinds not in self._sites:
+            found = discover_sites(self.dense, kinds)
+            x0 = next(iter(self.batches))[0][:2].to(self.device)
+            self._sites[kinds] = forward_order(self.dense, found, x0)
+        return self._sites[kinds]
+
+    def moments(self, sites: list[Site]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        todo = [s for s in sites if s.name not in self._moments]
+        if todo:
+            for name, m in site_moments(self.dense, todo, self.batches, self.device).items():
+                self._moments[name] = (m.mean, m.var)
+        return {s.name: self._moments[s.name] for s in sites}
+
+
+def run_repair(pruned: nn.Module, pipeline: RepairPipeline | str, batches,
+               dense: nn.Module | None = None, device: torch.device | str = "cpu",
+               cache: DenseSiteCache | None = None) -> RepairReport:
+    """Repair ``pruned`` in place with ``pipeline`` on calibration ``batches``.
+
+    Channel steps need the dense model (or a ``DenseSiteCache`` built on it) for
+    the target statistics. Returns where each correction was placed and how
+    many calibration passes were spent.
+    """
+    if isinstance(pipeline, str):
+        pipeline = RepairPipeline.parse(pipeline)
+    report = RepairReport(str(pipeline))
+    for step in pipeline.steps:
+        if step.method == "bn":
+            recalibrate_bn(pruned, batches, device)
+            report.calib_passes += 1
+            continue
+        if cache is None:
+            if dense is None:
+                raise ValueError("channel-wise repair needs the dense model or a DenseSiteCache")
+            cache = DenseSiteCache(dense, batches, device)
+        sites = cache.sites(tuple(step.sites))
+        targets = cache.moments(sites)
+        for site in sites:
+            m = site_moments(pruned, [site], batches, device, stop_after=site.name)[site.name]
+            mu_p, v_p = m.mean, m.var
+            mu_d, v_d = targets[site.name]
+            gamma = repair_gamma(v_d, v_p, step.method, step.lam)
+            target_mean = mu_d if step.mean_shift else mu_p
+            shift = target_mean - gamma * mu_p
+            placement = fold_correction(pruned, site.name, site.kind, gamma.float(), shift.float(),
+                                        site.consumer_bn, site.channel_dim)
+            report.corrections.append({"site": site.name, "kind": site.kind, "placement": placement,
+                                       "step": str(step)})
+            report.calib_passes += 1
+    return report

@@ -1,0 +1,83 @@
+"""Tables and figures: terminal summaries, profile CSV and RR-curve plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .io_utils import atomic_path, write_text_atomic
+from .plan import Plan
+from .profile import RRProfile
+
+__all__ = ["layer_table", "write_profile_csv", "plot_rr_curves", "save_figure", "write_frame_csv",
+           "format_pct"]
+
+
+def format_pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def layer_table(plan: Plan, profile: RRProfile | None = None,
+                others: dict[str, dict[str, int]] | None = None) -> pd.DataFrame:
+    """Per-layer sparsity of ``plan`` (and of other plans by name), with the RR at that sparsity."""
+    rows = []
+    rr_grid, rr_vals = profile.curve("rr") if profile is not None else (None, None)
+    idx = {n: i for i, n in enumerate(profile.names)} if profile is not None else {}
+    for l in plan.layers:
+        row = {"layer": l.name, "weights": l.n_weights, plan.allocator: round(l.sparsity, 4)}
+        for name, counts in (others or {}).items():
+            row[name] = round(counts[l.name] / l.n_weights, 4)
+        if l.name in idx:
+            row["RR@s"] = round(float(np.interp(l.sparsity, rr_grid, rr_vals[idx[l.name]])), 3)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_frame_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    return write_text_atomic(path, df.to_csv(index=False))
+
+
+def write_profile_csv(profile: RRProfile, path: str | Path) -> Path:
+    return write_frame_csv(profile.to_frame(), path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    return path
+
+
+def plot_rr_curves(profile: RRProfile, path: str | Path, plan_sparsity: dict[str, float] | None = None,
+                   title: str = "") -> Path:
+    """Two panels per model: RR(s) and D_res(s) for every layer; markers at the plan's sparsities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    cmap = plt.get_cmap("viridis")
+    L = len(profile.layers)
+    for i, name in enumerate(profile.names):
+        color = cmap(i / max(1, L - 1))
+        axes[0].plot(profile.grid, profile.rr[i], "-o", ms=3, color=color, label=name)
+        axes[1].plot(profile.grid, profile.d_res[i], "-o", ms=3, color=color, label=name)
+        if plan_sparsity and name in plan_sparsity:
+            s = plan_sparsity[name]
+            g, v = profile.curve("d_res")
+            axes[1].plot([s], [np.interp(s, g, v[i])], "x", color=color, ms=8)
+    axes[0].set(xlabel="layer sparsity", ylabel="RR = D_res / D_raw", title="Relative Repairability")
+    axes[1].set(xlabel="layer sparsity", ylabel="D_res (relative)", yscale="log",
+                title="Residual distortion after ASR" + (" (x = plan)" if plan_sparsity else ""))
+    if L <= 40:
+        axes[1].legend(fontsize=6, ncol=2 if L > 12 else 1, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out

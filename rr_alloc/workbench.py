@@ -1,0 +1,233 @@
+"""A loaded experiment: dense model, splits, cached dense outputs, profile and verification.
+
+Everything expensive and plan-independent is computed once and reused by
+every plan the workbench allocates and verifies (search, compare, Optuna
+trials, studies).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .allocators import ALLOCATORS, AllocationProblem, get_allocator
+from .cache import ProfileCache, fingerprint_model, fingerprint_tensor
+from .config import RunConfig, resolve_device
+from .data import Splits, load_splits
+from .errors import UserError
+from .evaluate import Metrics, compare_logits, logits_of
+from .io_utils import sha256_file
+from .layers import LayerInfo, prunable_layers
+from .models import build_model, default_transform, load_checkpoint
+from .models.digits import cache_dir
+from .plan import LayerPlan, Plan
+from .profile import RRProfile, profile_rr, validate_grid
+from .pruning import apply_masks, masks_for_plan
+from .repair import DenseSiteCache, RepairPipeline, run_repair
+
+__all__ = ["Workbench", "layer_macs"]
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module, layers: list[LayerInfo], example: torch.Tensor) -> np.ndarray:
+    """Multiply-accumulates per weight of each layer (its output positions) for one image."""
+    pos: dict[str, int] = {}
+    handles = []
+    try:
+        for l in layers:
+            def hook(mod, inp, out, name=l.name):
+                per_image = out[0].numel() if out.dim() > 1 else out.numel()
+                pos[name] = per_image // mod.weight.shape[0]
+            handles.append(model.get_submodule(l.name).register_forward_hook(hook))
+        was = model.training
+        model.eval()
+        model(example[:1])
+        model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    # grouped convs: each weight is used once per output position of its own output channel
+    return np.array([pos[l.name] for l in layers], dtype=float)
+
+
+class Workbench:
+    """Build once from a ``RunConfig``; then allocate, prune, repair and verify plans."""
+
+    def __init__(self, cfg: RunConfig, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.grid = validate_grid(cfg.grid, cfg.s_max)
+        self.dense = build_model(cfg.model, cfg.num_classes, cfg.pretrained)
+        if cfg.checkpoint:
+            load_checkpoint(self.dense, cfg.checkpoint, map_location="cpu")
+        self.dense = self.dense.to(self.device).eval()
+        self.layers = prunable_layers(self.dense, cfg.include, cfg.exclude)
+        tf = default_transform(cfg.model, cfg.pretrained)
+        self.data_spec = cfg.data_spec(tf)
+        self.splits: Splits = load_splits(self.data_spec, cfg.batch_size)
+        if self.splits.calib.n == 0:
+            raise UserError("the calibration split is empty: raise --calib-size")
+        self._check_forward()
+        self.timings["load"] = time.perf_counter() - t0
+        self._dense_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._profile: RRProfile | None = None
+        self._site_cache = DenseSiteCache(self.dense, self.splits.calib, self.device)
+        self._macs: np.ndarray | None = None
+        self._sensitivity: np.ndarray | None = None
+
+    # ----------------------------------------------------------------- basics
+    def _check_forward(self) -> None:
+        x = self.splits.calib.x[:2].to(self.device)
+        try:
+            with torch.no_grad():
+                out = self.dense.eval()(x)
+        except RuntimeError as e:
+            raise UserError(f"model {self.cfg.model} cannot run on the {self.cfg.dataset} images "
+                            f"{tuple(x.shape[1:])} ({str(e).splitlines()[0]}): pass matching --model/--dataset")
+        labels = self.splits.test.y
+        if out.dim() != 2 or (len(labels) and int(labels.max()) >= out.shape[1]):
+            raise UserError(f"model {self.cfg.model} has {out.shape[-1]} outputs but the data has labels up to "
+                            f"{int(labels.max())}: pass --num-classes or the matching model")
+
+    def split(self, name: str):
+        return {"calib": self.splits.calib, "selection": self.splits.selection, "test": self.splits.test}[name]
+
+    def dense_logits(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in self._dense_logits:
+            self._dense_logits[split] = logits_of(self.dense, self.split(split), self.device)
+        return self._dense_logits[split]
+
+    def dense_metrics(self, split: str = "test") -> Metrics:
+        logits, labels = self.dense_logits(split)
+        return compare_logits(logits, labels, logits)
+
+    @property
+    def macs_per_weight(self) -> np.ndarray:
+        if self._macs is None:
+            self._macs = layer_macs(self.dense, self.layers, self.splits.calib.x[:1].to(self.device))
+        return self._macs
+
+    # --------------------------------------------------------------- profile
+    def profile_key(self) -> str:
+        return ProfileCache.key({
+            "model": fingerprint_model(self.dense), "calib": fingerprint_tensor(self.splits.calib.x),
+            "layers": [l.name for l in self.layers], "grid": [float(g) for g in self.grid],
+            "lambda": self.cfg.lam, "mean_shift": True})
+
+    def profile(self) -> RRProfile:
+        """The RR profile, from the cache when an entry with the same key is intact."""
+        if self._profile is not None:
+            return self._profile
+        t0 = time.perf_counter()
+        cache = ProfileCache(cache_dir() / "profiles") if self.cfg.cache else None
+        key = self.profile_key() if cache else None
+        hit = cache.get(key) if cache else None
+        if hit is not None:
+            self._profile = RRProfile.from_dict(hit)
+            self._profile.meta["cache"] = "hit"
+        else:
+            self._profile = profile_rr(self.dense, self.splits.calib, self.grid, self.layers, lam=self.cfg.lam,
+                                       device=self.device, progress=self.progress)
+            self._profile.meta["cache"] = "miss" if cache else "off"
+            if cache:
+                cache.put(key, self._profile.to_dict())
+        self.timings["profile"] = time.perf_counter() - t0
+        return self._profile
+
+    # ------------------------------------------------------------ allocation
+    def layer_weights(self) -> np.ndarray | None:
+        if self.cfg.layer_weights == "uniform":
+            return None
+        if self.cfg.layer_weights == "sensitivity":
+            if self._sensitivity is None:
+                from .sensitivity import output_sensitivity
+
+                self._sensitivity = output_sensitivity(self.dense, self.layers, self.splits.calib, self.device)
+            return self._sensitivity
+        raise UserError(f"unknown --layer-weights {self.cfg.layer_weights!r}: use uniform or sensitivity")
+
+    def problem(self, budget: float, needs: tuple[str, ...] = (), **extra: Any) -> AllocationProblem:
+        L = len(self.layers)
+        weights = {l.name: self.dense.get_submodule(l.name).weight.detach() for l in self.layers} \
+            if "weights" in needs else None
+        return AllocationProblem(
+            self.layers, budget, np.zeros(L), np.full(L, self.cfg.s_max), unit=self.cfg.unit,
+            macs_per_weight=self.macs_per_weight if self.cfg.unit == "flops" else None,
+            weights=weights, profile=self.profile() if "profile" in needs else None,
+            layer_weights=self.layer_weights() if "profile" in needs else None, seed=self.cfg.seed, **extra)
+
+    def allocate(self, allocator: str, budget: float, **kwargs: Any) -> np.ndarray:
+        """Integer pruned counts per layer for ``allocator`` at ``budget``."""
+        if allocator not in ALLOCATORS:
+            raise UserError(f"unknown allocator {allocator!r}: use one of {', '.join(ALLOCATORS)}")
+        cls = ALLOCATORS[allocator]
+        extra = {}
+        if "evaluate" in cls.needs:
+            from .allocators.search import make_objective
+
+            extra["evaluate"] = make_objective(self, self.cfg.repair, self.cfg.objective)
+            extra["options"] = {"workbench": self}
+        t0 = time.perf_counter()
+        counts = get_allocator(allocator, **kwargs).allocate(self.problem(budget, cls.needs, **extra))
+        self.timings[f"allocate:{allocator}"] = time.perf_counter() - t0
+        return counts
+
+    # ------------------------------------------------------- prune / verify
+    def pruned_model(self, counts: np.ndarray | dict[str, int]) -> nn.Module:
+        """A fresh copy of the dense model with the plan's magnitude masks applied."""
+        if not isinstance(counts, dict):
+            counts = {l.name: int(k) for l, k in zip(self.layers, counts)}
+        model = copy.deepcopy(self.dense)
+        apply_masks(model, masks_for_plan(model, counts))
+        return model
+
+    def repaired_model(self, counts, repair: str | RepairPipeline) -> tuple[nn.Module, Any]:
+        model = self.pruned_model(counts)
+        report = run_repair(model, repair, self.splits.calib, device=self.device, cache=self._site_cache)
+        return model, report
+
+    def verify(self, counts, repair: str | RepairPipeline, split: str = "test") -> Metrics:
+        """Prune -> repair on calibration -> evaluate on ``split`` against the dense model."""
+        model, _ = self.repaired_model(counts, repair)
+        dense_logits, labels = self.dense_logits(split)
+        logits, _ = logits_of(model, self.split(split), self.device)
+        return compare_logits(logits, labels, dense_logits)
+
+    # ------------------------------------------------------------------ plan
+    def source(self) -> dict[str, Any]:
+        ck = self.cfg.checkpoint
+        return {"model": self.cfg.model, "num_classes": self.cfg.num_classes, "pretrained": self.cfg.pretrained,
+                "checkpoint": ck, "checkpoint_sha256": sha256_file(ck) if ck else None,
+                "model_fingerprint": fingerprint_model(self.dense),
+                "include": list(self.cfg.include), "exclude": list(self.cfg.exclude),
+                "data": self.data_spec.to_dict(), "batch_size": self.cfg.batch_size}
+
+    def make_plan(self, counts: np.ndarray, budget: float, allocator: str, repair: str,
+                  verify: dict[str, Any] | None = None) -> Plan:
+        layers = [LayerPlan(l.name, int(k), l.n_weights, l.shape) for l, k in zip(self.layers, counts)]
+        plan = Plan(layers, budget, allocator, str(RepairPipeline.parse(repair)), self.cfg.unit)
+        if self.cfg.unit == "flops":
+            c = self.macs_per_weight * np.array([l.n_weights for l in self.layers])
+            plan.achieved_sparsity = float(c @ (np.asarray(counts) / [l.n_weights for l in self.layers]) / c.sum())
+        plan.source = self.source()
+        plan.calibration = {"size": self.splits.calib.n, "selection_size": self.splits.selection.n,
+                            "seed": self.cfg.seed}
+        prof = self._profile.meta if self._profile is not None else {}
+        plan.profile = {"grid": [float(g) for g in self.grid], "s_max": self.cfg.s_max, "lambda": self.cfg.lam,
+                        "layer_weights": self.cfg.layer_weights,
+                        **{k: v for k, v in prof.items() if k in ("profile_repair", "n_images")}}
+        plan.verify = verify or {}
+        plan.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        return plan
