@@ -175,11 +175,13 @@ def profile_rr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
 
     layers = layers or prunable_layers(model)
     grid = [float(s) for s in grid]
+    if dtype is not None and next(model.parameters()).dtype != dtype:
+        import copy
+
+        model = copy.deepcopy(model).to(dtype)  # the caller's model keeps its dtype
     was_training = model.training
     model.eval()
     stacks = {l.name: removed_weight_stack(model.get_submodule(l.name).weight, grid) for l in layers}
-    if dtype is not None:
-        stacks = {k: v.to(dtype) for k, v in stacks.items()}
     acc = {l.name: JointMoments() for l in layers}
     n_images = 0
     try:

@@ -185,22 +185,39 @@ class Workbench:
         return counts
 
     # ------------------------------------------------------- prune / verify
-    def pruned_model(self, counts: np.ndarray | dict[str, int]) -> nn.Module:
-        """A fresh copy of the dense model with the plan's magnitude masks applied."""
+    def masks(self, counts: np.ndarray | dict[str, int]) -> dict[str, torch.Tensor]:
+        """Unstructured layer-local magnitude keep-masks for per-layer pruned counts."""
         if not isinstance(counts, dict):
             counts = {l.name: int(k) for l, k in zip(self.layers, counts)}
+        return masks_for_plan(self.dense, counts)
+
+    def nm_masks(self, n: int = 2, m: int = 4) -> dict[str, torch.Tensor]:
+        """N:M keep-masks; layers whose input channels are not a multiple of ``m`` stay dense."""
+        from .pruning import nm_mask
+
+        out = {}
+        for l in self.layers:
+            keep = nm_mask(self.dense.get_submodule(l.name).weight, n, m)
+            if keep is not None:
+                out[l.name] = keep
+        return out
+
+    def pruned_model(self, pruning: np.ndarray | dict) -> nn.Module:
+        """A fresh copy of the dense model, pruned by counts (array or name->int) or keep-masks."""
+        masks = pruning if isinstance(pruning, dict) and pruning and \
+            isinstance(next(iter(pruning.values())), torch.Tensor) else self.masks(pruning)
         model = copy.deepcopy(self.dense)
-        apply_masks(model, masks_for_plan(model, counts))
+        apply_masks(model, masks)
         return model
 
-    def repaired_model(self, counts, repair: str | RepairPipeline) -> tuple[nn.Module, Any]:
-        model = self.pruned_model(counts)
+    def repaired_model(self, pruning, repair: str | RepairPipeline) -> tuple[nn.Module, Any]:
+        model = self.pruned_model(pruning)
         report = run_repair(model, repair, self.splits.calib, device=self.device, cache=self._site_cache)
         return model, report
 
-    def verify(self, counts, repair: str | RepairPipeline, split: str = "test") -> Metrics:
-        """Prune -> repair on calibration -> evaluate on ``split`` against the dense model."""
-        model, _ = self.repaired_model(counts, repair)
+    def verify(self, pruning, repair: str | RepairPipeline, split: str = "test") -> Metrics:
+        """Prune (counts or masks) -> repair on calibration -> evaluate on ``split`` against the dense model."""
+        model, _ = self.repaired_model(pruning, repair)
         dense_logits, labels = self.dense_logits(split)
         logits, _ = logits_of(model, self.split(split), self.device)
         return compare_logits(logits, labels, dense_logits)

@@ -81,8 +81,11 @@ def fold_correction(model: nn.Module, name: str, kind: str, scale: torch.Tensor,
                     consumer_bn: str | None = None, channel_dim: int = 1) -> str:
     """Make ``model.<name>``'s output ``scale * y + shift``; return where it went.
 
-    Returns ``"folded"`` when existing parameters/buffers hold it exactly (in
-    eval mode), ``"affine"`` when a ``ChannelAffine`` had to be attached.
+    Returns ``"folded"`` when the module's own parameters hold it exactly,
+    ``"folded-into-next-bn"`` when a bias-free conv's shift went into the running
+    mean of the BatchNorm that alone consumes it (exact in eval mode; the conv's
+    own output then carries only the scale), and ``"affine"`` when a
+    ``ChannelAffine`` had to be attached.
     """
     m = model.get_submodule(name)
     ref = next(iter(m.parameters()), None)
@@ -99,6 +102,7 @@ def fold_correction(model: nn.Module, name: str, kind: str, scale: torch.Tensor,
             bn = model.get_submodule(consumer_bn)
             # BN(y + c) in eval mode equals BN(y) with running_mean - c
             bn.running_mean.sub_(shift.to(bn.running_mean.dtype))
+            return "folded-into-next-bn"
         return "folded"
     if kind == "bn" and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
         m.weight.mul_(scale.to(m.weight.dtype))

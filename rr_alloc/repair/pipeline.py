@@ -29,6 +29,7 @@ from ..stats import LAMBDA_RULES, ChannelMoments, as_bcx, repair_gamma
 from .affine import fold_correction
 from .bn import recalibrate_bn
 from .sites import SITE_KINDS, Site, discover_sites, forward_order
+from .staged import CacheTooLarge, StagedRunner
 
 __all__ = ["RepairStep", "RepairPipeline", "RepairReport", "DenseSiteCache", "run_repair", "CHANNEL_METHODS",
            "site_moments"]
@@ -188,12 +189,16 @@ class DenseSiteCache:
 
 def run_repair(pruned: nn.Module, pipeline: RepairPipeline | str, batches,
                dense: nn.Module | None = None, device: torch.device | str = "cpu",
-               cache: DenseSiteCache | None = None) -> RepairReport:
+               cache: DenseSiteCache | None = None, staged: bool = True,
+               max_cache_bytes: float = 4e9) -> RepairReport:
     """Repair ``pruned`` in place with ``pipeline`` on calibration ``batches``.
 
     Channel steps need the dense model (or a ``DenseSiteCache`` built on it) for
-    the target statistics. Returns where each correction was placed and how
-    many calibration passes were spent.
+    the target statistics. With ``staged`` (default) a channel step runs as one
+    pass over the calibration set (see ``staged.py``); models that ``torch.fx``
+    cannot trace, or whose cached activations would exceed ``max_cache_bytes``,
+    fall back to one partial forward per site. Returns where each correction
+    was placed and how many calibration passes were spent.
     """
     if isinstance(pipeline, str):
         pipeline = RepairPipeline.parse(pipeline)
@@ -209,16 +214,37 @@ def run_repair(pruned: nn.Module, pipeline: RepairPipeline | str, batches,
             cache = DenseSiteCache(dense, batches, device)
         sites = cache.sites(tuple(step.sites))
         targets = cache.moments(sites)
-        for site in sites:
-            m = site_moments(pruned, [site], batches, device, stop_after=site.name)[site.name]
+
+        def correct(site: Site, m: ChannelMoments, step: RepairStep = step) -> tuple[torch.Tensor, torch.Tensor]:
             mu_p, v_p = m.mean, m.var
             mu_d, v_d = targets[site.name]
             gamma = repair_gamma(v_d, v_p, step.method, step.lam)
-            target_mean = mu_d if step.mean_shift else mu_p
-            shift = target_mean - gamma * mu_p
+            shift = (mu_d if step.mean_shift else mu_p) - gamma * mu_p
             placement = fold_correction(pruned, site.name, site.kind, gamma.float(), shift.float(),
                                         site.consumer_bn, site.channel_dim)
             report.corrections.append({"site": site.name, "kind": site.kind, "placement": placement,
                                        "step": str(step)})
+            if placement == "folded-into-next-bn":  # the site's own output carries only the scale
+                return gamma.float(), torch.zeros_like(shift).float()
+            return gamma.float(), shift.float()
+
+        n_before = len(report.corrections)
+        if staged:
+            try:
+                runner = StagedRunner(pruned, sites, max_cache_bytes)
+            except Exception:  # torch.fx cannot trace this model: recompute per site below
+                runner = None
+            if runner is not None:
+                try:
+                    runner.run(batches, sites, device, correct)
+                    report.calib_passes += 1
+                    continue
+                except CacheTooLarge:
+                    report.calib_passes += 1  # the sites corrected so far stay; the rest recompute
+        done = len(report.corrections) - n_before
+        # one partial forward per site, each ending right after its site
+        for site in sites[done:]:
+            m = site_moments(pruned, [site], batches, device, stop_after=site.name)[site.name]
+            correct(site, m)
             report.calib_passes += 1
     return report

@@ -1,0 +1,92 @@
+"""Plan JSON: round trip, validation, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rr_alloc.errors import UserError
+from rr_alloc.plan import LayerPlan, Plan
+
+
+def _plan() -> Plan:
+    layers = [LayerPlan("conv1", 100, 432, (16, 3, 3, 3)), LayerPlan("fc", 10, 640, (10, 64))]
+    p = Plan(layers, 0.1026, "rr-greedy", "bn>asr@block+logits")
+    p.source = {"model": "cifar_resnet20", "checkpoint": None, "data": {"kind": "digits"}}
+    p.verify = {"top1": 0.5, "agreement": 0.6, "kl": 1.2, "reference": {"allocator": "global", "top1": 0.4}}
+    return p
+
+
+def test_round_trip(tmp_path):
+    p = _plan()
+    path = p.save(tmp_path / "sub" / "plan.json")
+    q = Plan.load(path)
+    assert q.to_dict() == p.to_dict()
+    d = json.loads(path.read_text())
+    for key in ("budget", "achieved_sparsity", "allocator", "repair", "layers", "verify", "source"):
+        assert key in d
+    assert d["layers"][0] == {"name": "conv1", "sparsity": 100 / 432, "n_pruned": 100, "n_weights": 432,
+                              "shape": [16, 3, 3, 3]}
+    assert d["achieved_sparsity"] == pytest.approx(110 / 1072)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _broken(mutate):
+    d = _plan().to_dict()
+    mutate(d)
+    return d
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.update(version=99), "schema version 99"),
+    (lambda d: d.update(schema="other"), "not an rr_alloc plan"),
+    (lambda d: d.update(unit="percent"), "unit"),
+    (lambda d: d.pop("layers"), "lacks the key 'layers'"),
+    (lambda d: d.update(layers=[]), "lists no layers"),
+    (lambda d: d["layers"][0].update(sparsity=1.0, n_pruned=432), "outside \\[0, 1\\)"),
+    (lambda d: d["layers"][0].update(sparsity=-0.1), "outside \\[0, 1\\)"),
+    (lambda d: d["layers"][0].update(shape=[16, 3, 3]), "n_weights 432 but shape"),
+    (lambda d: d["layers"][1].update(name="conv1"), "listed twice"),
+    (lambda d: d["layers"][0].update(n_pruned=7), "inconsistent"),
+    (lambda d: d["layers"][0].pop("n_weights"), "needs name, sparsity"),
+    (lambda d: d.update(budget=2.0), "budget 2.0 outside"),
+])
+def test_malformed_plans_rejected(mutate, message):
+    with pytest.raises(UserError, match=message):
+        Plan.from_dict(_broken(mutate))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        Plan.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        Plan.load(bad)
+
+
+def test_check_model_names_and_shapes():
+    from torch import nn
+
+    model = nn.Module()
+    model.conv1 = nn.Conv2d(3, 16, 3)
+    model.fc = nn.Linear(64, 10)
+    _plan().check_model(model)
+    model.fc = nn.Linear(32, 10)
+    with pytest.raises(UserError, match="shape"):
+        _plan().check_model(model)
+    del model.fc
+    with pytest.raises(UserError, match="not a layer of this model"):
+        _plan().check_model(model)
+
+
+def test_failed_write_keeps_old_plan(tmp_path, monkeypatch):
+    path = _plan().save(tmp_path / "plan.json")
+    good = path.read_text()
+    p = _plan()
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError):
+        p.save(path)
+    assert path.read_text() == good

@@ -1,0 +1,107 @@
+"""The streaming RR profile equals an explicit float64 brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rr_alloc.layers import prunable_layers
+from rr_alloc.profile import profile_rr, validate_grid
+from rr_alloc.errors import UserError
+from rr_alloc.pruning import magnitude_mask, n_pruned
+
+
+def _brute_force(model: nn.Module, batches, grid, lam_rule="mean", mean_shift=True):
+    """Explicit pruned forward and explicit ASR repair, float64, means via torch.mean."""
+    model = model.double().eval()
+    layers = prunable_layers(model)
+    inputs = {l.name: [] for l in layers}
+    hooks = [model.get_submodule(l.name).register_forward_hook(
+        lambda m, i, o, n=l.name: inputs[n].append(i[0].detach())) for l in layers]
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x.double())
+    for h in hooks:
+        h.remove()
+    d_raw = np.zeros((len(layers), len(grid)))
+    d_res = np.zeros_like(d_raw)
+    for i, l in enumerate(layers):
+        mod = model.get_submodule(l.name)
+        x = torch.cat(inputs[l.name])
+        w = mod.weight.detach()
+        with torch.no_grad():
+            y_d = mod(x)
+            for j, s in enumerate(grid):
+                keep = magnitude_mask(w, n_pruned(s, w.numel()))
+                if isinstance(mod, nn.Conv2d):
+                    y_p = mod._conv_forward(x, w * keep, mod.bias)
+                    cd = lambda t: t.transpose(0, 1).reshape(t.shape[1], -1)
+                else:
+                    y_p = nn.functional.linear(x, w * keep, mod.bias)
+                    cd = lambda t: t.reshape(-1, t.shape[-1]).T
+                yd, yp = cd(y_d), cd(y_p)
+                mu_d, mu_p = torch.mean(yd, 1, keepdim=True), torch.mean(yp, 1, keepdim=True)
+                v_d = torch.mean((yd - mu_d) ** 2, 1)
+                v_p = torch.mean((yp - mu_p) ** 2, 1)
+                lam = v_p.mean() if lam_rule == "mean" else v_p.median()
+                shrink = v_p / (v_p + lam)
+                gamma = shrink * torch.sqrt(v_d / v_p) + (1 - shrink)
+                gamma = torch.where(v_p > 0, gamma, torch.ones_like(gamma))
+                target = mu_d if mean_shift else mu_p
+                yhat = gamma[:, None] * (yp - mu_p) + target
+                d_raw[i, j] = float(torch.mean((yp - yd) ** 2, 1).sum() / v_d.sum())
+                d_res[i, j] = float(torch.mean((yhat - yd) ** 2, 1).sum() / v_d.sum())
+    return d_raw, d_res
+
+
+GRID = (0.3, 0.5, 0.8, 0.95)
+
+
+@pytest.mark.parametrize("mean_shift", [True, False])
+def test_closed_form_matches_brute_force(toy, toy_batches, mean_shift):
+    prof = profile_rr(toy, toy_batches, GRID, dtype=torch.float64, mean_shift=mean_shift)
+    import copy
+
+    raw, res = _brute_force(copy.deepcopy(toy), toy_batches, GRID, mean_shift=mean_shift)
+    np.testing.assert_allclose(prof.d_raw, raw, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(prof.d_res, res, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(prof.rr, res / raw, rtol=1e-6)
+
+
+def test_float32_profile_close_to_float64(toy, toy_batches):
+    p32 = profile_rr(toy, toy_batches, GRID)
+    p64 = profile_rr(toy, toy_batches, GRID, dtype=torch.float64)
+    np.testing.assert_allclose(p32.d_res, p64.d_res, rtol=1e-3)
+
+
+def test_profile_covers_every_layer_kind(toy, toy_batches):
+    prof = profile_rr(toy, toy_batches, GRID)
+    assert prof.names == ["conv1", "block.conv", "conv3", "fc"]
+    assert prof.layers[1].groups == 2
+    assert prof.d_raw.shape == (4, len(GRID))
+    # more pruning -> more raw damage, on every layer
+    assert np.all(np.diff(prof.d_raw, axis=1) > 0)
+
+
+def test_profile_leaves_no_hooks_and_same_weights(toy, toy_batches):
+    before = {k: v.clone() for k, v in toy.state_dict().items()}
+    profile_rr(toy, toy_batches, GRID)
+    for m in toy.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    for k, v in toy.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_profile_removes_hooks_on_error(toy):
+    bad = [(torch.randn(2, 4, 8, 8), None)]  # wrong channel count -> forward raises
+    with pytest.raises(RuntimeError):
+        profile_rr(toy, bad, GRID)
+    assert all(not m._forward_hooks for m in toy.modules())
+
+
+def test_grid_must_reach_s_max():
+    with pytest.raises(UserError, match="s-max"):
+        validate_grid([0.5, 0.9], 0.99)
+    assert list(validate_grid([0.9, 0.5, 0.99], 0.99)) == [0.5, 0.9, 0.99]
