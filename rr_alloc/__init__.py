@@ -28,4 +28,11 @@ def apply_plan(model, plan: "Plan", inplace: bool = False):
     return target
 
 
-__all__ = ["__version__", "RunConfig", "UserError", "Plan", "LayerPlan", "search", "apply_plan"]
+def load_pruned(model, path):
+    """Load the output of ``rr_alloc apply`` into a fresh ``model`` (re-attaching any repair affines)."""
+    from .commands import load_pruned as _load
+
+    return _load(model, path)
+
+
+__all__ = ["__version__", "RunConfig", "UserError", "Plan", "LayerPlan", "search", "apply_plan", "load_pruned"]

@@ -143,6 +143,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else _default_out(cfg, args.budget)
+    if cfg.allocator == "optuna" and not cfg.storage:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cfg = cfg.updated(storage=f"sqlite:///{(out.parent / 'optuna.db').resolve()}")
     run_search(cfg, args.budget, out, verify=args.verify, embedded_note=EMBEDDED_NOTE)
     return 0
 

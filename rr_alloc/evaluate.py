@@ -45,8 +45,8 @@ def logits_of(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tens
 def compare_logits(logits: torch.Tensor, labels: torch.Tensor, dense_logits: torch.Tensor) -> Metrics:
     """Metrics of ``logits`` against ``labels`` and the dense model's logits on the same images."""
     pred = logits.argmax(1)
-    top1 = float((pred == labels).float().mean())
-    agree = float((pred == dense_logits.argmax(1)).float().mean())
+    top1 = float((pred == labels).double().mean())
+    agree = float((pred == dense_logits.argmax(1)).double().mean())
     logp_d = F.log_softmax(dense_logits.double(), 1)
     logp = F.log_softmax(logits.double(), 1)
     kl = float((logp_d.exp() * (logp_d - logp)).sum(1).mean())

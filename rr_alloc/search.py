@@ -101,6 +101,15 @@ def run_search(cfg: RunConfig, budget: float, out: Path, verify: bool = True, em
         print(pd.DataFrame(rows).to_string(index=False))
     print(f"\nwrote {out} (plan), {extra[0].name}, {extra[1].name} in {out.parent}  "
           f"[{time.perf_counter() - t0:.1f}s]")
+    if cfg.allocator == "optuna":
+        import optuna
+
+        names = optuna.get_all_study_names(cfg.storage)
+        for name in names:
+            st = optuna.load_study(study_name=name, storage=cfg.storage)
+            done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials)
+            print(f"optuna study {name}: {done} completed trials, best {cfg.objective} on selection "
+                  f"{st.best_value:.4f}; view: optuna-dashboard {cfg.storage}")
     if cfg.model == "digits_resnet" and embedded_note:
         print("\n" + embedded_note)
     return plan
@@ -145,6 +154,18 @@ def check_checkpoint_hash(plan: Plan) -> None:
         if sha256_file(ck) != want:
             raise UserError(f"checkpoint {ck} changed since the plan was made (SHA-256 differs): "
                             "re-run search on the new checkpoint")
+
+
+def model_from_plan(plan: Plan, cfg: RunConfig):
+    """The plan's dense model (checkpoint hash checked), without loading any data."""
+    from .models import build_model, load_checkpoint
+
+    if cfg.checkpoint == plan.source.get("checkpoint"):
+        check_checkpoint_hash(plan)
+    model = build_model(cfg.model, cfg.num_classes, cfg.pretrained)
+    if cfg.checkpoint:
+        load_checkpoint(model, cfg.checkpoint)
+    return model.eval()
 
 
 def run_verify(args) -> Metrics:

@@ -1,9 +1,9 @@
 """Per-channel streaming statistics and the closed-form repair/distortion formulas.
 
-All accumulators follow the ``add_batch`` pattern: running sums in float64,
-never the activations themselves. Per-batch partial sums are taken around a
-per-channel shift (the first batch's mean) so that variances do not suffer
-from the cancellation of ``E[y^2] - E[y]^2``.
+All accumulators follow the ``add_batch`` pattern: running moments in
+float64, never the activations themselves. Batches are merged with Chan's
+parallel formula, so variances do not suffer from the cancellation of
+``E[y^2] - E[y]^2``.
 
 Shapes: activations are viewed as ``(B, C, X)`` (batch, channel, positions);
 grid-stacked errors as ``(B, G, C, X)``.
@@ -30,34 +30,47 @@ def as_bcx(y: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     return y.reshape(y.shape[0], y.shape[1], -1)
 
 
+def _merge(n: int, mean: torch.Tensor, m2: torch.Tensor, nb: int, mean_b: torch.Tensor,
+           m2_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan et al.'s parallel update of (mean, sum of squared deviations); returns (mean, m2, delta)."""
+    delta = mean_b - mean
+    tot = n + nb
+    return mean + delta * (nb / tot), m2 + m2_b + delta * delta * (n * nb / tot), delta
+
+
 class ChannelMoments:
-    """Streaming per-channel count, mean and population variance of ``(B, C, X)`` tensors."""
+    """Streaming per-channel count, mean and population variance of ``(B, C, X)`` tensors.
+
+    Each batch is reduced with ``torch.var_mean`` (one fused pass, in the
+    activation's dtype) and merged into float64 running moments with Chan's
+    parallel formula: no ``E[y^2] - E[y]^2`` cancellation, any batch sizes.
+    """
 
     def __init__(self) -> None:
         self.n = 0
-        self.shift: torch.Tensor | None = None
-        self.s1: torch.Tensor | None = None
-        self.s2: torch.Tensor | None = None
+        self._mean: torch.Tensor | None = None
+        self._m2: torch.Tensor | None = None
 
     def add_batch(self, y: torch.Tensor) -> None:
         y = y.detach()
-        if self.shift is None:
-            self.shift = y.mean(dim=(0, 2))
-            self.s1 = torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
-            self.s2 = torch.zeros_like(self.s1)
-        z = y - self.shift[None, :, None]
-        self.s1 += z.sum(dim=(0, 2), dtype=torch.float64)
-        self.s2 += (z * z).sum(dim=(0, 2), dtype=torch.float64)
-        self.n += y.shape[0] * y.shape[2]
+        nb = y.shape[0] * y.shape[2]
+        if nb == 0:
+            return
+        v_b, m_b = torch.var_mean(y, dim=(0, 2), correction=0)
+        m_b, m2_b = m_b.double(), v_b.double() * nb
+        if self._mean is None:
+            self._mean, self._m2 = m_b, m2_b
+        else:
+            self._mean, self._m2, _ = _merge(self.n, self._mean, self._m2, nb, m_b, m2_b)
+        self.n += nb
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.shift.double() + self.s1 / self.n
+        return self._mean
 
     @property
     def var(self) -> torch.Tensor:
-        m = self.s1 / self.n
-        return (self.s2 / self.n - m * m).clamp_min(0.0)
+        return (self._m2 / self.n).clamp_min(0.0)
 
 
 class JointMoments:
@@ -65,40 +78,41 @@ class JointMoments:
 
     Working with the error ``e`` instead of ``y_p`` keeps the distortion
     formulas well conditioned: ``E[e^2]`` is accumulated directly rather than
-    recovered as a difference of large second moments.
+    recovered as a difference of large second moments. Batches merge with
+    Chan's formula (means, squared deviations and the co-moment of ``e`` and ``y_d``).
     """
 
     def __init__(self) -> None:
         self.dense = ChannelMoments()
-        self.e_shift: torch.Tensor | None = None
-        self.se: torch.Tensor | None = None
-        self.see: torch.Tensor | None = None
-        self.sed: torch.Tensor | None = None
+        self._me: torch.Tensor | None = None
+        self._m2e: torch.Tensor | None = None
+        self._ced: torch.Tensor | None = None
 
     def add_batch(self, y_d: torch.Tensor, e: torch.Tensor) -> None:
         """``y_d``: ``(B, C, X)``; ``e``: ``(B, G, C, X)``."""
+        nb = y_d.shape[0] * y_d.shape[2]
+        if nb == 0:
+            return
+        n = self.dense.n
+        md_old = self.dense.mean
+        vd_b, md_b = torch.var_mean(y_d, dim=(0, 2), correction=0)
+        ve_b, me_b = torch.var_mean(e, dim=(0, 3), correction=0)
+        # batch co-moment: sum e * (y_d - mean_b(y_d)) equals sum of centred products exactly
+        c_b = (e * (y_d - md_b[None, :, None]).unsqueeze(1)).sum(dim=(0, 3)).double()
+        me_b, m2e_b = me_b.double(), ve_b.double() * nb
         self.dense.add_batch(y_d)
-        if self.e_shift is None:
-            self.e_shift = e.mean(dim=(0, 3))
-            shape = (e.shape[1], e.shape[2])
-            self.se = torch.zeros(shape, dtype=torch.float64, device=e.device)
-            self.see = torch.zeros_like(self.se)
-            self.sed = torch.zeros_like(self.se)
-        ez = e - self.e_shift[None, :, :, None]
-        dz = (y_d - self.dense.shift[None, :, None]).unsqueeze(1)
-        self.se += ez.sum(dim=(0, 3), dtype=torch.float64)
-        self.see += (ez * ez).sum(dim=(0, 3), dtype=torch.float64)
-        self.sed += (ez * dz).sum(dim=(0, 3), dtype=torch.float64)
+        if self._me is None:
+            self._me, self._m2e, self._ced = me_b, m2e_b, c_b
+            return
+        self._me, self._m2e, delta_e = _merge(n, self._me, self._m2e, nb, me_b, m2e_b)
+        delta_d = md_b.double() - md_old
+        self._ced = self._ced + c_b + delta_e * delta_d[None, :] * (n * nb / (n + nb))
 
     def moments(self) -> dict[str, torch.Tensor]:
         """``mu_d, v_d`` (C,) and ``mu_e, v_e, c_de`` (G, C), float64 population moments."""
         n = self.dense.n
-        md = self.dense.s1 / n  # shifted mean of y_d
-        me = self.se / n        # shifted mean of e
-        v_e = (self.see / n - me * me).clamp_min(0.0)
-        c_de = self.sed / n - me * md[None, :]
-        return {"mu_d": self.dense.mean, "v_d": self.dense.var,
-                "mu_e": self.e_shift.double() + me, "v_e": v_e, "c_de": c_de}
+        return {"mu_d": self.dense.mean, "v_d": self.dense.var, "mu_e": self._me,
+                "v_e": (self._m2e / n).clamp_min(0.0), "c_de": self._ced / n}
 
 
 def lambda_for(v_p: torch.Tensor, rule: str | float = "mean") -> torch.Tensor:

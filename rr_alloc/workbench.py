@@ -175,10 +175,16 @@ class Workbench:
         cls = ALLOCATORS[allocator]
         extra = {}
         if "evaluate" in cls.needs:
-            from .allocators.search import make_objective
+            from .allocators.search import make_objective, study_name_for
 
             extra["evaluate"] = make_objective(self, self.cfg.repair, self.cfg.objective)
-            extra["options"] = {"workbench": self}
+            name = study_name_for({"model": fingerprint_model(self.dense), "calib": self.cfg.seed,
+                                   "data": self.data_spec.to_dict(), "budget": budget, "repair": self.cfg.repair,
+                                   "objective": self.cfg.objective, "unit": self.cfg.unit,
+                                   "layers": [l.name for l in self.layers], "s_max": self.cfg.s_max,
+                                   "layer_weights": self.cfg.layer_weights})
+            extra["options"] = {"n_trials": self.cfg.n_trials, "timeout": self.cfg.timeout,
+                                "storage": self.cfg.storage, "study_name": name}
         t0 = time.perf_counter()
         counts = get_allocator(allocator, **kwargs).allocate(self.problem(budget, cls.needs, **extra))
         self.timings[f"allocate:{allocator}"] = time.perf_counter() - t0

@@ -4,7 +4,8 @@ from .base import (ALLOCATORS, BUDGET_UNITS, AllocationProblem, Allocator, get_a
                    round_to_budget)
 from .baselines import ERK, LAMP, GlobalMagnitude, Uniform, erk_raw_density, lamp_scores
 from .rr import RRExact, RRGreedy, layer_curves, objective
+from .search import OptunaSearch, project_log_density
 
 __all__ = ["ALLOCATORS", "BUDGET_UNITS", "AllocationProblem", "Allocator", "get_allocator", "register",
            "round_to_budget", "ERK", "LAMP", "GlobalMagnitude", "Uniform", "erk_raw_density", "lamp_scores",
-           "RRExact", "RRGreedy", "layer_curves", "objective"]
+           "RRExact", "RRGreedy", "layer_curves", "objective", "OptunaSearch", "project_log_density"]

@@ -1,0 +1,132 @@
+"""Optuna allocator: end-to-end search over a low-dimensional family of plans.
+
+Family (all projected onto the budget): per-layer log-densities are a
+weighted mix of *anchor* plans (global magnitude, LAMP, ERK, uniform, RR
+greedy, RR exact) plus one offset per depth tercile of the network:
+
+    log d_l = sum_k w_k log d_l^(k) / sum_k w_k + delta_{stage(l)} + t,
+
+where ``t`` is solved so the plan meets the budget exactly (densities clip to
+the per-layer bounds). Every anchor is a member (one-hot ``w``, zero
+offsets) and is enqueued first, so the search starts from the plans users
+already have and can only improve on them on its objective.
+
+The objective is measured end to end: prune, repair (the run's pipeline) on the
+calibration split, evaluate on the held-out *selection* split of training
+images -- label-free by default (mean KL to the dense model's logits). The
+test split is never touched. Studies persist in any Optuna storage (SQLite by
+default) and resume: rerunning with the same storage adds ``n_trials``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, Callable
+
+import numpy as np
+
+from .base import AllocationProblem, Allocator, get_allocator, register, round_to_budget, solve_increasing
+
+__all__ = ["OptunaSearch", "ANCHORS", "project_log_density", "make_objective", "study_name_for"]
+
+ANCHORS = ("global", "lamp", "erk", "uniform", "rr-greedy", "rr-exact")
+_FLOOR = 1e-4  # density floor inside logs (a 0.9999-sparse layer)
+
+
+def project_log_density(problem: AllocationProblem, u: np.ndarray) -> np.ndarray:
+    """Sparsities ``1 - clip(exp(u + t))`` with ``t`` solved to meet the budget exactly."""
+    c = problem.cost
+    lo_d, hi_d = 1.0 - problem.upper, 1.0 - problem.lower
+    kept_target = c.sum() - problem.target
+
+    def kept(t: float) -> float:
+        return float(c @ np.clip(np.exp(np.minimum(u + t, 50.0)), lo_d, hi_d))
+
+    t = solve_increasing(kept, kept_target, -60.0 - u.max(), 60.0 - u.min())
+    return 1.0 - np.clip(np.exp(u + t), lo_d, hi_d)
+
+
+def _stages(L: int) -> np.ndarray:
+    """Depth terciles: 0 for the first third of layers, 1, 2."""
+    return np.minimum(np.arange(L) * 3 // max(L, 1), 2)
+
+
+@register
+class OptunaSearch(Allocator):
+    name = "optuna"
+    needs = ("weights", "profile", "evaluate")
+    description = "Optuna (TPE) over mixes of the baseline and RR plans, scored end to end on the selection split"
+
+    def __init__(self, n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
+                 study_name: str | None = None) -> None:
+        self.n_trials, self.timeout, self.storage, self.study_name = n_trials, timeout, storage, study_name
+        self.study = None
+
+    def anchors(self, problem: AllocationProblem) -> dict[str, np.ndarray]:
+        out = {}
+        for name in ANCHORS:
+            s = get_allocator(name).sparsities(problem)
+            out[name] = np.log(np.maximum(1.0 - s, _FLOOR))
+        return out
+
+    def sparsities(self, problem: AllocationProblem) -> np.ndarray:
+        import optuna
+
+        opts = problem.options
+        n_trials = self.n_trials if self.n_trials is not None else int(opts.get("n_trials", 30))
+        timeout = self.timeout if self.timeout is not None else opts.get("timeout")
+        storage = self.storage or opts.get("storage")
+        name = self.study_name or opts.get("study_name") or "rr_alloc"
+        anchors = self.anchors(problem)
+        A = np.stack([anchors[k] for k in ANCHORS])  # (K, L)
+        stages = _stages(len(problem.layers))
+
+        def plan_of(params: dict[str, float]) -> np.ndarray:
+            w = np.array([params[f"w_{k}"] for k in ANCHORS])
+            w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+            delta = np.array([params[f"stage{j}"] for j in range(3)])
+            return project_log_density(problem, w @ A + delta[stages])
+
+        def objective(trial: "optuna.Trial") -> float:
+            params = {f"w_{k}": trial.suggest_float(f"w_{k}", 0.0, 1.0) for k in ANCHORS}
+            params.update({f"stage{j}": trial.suggest_float(f"stage{j}", -1.5, 1.5) for j in range(3)})
+            counts = round_to_budget(problem, plan_of(params))
+            trial.set_user_attr("counts", [int(k) for k in counts])
+            return float(problem.evaluate(counts))
+
+        optuna.logging.set_verbosity(logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=problem.seed, n_startup_trials=max(len(ANCHORS) + 2, 8))
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="minimize",
+                                    load_if_exists=True)
+        if not study.trials:  # warm start: every anchor plan, exactly
+            for k in ANCHORS:
+                params = {f"w_{j}": float(j == k) for j in ANCHORS}
+                params.update({f"stage{j}": 0.0 for j in range(3)})
+                study.enqueue_trial(params)
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, gc_after_trial=False)
+        self.study = study
+        best = study.best_trial
+        return np.asarray(best.user_attrs["counts"], float) / problem.n
+
+
+def make_objective(wb: Any, repair: str, objective: str = "kl") -> Callable[[np.ndarray], float]:
+    """Loss of a plan on the selection split: ``kl``, ``agreement`` (1 - agreement) or ``top1`` (1 - top-1)."""
+    from ..errors import UserError
+
+    if objective not in ("kl", "agreement", "top1"):
+        raise UserError(f"unknown --objective {objective!r}: use kl, agreement or top1")
+    if wb.splits.selection.n == 0:
+        raise UserError("the optuna allocator needs a selection split: pass --selection-size > 0")
+
+    def evaluate(counts: np.ndarray) -> float:
+        m = wb.verify(counts, repair, split="selection")
+        return {"kl": m.kl, "agreement": 1.0 - m.agreement, "top1": 1.0 - m.top1}[objective]
+
+    return evaluate
+
+
+def study_name_for(parts: dict[str, Any]) -> str:
+    """A study name that changes whenever the search problem changes (so resuming is safe)."""
+    return "rr_alloc-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,63 @@
+"""Helpers shared by the study scripts: locating shared/, configs, intervals, atomic outputs.
+
+Studies import the library; nothing here re-implements it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rr_alloc.config import RunConfig, load_config_file  # noqa: E402
+from rr_alloc.errors import UserError  # noqa: E402
+
+MODELS = {"resnet20": "configs/cifar10_resnet20.yaml", "resnet32": "configs/cifar10_resnet32.yaml"}
+
+
+def shared_dir(arg: str | None) -> Path:
+    """The shared/ folder: ``--shared``, else ``$RR_ALLOC_SHARED``, else ``../shared`` beside the repo."""
+    p = Path(arg or os.environ.get("RR_ALLOC_SHARED") or ROOT.parent / "shared")
+    if not (p / "weights" / "cifar10-resnet").is_dir():
+        raise SystemExit(f"error: {p} holds no weights/cifar10-resnet: pass --shared PATH or set RR_ALLOC_SHARED")
+    os.environ["RR_ALLOC_SHARED"] = str(p)
+    return p
+
+
+def model_config(model: str, **overrides: Any) -> RunConfig:
+    kw = load_config_file(ROOT / MODELS[model])
+    kw.update(overrides)
+    return RunConfig(**kw)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shared", help="path to shared/ (default $RR_ALLOC_SHARED or ../shared)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny grid, one model, small splits")
+
+
+def t_interval(values: list[float] | np.ndarray, conf: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the half-width of a Student-t interval over seeds (nan for one value)."""
+    from scipy import stats
+
+    v = np.asarray(values, float)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + conf / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return m, half, float(v.std(ddof=1))
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
