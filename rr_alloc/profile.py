@@ -3,12 +3,15 @@
 For every prunable layer ``l`` and grid sparsity ``s`` the layer alone is
 magnitude-pruned and fed the *dense* network's input. Instead of rerunning
 the network per (layer, s), a forward hook takes each layer's dense input
-once and evaluates all grid points in a single batched call on the *removed*
-weights: ``e = y_p - y_d = -f(x; W * (1 - M_s))`` (the bias cancels), which is
-both cheaper and exact (no cancellation between ``y_p`` and ``y_d``).
+once and evaluates all grid points in a single call of the layer with
+stacked weights ``[W, -R_1, ..., -R_G]``: the dense output and, for each grid
+point, the error ``e = y_p - y_d = -f(x; R_s)`` computed from the *removed*
+weights ``R_s`` directly (the bias cancels; no cancellation between ``y_p`` and
+``y_d``). One batched GEMM then gives every per-channel first and second
+moment (the Gram matrix of the stacked outputs).
 
-Cost: one dense forward plus, per layer, one call with ``G`` times its output
-channels, about ``(1 + G)`` dense forwards for a grid of ``G`` sparsities.
+Cost: one dense forward plus, per layer, one call with ``G + 1`` times its
+output channels and a small GEMM: about ``(1 + G)`` dense forwards.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from torch import nn
 from .errors import UserError
 from .layers import LayerInfo, prunable_layers
 from .pruning import magnitude_order, n_pruned
-from .stats import JointMoments, as_bcx, distortions
+from .stats import as_bcx, distortions
 
-__all__ = ["DEFAULT_GRID", "RRProfile", "profile_rr", "removed_weight_stack", "grid_outputs",
+__all__ = ["DEFAULT_GRID", "RRProfile", "profile_rr", "removed_weight_stack", "probe_weights", "GramMoments",
            "validate_grid"]
 
 DEFAULT_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -113,43 +116,90 @@ def removed_weight_stack(weight: torch.Tensor, grid: Sequence[float]) -> torch.T
     return out.view(len(grid), *weight.shape)
 
 
-def grid_outputs(layer: nn.Module, x: torch.Tensor, w_stack: torch.Tensor) -> torch.Tensor:
-    """Bias-free outputs of ``layer`` on input ``x`` for each weight in ``w_stack``, as ``(B, G, C, X)``.
+def probe_weights(layer: nn.Module, grid: Sequence[float]) -> torch.Tensor:
+    """Stacked weights ``[W, -R_1, ..., -R_G]`` in channel-major order, as one layer's weight.
 
-    One call for all grid points: the stacked weights act as one layer with
-    ``G`` times the output channels (interleaved per group for grouped convs).
+    Row 0 of each output channel gives the dense output, row ``g`` the error
+    ``e_g = y_p - y_d = -f(x; R_g)`` (``R_g`` = weights removed at grid point g).
+    Channel-major (``c * (G+1) + g``) makes the output view as ``(B, C, G+1, X)``
+    without a copy; grouped convs keep each group's outputs contiguous.
     """
-    G = w_stack.shape[0]
+    w = layer.weight.detach()
+    stack = torch.cat([w.unsqueeze(0), -removed_weight_stack(w, grid)])  # (G+1, C, ...)
+    return stack.transpose(0, 1).reshape(-1, *w.shape[1:])
+
+
+class GramMoments:
+    """Per-channel sums and Gram matrices of ``z = [y_d - shift, e_1, ..., e_G]`` (float64 accumulators).
+
+    The Gram matrix ``sum z z^T`` over positions holds every second moment the
+    closed form needs (``v_d``, ``v_e``, ``cov(e, y_d)``) and is one batched GEMM
+    per layer and batch. The dense row is shifted by the first batch's mean so
+    ``E[y_d^2] - E[y_d]^2`` does not cancel.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.s1: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+
+    def add_batch(self, z: torch.Tensor) -> None:
+        """``z``: ``(B, C, G+1, X)``, row 0 already shifted."""
+        B, C, K, X = z.shape
+        zz = z.reshape(B * C, K, X)
+        s1 = zz.sum(-1).view(B, C, K).sum(0, dtype=torch.float64)
+        gram = torch.bmm(zz, zz.transpose(1, 2)).view(B, C, K, K).sum(0, dtype=torch.float64)
+        if self.s1 is None:
+            self.s1, self.gram = s1, gram
+        else:
+            self.s1 += s1
+            self.gram += gram
+        self.n += B * X
+
+    def moments(self) -> dict[str, torch.Tensor]:
+        """``mu_d, v_d`` (C,) and ``mu_e, v_e, c_de`` (G, C), float64 population moments."""
+        m = self.s1 / self.n                                   # (C, K)
+        cov = self.gram / self.n - m[:, :, None] * m[:, None, :]  # (C, K, K)
+        diag = torch.diagonal(cov, dim1=1, dim2=2)
+        return {"mu_d": m[:, 0] + self.shift.double(), "v_d": diag[:, 0].clamp_min(0.0),
+                "mu_e": m[:, 1:].T.contiguous(), "v_e": diag[:, 1:].T.clamp_min(0.0).contiguous(),
+                "c_de": cov[:, 1:, 0].T.contiguous()}
+
+
+def _probe(layer: nn.Module, x: torch.Tensor, stack: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Run the stacked probe weights on ``x``; returns ``(B, C, G+1, X)``."""
     if isinstance(layer, nn.Conv2d):
-        g, c_out = layer.groups, w_stack.shape[1]
-        w = w_stack.view(G, g, c_out // g, *w_stack.shape[2:]).transpose(0, 1).reshape(G * c_out, *w_stack.shape[2:])
-        y = layer._conv_forward(x, w, None)  # honours padding_mode, stride, dilation, groups
-        B = y.shape[0]
-        y = y.view(B, g, G, c_out // g, -1).transpose(1, 2)
-        return y.reshape(B, G, c_out, -1)
+        y = layer._conv_forward(x, stack, bias)  # honours padding_mode, stride, dilation, groups
+        C = layer.out_channels
+        return y.view(y.shape[0], C, -1, y.shape[2] * y.shape[3])
     if isinstance(layer, nn.Linear):
-        c_out = w_stack.shape[1]
-        y = F.linear(x, w_stack.reshape(G * c_out, -1))  # (B, ..., G*C)
-        y = y.view(*y.shape[:-1], G, c_out)
-        y = y.movedim(-2, 1).movedim(-1, 2)  # (B, G, C, ...)
-        return y.reshape(y.shape[0], G, c_out, -1)
+        y = F.linear(x, stack, bias)  # (B, ..., C*(G+1))
+        C = layer.out_features
+        y = y.reshape(-1, C, stack.shape[0] // C)  # positions x C x (G+1)
+        return y.permute(1, 2, 0).unsqueeze(0)  # (1, C, G+1, positions)
     raise TypeError(f"unsupported layer type {type(layer).__name__}")
-
-
-def _channel_dim(layer: nn.Module) -> int:
-    return -1 if isinstance(layer, nn.Linear) else 1
 
 
 @contextlib.contextmanager
 def _collect(model: nn.Module, layers: list[LayerInfo], stacks: dict[str, torch.Tensor],
-             acc: dict[str, JointMoments]) -> Iterator[None]:
+             acc: dict[str, GramMoments]) -> Iterator[None]:
     """Register the profiling hooks for the duration of the block; always removed."""
     handles = []
+    biases: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str):
         def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            e = -grid_outputs(mod, inputs[0], stacks[name])
-            acc[name].add_batch(as_bcx(out, _channel_dim(mod)), e)
+            a = acc[name]
+            if a.shift is None:  # first batch: shift the dense row by its per-channel mean
+                cdim = -1 if isinstance(mod, nn.Linear) else 1
+                a.shift = as_bcx(out, cdim).mean(dim=(0, 2))
+                st = stacks[name]
+                K = st.shape[0] // a.shift.numel()
+                b = torch.zeros(a.shift.numel(), K, dtype=st.dtype, device=st.device)
+                b[:, 0] = (mod.bias.detach() if mod.bias is not None else 0) - a.shift
+                biases[name] = b.reshape(-1)
+            a.add_batch(_probe(mod, inputs[0], stacks[name], biases[name]))
         return hook
 
     try:
@@ -181,8 +231,8 @@ def profile_rr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
         model = copy.deepcopy(model).to(dtype)  # the caller's model keeps its dtype
     was_training = model.training
     model.eval()
-    stacks = {l.name: removed_weight_stack(model.get_submodule(l.name).weight, grid) for l in layers}
-    acc = {l.name: JointMoments() for l in layers}
+    stacks = {l.name: probe_weights(model.get_submodule(l.name), grid) for l in layers}
+    acc = {l.name: GramMoments() for l in layers}
     n_images = 0
     try:
         with torch.inference_mode(), _collect(model, layers, stacks, acc):

@@ -5,8 +5,7 @@ float64, never the activations themselves. Batches are merged with Chan's
 parallel formula, so variances do not suffer from the cancellation of
 ``E[y^2] - E[y]^2``.
 
-Shapes: activations are viewed as ``(B, C, X)`` (batch, channel, positions);
-grid-stacked errors as ``(B, G, C, X)``.
+Shapes: activations are viewed as ``(B, C, X)`` (batch, channel, positions).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["as_bcx", "ChannelMoments", "JointMoments", "lambda_for", "repair_gamma", "LAMBDA_RULES",
+__all__ = ["as_bcx", "ChannelMoments", "lambda_for", "repair_gamma", "LAMBDA_RULES",
            "distortions"]
 
 LAMBDA_RULES = ("mean", "median")
@@ -73,48 +72,6 @@ class ChannelMoments:
         return (self._m2 / self.n).clamp_min(0.0)
 
 
-class JointMoments:
-    """Streaming joint statistics of a dense output ``y_d`` and grid-stacked errors ``e = y_p - y_d``.
-
-    Working with the error ``e`` instead of ``y_p`` keeps the distortion
-    formulas well conditioned: ``E[e^2]`` is accumulated directly rather than
-    recovered as a difference of large second moments. Batches merge with
-    Chan's formula (means, squared deviations and the co-moment of ``e`` and ``y_d``).
-    """
-
-    def __init__(self) -> None:
-        self.dense = ChannelMoments()
-        self._me: torch.Tensor | None = None
-        self._m2e: torch.Tensor | None = None
-        self._ced: torch.Tensor | None = None
-
-    def add_batch(self, y_d: torch.Tensor, e: torch.Tensor) -> None:
-        """``y_d``: ``(B, C, X)``; ``e``: ``(B, G, C, X)``."""
-        nb = y_d.shape[0] * y_d.shape[2]
-        if nb == 0:
-            return
-        n = self.dense.n
-        md_old = self.dense.mean
-        vd_b, md_b = torch.var_mean(y_d, dim=(0, 2), correction=0)
-        ve_b, me_b = torch.var_mean(e, dim=(0, 3), correction=0)
-        # batch co-moment: sum e * (y_d - mean_b(y_d)) equals sum of centred products exactly
-        c_b = (e * (y_d - md_b[None, :, None]).unsqueeze(1)).sum(dim=(0, 3)).double()
-        me_b, m2e_b = me_b.double(), ve_b.double() * nb
-        self.dense.add_batch(y_d)
-        if self._me is None:
-            self._me, self._m2e, self._ced = me_b, m2e_b, c_b
-            return
-        self._me, self._m2e, delta_e = _merge(n, self._me, self._m2e, nb, me_b, m2e_b)
-        delta_d = md_b.double() - md_old
-        self._ced = self._ced + c_b + delta_e * delta_d[None, :] * (n * nb / (n + nb))
-
-    def moments(self) -> dict[str, torch.Tensor]:
-        """``mu_d, v_d`` (C,) and ``mu_e, v_e, c_de`` (G, C), float64 population moments."""
-        n = self.dense.n
-        return {"mu_d": self.dense.mean, "v_d": self.dense.var, "mu_e": self._me,
-                "v_e": (self._m2e / n).clamp_min(0.0), "c_de": self._ced / n}
-
-
 def lambda_for(v_p: torch.Tensor, rule: str | float = "mean") -> torch.Tensor:
     """ASR shrinkage strength for one site (last axis = channels): a rule name or a number."""
     if isinstance(rule, (int, float)):
@@ -157,7 +114,7 @@ def repair_gamma(v_d: torch.Tensor, v_p: torch.Tensor, method: str = "asr",
 
 def distortions(m: dict[str, torch.Tensor], lam: str | float = "mean",
                 mean_shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form ``D_raw`` and ``D_res`` (after ASR) per grid point, from ``JointMoments.moments()``.
+    """Closed-form ``D_raw`` and ``D_res`` (after ASR) per grid point, from ``GramMoments.moments()`` (profile.py).
 
     With ``y_p = y_d + e``: ``v_p = v_d + 2 c_de + v_e``, ``cov(y_p, y_d) = v_d + c_de``;
     ``E[(y_p - y_d)^2] = v_e + mu_e^2``; for ``yhat = gamma (y_p - mu_p) + mu_d``,

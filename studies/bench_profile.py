@@ -1,0 +1,157 @@
+"""Benchmark: RR profiling cost against its floor and against brute force.
+
+For CIFAR ResNet-20/32, 1024 calibration images (pre-decoded tensors), a
+6-point grid, the same batch size, thread count and ``torch.inference_mode``:
+
+- ``T_f``  dense forward over the calibration set, no hooks;
+- ``T_p``  ``profile_rr`` (one streaming pass, all layers x grid points);
+- ``T_bf`` brute force: for every (layer, sparsity), prune that layer alone and
+  rerun the whole network, collecting the layer's output statistics.
+  Measured on a subset of (layer, sparsity) pairs and extrapolated to all
+  ``L x G`` (stated in the output).
+
+Each time is the median of ``--repeats`` runs (>= 5). Prints
+``T_p / ((1+G) T_f)`` (target <= 1.2) and ``T_bf / T_p`` (targets >= 10 on
+ResNet-20, >= 20 on ResNet-32). Peak resident memory of the profile is
+measured in fresh subprocesses for ResNet-32 at several batch and
+calibration sizes.
+
+    python studies/bench_profile.py            # writes studies/results/bench_profile/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import ROOT, machine, model_config, shared_dir
+
+from rr_alloc.io_utils import write_text_atomic
+from rr_alloc.layers import prunable_layers
+from rr_alloc.profile import profile_rr
+from rr_alloc.pruning import magnitude_mask, n_pruned
+from rr_alloc.stats import ChannelMoments, as_bcx
+from rr_alloc.workbench import Workbench
+
+GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (allocator, oneDNN primitive cache)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def dense_pass(model, batches) -> None:
+    with torch.inference_mode():
+        for x, _ in batches:
+            model(x)
+
+
+def brute_force_pair(model, batches, name: str, s: float) -> None:
+    """Prune one layer, rerun the network, collect that layer's output moments (as a brute force would)."""
+    mod = model.get_submodule(name)
+    w = mod.weight.data.clone()
+    mom = ChannelMoments()
+    cdim = -1 if isinstance(mod, torch.nn.Linear) else 1
+    h = mod.register_forward_hook(lambda m, i, o: mom.add_batch(as_bcx(o, cdim)))
+    try:
+        mod.weight.data.mul_(magnitude_mask(w, n_pruned(s, w.numel())))
+        dense_pass(model, batches)
+    finally:
+        h.remove()
+        mod.weight.data.copy_(w)
+
+
+def bench_model(model_name: str, repeats: int, batch_size: int, subset: int) -> dict:
+    wb = Workbench(model_config(model_name, batch_size=batch_size, eval_size=16, cache=False), progress=False)
+    model, batches = wb.dense, wb.splits.calib
+    layers = prunable_layers(model)
+    G, L = len(GRID), len(layers)
+    t_f = median_time(lambda: dense_pass(model, batches), repeats)
+    t_p = median_time(lambda: profile_rr(model, batches, GRID, layers), repeats)
+    # brute force on an evenly spread subset of (layer, sparsity) pairs, extrapolated to L x G
+    pairs = [(layers[i].name, GRID[j]) for i in range(L) for j in range(G)]
+    pick = pairs[:: max(1, len(pairs) // subset)][:subset]
+    t_pairs = [median_time(lambda p=p: brute_force_pair(model, batches, *p), max(1, repeats // 2)) for p in pick]
+    t_bf = statistics.mean(t_pairs) * L * G
+    return {"model": model_name, "layers": L, "grid": G, "images": batches.n, "batch_size": batch_size,
+            "threads": torch.get_num_threads(), "T_f": t_f, "T_p": t_p, "T_bf": t_bf,
+            "bf_measured_pairs": len(pick), "floor_ratio": t_p / ((1 + G) * t_f), "speedup_vs_bf": t_bf / t_p,
+            "bf_ceiling": L * G / (1 + G)}
+
+
+def peak_memory(model_name: str, calib: int, batch_size: int) -> float:
+    """Peak RSS (MB) of a fresh process that loads the data and runs one profile."""
+    code = f"""
+import resource, sys, torch
+sys.path.insert(0, {str(ROOT / 'studies')!r})
+from common import model_config
+from rr_alloc.workbench import Workbench
+from rr_alloc.profile import profile_rr
+wb = Workbench(model_config({model_name!r}, calib_size={calib}, selection_size=0, eval_size=16,
+               batch_size={batch_size}, cache=False), progress=False)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+profile_rr(wb.dense, wb.splits.calib, {GRID!r})
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(peak / 1024, base / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak, base = map(float, out.stdout.split())
+    return peak, base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--subset", type=int, default=8, help="(layer, sparsity) pairs timed for brute force")
+    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet32"])
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "bench_profile"))
+    args = ap.parse_args()
+    shared_dir(args.shared)
+    rows = [bench_model(m, args.repeats, args.batch_size, args.subset) for m in args.models]
+    mem = []
+    if not args.no_memory:
+        for calib, bs in ((1024, 256), (4096, 128), (4096, 256), (4096, 512)):
+            peak, base = peak_memory("resnet32", calib, bs)
+            mem.append({"model": "resnet32", "calib": calib, "batch_size": bs, "peak_rss_mb": round(peak),
+                        "rss_before_profile_mb": round(base)})
+    lines = ["# RR profile benchmark", "", f"Command: `python studies/bench_profile.py`  ",
+             f"Machine: {machine()}.  ", f"Grid ({len(GRID)} points): {list(GRID)}; median of {args.repeats} runs; "
+             "`torch.inference_mode`, pre-decoded tensors, same batch size and threads for all timings.", "",
+             "| model | L | images | batch | T_f (s) | T_p (s) | T_bf (s, extrapolated) | T_p / ((1+G) T_f) | T_bf / T_p | ceiling L·G/(1+G) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['layers']} | {r['images']} | {r['batch_size']} | {r['T_f']:.3f} | "
+                     f"{r['T_p']:.3f} | {r['T_bf']:.1f} | **{r['floor_ratio']:.2f}** | **{r['speedup_vs_bf']:.1f}** | "
+                     f"{r['bf_ceiling']:.1f} |")
+    lines += ["", f"T_bf: {rows[0]['bf_measured_pairs']} (layer, sparsity) pairs timed (median of "
+              f"{max(1, args.repeats // 2)} each), mean x L x G.", ""]
+    if mem:
+        lines += ["Peak resident memory of a fresh process running one ResNet-32 profile (includes Python, torch "
+                  "and the decoded calibration tensors):", "", "| calibration images | batch | peak RSS (MB) | RSS before profiling (MB) |",
+                  "|---:|---:|---:|---:|"]
+        lines += [f"| {m['calib']} | {m['batch_size']} | {m['peak_rss_mb']} | {m['rss_before_profile_mb']} |" for m in mem]
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    write_text_atomic(out / "bench_profile.md", text)
+    write_text_atomic(out / "bench_profile.json", json.dumps({"timings": rows, "memory": mem}, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
