@@ -147,18 +147,21 @@ class Workbench:
         return self._profile
 
     # ------------------------------------------------------------ allocation
-    def layer_weights(self) -> np.ndarray | None:
-        if self.cfg.layer_weights == "uniform":
+    def layer_weights(self, kind: str | None = None) -> np.ndarray | None:
+        """Objective weights ``w_l`` of the RR allocators: ``uniform`` (None) or measured ``sensitivity``."""
+        kind = kind or self.cfg.layer_weights
+        if kind == "uniform":
             return None
-        if self.cfg.layer_weights == "sensitivity":
+        if kind == "sensitivity":
             if self._sensitivity is None:
                 from .sensitivity import output_sensitivity
 
                 self._sensitivity = output_sensitivity(self.dense, self.layers, self.splits.calib, self.device)
             return self._sensitivity
-        raise UserError(f"unknown --layer-weights {self.cfg.layer_weights!r}: use uniform or sensitivity")
+        raise UserError(f"unknown --layer-weights {kind!r}: use uniform or sensitivity")
 
-    def problem(self, budget: float, needs: tuple[str, ...] = (), **extra: Any) -> AllocationProblem:
+    def problem(self, budget: float, needs: tuple[str, ...] = (), layer_weights: str | None = None,
+                **extra: Any) -> AllocationProblem:
         L = len(self.layers)
         weights = {l.name: self.dense.get_submodule(l.name).weight.detach() for l in self.layers} \
             if "weights" in needs else None
@@ -166,9 +169,11 @@ class Workbench:
             self.layers, budget, np.zeros(L), np.full(L, self.cfg.s_max), unit=self.cfg.unit,
             macs_per_weight=self.macs_per_weight if self.cfg.unit == "flops" else None,
             weights=weights, profile=self.profile() if "profile" in needs else None,
-            layer_weights=self.layer_weights() if "profile" in needs else None, seed=self.cfg.seed, **extra)
+            layer_weights=self.layer_weights(layer_weights) if "profile" in needs else None, seed=self.cfg.seed,
+            **extra)
 
-    def allocate(self, allocator: str, budget: float, **kwargs: Any) -> np.ndarray:
+    def allocate(self, allocator: str, budget: float, layer_weights: str | None = None,
+                 **kwargs: Any) -> np.ndarray:
         """Integer pruned counts per layer for ``allocator`` at ``budget``."""
         if allocator not in ALLOCATORS:
             raise UserError(f"unknown allocator {allocator!r}: use one of {', '.join(ALLOCATORS)}")
@@ -186,7 +191,7 @@ class Workbench:
             extra["options"] = {"n_trials": self.cfg.n_trials, "timeout": self.cfg.timeout,
                                 "storage": self.cfg.storage, "study_name": name}
         t0 = time.perf_counter()
-        counts = get_allocator(allocator, **kwargs).allocate(self.problem(budget, cls.needs, **extra))
+        counts = get_allocator(allocator, **kwargs).allocate(self.problem(budget, cls.needs, layer_weights, **extra))
         self.timings[f"allocate:{allocator}"] = time.perf_counter() - t0
         return counts
 
@@ -223,10 +228,17 @@ class Workbench:
 
     def verify(self, pruning, repair: str | RepairPipeline, split: str = "test") -> Metrics:
         """Prune (counts or masks) -> repair on calibration -> evaluate on ``split`` against the dense model."""
+        return self.verify_splits(pruning, repair, (split,))[split]
+
+    def verify_splits(self, pruning, repair: str | RepairPipeline, splits: tuple[str, ...]) -> dict[str, Metrics]:
+        """One prune+repair, evaluated on several splits (e.g. selection for choosing, test for reporting)."""
         model, _ = self.repaired_model(pruning, repair)
-        dense_logits, labels = self.dense_logits(split)
-        logits, _ = logits_of(model, self.split(split), self.device)
-        return compare_logits(logits, labels, dense_logits)
+        out = {}
+        for split in splits:
+            dense_logits, labels = self.dense_logits(split)
+            logits, _ = logits_of(model, self.split(split), self.device)
+            out[split] = compare_logits(logits, labels, dense_logits)
+        return out
 
     # ------------------------------------------------------------------ plan
     def source(self) -> dict[str, Any]:

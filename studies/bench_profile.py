@@ -33,6 +33,7 @@ import torch
 
 from common import ROOT, machine, model_config, shared_dir
 
+from rr_alloc.data import Batches
 from rr_alloc.io_utils import write_text_atomic
 from rr_alloc.layers import prunable_layers
 from rr_alloc.profile import profile_rr
@@ -43,12 +44,19 @@ from rr_alloc.workbench import Workbench
 GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (allocator, oneDNN primitive cache)
+    fn()  # warm-up (allocator, oneDNN primitive cache / cuDNN autotune)
+    _sync()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        _sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
@@ -74,19 +82,23 @@ def brute_force_pair(model, batches, name: str, s: float) -> None:
         mod.weight.data.copy_(w)
 
 
-def bench_model(model_name: str, repeats: int, batch_size: int, subset: int) -> dict:
-    wb = Workbench(model_config(model_name, batch_size=batch_size, eval_size=16, cache=False), progress=False)
-    model, batches = wb.dense, wb.splits.calib
+def bench_model(model_name: str, repeats: int, batch_size: int, subset: int, device: str = "cpu") -> dict:
+    wb = Workbench(model_config(model_name, batch_size=batch_size, selection_size=0, eval_size=16, cache=False,
+                                device=device),
+                   progress=False)
+    model = wb.dense
+    # pre-decoded tensors, already on the device: every timing sees the same inputs
+    batches = Batches(wb.splits.calib.x.to(wb.device), wb.splits.calib.y, batch_size)
     layers = prunable_layers(model)
     G, L = len(GRID), len(layers)
     t_f = median_time(lambda: dense_pass(model, batches), repeats)
-    t_p = median_time(lambda: profile_rr(model, batches, GRID, layers), repeats)
+    t_p = median_time(lambda: profile_rr(model, batches, GRID, layers, device=wb.device), repeats)
     # brute force on an evenly spread subset of (layer, sparsity) pairs, extrapolated to L x G
     pairs = [(layers[i].name, GRID[j]) for i in range(L) for j in range(G)]
     pick = pairs[:: max(1, len(pairs) // subset)][:subset]
     t_pairs = [median_time(lambda p=p: brute_force_pair(model, batches, *p), max(1, repeats // 2)) for p in pick]
     t_bf = statistics.mean(t_pairs) * L * G
-    return {"model": model_name, "layers": L, "grid": G, "images": batches.n, "batch_size": batch_size,
+    return {"model": model_name, "device": str(wb.device), "layers": L, "grid": G, "images": batches.n, "batch_size": batch_size,
             "threads": torch.get_num_threads(), "T_f": t_f, "T_p": t_p, "T_bf": t_bf,
             "bf_measured_pairs": len(pick), "floor_ratio": t_p / ((1 + G) * t_f), "speedup_vs_bf": t_bf / t_p,
             "bf_ceiling": L * G / (1 + G)}
@@ -120,10 +132,11 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=8, help="(layer, sparsity) pairs timed for brute force")
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet32"])
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "bench_profile"))
     args = ap.parse_args()
     shared_dir(args.shared)
-    rows = [bench_model(m, args.repeats, args.batch_size, args.subset) for m in args.models]
+    rows = [bench_model(m, args.repeats, args.batch_size, args.subset, args.device) for m in args.models]
     mem = []
     if not args.no_memory:
         for calib, bs in ((1024, 256), (4096, 128), (4096, 256), (4096, 512)):
@@ -131,7 +144,8 @@ def main() -> None:
             mem.append({"model": "resnet32", "calib": calib, "batch_size": bs, "peak_rss_mb": round(peak),
                         "rss_before_profile_mb": round(base)})
     lines = ["# RR profile benchmark", "", f"Command: `python studies/bench_profile.py`  ",
-             f"Machine: {machine()}.  ", f"Grid ({len(GRID)} points): {list(GRID)}; median of {args.repeats} runs; "
+             f"Machine: {machine()}; device {rows[0]['device']}"
+             + (f" ({torch.cuda.get_device_name()})" if rows[0]['device'].startswith('cuda') else "") + ".  ", f"Grid ({len(GRID)} points): {list(GRID)}; median of {args.repeats} runs; "
              "`torch.inference_mode`, pre-decoded tensors, same batch size and threads for all timings.", "",
              "| model | L | images | batch | T_f (s) | T_p (s) | T_bf (s, extrapolated) | T_p / ((1+G) T_f) | T_bf / T_p | ceiling L·G/(1+G) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -1,0 +1,148 @@
+"""Which allocator gives the best plan, under the same repair?
+
+CIFAR ResNet-20/32 (``shared/`` weights and data), budgets 0.8/0.9/0.95, every
+allocator, verified under BN recalibration only and under the default repair
+pipeline, 3 calibration seeds. Each plan is repaired once and evaluated on
+both the *selection* split (training images: the evidence that picks
+``search``'s default allocator) and the *test* split (reporting only, with 95%
+t-intervals over seeds). Optuna runs at budget 0.9 only (time budget), with
+the default repair and the label-free KL objective on the selection split.
+
+    python studies/allocation_comparison.py               # full study (~1 h on 2 cores)
+    python studies/allocation_comparison.py --quick       # smoke run, separate output folder
+
+Outputs (studies/results/allocation_comparison/): results.csv, summary.md, allocation_comparison.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import ROOT, add_common_args, machine, model_config, shared_dir, t_interval
+
+from rr_alloc.io_utils import write_text_atomic
+from rr_alloc.repair import DEFAULT_REPAIR
+from rr_alloc.report import save_figure, write_frame_csv
+from rr_alloc.workbench import Workbench
+
+# (label, allocator, layer weights)
+ALLOCATORS = [("uniform", "uniform", None), ("global", "global", None), ("lamp", "lamp", None),
+              ("erk", "erk", None), ("rr-greedy", "rr-greedy", "uniform"), ("rr-exact", "rr-exact", "uniform"),
+              ("rr-greedy-sens", "rr-greedy", "sensitivity")]
+BUDGETS = (0.8, 0.9, 0.95)
+
+
+def run(models, budgets, seeds, repairs, optuna_trials, overrides, log) -> pd.DataFrame:
+    rows = []
+    for model in models:
+        for seed in seeds:
+            wb = Workbench(model_config(model, seed=seed, repair=DEFAULT_REPAIR, n_trials=optuna_trials,
+                                        **overrides), progress=False)
+            for b in budgets:
+                plans = [(label, alloc, lw) for label, alloc, lw in ALLOCATORS]
+                if optuna_trials and abs(b - 0.9) < 1e-9:
+                    plans.append(("optuna", "optuna", "uniform"))
+                for label, alloc, lw in plans:
+                    t0 = time.perf_counter()
+                    counts = wb.allocate(alloc, b, layer_weights=lw)
+                    t_alloc = time.perf_counter() - t0
+                    for rep in repairs:
+                        t1 = time.perf_counter()
+                        ms = wb.verify_splits(counts, rep, ("selection", "test"))
+                        for split, m in ms.items():
+                            rows.append({"model": model, "seed": seed, "budget": b, "allocator": label, "repair": rep,
+                                         "split": split, "n": m.n, "top1": m.top1, "agreement": m.agreement,
+                                         "kl": m.kl, "achieved_sparsity": wb.problem(b).achieved(counts),
+                                         "alloc_seconds": t_alloc, "verify_seconds": time.perf_counter() - t1})
+                        log(f"{model} seed {seed} b={b} {label:<15} {rep:<22} selection top1 "
+                            f"{100 * ms['selection'].top1:5.1f}  test top1 {100 * ms['test'].top1:5.1f}")
+    return pd.DataFrame(rows)
+
+
+def summarise(df: pd.DataFrame, args, runtime: float, default_allocator: str, sel_rank: pd.DataFrame) -> str:
+    test = df[df.split == "test"]
+    seeds = sorted(int(s) for s in df.seed.unique())
+    lines = [f"# Allocation comparison{' (QUICK SMOKE RUN: not a result)' if args.quick else ''}", "",
+             f"Command: `python studies/allocation_comparison.py{' --quick' if args.quick else ''}`  ",
+             f"Machine: {machine()}; runtime {runtime / 60:.1f} min.  ",
+             f"Calibration {args.calib} and selection {args.selection} training images per seed (seeds {seeds}); "
+             f"test = {int(test.n.iloc[0])} CIFAR-10 JPEG test images, reporting only. Cells: mean test top-1 (%) "
+             f"over seeds ± 95% t-interval half-width.", ""]
+    for rep in df.repair.unique():
+        lines += [f"## Repair `{rep}`", ""]
+        t = test[test.repair == rep]
+        cells = {}
+        for (model, b, a), g in t.groupby(["model", "budget", "allocator"]):
+            m, h, _ = t_interval(100 * g.top1.values)
+            cells[(a, f"{model} {b:g}")] = f"{m:.1f} ± {h:.1f}" if not np.isnan(h) else f"{m:.1f}"
+        allocs = list(dict.fromkeys(df.allocator))
+        cols = list(dict.fromkeys(f"{m} {b:g}" for m in df.model.unique() for b in sorted(df.budget.unique())))
+        table = pd.DataFrame([[cells.get((a, c), "") for c in cols] for a in allocs], index=allocs, columns=cols)
+        lines += [table.to_markdown(), ""]
+    lines += ["## Selection split (training images): the evidence for the default allocator", "",
+              "Mean over models, budgets 0.8/0.9/0.95 and seeds, default repair; optuna (0.9 only) is left out "
+              "of this ranking since it ran at one budget.", "", sel_rank.round(4).to_markdown(), "",
+              f"**Default allocator chosen from this table: `{default_allocator}`.**", ""]
+    return "\n".join(lines)
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test = df[df.split == "test"]
+    models, repairs = list(test.model.unique()), list(test.repair.unique())
+    fig, axes = plt.subplots(len(models), len(repairs), figsize=(6 * len(repairs), 4 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, rep in enumerate(repairs):
+            ax = axes[i, j]
+            for a, g in test[(test.model == model) & (test.repair == rep)].groupby("allocator", sort=False):
+                stats = [t_interval(100 * gg.top1.values) for _, gg in g.groupby("budget")]
+                bs = sorted(g.budget.unique())
+                ax.errorbar(bs, [s[0] for s in stats], yerr=[0 if np.isnan(s[1]) else s[1] for s in stats],
+                            marker="o", ms=3, capsize=2, label=a)
+            ax.set(title=f"{model} | {rep}", xlabel="global sparsity", ylabel="test top-1 (%)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--optuna-trials", type=int, default=20, help="trials per Optuna search at 0.9 (0: skip)")
+    ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "allocation_comparison"))
+    args = ap.parse_args()
+    shared_dir(args.shared)
+    t0 = time.perf_counter()
+    models, budgets, seeds, overrides = args.models, BUDGETS, args.seeds, {}
+    args.calib = args.selection = 1024
+    out = Path(args.out)
+    if args.quick:
+        models, budgets, seeds, args.optuna_trials = models[:1], (0.9,), [0, 1], 8
+        overrides = {"calib_size": 256, "selection_size": 256, "eval_size": 1000}
+        args.calib = args.selection = 256
+        out = out.with_name(out.name + "_quick")
+    df = run(models, budgets, seeds, ["bn", DEFAULT_REPAIR], args.optuna_trials, overrides,
+             lambda m: print(m, flush=True))
+    write_frame_csv(df, out / "results.csv")
+    sel = df[(df.split == "selection") & (df.repair == DEFAULT_REPAIR) & (df.allocator != "optuna")]
+    rank = sel.groupby("allocator")[["kl", "agreement", "top1"]].mean().sort_values("kl")
+    default = rank.index[0]
+    plot(df, out / "allocation_comparison.png")
+    text = summarise(df, args, time.perf_counter() - t0, default, rank)
+    write_text_atomic(out / "summary.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
