@@ -166,3 +166,30 @@ def test_same_seed_same_plan(toy_problem_parts):
         a = get_allocator(name).allocate(_problem(prof, weights, 0.9, evaluate=_fake_eval))
         b = get_allocator(name).allocate(_problem(prof, weights, 0.9, evaluate=_fake_eval))
         assert np.array_equal(a, b), name
+
+
+def test_optuna_fixed_seed_reproduces_best_plan(toy_problem_parts):
+    prof, weights = toy_problem_parts
+    plans = []
+    for _ in range(2):
+        pb = _problem(prof, weights, 0.9, evaluate=_fake_eval)
+        pb.options["n_trials"] = 14  # past the enqueued anchors and the random start-up trials: TPE runs
+        alloc = get_allocator("optuna")
+        plans.append(alloc.allocate(pb))
+        assert len(alloc.study.trials) == 14
+    assert np.array_equal(plans[0], plans[1])
+
+
+def test_optuna_anchor_plans_are_members_of_the_family(toy_problem_parts):
+    """Each warm-start trial reproduces its anchor plan (to rounding), so search can only improve on them."""
+    prof, weights = toy_problem_parts
+    pb = _problem(prof, weights, 0.9, evaluate=_fake_eval)
+    pb.options["n_trials"] = 6
+    alloc = get_allocator("optuna")
+    alloc.allocate(pb)
+    from rr_alloc.allocators.search import ANCHORS
+
+    for trial, name in zip(alloc.study.trials, ANCHORS):
+        want = get_allocator(name).allocate(pb)
+        got = np.array(trial.user_attrs["counts"])
+        assert np.abs(got - want).max() <= max(2, int(0.002 * pb.n.max())), name

@@ -136,3 +136,52 @@ def test_user_factory_model_runs(tmp_path):
                  "--repair", "bn"]) == 0
     plan = json.loads(out.read_text())
     assert [l["name"] for l in plan["layers"]] == ["0", "3", "8"]
+
+
+def test_optuna_study_resumes_from_storage(tmp_path):
+    import optuna
+
+    out = tmp_path / "plan.json"
+    args = ["search", "--budget", "0.8", "--allocator", "optuna", "--out", str(out), "--no-verify",
+            "--calib-size", "128", "--selection-size", "128"]
+    assert main(args + ["--n-trials", "3"]) == 0
+    storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
+    assert main(args + ["--n-trials", "2"]) == 0
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 5
+    assert json.loads(out.read_text())["allocator"] == "optuna"
+
+
+def test_compare_writes_table_and_figure(tmp_path, capsys):
+    import pandas as pd
+
+    assert main(["compare", "--budgets", "0.7", "0.9", "--allocators", "global", "rr-greedy", "--repairs", "bn",
+                 "--out-dir", str(tmp_path), "--calib-size", "128", "--selection-size", "64"]) == 0
+    df = pd.read_csv(tmp_path / "compare.csv")
+    assert {"budget", "allocator", "repair", "top1", "agreement", "kl", "achieved_sparsity"} <= set(df.columns)
+    assert len(df) == 4 and (tmp_path / "compare.png").exists()
+    assert (df.achieved_sparsity - df.budget).abs().max() < 1e-4
+
+
+def test_flop_budget_is_named_in_plan(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["search", "--budget", "0.8", "--unit", "flops", "--out", str(out), "--no-verify"]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["budget_unit"] == "flops" and abs(plan["achieved_sparsity"] - 0.8) < 0.01
+
+
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.mark.skipif(not (SHARED / "weights" / "cifar10-resnet").is_dir(), reason="shared/ not present")
+def test_real_cifar_resnet20_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("RR_ALLOC_SHARED", str(SHARED))
+    out = tmp_path / "plan.json"
+    assert main(["search", "--budget", "0.9", "--config", str(ROOT / "configs" / "cifar10_resnet20.yaml"),
+                 "--calib-size", "256", "--selection-size", "64", "--eval-size", "500", "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert round(plan["achieved_sparsity"], 4) == 0.9
+    assert plan["verify"]["dense_top1"] > 0.7  # the akamaster checkpoint scores ~81% on these JPEGs
+    assert plan["source"]["checkpoint_sha256"].startswith("12fca82f")
