@@ -17,6 +17,7 @@ from .data import DataSpec
 from .errors import UserError
 from .models.transforms import TransformSpec
 from .profile import DEFAULT_GRID
+from .repair import DEFAULT_REPAIR
 
 __all__ = ["RunConfig", "load_config_file", "resolve_device"]
 
@@ -51,7 +52,7 @@ class RunConfig:
     unit: str = "weights"                # budget counted in weights or flops (MACs)
     layer_weights: str = "uniform"       # RR objective weights: uniform | sensitivity
     # repair / verification
-    repair: str = "bn>asr@block+logits"
+    repair: str = DEFAULT_REPAIR        # chosen by studies/repair_ablation.py (selection split)
     # optuna
     n_trials: int = 30
     timeout: float | None = None

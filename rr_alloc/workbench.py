@@ -86,6 +86,7 @@ class Workbench:
         self._site_cache = DenseSiteCache(self.dense, self.splits.calib, self.device)
         self._macs: np.ndarray | None = None
         self._sensitivity: np.ndarray | None = None
+        self._allocations: dict[tuple, np.ndarray] = {}
 
     # ----------------------------------------------------------------- basics
     def _check_forward(self) -> None:
@@ -174,7 +175,10 @@ class Workbench:
 
     def allocate(self, allocator: str, budget: float, layer_weights: str | None = None,
                  **kwargs: Any) -> np.ndarray:
-        """Integer pruned counts per layer for ``allocator`` at ``budget``."""
+        """Integer pruned counts per layer for ``allocator`` at ``budget`` (deterministic ones memoised)."""
+        memo_key = (allocator, float(budget), layer_weights or self.cfg.layer_weights, tuple(sorted(kwargs.items())))
+        if memo_key in self._allocations:
+            return self._allocations[memo_key].copy()
         if allocator not in ALLOCATORS:
             raise UserError(f"unknown allocator {allocator!r}: use one of {', '.join(ALLOCATORS)}")
         cls = ALLOCATORS[allocator]
@@ -193,6 +197,8 @@ class Workbench:
         t0 = time.perf_counter()
         counts = get_allocator(allocator, **kwargs).allocate(self.problem(budget, cls.needs, layer_weights, **extra))
         self.timings[f"allocate:{allocator}"] = time.perf_counter() - t0
+        if "evaluate" not in cls.needs:  # search allocators depend on their storage: never memoised
+            self._allocations[memo_key] = counts.copy()
         return counts
 
     # ------------------------------------------------------- prune / verify
