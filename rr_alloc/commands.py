@@ -183,18 +183,10 @@ def load_pruned(model, path: str | Path, map_location: Any = "cpu"):
 def cmd_apply(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli import config_from_args
     from .evaluate import compare_logits, logits_of
-    from .plan import Plan
-    from .search import check_checkpoint_hash, config_from_plan
-    from .workbench import Workbench
+    from .search import workbench_for_plan
 
-    plan = Plan.load(args.plan)
-    cfg = config_from_args(args, base=config_from_plan(plan))
-    if cfg.checkpoint == plan.source.get("checkpoint"):
-        check_checkpoint_hash(plan)
-    wb = Workbench(cfg, progress=True)
-    plan.check_model(wb.dense)
+    plan, cfg, wb = workbench_for_plan(args)
     model, report = wb.repaired_model(plan.counts, cfg.repair)
     rows, ok = [], True
     for l in plan.layers:

@@ -168,8 +168,8 @@ def model_from_plan(plan: Plan, cfg: RunConfig):
     return model.eval()
 
 
-def run_verify(args) -> Metrics:
-    """``verify`` command: rebuild from the plan's source, prune, repair, evaluate."""
+def workbench_for_plan(args) -> tuple[Plan, RunConfig, Workbench]:
+    """Load ``args.plan``, rebuild its model and data (flags override its source), check they match."""
     from .cli import config_from_args
     from .errors import UserError
 
@@ -179,12 +179,16 @@ def run_verify(args) -> Metrics:
         check_checkpoint_hash(plan)
     wb = Workbench(cfg, progress=True)
     plan.check_model(wb.dense)
-    names = [l.name for l in wb.layers]
-    if set(names) != {l.name for l in plan.layers}:
+    if {l.name for l in wb.layers} != {l.name for l in plan.layers}:
         raise UserError("the plan's layers differ from the model's prunable layers: use the plan's "
                         "--include/--exclude or regenerate the plan")
-    counts = [plan.counts[n] for n in names]
-    m = wb.verify(counts, cfg.repair, split=args.split)
+    return plan, cfg, wb
+
+
+def run_verify(args) -> Metrics:
+    """``verify`` command: rebuild from the plan's source, prune, repair, evaluate."""
+    plan, cfg, wb = workbench_for_plan(args)
+    m = wb.verify(plan.counts, cfg.repair, split=args.split)
     dense = wb.dense_metrics(args.split)
     print(f"plan {args.plan}: {plan.allocator} at budget {plan.budget:g}, achieved {plan.achieved_sparsity:.4f}")
     print(f"verification: prune -> {cfg.repair} -> {args.split} split ({m.n} images)")
