@@ -169,3 +169,10 @@ def test_unknown_format(digits_plan, tmp_path, capsys):
     assert main(["export", "--plan", str(digits_plan), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
     assert "unknown export format" in capsys.readouterr().err
     assert set(EXPORTERS) >= {"torch-prune", "torch-pruning", "llm-compressor", "sparseml", "nni", "csv", "markdown"}
+
+
+def test_apply_torchscript(digits_plan, tmp_path):
+    out = tmp_path / "pruned.ts"
+    assert main(["apply", "--plan", str(digits_plan), "--out", str(out), "--format", "torchscript"]) == 0
+    m = torch.jit.load(str(out))
+    assert m(torch.randn(2, 1, 8, 8)).shape == (2, 10)

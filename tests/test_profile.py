@@ -105,3 +105,40 @@ def test_grid_must_reach_s_max():
     with pytest.raises(UserError, match="s-max"):
         validate_grid([0.5, 0.9], 0.99)
     assert list(validate_grid([0.9, 0.5, 0.99], 0.99)) == [0.5, 0.9, 0.99]
+
+
+def test_profile_cache_hit_and_corruption(tmp_path):
+    import json
+
+    from rr_alloc.cache import ProfileCache
+
+    cache = ProfileCache(tmp_path)
+    key = ProfileCache.key({"model": "abc", "grid": [0.5]})
+    assert cache.get(key) is None
+    cache.put(key, {"x": [1, 2, 3]})
+    assert cache.get(key) == {"x": [1, 2, 3]}
+    # a tampered payload fails its checksum: reported as a miss and removed, never used
+    entry = json.loads(cache.path(key).read_text())
+    entry["payload"]["x"] = [9]
+    cache.path(key).write_text(json.dumps(entry))
+    assert cache.get(key) is None and not cache.path(key).exists()
+    cache.path(key).write_text("{truncated")
+    assert cache.get(key) is None
+    # a stale entry stored under another key is not served for this one
+    other = ProfileCache.key({"model": "abd", "grid": [0.5]})
+    cache.put(other, {"x": [1]})
+    cache.path(other).rename(cache.path(key))
+    assert cache.get(key) is None
+
+
+def test_workbench_reuses_cached_profile(tmp_path, monkeypatch):
+    from rr_alloc.config import RunConfig
+    from rr_alloc.workbench import Workbench
+
+    cfg = RunConfig(calib_size=128, selection_size=32)
+    a = Workbench(cfg, progress=False).profile()
+    b = Workbench(cfg, progress=False).profile()
+    assert a.meta["cache"] in ("miss", "hit") and b.meta["cache"] == "hit"
+    np.testing.assert_array_equal(a.d_res, b.d_res)
+    c = Workbench(cfg.updated(seed=1), progress=False).profile()  # other calibration images: new entry
+    assert c.meta["cache"] == "miss"

@@ -188,3 +188,39 @@ def test_single_pass_equals_per_site_recompute(toy, toy_batches, pipeline):
     c = _pruned(toy, 0.9)
     run_repair(c, pipeline, toy_batches, dense=toy, staged=True, max_cache_bytes=1)
     torch.testing.assert_close(_out(c, toy_batches), _out(b, toy_batches), rtol=1e-5, atol=1e-5)
+
+
+TV_MODELS = {  # model -> site kinds that exist in it
+    "resnet18": ("conv", "bn", "block", "logits"),
+    "vgg11_bn": ("conv", "bn", "logits"),
+    "mobilenet_v2": ("conv", "bn", "block", "logits"),
+    "densenet121": ("conv", "bn", "logits"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TV_MODELS))
+def test_sites_on_torchvision_models(name):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    present = TV_MODELS[name]
+    for kind in ("conv", "bn", "block", "logits"):
+        if kind in present:
+            assert discover_sites(model, (kind,)), (name, kind)
+        else:
+            with pytest.raises(UserError, match=f"'{kind}' does not exist"):
+                discover_sites(model, (kind,))
+    if name == "resnet18":
+        blocks = [s.name for s in discover_sites(model, ("block",))]
+        assert blocks == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    if name == "mobilenet_v2":  # only inverted residuals with a skip connection are blocks
+        blocks = {s.name for s in discover_sites(model, ("block",))}
+        assert "features.2" not in blocks and "features.3" in blocks
+    # a full repair on a pruned copy runs, folds or attaches, and leaves no hooks
+    batches = [(torch.randn(4, 3, 64, 64), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    pruned = _pruned(model, 0.7)
+    pipe = "bn>asr@block+logits" if "block" in present else "bn>asr@bn+logits"
+    run_repair(pruned, pipe, batches, dense=model)
+    assert all(not m._forward_hooks for m in pruned.modules())
+    assert torch.isfinite(_out(pruned, batches)).all()
