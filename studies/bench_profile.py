@@ -124,6 +124,31 @@ print(peak / 1024, base / 1024)
     return peak, base
 
 
+def cache_cost(model_name: str) -> dict:
+    """Profiling cost of a first run (cache miss) and a second run of a new process state (cache hit)."""
+    import os
+    import tempfile
+
+    old = os.environ.get("RR_ALLOC_CACHE")
+    with tempfile.TemporaryDirectory() as d:
+        os.environ["RR_ALLOC_CACHE"] = d
+        try:
+            times = []
+            for _ in range(2):
+                wb = Workbench(model_config(model_name, selection_size=0, eval_size=16), progress=False)
+                t0 = time.perf_counter()
+                prof = wb.profile()
+                times.append((time.perf_counter() - t0, prof.meta["cache"]))
+        finally:
+            if old is None:
+                os.environ.pop("RR_ALLOC_CACHE", None)
+            else:
+                os.environ["RR_ALLOC_CACHE"] = old
+    (t_miss, m1), (t_hit, m2) = times
+    return {"model": model_name, "first_s": t_miss, "first": m1, "second_s": t_hit, "second": m2,
+            "ratio": t_hit / t_miss}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared")
@@ -137,6 +162,7 @@ def main() -> None:
     args = ap.parse_args()
     shared_dir(args.shared)
     rows = [bench_model(m, args.repeats, args.batch_size, args.subset, args.device) for m in args.models]
+    caches = [cache_cost(m) for m in args.models] if args.device == "cpu" else []
     mem = []
     if not args.no_memory:
         for calib, bs in ((1024, 256), (4096, 128), (4096, 256), (4096, 512)):
@@ -155,6 +181,13 @@ def main() -> None:
                      f"{r['bf_ceiling']:.1f} |")
     lines += ["", f"T_bf: {rows[0]['bf_measured_pairs']} (layer, sparsity) pairs timed (median of "
               f"{max(1, args.repeats // 2)} each), mean x L x G.", ""]
+    if caches:
+        lines += ["Profile cache: profiling cost of a first run and of a second run with the same model, "
+                  "calibration images, grid and lambda (the second includes hashing the weights and images):", "",
+                  "| model | first run (s) | second run (s) | second / first |", "|---|---:|---:|---:|"]
+        lines += [f"| {c['model']} | {c['first_s']:.2f} ({c['first']}) | {c['second_s']:.3f} ({c['second']}) | "
+                  f"{100 * c['ratio']:.1f}% |" for c in caches]
+        lines.append("")
     if mem:
         lines += ["Peak resident memory of a fresh process running one ResNet-32 profile (includes Python, torch "
                   "and the decoded calibration tensors):", "", "| calibration images | batch | peak RSS (MB) | RSS before profiling (MB) |",
@@ -163,7 +196,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     write_text_atomic(out / "bench_profile.md", text)
-    write_text_atomic(out / "bench_profile.json", json.dumps({"timings": rows, "memory": mem}, indent=2))
+    write_text_atomic(out / "bench_profile.json", json.dumps({"timings": rows, "cache": caches, "memory": mem}, indent=2))
     print(text)
 
 

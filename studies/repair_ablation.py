@@ -8,7 +8,8 @@ the best pipelines plus ``none`` and ``bn`` with 3 calibration seeds and
 reports *test* top-1 with 95% intervals -- reporting only, nothing is chosen
 from it.
 
-    python studies/repair_ablation.py                 # full study (~1 h on 2 cores)
+    python studies/repair_ablation.py                 # full study (~50 min stage 1 + ~15 min stage 2, 2 cores)
+    python studies/repair_ablation.py --reuse-stage1  # stage 2 only, from the committed stage1.csv
     python studies/repair_ablation.py --quick         # smoke run, separate output folder
 
 Outputs (studies/results/repair_ablation/): stage1.csv, stage2.csv, summary.md, repair_ablation.png.
@@ -148,7 +149,9 @@ def plot(s2: pd.DataFrame, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
-    ap.add_argument("--top", type=int, default=6, help="pipelines carried to stage 2 (besides none and bn)")
+    ap.add_argument("--reuse-stage1", action="store_true",
+                    help="reuse the stage1.csv already in --out (same grid) and run stage 2 only")
+    ap.add_argument("--top", type=int, default=3, help="pipelines carried to stage 2 (besides none and bn)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "repair_ablation"))
     args = ap.parse_args()
@@ -165,8 +168,14 @@ def main() -> None:
         args.calib, args.selection = 256, 256
         out = out.with_name(out.name + "_quick")
     log = lambda msg: print(msg, flush=True)
-    s1 = run_stage(models, prunings, pipes, [0], "selection", overrides, log)
-    write_frame_csv(s1, out / "stage1.csv")
+    if args.reuse_stage1 and (out / "stage1.csv").exists():
+        s1 = pd.read_csv(out / "stage1.csv")
+        if set(s1.repair) != set(pipes):
+            raise SystemExit("error: stage1.csv holds another pipeline grid: rerun without --reuse-stage1")
+        log(f"reusing {out / 'stage1.csv'} ({len(s1)} rows)")
+    else:
+        s1 = run_stage(models, prunings, pipes, [0], "selection", overrides, log)
+        write_frame_csv(s1, out / "stage1.csv")
     rank = s1.groupby("repair").top1.mean().sort_values(ascending=False)
     default = rank.index[0]
     best = [r for r in rank.index if r not in ("none", "bn")][:args.top]
