@@ -48,7 +48,8 @@ class RunConfig:
     lam: str = "mean"                    # ASR shrinkage rule of the RR profile
     # allocation
     allocator: str = "rr-greedy"
-    reference: str = "global"            # baseline verified side by side
+    reference: str | None = None         # plan verified side by side; None: global magnitude
+                                         # (or rr-greedy when the plan itself is global magnitude)
     unit: str = "weights"                # budget counted in weights or flops (MACs)
     layer_weights: str = "uniform"       # RR objective weights: uniform | sensitivity
     # repair / verification
@@ -72,6 +73,13 @@ class RunConfig:
         return DataSpec(kind=self.dataset, train=self.train_data, test=self.test_data, transform=tf,
                         calib_size=calib, selection_size=sel,
                         eval_size=self.eval_size, seed=self.seed, download=self.download)
+
+    @property
+    def reference_allocator(self) -> str:
+        """The allocator verified side by side with the plan (never the plan's own allocator by default)."""
+        if self.reference:
+            return self.reference
+        return "global" if self.allocator != "global" else "rr-greedy"
 
     def updated(self, **kw: Any) -> "RunConfig":
         """Copy with the given non-None values replaced."""

@@ -47,10 +47,10 @@ def search(cfg: RunConfig, budget: float, verify: bool = True, workbench: Workbe
     verify_block: dict[str, Any] = {}
     if verify:
         m = wb.verify(counts, cfg.repair)
-        ref_counts = wb.allocate(cfg.reference, budget) if cfg.reference else None
-        ref = wb.verify(ref_counts, cfg.repair) if ref_counts is not None else None
-        ref_sp = wb.problem(budget).achieved(ref_counts) if ref_counts is not None else None
-        verify_block = _verify_block(wb, m, ref, cfg.reference, ref_sp, cfg.repair)
+        ref_name = cfg.reference_allocator
+        ref_counts = wb.allocate(ref_name, budget)
+        ref = wb.verify(ref_counts, cfg.repair)
+        verify_block = _verify_block(wb, m, ref, ref_name, wb.problem(budget).achieved(ref_counts), cfg.repair)
     plan = wb.make_plan(counts, budget, cfg.allocator, cfg.repair, verify_block)
     return plan, wb
 
@@ -80,10 +80,9 @@ def run_search(cfg: RunConfig, budget: float, out: Path, verify: bool = True, em
     extra.append(write_profile_csv(prof, out.with_name("profile.csv")))
     extra.append(plot_rr_curves(prof, out.with_name("rr_curves.png"), plan.sparsities,
                                 title=f"{cfg.model}: RR profile, {cfg.allocator} plan at {budget:g}"))
-    ref_counts = None
-    if cfg.reference:
-        ref_counts = dict(zip([l.name for l in wb.layers], (int(k) for k in wb.allocate(cfg.reference, budget))))
-    table = layer_table(plan, prof, {cfg.reference: ref_counts} if ref_counts else None)
+    ref_name = cfg.reference_allocator
+    ref_counts = dict(zip([l.name for l in wb.layers], (int(k) for k in wb.allocate(ref_name, budget))))
+    table = layer_table(plan, prof, {ref_name: ref_counts})
     print()
     print(table.to_string(index=False))
     print(f"\nachieved global sparsity: {plan.achieved_sparsity:.4f} ({cfg.unit}; target {budget:.4f})")

@@ -38,7 +38,9 @@ ALLOCATORS = [("uniform", "uniform", None), ("global", "global", None), ("lamp",
 BUDGETS = (0.8, 0.9, 0.95)
 
 
-def run(models, budgets, seeds, repairs, optuna_trials, optuna_seeds, overrides, log) -> pd.DataFrame:
+def run(models, budgets, seeds, repairs, optuna_trials, optuna_seeds, overrides, log,
+        partial: Path | None = None) -> pd.DataFrame:
+    """All (model, seed, budget, allocator, repair) cells; rows are also written to ``partial`` as they come."""
     rows = []
     for model in models:
         for seed in seeds:
@@ -60,8 +62,24 @@ def run(models, budgets, seeds, repairs, optuna_trials, optuna_seeds, overrides,
                                          "split": split, "n": m.n, "top1": m.top1, "agreement": m.agreement,
                                          "kl": m.kl, "achieved_sparsity": wb.problem(b).achieved(counts),
                                          "alloc_seconds": t_alloc, "verify_seconds": time.perf_counter() - t1})
+                        if partial is not None:
+                            write_frame_csv(pd.DataFrame(rows), partial)
                         log(f"{model} seed {seed} b={b} {label:<15} {rep:<22} selection top1 "
                             f"{100 * ms['selection'].top1:5.1f}  test top1 {100 * ms['test'].top1:5.1f}")
+    return pd.DataFrame(rows)
+
+
+def rows_from_log(path: str) -> pd.DataFrame:
+    """Recover (selection, test) top-1 rows from this script's printed log (for a run stopped early)."""
+    import re
+
+    pat = re.compile(r"(resnet\d+) seed (\d+) b=([\d.]+) (\S+)\s+(\S+)\s+selection top1\s+([\d.]+)\s+test top1\s+([\d.]+)")
+    rows = []
+    for m in pat.finditer(Path(path).read_text()):
+        model, seed, b, alloc, rep, sel, test = m.groups()
+        for split, v, n in (("selection", sel, 1024), ("test", test, 10000)):
+            rows.append({"model": model, "seed": int(seed), "budget": float(b), "allocator": alloc, "repair": rep,
+                         "split": split, "n": n, "top1": float(v) / 100, "agreement": np.nan, "kl": np.nan})
     return pd.DataFrame(rows)
 
 
@@ -123,11 +141,16 @@ def main() -> None:
     ap.add_argument("--optuna-trials", type=int, default=16, help="trials per Optuna search at 0.9 (0: skip)")
     ap.add_argument("--optuna-seeds", type=int, nargs="+", default=[0],
                     help="calibration seeds that get an Optuna search (time budget)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    ap.add_argument("--tag", default="", help="suffix of results_<tag>.csv for a partial run (see --merge)")
+    ap.add_argument("--merge", nargs="+", help="summarise these results CSVs instead of running")
+    ap.add_argument("--merge-log", nargs="+", default=[],
+                    help="also recover rows from logs of runs stopped before writing their CSV")
     ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "allocation_comparison"))
     args = ap.parse_args()
     shared_dir(args.shared)
     t0 = time.perf_counter()
-    models, budgets, seeds, overrides = args.models, BUDGETS, args.seeds, {}
+    models, budgets, seeds, overrides = args.models, tuple(args.budgets), args.seeds, {}
     args.calib = args.selection = 1024
     out = Path(args.out)
     if args.quick:
@@ -135,11 +158,20 @@ def main() -> None:
         overrides = {"calib_size": 256, "selection_size": 256, "eval_size": 1000}
         args.calib = args.selection = 256
         out = out.with_name(out.name + "_quick")
-    df = run(models, budgets, seeds, ["bn", DEFAULT_REPAIR], args.optuna_trials, args.optuna_seeds, overrides,
-             lambda m: print(m, flush=True))
+    if args.merge:
+        parts = [pd.read_csv(p) for p in args.merge] + [rows_from_log(p) for p in args.merge_log]
+        df = pd.concat(parts, ignore_index=True)
+    else:
+        name = f"results_{args.tag}.csv" if args.tag else "results.csv"
+        df = run(models, budgets, seeds, ["bn", DEFAULT_REPAIR], args.optuna_trials, args.optuna_seeds, overrides,
+                 lambda m: print(m, flush=True), partial=out / name)
+        write_frame_csv(df, out / name)
+        if args.tag:
+            return
     write_frame_csv(df, out / "results.csv")
     sel = df[(df.split == "selection") & (df.repair == DEFAULT_REPAIR) & (df.allocator != "optuna")]
-    rank = sel.groupby("allocator")[["kl", "agreement", "top1"]].mean().sort_values("kl")
+    metric = "kl" if sel.kl.notna().all() else "top1"  # rows recovered from a log carry top-1 only
+    rank = sel.groupby("allocator")[["kl", "agreement", "top1"]].mean().sort_values(metric, ascending=metric == "kl")
     default = rank.index[0]
     plot(df, out / "allocation_comparison.png")
     text = summarise(df, args, time.perf_counter() - t0, default, rank)

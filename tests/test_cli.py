@@ -172,7 +172,7 @@ def test_flop_budget_is_named_in_plan(tmp_path):
     assert plan["budget_unit"] == "flops" and abs(plan["achieved_sparsity"] - 0.8) < 0.01
 
 
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("RR_ALLOC_SHARED", ROOT.parent / "shared"))
 
 
 @pytest.mark.skipif(not (SHARED / "weights" / "cifar10-resnet").is_dir(), reason="shared/ not present")
