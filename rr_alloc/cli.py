@@ -65,7 +65,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--s-max", type=float, help="per-layer sparsity cap (default 0.99)")
     r.add_argument("--include", nargs="+", help="layer-name patterns to allocate (default: all Conv2d/Linear)")
     r.add_argument("--exclude", nargs="+", help="layer-name patterns to leave dense")
-    r.add_argument("--allocator", help="allocator (see `list`; default rr-greedy)")
+    r.add_argument("--allocator", help="allocator (see `list`; default global, the best on the selection split of "
+                   "studies/allocation_comparison.py)")
     r.add_argument("--reference", help="allocator verified side by side (default global; rr-greedy when --allocator is global)")
     r.add_argument("--unit", choices=["weights", "flops"], help="count the budget in weights or FLOPs (MACs)")
     r.add_argument("--layer-weights", choices=["uniform", "sensitivity"],

@@ -47,7 +47,7 @@ class RunConfig:
     exclude: tuple[str, ...] = ()
     lam: str = "mean"                    # ASR shrinkage rule of the RR profile
     # allocation
-    allocator: str = "rr-greedy"
+    allocator: str = "global"            # best on the selection split in studies/allocation_comparison.py
     reference: str | None = None         # plan verified side by side; None: global magnitude
                                          # (or rr-greedy when the plan itself is global magnitude)
     unit: str = "weights"                # budget counted in weights or flops (MACs)
