@@ -26,7 +26,7 @@ RR_ALLOC_CACHE=$TMP/cache run default "fresh cache: trains the digits model firs
   python -m rr_alloc search --budget 0.9 --out "$TMP/d/plan.json"
 RR_ALLOC_CACHE=$TMP/cache run default2 "second run (model and profile cached)" \
   python -m rr_alloc search --budget 0.9 --out "$TMP/d2/plan.json"
-RR_ALLOC_CACHE=$TMP/cache run r32 "ResNet-32, rr-greedy, verification of plan + global on 10,000 test images; profile not cached" \
+RR_ALLOC_CACHE=$TMP/cache run r32 "ResNet-32, default allocator (global) with the rr-greedy plan verified beside it on 10,000 test images; profile not cached" \
   python -m rr_alloc search --budget 0.9 --config configs/cifar10_resnet32.yaml --out "$TMP/r32/plan.json"
 RR_ALLOC_CACHE=$TMP/cache run r32b "same at another budget: profile from cache" \
   python -m rr_alloc search --budget 0.95 --config configs/cifar10_resnet32.yaml --out "$TMP/r32b/plan.json"
