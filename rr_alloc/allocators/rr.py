@@ -15,10 +15,17 @@ from .base import AllocationProblem, Allocator, register
 __all__ = ["RRGreedy", "RRExact", "layer_curves", "objective"]
 
 
+def _objective_weights(problem: AllocationProblem) -> np.ndarray:
+    """``w_l`` of the objective: the problem's layer weights, or 1 for every layer."""
+    if problem.layer_weights is None:
+        return np.ones(len(problem.layers))
+    return np.asarray(problem.layer_weights, float)
+
+
 def layer_curves(problem: AllocationProblem, key: str = "d_res") -> list[tuple[np.ndarray, np.ndarray]]:
     """Per layer: breakpoints ``s`` within its bounds and weighted objective values there."""
     grid, vals = problem.profile.curve(key)
-    w = np.ones(len(problem.layers)) if problem.layer_weights is None else np.asarray(problem.layer_weights, float)
+    w = _objective_weights(problem)
     out = []
     for i in range(len(problem.layers)):
         lo, hi = problem.lower[i], problem.upper[i]
@@ -30,7 +37,7 @@ def layer_curves(problem: AllocationProblem, key: str = "d_res") -> list[tuple[n
 def objective(problem: AllocationProblem, s: np.ndarray, key: str = "d_res") -> float:
     """``sum_l w_l D(l, s_l)`` with linear interpolation on the profile grid."""
     grid, vals = problem.profile.curve(key)
-    w = np.ones(len(problem.layers)) if problem.layer_weights is None else np.asarray(problem.layer_weights, float)
+    w = _objective_weights(problem)
     return float(sum(w[i] * np.interp(s[i], grid, vals[i]) for i in range(len(s))))
 
 
