@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from .config import RunConfig, load_config_file
 from .errors import UserError
+from .runtime import tune_malloc
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -182,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        tune_malloc()  # a command-line run: large activations reuse heap memory (see runtime.py)
         handler = {"search": cmd_search, "verify": cmd_verify, "list": cmd_list}.get(args.command)
         if handler is None:
             from . import commands

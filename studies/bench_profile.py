@@ -17,12 +17,16 @@ measured in fresh subprocesses for ResNet-32 at several batch and
 calibration sizes.
 
     python studies/bench_profile.py            # writes studies/results/bench_profile/
+    RR_ALLOC_MALLOC_TUNING=0 python studies/bench_profile.py --no-memory \
+        --out studies/results/bench_profile_no_malloc_tuning   # the same without rr_alloc/runtime.py
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +42,7 @@ from rr_alloc.io_utils import write_text_atomic
 from rr_alloc.layers import prunable_layers
 from rr_alloc.profile import profile_rr
 from rr_alloc.pruning import magnitude_mask, n_pruned
+from rr_alloc.runtime import tune_malloc
 from rr_alloc.stats import ChannelMoments, as_bcx
 from rr_alloc.workbench import Workbench
 
@@ -93,6 +98,11 @@ def bench_model(model_name: str, repeats: int, batch_size: int, subset: int, dev
     G, L = len(GRID), len(layers)
     t_f = median_time(lambda: dense_pass(model, batches), repeats)
     t_p = median_time(lambda: profile_rr(model, batches, GRID, layers, device=wb.device), repeats)
+    # one more profile under getrusage: page faults and the kernel's share of the time (see rr_alloc/runtime.py)
+    r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    profile_rr(model, batches, GRID, layers, device=wb.device)
+    r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - w0
+    faults, sys_share = r1.ru_minflt - r0.ru_minflt, (r1.ru_stime - r0.ru_stime) / max(wall, 1e-9)
     # brute force on an evenly spread subset of (layer, sparsity) pairs, extrapolated to L x G
     pairs = [(layers[i].name, GRID[j]) for i in range(L) for j in range(G)]
     pick = pairs[:: max(1, len(pairs) // subset)][:subset]
@@ -101,11 +111,37 @@ def bench_model(model_name: str, repeats: int, batch_size: int, subset: int, dev
     return {"model": model_name, "device": str(wb.device), "layers": L, "grid": G, "images": batches.n, "batch_size": batch_size,
             "threads": torch.get_num_threads(), "T_f": t_f, "T_p": t_p, "T_bf": t_bf,
             "bf_measured_pairs": len(pick), "floor_ratio": t_p / ((1 + G) * t_f), "speedup_vs_bf": t_bf / t_p,
-            "bf_ceiling": L * G / (1 + G)}
+            "bf_ceiling": L * G / (1 + G),
+            "profile_page_faults": faults, "profile_kernel_time_share": sys_share}
 
 
-def peak_memory(model_name: str, calib: int, batch_size: int) -> float:
-    """Peak RSS (MB) of a fresh process that loads the data and runs one profile."""
+def op_breakdown(model_name: str, batch_size: int, device: str = "cpu") -> str:
+    """torch.profiler's top operators (self time) for one dense pass and one profile: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    wb = Workbench(model_config(model_name, batch_size=batch_size, selection_size=0, eval_size=16, cache=False,
+                                device=device), progress=False)
+    batches = Batches(wb.splits.calib.x.to(wb.device), wb.splits.calib.y, batch_size)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if wb.device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if wb.device.type == "cuda" else "self_cpu_time_total"
+    out = []
+    for label, fn in (("dense pass", lambda: dense_pass(wb.dense, batches)),
+                      ("profile_rr", lambda: profile_rr(wb.dense, batches, GRID, device=wb.device))):
+        fn()  # warm-up
+        with profile(activities=acts) as prof:
+            fn()
+            _sync()
+        out += [f"{model_name}, {label}:", "```", prof.key_averages().table(sort_by=sort, row_limit=10), "```", ""]
+    return "\n".join(out)
+
+
+def peak_memory(model_name: str, calib: int, batch_size: int) -> tuple[float, float]:
+    """(peak RSS during the profile, RSS just before it), MB, in a fresh process that loads the data first.
+
+    The kernel's high-water mark is reset right before profiling (``/proc/self/clear_refs``), so the peak
+    is the profile's own and not an earlier one (decoding, imports); where that reset is not allowed the
+    process-lifetime peak is reported instead.
+    """
     code = f"""
 import resource, sys, torch
 sys.path.insert(0, {str(ROOT / 'studies')!r})
@@ -114,10 +150,15 @@ from rr_alloc.workbench import Workbench
 from rr_alloc.profile import profile_rr
 wb = Workbench(model_config({model_name!r}, calib_size={calib}, selection_size=0, eval_size=16,
                batch_size={batch_size}, cache=False), progress=False)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))
+base = status('VmRSS:')
+try:
+    open('/proc/self/clear_refs', 'w').write('5')
+except OSError:
+    pass
 profile_rr(wb.dense, wb.splits.calib, {GRID!r})
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(peak / 1024, base / 1024)
+print(status('VmHWM:') / 1024, base / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak, base = map(float, out.stdout.split())
@@ -126,7 +167,6 @@ print(peak / 1024, base / 1024)
 
 def cache_cost(model_name: str) -> dict:
     """Profiling cost of a first run (cache miss) and a second run of a new process state (cache hit)."""
-    import os
     import tempfile
 
     old = os.environ.get("RR_ALLOC_CACHE")
@@ -157,6 +197,7 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=8, help="(layer, sparsity) pairs timed for brute force")
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet32"])
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="append torch.profiler operator tables")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "bench_profile"))
     args = ap.parse_args()
@@ -169,16 +210,19 @@ def main() -> None:
             peak, base = peak_memory("resnet32", calib, bs)
             mem.append({"model": "resnet32", "calib": calib, "batch_size": bs, "peak_rss_mb": round(peak),
                         "rss_before_profile_mb": round(base)})
-    lines = ["# RR profile benchmark", "", f"Command: `python studies/bench_profile.py`  ",
+    lines = ["# RR profile benchmark", "", f"Command: `{' '.join(['python', 'studies/bench_profile.py', *sys.argv[1:]])}`  ",
              f"Machine: {machine()}; device {rows[0]['device']}"
              + (f" ({torch.cuda.get_device_name()})" if rows[0]['device'].startswith('cuda') else "") + ".  ", f"Grid ({len(GRID)} points): {list(GRID)}; median of {args.repeats} runs; "
-             "`torch.inference_mode`, pre-decoded tensors, same batch size and threads for all timings.", "",
-             "| model | L | images | batch | T_f (s) | T_p (s) | T_bf (s, extrapolated) | T_p / ((1+G) T_f) | T_bf / T_p | ceiling L·G/(1+G) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "`torch.inference_mode`, pre-decoded tensors, same batch size and threads for all timings.  ",
+             f"glibc malloc tuning (`rr_alloc/runtime.py`, as in the CLI): {'on' if tune_malloc() else 'off'}"
+             + (" (`RR_ALLOC_MALLOC_TUNING=0`)" if os.environ.get("RR_ALLOC_MALLOC_TUNING") == "0" else "") + ".", "",
+             "| model | L | images | batch | T_f (s) | T_p (s) | T_bf (s, extrapolated) | T_p / ((1+G) T_f) | T_bf / T_p | ceiling L·G/(1+G) | profile: page faults, kernel CPU time / wall |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['layers']} | {r['images']} | {r['batch_size']} | {r['T_f']:.3f} | "
                      f"{r['T_p']:.3f} | {r['T_bf']:.1f} | **{r['floor_ratio']:.2f}** | **{r['speedup_vs_bf']:.1f}** | "
-                     f"{r['bf_ceiling']:.1f} |")
+                     f"{r['bf_ceiling']:.1f} | {r['profile_page_faults'] / 1e6:.2f} M, "
+                     f"{100 * r['profile_kernel_time_share']:.0f}% |")
     lines += ["", f"T_bf: {rows[0]['bf_measured_pairs']} (layer, sparsity) pairs timed (median of "
               f"{max(1, args.repeats // 2)} each), mean x L x G.", ""]
     if caches:
@@ -189,10 +233,15 @@ def main() -> None:
                   f"{100 * c['ratio']:.1f}% |" for c in caches]
         lines.append("")
     if mem:
-        lines += ["Peak resident memory of a fresh process running one ResNet-32 profile (includes Python, torch "
-                  "and the decoded calibration tensors):", "", "| calibration images | batch | peak RSS (MB) | RSS before profiling (MB) |",
-                  "|---:|---:|---:|---:|"]
-        lines += [f"| {m['calib']} | {m['batch_size']} | {m['peak_rss_mb']} | {m['rss_before_profile_mb']} |" for m in mem]
+        lines += ["Peak resident memory of a fresh process while it runs one ResNet-32 profile (high-water mark "
+                  "reset just before profiling; includes Python, torch and the decoded calibration tensors, "
+                  "which are the RSS before profiling):", "", "| calibration images | batch | peak RSS (MB) | RSS before profiling (MB) | profile's own peak (MB) |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {m['calib']} | {m['batch_size']} | {m['peak_rss_mb']} | {m['rss_before_profile_mb']} | "
+                  f"{m['peak_rss_mb'] - m['rss_before_profile_mb']} |" for m in mem]
+    if args.breakdown:
+        lines += ["", "## Operator breakdown (`--breakdown`, torch.profiler, one call each after a warm-up)", ""]
+        lines += [op_breakdown(m, args.batch_size, args.device) for m in args.models]
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     write_text_atomic(out / "bench_profile.md", text)

@@ -19,6 +19,9 @@ sys.path.insert(0, str(ROOT))
 
 from rr_alloc.config import RunConfig, load_config_file  # noqa: E402
 from rr_alloc.errors import UserError  # noqa: E402
+from rr_alloc.runtime import tune_malloc  # noqa: E402
+
+tune_malloc()  # studies are programs, run like the CLI (see rr_alloc/runtime.py)
 
 MODELS = {"resnet20": "configs/cifar10_resnet20.yaml", "resnet32": "configs/cifar10_resnet32.yaml"}
 

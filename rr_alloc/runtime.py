@@ -1,0 +1,51 @@
+"""Process-level settings for the command line and the studies (never applied on import).
+
+glibc serves every allocation above its mmap threshold (128 KB, raised
+dynamically to 32 MB at most) with a fresh ``mmap`` and unmaps it on free, so
+each large activation costs the kernel a round of page faults and zeroing.
+The RR profile's probe outputs are ``G + 1`` times a layer's output (about
+100 MB per call at batch 256 on CIFAR ResNets): measured with
+``studies/bench_profile.py``, a quarter of the profile's time went to the
+kernel. Raising the mmap and trim thresholds keeps freed blocks on the heap
+for reuse. The price is that a process keeps its peak heap until it exits,
+which suits a command-line run and not a long-lived host process, hence
+opt-in: ``python -m rr_alloc`` and the studies call :func:`tune_malloc`,
+library users may. ``RR_ALLOC_MALLOC_TUNING=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+__all__ = ["tune_malloc"]
+
+_M_TRIM_THRESHOLD = -1  # <malloc.h>
+_M_MMAP_THRESHOLD = -3
+_applied: bool | None = None
+
+
+def tune_malloc(threshold: int = 1 << 30) -> bool:
+    """Keep blocks up to ``threshold`` bytes on glibc's heap (no mmap/munmap per large tensor).
+
+    Returns whether the setting is in effect; a no-op returning ``False`` off
+    glibc, when ``RR_ALLOC_MALLOC_TUNING=0`` or when ``mallopt`` refuses.
+    Idempotent.
+    """
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if os.environ.get("RR_ALLOC_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc: leave the allocator alone
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # trim threshold first: with it at 2x the mmap threshold freed heap tops are kept, not returned
+    _applied = bool(mallopt(_M_TRIM_THRESHOLD, min(2 * threshold, 2**31 - 1))
+                    and mallopt(_M_MMAP_THRESHOLD, threshold))
+    return _applied
