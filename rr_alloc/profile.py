@@ -181,12 +181,21 @@ def _probe(layer: nn.Module, x: torch.Tensor, stack: torch.Tensor, bias: torch.T
     raise TypeError(f"unsupported layer type {type(layer).__name__}")
 
 
+def _fuses_bias(x: torch.Tensor) -> bool:
+    """Whether the probe call adds its bias for free (oneDNN on CPU fuses it into the convolution).
+
+    cuDNN adds a conv bias in a separate unvectorised pass over the whole ``(G+1)``-times output:
+    15% of the profile's GPU time on CIFAR ResNets (``studies/bench_profile.py --breakdown``).
+    """
+    return not x.is_cuda
+
+
 @contextlib.contextmanager
 def _collect(model: nn.Module, layers: list[LayerInfo], stacks: dict[str, torch.Tensor],
              acc: dict[str, GramMoments]) -> Iterator[None]:
     """Register the profiling hooks for the duration of the block; always removed."""
     handles = []
-    biases: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}  # per probe row: dense row b - shift, error rows 0 (the bias cancels)
 
     def make_hook(name: str):
         def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -199,7 +208,13 @@ def _collect(model: nn.Module, layers: list[LayerInfo], stacks: dict[str, torch.
                 b = torch.zeros(a.shift.numel(), K, dtype=st.dtype, device=st.device)
                 b[:, 0] = (mod.bias.detach() if mod.bias is not None else 0) - a.shift
                 biases[name] = b.reshape(-1)
-            a.add_batch(_probe(mod, inputs[0], stacks[name], biases[name]))
+            x = inputs[0]
+            if _fuses_bias(x):
+                z = _probe(mod, x, stacks[name], biases[name])
+            else:  # add the dense row's bias to that row only, not to all G+1 rows
+                z = _probe(mod, x, stacks[name], None)
+                z[:, :, 0].add_(biases[name].view(z.shape[1], -1)[:, :1])
+            a.add_batch(z)
         return hook
 
     try:

@@ -2,7 +2,8 @@
 # One prepared GPU check (run on a lent CUDA machine via the device tool; see README "GPU").
 # Needs a subset of shared/ at .device_data/shared (the full data does not travel):
 #   weights/cifar10-resnet/*.th, data/cifar10-jpeg/train-10k (130/class), data/cifar10-jpeg/test (100/class).
-# Writes to $OUT: bench_profile.md/json (profile ratios on CUDA), search.log, r20_plan.json, r32_plan.json.
+# Writes to $OUT: bench_profile.md/json (profile ratios on CUDA, batch 256; batch1024/ the same at 1024),
+# search.log, r20_plan.json, r32_plan.json.
 set -uo pipefail
 OUT=${OUT:-/tmp/rr_device_out}
 mkdir -p "$OUT"
@@ -12,7 +13,9 @@ PY=${PY:-python3}
   nvidia-smi -L
   $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/search.log"
-$PY studies/bench_profile.py --device cuda --no-memory --repeats 5 --out "$OUT" 2>&1 | tail -12 | tee -a "$OUT/search.log"
+$PY studies/bench_profile.py --device cuda --no-memory --breakdown --repeats 30 --out "$OUT" 2>&1 | grep "^| resnet" | tee -a "$OUT/search.log"
+# GPU timings are milliseconds and jittery: median of 30. The same at batch 1024 (one batch; at 256 the GPU is launch-bound)
+$PY studies/bench_profile.py --device cuda --no-memory --breakdown --repeats 30 --batch-size 1024 --out "$OUT/batch1024" 2>&1 | grep "^| resnet" | tee -a "$OUT/search.log"
 for m in 20 32; do
   start=$(date +%s)
   $PY -m rr_alloc search --budget 0.9 --config configs/cifar10_resnet$m.yaml --device cuda \

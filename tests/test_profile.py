@@ -59,8 +59,13 @@ def _brute_force(model: nn.Module, batches, grid, lam_rule="mean", mean_shift=Tr
 GRID = (0.3, 0.5, 0.8, 0.95)
 
 
+@pytest.mark.parametrize("fused_bias", [True, False], ids=["cpu-bias", "cuda-bias"])
 @pytest.mark.parametrize("mean_shift", [True, False])
-def test_closed_form_matches_brute_force(toy, toy_batches, mean_shift):
+def test_closed_form_matches_brute_force(toy, toy_batches, mean_shift, fused_bias, monkeypatch):
+    # both ways of adding the probe's bias (fused on CPU, dense row only on CUDA) run here on CPU
+    import rr_alloc.profile
+
+    monkeypatch.setattr(rr_alloc.profile, "_fuses_bias", lambda x: fused_bias)
     prof = profile_rr(toy, toy_batches, GRID, dtype=torch.float64, mean_shift=mean_shift)
     import copy
 
