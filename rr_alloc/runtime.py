@@ -6,8 +6,8 @@ each large activation costs the kernel a round of page faults and zeroing.
 The RR profile's probe outputs are ``G + 1`` times a layer's output (about
 100 MB per call at batch 256 on CIFAR ResNets): measured with
 ``studies/bench_profile.py`` on 2 cores, 2.7-4.6 M page faults per profile and
-kernel CPU time equal to 72% of its wall time. Raising the mmap and trim thresholds keeps freed blocks on the heap
-for reuse. The price is that a process keeps its peak heap until it exits,
+kernel CPU time equal to 72% of its wall time. Raising the mmap and trim
+thresholds keeps freed blocks on the heap for reuse. The price is that a process keeps its peak heap until it exits,
 which suits a command-line run and not a long-lived host process, hence
 opt-in: ``python -m rr_alloc`` and the studies call :func:`tune_malloc`,
 library users may. ``RR_ALLOC_MALLOC_TUNING=0`` turns it off.
