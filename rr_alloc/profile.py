@@ -168,13 +168,20 @@ class GramMoments:
 
 
 def _probe(layer: nn.Module, x: torch.Tensor, stack: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Run the stacked probe weights on ``x``; returns ``(B, C, G+1, X)``."""
+    """Run the stacked probe weights on ``x``; returns ``(B, C, G+1, X)``.
+
+    ``bias`` has one entry per probe row: ``b - shift`` on the dense row, 0 on the error rows.
+    """
     if isinstance(layer, nn.Conv2d):
-        y = layer._conv_forward(x, stack, bias)  # honours padding_mode, stride, dilation, groups
         C = layer.out_channels
-        return y.view(y.shape[0], C, -1, y.shape[2] * y.shape[3])
+        fused = _fuses_bias(x)
+        y = layer._conv_forward(x, stack, bias if fused else None)  # padding_mode, stride, dilation, groups
+        z = y.view(y.shape[0], C, -1, y.shape[2] * y.shape[3])
+        if not fused:  # only the dense row has a bias: add it there, not to all G+1 rows
+            z[:, :, 0].add_(bias.view(C, -1)[:, :1])
+        return z
     if isinstance(layer, nn.Linear):
-        y = F.linear(x, stack, bias)  # (B, ..., C*(G+1))
+        y = F.linear(x, stack, bias)  # (B, ..., C*(G+1)); the bias is fused into the GEMM on every device
         C = layer.out_features
         y = y.reshape(-1, C, stack.shape[0] // C)  # positions x C x (G+1)
         return y.permute(1, 2, 0).unsqueeze(0)  # (1, C, G+1, positions)
@@ -182,7 +189,7 @@ def _probe(layer: nn.Module, x: torch.Tensor, stack: torch.Tensor, bias: torch.T
 
 
 def _fuses_bias(x: torch.Tensor) -> bool:
-    """Whether the probe call adds its bias for free (oneDNN on CPU fuses it into the convolution).
+    """Whether a convolution adds its bias for free (oneDNN on CPU fuses it).
 
     cuDNN adds a conv bias in a separate unvectorised pass over the whole ``(G+1)``-times output:
     15% of the profile's GPU time on CIFAR ResNets (``studies/bench_profile.py --breakdown``).
@@ -208,13 +215,7 @@ def _collect(model: nn.Module, layers: list[LayerInfo], stacks: dict[str, torch.
                 b = torch.zeros(a.shift.numel(), K, dtype=st.dtype, device=st.device)
                 b[:, 0] = (mod.bias.detach() if mod.bias is not None else 0) - a.shift
                 biases[name] = b.reshape(-1)
-            x = inputs[0]
-            if _fuses_bias(x):
-                z = _probe(mod, x, stacks[name], biases[name])
-            else:  # add the dense row's bias to that row only, not to all G+1 rows
-                z = _probe(mod, x, stacks[name], None)
-                z[:, :, 0].add_(biases[name].view(z.shape[1], -1)[:, :1])
-            a.add_batch(z)
+            a.add_batch(_probe(mod, inputs[0], stacks[name], biases[name]))
         return hook
 
     try:

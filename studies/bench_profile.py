@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, machine, model_config, shared_dir
+from common import ROOT, machine, model_config, run_main, shared_dir
 
 from rr_alloc.data import Batches
 from rr_alloc.io_utils import write_text_atomic
@@ -87,13 +87,15 @@ def brute_force_pair(model, batches, name: str, s: float) -> None:
         mod.weight.data.copy_(w)
 
 
-def bench_model(model_name: str, repeats: int, batch_size: int, subset: int, device: str = "cpu") -> dict:
+def bench_inputs(model_name: str, batch_size: int, device: str = "cpu") -> tuple[Workbench, Batches]:
+    """The model and its calibration images as pre-decoded tensors already on the device (same for every timing)."""
     wb = Workbench(model_config(model_name, batch_size=batch_size, selection_size=0, eval_size=16, cache=False,
-                                device=device),
-                   progress=False)
+                                device=device), progress=False)
+    return wb, Batches(wb.splits.calib.x.to(wb.device), wb.splits.calib.y, batch_size)
+
+
+def bench_model(model_name: str, wb: Workbench, batches: Batches, repeats: int, subset: int) -> dict:
     model = wb.dense
-    # pre-decoded tensors, already on the device: every timing sees the same inputs
-    batches = Batches(wb.splits.calib.x.to(wb.device), wb.splits.calib.y, batch_size)
     layers = prunable_layers(model)
     G, L = len(GRID), len(layers)
     t_f = median_time(lambda: dense_pass(model, batches), repeats)
@@ -108,20 +110,17 @@ def bench_model(model_name: str, repeats: int, batch_size: int, subset: int, dev
     pick = pairs[:: max(1, len(pairs) // subset)][:subset]
     t_pairs = [median_time(lambda p=p: brute_force_pair(model, batches, *p), max(1, repeats // 2)) for p in pick]
     t_bf = statistics.mean(t_pairs) * L * G
-    return {"model": model_name, "device": str(wb.device), "layers": L, "grid": G, "images": batches.n, "batch_size": batch_size,
+    return {"model": model_name, "device": str(wb.device), "layers": L, "grid": G, "images": batches.n, "batch_size": batches.batch_size,
             "threads": torch.get_num_threads(), "T_f": t_f, "T_p": t_p, "T_bf": t_bf,
             "bf_measured_pairs": len(pick), "floor_ratio": t_p / ((1 + G) * t_f), "speedup_vs_bf": t_bf / t_p,
             "bf_ceiling": L * G / (1 + G),
             "profile_page_faults": faults, "profile_kernel_time_share": sys_share}
 
 
-def op_breakdown(model_name: str, batch_size: int, device: str = "cpu") -> str:
+def op_breakdown(model_name: str, wb: Workbench, batches: Batches) -> str:
     """torch.profiler's top operators (self time) for one dense pass and one profile: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    wb = Workbench(model_config(model_name, batch_size=batch_size, selection_size=0, eval_size=16, cache=False,
-                                device=device), progress=False)
-    batches = Batches(wb.splits.calib.x.to(wb.device), wb.splits.calib.y, batch_size)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if wb.device.type == "cuda" else [])
     sort = "self_cuda_time_total" if wb.device.type == "cuda" else "self_cpu_time_total"
     out = []
@@ -202,7 +201,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "bench_profile"))
     args = ap.parse_args()
     shared_dir(args.shared)
-    rows = [bench_model(m, args.repeats, args.batch_size, args.subset, args.device) for m in args.models]
+    rows, breakdowns = [], []
+    for m in args.models:
+        wb, batches = bench_inputs(m, args.batch_size, args.device)
+        rows.append(bench_model(m, wb, batches, args.repeats, args.subset))
+        if args.breakdown:
+            breakdowns.append(op_breakdown(m, wb, batches))
     caches = [cache_cost(m) for m in args.models] if args.device == "cpu" else []
     mem = []
     if not args.no_memory:
@@ -241,7 +245,7 @@ def main() -> None:
                   f"{m['peak_rss_mb'] - m['rss_before_profile_mb']} |" for m in mem]
     if args.breakdown:
         lines += ["", "## Operator breakdown (`--breakdown`, torch.profiler, one call each after a warm-up)", ""]
-        lines += [op_breakdown(m, args.batch_size, args.device) for m in args.models]
+        lines += breakdowns
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     write_text_atomic(out / "bench_profile.md", text)
@@ -250,4 +254,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
