@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import ROOT, add_common_args, machine, model_config, shared_dir, t_interval
+from common import ROOT, UserError, add_common_args, machine, model_config, run_main, shared_dir, t_interval
 
 from rr_alloc.io_utils import write_text_atomic
 from rr_alloc.repair import DEFAULT_REPAIR
@@ -204,6 +204,9 @@ def main() -> None:
         args.calib = args.selection = 256
         out = out.with_name(out.name + "_quick")
     if args.merge:
+        missing = [f for f in args.merge + args.merge_log if not Path(f).is_file()]
+        if missing:
+            raise UserError(f"--merge: no such file {missing[0]}: pass results CSVs written by --tag runs")
         parts = [pd.read_csv(p) for p in args.merge] + [rows_from_log(p) for p in args.merge_log]
         df = pd.concat(parts, ignore_index=True)
     else:
@@ -225,4 +228,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

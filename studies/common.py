@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,6 +33,15 @@ def shared_dir(arg: str | None) -> Path:
         raise SystemExit(f"error: {p} holds no weights/cifar10-resnet: pass --shared PATH or set RR_ALLOC_SHARED")
     os.environ["RR_ALLOC_SHARED"] = str(p)
     return p
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a study's ``main``: bad input ends with the library's one-line ``error: ...`` and exit 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def model_config(model: str, **overrides: Any) -> RunConfig:

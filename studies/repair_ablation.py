@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import ROOT, add_common_args, machine, model_config, shared_dir, t_interval
+from common import ROOT, add_common_args, machine, model_config, run_main, shared_dir, t_interval
 
 from rr_alloc.io_utils import write_text_atomic
 from rr_alloc.report import save_figure, write_frame_csv
@@ -188,4 +188,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
