@@ -12,6 +12,11 @@ moment (the Gram matrix of the stacked outputs).
 
 Cost: one dense forward plus, per layer, one call with ``G + 1`` times its
 output channels and a small GEMM: about ``(1 + G)`` dense forwards.
+
+``profile_repair="lsq"`` measures repairability under the least-squares
+re-fit instead of the channel-wise repair: the same pass also accumulates
+each layer's input Gram matrix ``H`` (only then), and ``D_res`` is the
+closed-form residual of the re-fit per grid sparsity (``lsq_residuals``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from torch import nn
 from .errors import UserError
 from .layers import LayerInfo, prunable_layers
 from .pruning import magnitude_order, n_pruned
+from .repair.reconstruct import (DEFAULT_DAMP, GramStats, bias_targets, damping, input_patches, lsq_residuals,
+                                 unsupported_reason)
 from .stats import as_bcx, distortions
 
 __all__ = ["DEFAULT_GRID", "RRProfile", "profile_rr", "removed_weight_stack", "probe_weights", "GramMoments",
@@ -199,7 +206,7 @@ def _fuses_bias(x: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def _collect(model: nn.Module, layers: list[LayerInfo], stacks: dict[str, torch.Tensor],
-             acc: dict[str, GramMoments]) -> Iterator[None]:
+             acc: dict[str, GramMoments], grams: dict[str, Any] | None = None) -> Iterator[None]:
     """Register the profiling hooks for the duration of the block; always removed."""
     handles = []
     biases: dict[str, torch.Tensor] = {}  # per probe row: dense row b - shift, error rows 0 (the bias cancels)
@@ -216,6 +223,8 @@ def _collect(model: nn.Module, layers: list[LayerInfo], stacks: dict[str, torch.
                 b[:, 0] = (mod.bias.detach() if mod.bias is not None else 0) - a.shift
                 biases[name] = b.reshape(-1)
             a.add_batch(_probe(mod, inputs[0], stacks[name], biases[name]))
+            if grams is not None and name in grams:
+                grams[name].add(input_patches(mod, inputs[0]))
         return hook
 
     try:
@@ -227,16 +236,23 @@ def _collect(model: nn.Module, layers: list[LayerInfo], stacks: dict[str, torch.
             h.remove()
 
 
+PROFILE_REPAIRS = ("channel", "lsq")
+
+
 def profile_rr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
                grid: Sequence[float] = DEFAULT_GRID, layers: list[LayerInfo] | None = None,
                lam: str | float = "mean", mean_shift: bool = True,
                device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-               progress: bool = False) -> RRProfile:
-    """Measure ``D_raw``, ``D_res`` (layer-local, after ASR) and ``RR`` in one pass.
+               progress: bool = False, profile_repair: str = "channel", damp: float = DEFAULT_DAMP) -> RRProfile:
+    """Measure ``D_raw``, ``D_res`` (layer-local, after the profile repair) and ``RR`` in one pass.
 
-    ``model`` is used in eval mode and left unchanged (no hooks, same weights).
-    ``dtype=torch.float64`` runs the pass in double precision (used by tests).
+    ``profile_repair``: ``channel`` (ASR at the layer output) or ``lsq`` (least-squares re-fit of the
+    kept weights with damping ``damp``; layers the re-fit skips, e.g. grouped convs, keep the
+    channel-wise ``D_res``). ``model`` is used in eval mode and left unchanged (no hooks, same
+    weights). ``dtype=torch.float64`` runs the pass in double precision (used by tests).
     """
+    if profile_repair not in PROFILE_REPAIRS:
+        raise UserError(f"unknown profile repair {profile_repair!r}: use {' or '.join(PROFILE_REPAIRS)}")
     from tqdm.auto import tqdm
 
     layers = layers or prunable_layers(model)
@@ -249,9 +265,14 @@ def profile_rr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
     model.eval()
     stacks = {l.name: probe_weights(model.get_submodule(l.name), grid) for l in layers}
     acc = {l.name: GramMoments() for l in layers}
+    grams = None
+    if profile_repair == "lsq":
+        targets = bias_targets(model)
+        grams = {l.name: GramStats(targets.get(l.name) is not None) for l in layers
+                 if unsupported_reason(model.get_submodule(l.name)) is None}
     n_images = 0
     try:
-        with torch.inference_mode(), _collect(model, layers, stacks, acc):
+        with torch.inference_mode(), _collect(model, layers, stacks, acc, grams):
             for x, _ in tqdm(batches, desc="RR profile", leave=False, disable=not progress):
                 x = x.to(device=device, dtype=dtype or x.dtype, non_blocking=True)
                 model(x)
@@ -261,8 +282,37 @@ def profile_rr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
     d_raw = np.zeros((len(layers), len(grid)))
     d_res = np.zeros_like(d_raw)
     for i, l in enumerate(layers):
-        raw, res = distortions(acc[l.name].moments(), lam=lam, mean_shift=mean_shift)
+        mom = acc[l.name].moments()
+        raw, res = distortions(mom, lam=lam, mean_shift=mean_shift)
         d_raw[i], d_res[i] = raw.cpu().numpy(), res.cpu().numpy()
+        if grams is not None and l.name in grams:
+            d_res[i] = _lsq_d_res(model.get_submodule(l.name), grams[l.name], grid, damp,
+                                  float(mom["v_d"].sum()))
     meta = {"n_images": n_images, "lambda": lam, "mean_shift": mean_shift,
             "profile_repair": "asr (layer output, mean shift)" if mean_shift else "asr (layer output)"}
+    if grams is not None:
+        meta["profile_repair"] = f"lsq (damp={damp:g}; others channel-wise)" if len(grams) < len(layers) \
+            else f"lsq (damp={damp:g})"
     return RRProfile(layers, np.asarray(grid), d_raw, d_res, meta)
+
+
+def _lsq_d_res(layer: nn.Module, gram: GramStats, grid: Sequence[float], damp: float, v_d_sum: float) -> np.ndarray:
+    """``D_res`` under the least-squares re-fit at each grid sparsity (magnitude masks, dense inputs)."""
+    H = gram.H
+    w = layer.weight.detach().flatten(1).double()
+    d = w.shape[1]
+    if gram.with_const:
+        b = layer.bias.detach().double() if layer.bias is not None else w.new_zeros(w.shape[0])
+        w = torch.cat([w, b[:, None]], 1)
+    lam = damping(H, damp, d)
+    order = magnitude_order(layer.weight)
+    out = np.zeros(len(grid))
+    for j, s in enumerate(grid):
+        keep = torch.ones(layer.weight.numel(), dtype=torch.bool, device=w.device)
+        keep[order[:n_pruned(s, keep.numel())]] = False
+        keep = keep.view(w.shape[0], d)
+        if gram.with_const:
+            keep = torch.cat([keep, keep.new_ones(w.shape[0], 1)], 1)
+        e = lsq_residuals(H, w, keep, lam).sum().clamp_min(0.0)
+        out[j] = float(e) / gram.n / max(v_d_sum, 1e-300)
+    return out

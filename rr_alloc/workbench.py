@@ -219,26 +219,37 @@ class Workbench:
                 out[l.name] = keep
         return out
 
+    def keep_masks(self, pruning: np.ndarray | dict) -> dict[str, torch.Tensor]:
+        """Keep-masks from counts (array or name->int, magnitude) or from masks as given."""
+        if isinstance(pruning, dict) and pruning and isinstance(next(iter(pruning.values())), torch.Tensor):
+            return pruning
+        return self.masks(pruning)
+
     def pruned_model(self, pruning: np.ndarray | dict) -> nn.Module:
         """A fresh copy of the dense model, pruned by counts (array or name->int) or keep-masks."""
-        masks = pruning if isinstance(pruning, dict) and pruning and \
-            isinstance(next(iter(pruning.values())), torch.Tensor) else self.masks(pruning)
         model = copy.deepcopy(self.dense)
-        apply_masks(model, masks)
+        apply_masks(model, self.keep_masks(pruning))
         return model
 
-    def repaired_model(self, pruning, repair: str | RepairPipeline) -> tuple[nn.Module, Any]:
-        model = self.pruned_model(pruning)
-        report = run_repair(model, repair, self.splits.calib, device=self.device, cache=self._site_cache)
+    def repaired_model(self, pruning, repair: str | RepairPipeline,
+                       nm: tuple[int, int] | None = None) -> tuple[nn.Module, Any]:
+        """Prune and repair a copy; ``nm`` names the N:M pattern of mask-choosing steps (``obs``)."""
+        masks = self.keep_masks(pruning)
+        model = copy.deepcopy(self.dense)
+        apply_masks(model, masks)
+        report = run_repair(model, repair, self.splits.calib, device=self.device, cache=self._site_cache,
+                            masks=masks, nm=nm)
         return model, report
 
-    def verify(self, pruning, repair: str | RepairPipeline, split: str = "test") -> Metrics:
+    def verify(self, pruning, repair: str | RepairPipeline, split: str = "test",
+               nm: tuple[int, int] | None = None) -> Metrics:
         """Prune (counts or masks) -> repair on calibration -> evaluate on ``split`` against the dense model."""
-        return self.verify_splits(pruning, repair, (split,))[split]
+        return self.verify_splits(pruning, repair, (split,), nm=nm)[split]
 
-    def verify_splits(self, pruning, repair: str | RepairPipeline, splits: tuple[str, ...]) -> dict[str, Metrics]:
+    def verify_splits(self, pruning, repair: str | RepairPipeline, splits: tuple[str, ...],
+                      nm: tuple[int, int] | None = None) -> dict[str, Metrics]:
         """One prune+repair, evaluated on several splits (e.g. selection for choosing, test for reporting)."""
-        model, _ = self.repaired_model(pruning, repair)
+        model, _ = self.repaired_model(pruning, repair, nm=nm)
         out = {}
         for split in splits:
             dense_logits, labels = self.dense_logits(split)

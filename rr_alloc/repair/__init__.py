@@ -4,6 +4,7 @@ from .affine import ChannelAffine, affine_modules, attach_output_affine, fold_co
 from .bn import recalibrate_bn
 from .pipeline import (CHANNEL_METHODS, DenseSiteCache, RepairPipeline, RepairReport, RepairStep,
                        run_repair, site_moments)
+from .reconstruct import RECONSTRUCT_METHODS, ReconstructStep, reconstruct
 from .sites import SITE_KINDS, Site, discover_sites, forward_order
 
 # Named pipelines the CLI lists; any text form is accepted too.
@@ -15,10 +16,14 @@ PRESETS: dict[str, str] = {
     "bn>lw@block+logits": "BN recalibration, then layer-wise scaling at block outputs and logits",
     "bn>naive@block+logits": "BN recalibration, then channel-wise without shrinkage (the default: "
                              "best on the selection split in studies/repair_ablation.py)",
+    "lsq>bn>naive@block+logits": "least-squares re-fit of the kept weights (magnitude masks), then the "
+                                 "channel-wise default (options lsq:damp=0.01)",
+    "obs>bn>naive@block+logits": "OBS-chosen masks (SparseGPT sweep, same per-layer counts) and re-fit, then "
+                                 "the channel-wise default (options obs:damp=0.01:block=128)",
 }
 DEFAULT_REPAIR = "bn>naive@block+logits"  # stage-1 winner of studies/repair_ablation.py
 
 __all__ = ["ChannelAffine", "affine_modules", "attach_output_affine", "fold_correction", "recalibrate_bn",
            "CHANNEL_METHODS", "DenseSiteCache", "RepairPipeline", "RepairReport", "RepairStep", "run_repair",
-           "site_moments", "SITE_KINDS", "Site", "discover_sites", "forward_order", "PRESETS",
+           "site_moments", "RECONSTRUCT_METHODS", "ReconstructStep", "reconstruct", "SITE_KINDS", "Site", "discover_sites", "forward_order", "PRESETS",
            "DEFAULT_REPAIR"]

@@ -10,10 +10,16 @@ the order they run::
     bn>naive@block:noshift    channel-wise without shrinkage, no mean shift
     bn>asr@block:lam=median   ASR with lambda = median of v_p
 
+    lsq>bn>naive@block+logits least-squares re-fit of the kept weights, then the default
+    obs:damp=0.1>bn           OBS-chosen masks (same per-layer counts) and re-fit, then BN
+
 A channel step is ``METHOD@SITE[+SITE...][:noshift][:lam=RULE]`` with METHOD in
 ``lw``, ``naive``, ``asr`` and SITE in ``conv``, ``bn``, ``block``, ``logits``.
 Corrections are computed sequentially in forward order: each site's pruned
-statistics are measured after all upstream corrections.
+statistics are measured after all upstream corrections. A reconstruction step
+is ``lsq[:damp=X]`` or ``obs[:damp=X][:block=B]`` (``reconstruct.py``): it
+rewrites the kept weights (``obs`` also chooses which weights are kept) of
+every Conv2d/Linear layer and adds no module.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from ..errors import UserError
 from ..stats import LAMBDA_RULES, ChannelMoments, as_bcx, repair_gamma
 from .affine import fold_correction
 from .bn import recalibrate_bn
+from .reconstruct import DEFAULT_DAMP, DEFAULT_OBS_BLOCK, RECONSTRUCT_METHODS, ReconstructStep, reconstruct
 from .sites import SITE_KINDS, Site, discover_sites, forward_order
 from .staged import CacheTooLarge, StagedRunner
 
@@ -59,14 +66,21 @@ class RepairStep:
 
 @dataclass(frozen=True)
 class RepairPipeline:
-    steps: tuple[RepairStep, ...] = ()
+    steps: tuple[RepairStep | ReconstructStep, ...] = ()
 
     def __str__(self) -> str:
         return ">".join(str(s) for s in self.steps) or "none"
 
     @property
-    def uses_bn(self) -> bool:
-        return any(s.method == "bn" for s in self.steps)
+    def mask_rule(self) -> str:
+        """``obs`` when a step chooses the masks itself, else ``magnitude`` (layer-local, by |w|)."""
+        return "obs" if any(isinstance(s, ReconstructStep) and s.method == "obs" for s in self.steps) \
+            else "magnitude"
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether a step rewrites the kept weights (so re-pruning by magnitude alone loses quality)."""
+        return any(isinstance(s, ReconstructStep) for s in self.steps)
 
     @classmethod
     def parse(cls, text: str) -> "RepairPipeline":
@@ -81,11 +95,14 @@ class RepairPipeline:
                 steps.append(RepairStep("bn"))
                 continue
             head, *opts = part.split(":")
+            if head in RECONSTRUCT_METHODS:
+                steps.append(_parse_reconstruct(head, opts, part, text))
+                continue
             method, _, sites_s = head.partition("@")
             if method not in CHANNEL_METHODS:
-                raise UserError(f"unknown repair step {part!r} in --repair {text!r}: use bn or "
+                raise UserError(f"unknown repair step {part!r} in --repair {text!r}: use bn, lsq, obs or "
                                 f"METHOD@SITES with METHOD in {', '.join(CHANNEL_METHODS)} "
-                                "(e.g. bn>asr@block+logits)")
+                                "(e.g. lsq>bn>naive@block+logits)")
             sites = tuple(s for s in sites_s.split("+") if s)
             if not sites or any(s not in SITE_KINDS for s in sites):
                 raise UserError(f"repair step {part!r} needs sites from {', '.join(SITE_KINDS)} "
@@ -110,11 +127,37 @@ class RepairPipeline:
         return cls(tuple(steps))
 
 
+def _parse_reconstruct(method: str, opts: list[str], part: str, text: str) -> ReconstructStep:
+    damp, block = DEFAULT_DAMP, DEFAULT_OBS_BLOCK
+    for o in opts:
+        key, _, val = o.partition("=")
+        try:
+            if key == "damp":
+                damp = float(val)
+                if not damp >= 0 or damp == float("inf"):
+                    raise ValueError
+            elif key == "block" and method == "obs":
+                block = int(val)
+                if block < 1:
+                    raise ValueError
+            else:
+                allowed = "damp=X" + (" or block=B" if method == "obs" else "")
+                raise UserError(f"unknown option {o!r} in repair step {part!r}: use {allowed} "
+                                f"(e.g. {method}:damp=0.01)")
+        except ValueError:
+            raise UserError(f"bad value in {o!r} of repair step {part!r} (in --repair {text!r}): damp is a "
+                            "number >= 0, block a positive integer")
+    return ReconstructStep(method, damp, block)
+
+
 @dataclass
 class RepairReport:
     pipeline: str
     corrections: list[dict[str, str]] = field(default_factory=list)
-    calib_passes: int = 0
+    calib_passes: float = 0
+    masks: dict[str, torch.Tensor] | None = None  # final keep-masks when a step chose them (obs)
+    reconstructed: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why reconstruction skipped it
 
     @property
     def affine_sites(self) -> list[str]:
@@ -190,20 +233,37 @@ class DenseSiteCache:
 def run_repair(pruned: nn.Module, pipeline: RepairPipeline | str, batches,
                dense: nn.Module | None = None, device: torch.device | str = "cpu",
                cache: DenseSiteCache | None = None, staged: bool = True,
-               max_cache_bytes: float = 4e9) -> RepairReport:
+               max_cache_bytes: float = 4e9, masks: dict[str, torch.Tensor] | None = None,
+               nm: tuple[int, int] | None = None) -> RepairReport:
     """Repair ``pruned`` in place with ``pipeline`` on calibration ``batches``.
 
     Channel steps need the dense model (or a ``DenseSiteCache`` built on it) for
     the target statistics. With ``staged`` (default) a channel step runs as one
     pass over the calibration set (see ``staged.py``); models that ``torch.fx``
     cannot trace, or whose cached activations would exceed ``max_cache_bytes``,
-    fall back to one partial forward per site. Returns where each correction
-    was placed and how many calibration passes were spent.
+    fall back to one partial forward per site. Reconstruction steps (``lsq``,
+    ``obs``) re-fit every Conv2d/Linear layer against the dense model; ``masks``
+    (keep-masks, default: the non-zero weights) and ``nm`` (the N:M pattern
+    they follow) tell them what is pruned. Returns where each correction was
+    placed, how many calibration passes were spent, and the final masks.
     """
     if isinstance(pipeline, str):
         pipeline = RepairPipeline.parse(pipeline)
     report = RepairReport(str(pipeline))
     for step in pipeline.steps:
+        if isinstance(step, ReconstructStep):
+            ref = dense if dense is not None else (cache.dense if cache is not None else None)
+            if ref is None:
+                raise ValueError("reconstruction repair needs the dense model or a DenseSiteCache")
+            layers = [n for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            rec = reconstruct(pruned, ref, batches, layers, step, masks=masks, nm=nm, device=device,
+                              staged=staged)
+            masks = {n: rec.masks[n] for n in (masks or rec.masks)}
+            report.masks = masks
+            report.reconstructed = rec.fitted
+            report.skipped.update(rec.skipped)
+            report.calib_passes += rec.passes
+            continue
         if step.method == "bn":
             recalibrate_bn(pruned, batches, device)
             report.calib_passes += 1

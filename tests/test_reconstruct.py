@@ -1,0 +1,222 @@
+"""Reconstruction repair (lsq / obs): explicit float64 solves, exact masks and counts, closed-form profile."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rr_alloc.errors import UserError
+from rr_alloc.layers import prunable_layers
+from rr_alloc.profile import profile_rr
+from rr_alloc.pruning import apply_masks, magnitude_mask, masks_for_plan, n_pruned, nm_mask
+from rr_alloc.repair import RepairPipeline, run_repair
+from rr_alloc.repair.reconstruct import bias_targets
+
+LAYERS = ["conv1", "conv3", "fc"]  # the toy's grouped block.conv is skipped with a reason
+
+
+def _double(toy, toy_batches):
+    return toy.double().eval(), [(x.double(), y) for x, y in toy_batches]
+
+
+def _pruned(model, s):
+    p = copy.deepcopy(model)
+    masks = masks_for_plan(p, {l.name: n_pruned(s, l.n_weights) for l in prunable_layers(p)})
+    apply_masks(p, masks)
+    return p, masks
+
+
+def _inputs(model, name, batches):
+    got = []
+    h = model.get_submodule(name).register_forward_hook(lambda m, i, o: got.append(i[0].detach()))
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    h.remove()
+    return torch.cat(got)
+
+
+def _rows(layer, x):
+    """Explicit patches through F.unfold (an independent path from the library's strided views)."""
+    if isinstance(layer, nn.Linear):
+        return x
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _brute_lsq(dense, pruned, masks, batches, damp):
+    """Sequential ridge solves per row with numpy, rerunning the network for every layer."""
+    model = copy.deepcopy(pruned)
+    targets = bias_targets(dense)
+    for name in LAYERS:
+        layer, dl = model.get_submodule(name), dense.get_submodule(name)
+        xp = _rows(layer, _inputs(model, name, batches)).numpy()
+        with torch.no_grad():
+            yd = dl(_inputs(dense, name, batches))
+        yd = (yd.permute(0, 2, 3, 1).reshape(-1, yd.shape[1]) if yd.dim() == 4 else yd).numpy()
+        lam = damp * float((xp ** 2).sum(0).mean())
+        const = targets[name] is not None
+        w = dl.weight.detach().flatten(1).numpy()
+        b = dl.bias.detach().numpy() if dl.bias is not None else np.zeros(w.shape[0])
+        keep = masks[name].flatten(1).numpy()
+        new_w, new_b = np.zeros_like(w), np.zeros(w.shape[0])
+        for i in range(w.shape[0]):
+            A = xp[:, keep[i]]
+            x0 = w[i, keep[i]]
+            if const:
+                A = np.concatenate([A, np.ones((A.shape[0], 1))], 1)
+                x0 = np.append(x0, b[i])
+            sol = np.linalg.solve(A.T @ A + lam * np.eye(A.shape[1]), A.T @ yd[:, i] + lam * x0)
+            new_w[i, keep[i]] = sol[:keep[i].sum()]
+            new_b[i] = sol[-1] if const else 0.0
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(new_w).view_as(layer.weight))
+            if targets[name] == "bias":
+                layer.bias.copy_(torch.from_numpy(new_b))
+            elif targets[name]:
+                model.get_submodule(targets[name]).running_mean.sub_(torch.from_numpy(new_b))
+    return model
+
+
+@pytest.mark.parametrize("damp", [1e-6, 0.01, 0.3])
+def test_lsq_equals_explicit_float64_solve(toy, toy_batches, damp):
+    dense, batches = _double(toy, toy_batches)
+    pruned, masks = _pruned(dense, 0.8)
+    want = _brute_lsq(dense, pruned, masks, batches, damp)
+    got = copy.deepcopy(pruned)
+    report = run_repair(got, f"lsq:damp={damp}", batches, dense=dense, masks=masks)
+    assert report.reconstructed == LAYERS and "groups=2" in report.skipped["block.conv"]
+    for (n, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=n)
+
+
+def test_lsq_keeps_the_masks_and_adds_nothing(toy, toy_batches):
+    pruned, masks = _pruned(toy, 0.9)
+    names = [n for n, _ in pruned.named_modules()]
+    run_repair(pruned, "lsq>bn>naive@conv+logits", toy_batches, dense=toy, masks=masks)
+    assert [n for n, _ in pruned.named_modules()] == names  # no module added
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in pruned.modules())
+    for name, keep in masks.items():
+        w = pruned.get_submodule(name).weight
+        assert bool((w[~keep] == 0).all()) and int((w == 0).sum()) == int((~keep).sum()), name
+
+
+def test_lockstep_equals_per_layer_passes_and_memory_fallback(toy, toy_batches):
+    outs = []
+    for kw in ({}, {"staged": False}):
+        p, masks = _pruned(toy, 0.85)
+        run_repair(p, "obs:damp=0.05", toy_batches, dense=toy, masks=masks, **kw)
+        outs.append(p.state_dict())
+    from rr_alloc.repair.reconstruct import ReconstructStep, reconstruct
+
+    p, masks = _pruned(toy, 0.85)
+    rep = reconstruct(p, toy, toy_batches, LAYERS, ReconstructStep("obs", 0.05), masks=masks, max_cache_bytes=1)
+    assert "memory cap" in rep.path
+    outs.append(p.state_dict())
+    for other in outs[1:]:
+        for k in outs[0]:
+            torch.testing.assert_close(outs[0][k], other[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("s", [0.5, 0.9, 0.97])
+def test_obs_keeps_every_layer_count(toy, toy_batches, s):
+    pruned, masks = _pruned(toy, s)
+    report = run_repair(pruned, "obs>bn", toy_batches, dense=toy, masks=masks)
+    changed = 0
+    for name, keep in masks.items():
+        w = pruned.get_submodule(name).weight
+        assert int((~report.masks[name]).sum()) == int((~keep).sum()), name
+        assert bool((w[~report.masks[name]] == 0).all())
+        changed += int((report.masks[name] != keep).sum())
+    assert changed > 0  # OBS chose other weights than magnitude somewhere
+
+
+def test_obs_nm_keeps_n_of_every_group(toy, toy_batches):
+    pruned = copy.deepcopy(toy)
+    masks = {n: k for n, k in ((l.name, nm_mask(toy.get_submodule(l.name).weight, 2, 4))
+                               for l in prunable_layers(toy)) if k is not None}
+    apply_masks(pruned, masks)
+    report = run_repair(pruned, "obs", toy_batches, dense=toy, masks=masks, nm=(2, 4))
+    for name, keep in report.masks.items():
+        g = keep.movedim(1, -1)
+        g = g.reshape(*g.shape[:-1], g.shape[-1] // 4, 4)
+        assert bool((g.sum(-1) == 2).all()), name
+
+
+def test_lsq_survives_dead_inputs_without_damping():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1)).eval()
+    with torch.no_grad():
+        dense[0].weight[:3].zero_()
+        dense[0].bias[:3] = -1.0  # three channels are dead after the ReLU: zero columns in the Gram
+    batches = [(torch.randn(4, 3, 6, 6), torch.zeros(4))]
+    pruned, masks = _pruned(dense, 0.95)
+    run_repair(pruned, "lsq:damp=0", batches, dense=dense, masks=masks)
+    assert all(torch.isfinite(p).all() for p in pruned.parameters())
+
+
+@pytest.mark.parametrize("text,msg", [("lsq:damp=-1", "bad value"), ("lsq:damp=x", "bad value"),
+                                      ("lsq:foo=1", "unknown option"), ("obs:block=0", "bad value"),
+                                      ("lsq:block=8", "unknown option")])
+def test_bad_reconstruct_steps(text, msg):
+    with pytest.raises(UserError, match=msg):
+        RepairPipeline.parse(text)
+
+
+def test_pipeline_text_round_trip_and_mask_rule():
+    p = RepairPipeline.parse("obs:damp=0.1:block=64>bn>naive@block+logits")
+    assert str(p) == "obs:damp=0.1:block=64>bn>naive@block+logits" and p.mask_rule == "obs" and p.reconstructs
+    assert RepairPipeline.parse("lsq>bn").mask_rule == "magnitude"
+    assert not RepairPipeline.parse("bn").reconstructs
+
+
+def _brute_lsq_profile(model, batches, grid, damp):
+    """Explicit float64 re-fit of each layer alone on dense inputs; residual energy / sum v_d."""
+    targets = bias_targets(model)
+    out = {}
+    for name in LAYERS:
+        layer = model.get_submodule(name)
+        x = _inputs(model, name, batches)
+        X = _rows(layer, x).numpy()
+        with torch.no_grad():
+            y = layer(x)
+        y = (y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]) if y.dim() == 4 else y).numpy()
+        v_d = y.var(0).sum()
+        lam = damp * float((X ** 2).sum(0).mean())
+        w = layer.weight.detach().flatten(1).numpy()
+        b = layer.bias.detach().numpy() if layer.bias is not None else np.zeros(w.shape[0])
+        const = targets[name] is not None
+        vals = []
+        for s in grid:
+            keep = magnitude_mask(layer.weight, n_pruned(s, layer.weight.numel())).flatten(1).numpy()
+            err = 0.0
+            for i in range(w.shape[0]):
+                A, x0 = X[:, keep[i]], w[i, keep[i]]
+                if const:
+                    A, x0 = np.concatenate([A, np.ones((len(A), 1))], 1), np.append(x0, b[i])
+                sol = np.linalg.solve(A.T @ A + lam * np.eye(A.shape[1]), A.T @ y[:, i] + lam * x0)
+                err += float(((A @ sol - y[:, i]) ** 2).sum())
+            vals.append(err / len(X) / v_d)
+        out[name] = vals
+    return out
+
+
+@pytest.mark.parametrize("damp", [1e-6, 0.05])
+def test_lsq_profile_equals_brute_force(toy, toy_batches, damp):
+    dense, batches = _double(toy, toy_batches)
+    grid = (0.3, 0.7, 0.95)
+    prof = profile_rr(dense, batches, grid, profile_repair="lsq", damp=damp)
+    want = _brute_lsq_profile(dense, batches, grid, damp)
+    for i, name in enumerate(prof.names):
+        if name in want:
+            np.testing.assert_allclose(prof.d_res[i], want[name], rtol=1e-6, err_msg=name)
+    chan = profile_rr(dense, batches, grid)
+    np.testing.assert_allclose(prof.d_raw, chan.d_raw)  # the raw distortion does not depend on the repair
+    i = prof.names.index("block.conv")  # skipped by the re-fit: keeps the channel-wise curve
+    np.testing.assert_allclose(prof.d_res[i], chan.d_res[i])
+    assert "lsq" in prof.meta["profile_repair"]
