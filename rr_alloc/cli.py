@@ -72,7 +72,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--unit", choices=["weights", "flops"], help="count the budget in weights or FLOPs (MACs)")
     r.add_argument("--layer-weights", choices=["uniform", "sensitivity"],
                    help="per-layer weights of the RR objective (default uniform)")
-    r.add_argument("--repair", help="repair pipeline for verification, e.g. bn or bn>asr@block+logits")
+    r.add_argument("--repair", help="repair pipeline for verification, e.g. bn or lsq>bn>naive@block+logits")
+    r.add_argument("--profile-repair", help="repair the RR profile measures: channel (default) or lsq[:damp=X] "
+                   "(least-squares re-fit of the kept weights; the RR allocators then plan for it)")
     o = p.add_argument_group("optuna allocator")
     o.add_argument("--n-trials", type=int, help="trials to add to the study (default 30)")
     o.add_argument("--timeout", type=float, help="stop the study after this many seconds")
@@ -84,6 +86,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 _RUN_KEYS = ("model", "checkpoint", "num_classes", "pretrained", "dataset", "train_data", "test_data",
              "calib_size", "selection_size", "eval_size", "batch_size", "seed", "device", "threads", "cache",
              "grid", "s_max", "include", "exclude", "allocator", "reference", "unit", "layer_weights", "repair",
+             "profile_repair",
              "n_trials", "timeout", "storage", "objective")
 
 

@@ -46,6 +46,7 @@ class RunConfig:
     include: tuple[str, ...] = ()        # shell patterns of layer names to allocate
     exclude: tuple[str, ...] = ()
     lam: str = "mean"                    # ASR shrinkage rule of the RR profile
+    profile_repair: str = "channel"      # repair the RR profile measures: channel | lsq[:damp=X]
     # allocation
     allocator: str = "global"            # best on the selection split in studies/allocation_comparison.py
     reference: str | None = None         # plan verified side by side; None: global magnitude

@@ -125,7 +125,27 @@ class Workbench:
         return ProfileCache.key({
             "model": fingerprint_model(self.dense), "calib": fingerprint_tensor(self.splits.calib.x),
             "layers": [l.name for l in self.layers], "grid": [float(g) for g in self.grid],
-            "lambda": self.cfg.lam, "mean_shift": True})
+            "lambda": self.cfg.lam, "mean_shift": True, **self._profile_repair_key()})
+
+    def profile_repair(self) -> tuple[str, float]:
+        """``(kind, damp)`` of ``cfg.profile_repair``: ``channel``, or ``lsq`` with its damping."""
+        from .repair.reconstruct import DEFAULT_DAMP
+
+        text = (self.cfg.profile_repair or "channel").strip()
+        if text == "channel":
+            return "channel", DEFAULT_DAMP
+        head = text.split(":")[0]
+        if head == "obs":
+            raise UserError("--profile-repair obs has no cheap exact form (OBS chooses its masks in a sequential "
+                            "sweep): use --profile-repair lsq (same re-fit, magnitude masks) or channel")
+        if head != "lsq":
+            raise UserError(f"unknown --profile-repair {text!r}: use channel or lsq[:damp=X]")
+        step = RepairPipeline.parse(text).steps[0]
+        return "lsq", step.damp
+
+    def _profile_repair_key(self) -> dict[str, Any]:
+        kind, damp = self.profile_repair()
+        return {} if kind == "channel" else {"profile_repair": kind, "damp": damp}
 
     def profile(self) -> RRProfile:
         """The RR profile, from the cache when an entry with the same key is intact."""
@@ -139,8 +159,9 @@ class Workbench:
             self._profile = RRProfile.from_dict(hit)
             self._profile.meta["cache"] = "hit"
         else:
+            kind, damp = self.profile_repair()
             self._profile = profile_rr(self.dense, self.splits.calib, self.grid, self.layers, lam=self.cfg.lam,
-                                       device=self.device, progress=self.progress)
+                                       device=self.device, progress=self.progress, profile_repair=kind, damp=damp)
             self._profile.meta["cache"] = "miss" if cache else "off"
             if cache:
                 cache.put(key, self._profile.to_dict())

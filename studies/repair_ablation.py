@@ -11,8 +11,10 @@ from it.
     python studies/repair_ablation.py                 # full study (~50 min stage 1 + ~15 min stage 2, 2 cores)
     python studies/repair_ablation.py --reuse-stage1  # stage 2 only, from the committed stage1.csv
     python studies/repair_ablation.py --quick         # smoke run, separate output folder
+    python studies/repair_ablation.py --reconstruct   # reconstruction repair (lsq / obs), ~1 h on 2 cores
 
-Outputs (studies/results/repair_ablation/): stage1.csv, stage2.csv, summary.md, repair_ablation.png.
+Outputs (studies/results/repair_ablation/): stage1.csv, stage2.csv, summary.md, repair_ablation.png;
+with --reconstruct: reconstruct_screen.csv, reconstruct_test.csv, reconstruct_alloc.csv, reconstruct.md.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ def pruning_of(wb: Workbench, name: str):
     return wb.nm_masks(2, 4)
 
 
+def nm_of(name: str) -> tuple[int, int] | None:
+    """The N:M pattern of a pruning name (mask-choosing repair steps keep it)."""
+    return (2, 4) if name == "nm2:4" else None
+
+
 def run_stage(models, prunings, pipes, seeds, split, overrides, log) -> pd.DataFrame:
     rows = []
     for model in models:
@@ -71,7 +78,7 @@ def run_stage(models, prunings, pipes, seeds, split, overrides, log) -> pd.DataF
                 pruning = pruning_of(wb, pr)
                 for pipe in pipes:
                     t0 = time.perf_counter()
-                    m = wb.verify(pruning, pipe, split=split)
+                    m = wb.verify(pruning, pipe, split=split, nm=nm_of(pr))
                     rows.append({"model": model, "seed": seed, "pruning": pr, "repair": pipe, "split": split,
                                  "n": m.n, "top1": m.top1, "agreement": m.agreement, "kl": m.kl,
                                  "dense_top1": dense.top1, "seconds": time.perf_counter() - t0})
@@ -146,6 +153,122 @@ def plot(s2: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------ reconstruction (issue: lsq / obs repair)
+DAMPS = (1e-3, 1e-2, 1e-1)
+AFTER = "bn>naive@block+logits"  # the channel-wise default runs after the re-fit
+
+
+def _rows_for(model, seed, pr, pipe, plan, ms, seconds, dense) -> list[dict]:
+    return [{"model": model, "seed": seed, "pruning": pr, "plan": plan, "repair": pipe, "split": split, "n": m.n,
+             "top1": m.top1, "agreement": m.agreement, "kl": m.kl, "dense_top1": dense[split].top1,
+             "seconds": seconds} for split, m in ms.items()]
+
+
+def run_reconstruct(args, models, out: Path, log) -> None:
+    """Screen damping x {lsq, obs} (selection, seed 0, global@0.9), then the best of each on test with 3
+    seeds at every pruning, then rr-greedy on the lsq profile vs global under the best lsq pipeline."""
+    overrides = {"calib_size": 256, "selection_size": 256, "eval_size": 1000} if args.quick else {}
+    prunings = ["global@0.9", "nm2:4"] if args.quick else list(PRUNINGS)
+    screen, test, alloc = [], [], []
+    # 1. screen on the selection split
+    for model in models:
+        wb = Workbench(model_config(model, seed=0, **overrides), progress=False)
+        dense = {"selection": wb.dense_metrics("selection")}
+        counts = wb.allocate("global", 0.9)
+        for method in ("lsq", "obs"):
+            for damp in DAMPS:
+                pipe = f"{method}:damp={damp:g}>{AFTER}"
+                t0 = time.perf_counter()
+                ms = wb.verify_splits(counts, pipe, ("selection",))
+                screen += _rows_for(model, 0, "global@0.9", pipe, "global", ms, time.perf_counter() - t0, dense)
+                write_frame_csv(pd.DataFrame(screen), out / "reconstruct_screen.csv")
+                log(f"screen {model} {pipe:<40} selection top1 {100 * ms['selection'].top1:5.1f} "
+                    f"kl {ms['selection'].kl:.3f} ({time.perf_counter() - t0:.1f}s)")
+    sc = pd.DataFrame(screen)
+    rank = sc.groupby("repair").kl.mean().sort_values()
+    best = {m: next(r for r in rank.index if r.startswith(m + ":")) for m in ("lsq", "obs")}
+    log(f"best by mean selection KL: {best}")
+    # 2. the best lsq and obs pipelines: every pruning, 3 seeds, selection + test
+    # 3. rr-greedy on the lsq profile vs global, both under the best lsq pipeline, at 0.9
+    lsq_damp = float(best["lsq"].split(":damp=")[1].split(">")[0])
+    for model in models:
+        for seed in args.seeds:
+            wb = Workbench(model_config(model, seed=seed, profile_repair=f"lsq:damp={lsq_damp:g}", **overrides),
+                           progress=False)
+            dense = {s: wb.dense_metrics(s) for s in ("selection", "test")}
+            for pr in prunings:
+                pruning = pruning_of(wb, pr)
+                for pipe in best.values():
+                    t0 = time.perf_counter()
+                    ms = wb.verify_splits(pruning, pipe, ("selection", "test"), nm=nm_of(pr))
+                    test += _rows_for(model, seed, pr, pipe, "global" if pr != "nm2:4" else "nm", ms,
+                                      time.perf_counter() - t0, dense)
+                    write_frame_csv(pd.DataFrame(test), out / "reconstruct_test.csv")
+                    log(f"test {model} seed {seed} {pr:<11} {pipe:<40} test top1 {100 * ms['test'].top1:5.1f} "
+                        f"({time.perf_counter() - t0:.1f}s)")
+            for plan in ("global", "rr-greedy"):
+                t0 = time.perf_counter()
+                counts = wb.allocate(plan, 0.9)
+                ms = wb.verify_splits(counts, best["lsq"], ("selection", "test"))
+                alloc += _rows_for(model, seed, "0.9", best["lsq"], plan, ms, time.perf_counter() - t0, dense)
+                write_frame_csv(pd.DataFrame(alloc), out / "reconstruct_alloc.csv")
+                log(f"alloc {model} seed {seed} {plan:<10} (lsq profile) test top1 {100 * ms['test'].top1:5.1f}")
+    text = summarise_reconstruct(sc, pd.DataFrame(test), pd.DataFrame(alloc), best, out, args)
+    write_text_atomic(out / "reconstruct.md", text)
+    print(text)
+
+
+def summarise_reconstruct(sc, test, alloc, best, out: Path, args) -> str:
+    lines = ["# Reconstruction repair (lsq / obs)" + (" (QUICK SMOKE RUN: not a result)" if args.quick else ""), "",
+             f"Command: `python studies/repair_ablation.py --reconstruct{' --quick' if args.quick else ''}`  ",
+             f"Machine: {machine()}.", "",
+             "## Screen: damping x {lsq, obs}, global magnitude at 0.9, seed 0, selection split", "",
+             "Each pipeline is the re-fit followed by the channel-wise default `" + AFTER + "`. "
+             "Ranked by mean selection KL over the models (label-free); top-1 beside it.", ""]
+    piv = sc.pivot_table(index="repair", columns="model", values=["top1", "kl"])
+    piv.columns = [f"{m} {v}" for v, m in piv.columns]
+    piv["mean kl"] = sc.groupby("repair").kl.mean()
+    for c in [c for c in piv.columns if c.endswith("top1")]:
+        piv[c] = (100 * piv[c]).round(1)
+    lines += [piv.sort_values("mean kl").round(3).to_markdown(), "",
+              f"**Chosen: `{best['lsq']}` (lsq) and `{best['obs']}` (obs).**", "",
+              "## Test top-1 (%), mean over calibration seeds ± 95% t-interval", ""]
+    base = out / "stage2.csv"
+    rows = [test]
+    if base.exists():  # the committed channel-wise rows, same seeds and images
+        s2 = pd.read_csv(base)
+        rows.append(s2[s2.repair.isin(["bn", AFTER])].assign(plan="global"))
+    allr = pd.concat(rows, ignore_index=True)
+    allr = allr[allr.split == "test"]
+    cells = []
+    for (model, pr, rep), g in allr.groupby(["model", "pruning", "repair"]):
+        m, h, _ = t_interval(100 * g.top1.values)
+        cells.append({"model": model, "pruning": pr, "repair": rep,
+                      "cell": f"{m:.1f} ± {h:.1f}" if not np.isnan(h) else f"{m:.1f}"})
+    wide = pd.DataFrame(cells).pivot_table(index="repair", columns=["model", "pruning"], values="cell",
+                                           aggfunc="first")
+    wide.columns = [f"{a} {b}" for a, b in wide.columns]
+    order = [r for r in ["bn", AFTER, best["lsq"], best["obs"]] if r in wide.index]
+    lines += [wide.reindex(order).to_markdown(), "",
+              "Rows `bn` and the default come from `stage2.csv` (same seeds, same 10,000 test images).", "",
+              "## Allocation for the re-fit: rr-greedy on the lsq profile vs global magnitude, at 0.9", "",
+              f"Both verified under `{best['lsq']}`; paired by calibration seed (test top-1 points).", ""]
+    t = alloc[alloc.split == "test"]
+    arows = []
+    for model, g in t.groupby("model"):
+        piv2 = g.pivot_table(index="seed", columns="plan", values="top1") * 100
+        d = piv2["rr-greedy"] - piv2["global"]
+        m, h, _ = t_interval(d.values)
+        gm, gh, _ = t_interval(piv2["global"].values)
+        rm, rh, _ = t_interval(piv2["rr-greedy"].values)
+        sel = alloc[(alloc.split == "selection") & (alloc.model == model)].groupby("plan").kl.mean()
+        arows.append({"model": model, "global": f"{gm:.1f} ± {gh:.1f}", "rr-greedy (lsq profile)": f"{rm:.1f} ± {rh:.1f}",
+                      "rr-greedy - global": f"{m:+.1f} ± {h:.1f}",
+                      "selection KL global / rr": f"{sel.get('global', np.nan):.3f} / {sel.get('rr-greedy', np.nan):.3f}"})
+    lines += [pd.DataFrame(arows).to_markdown(index=False), ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
@@ -153,9 +276,19 @@ def main() -> None:
                     help="reuse the stage1.csv already in --out (same grid) and run stage 2 only")
     ap.add_argument("--top", type=int, default=3, help="pipelines carried to stage 2 (besides none and bn)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--reconstruct", action="store_true",
+                    help="run the reconstruction (lsq / obs) study instead (see the module docstring)")
     ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "repair_ablation"))
     args = ap.parse_args()
     shared_dir(args.shared)
+    if args.reconstruct:
+        out = Path(args.out)
+        if args.quick:
+            args.seeds = [0, 1]
+            out = out.with_name(out.name + "_quick")
+        run_reconstruct(args, args.models[:1] if args.quick else args.models, out,
+                        lambda msg: print(msg, flush=True))
+        return
     t_start = time.perf_counter()
     pipes, excluded = stage1_pipelines()
     models, prunings, overrides = args.models, list(PRUNINGS), {}
