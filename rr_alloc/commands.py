@@ -245,7 +245,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         return model_from_plan(plan, config_from_args(args, base=config_from_plan(plan)))
 
+    def obs_masks():
+        from .search import workbench_for_plan
+
+        _, cfg, wb = workbench_for_plan(args)
+        _, report = wb.repaired_model(plan.counts, cfg.repair)
+        return report.masks
+
     needs_model = args.format in ("masks", "torch-pruning")
-    path = export_plan(plan, args.format, args.out, model_fn=model if needs_model else None)
+    path = export_plan(plan, args.format, args.out, model_fn=model if needs_model else None,
+                       masks_fn=obs_masks if args.format == "masks" and plan.mask_rule == "obs" else None)
     print(f"wrote {path} ({args.format})")
+    from .export import reconstruction_note
+
+    note = reconstruction_note(plan)
+    if note:
+        print(f"note: {note}")
     return 0

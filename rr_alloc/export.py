@@ -20,10 +20,26 @@ from .plan import Plan
 __all__ = ["EXPORTERS", "export_plan", "weight_to_channel_ratio", "FORMAT_HELP"]
 
 
+def reconstruction_note(plan: Plan) -> str | None:
+    """One sentence when the plan's verified quality needs rr_alloc's reconstructed weights, else ``None``."""
+    from .repair import RepairPipeline
+
+    pipe = RepairPipeline.parse(plan.repair)
+    if not pipe.reconstructs:
+        return None
+    masks = ("its masks are OBS-chosen (same per-layer counts), not the smallest |w|; "
+             if plan.mask_rule == "obs" else "")
+    return (f"this plan was verified with rr_alloc's reconstruction repair ({plan.repair}): {masks}re-pruning "
+            "by magnitude with these sparsities loses that quality; take the weights from `rr_alloc apply`, "
+            "or let the downstream tool recompute its own updates (this file is a schedule, not weights)")
+
+
 def _header(plan: Plan, comment: str = "#") -> str:
+    note = reconstruction_note(plan)
     return (f"{comment} rr_alloc plan: {plan.allocator} at budget {plan.budget:g} ({plan.budget_unit}), "
             f"achieved {plan.achieved_sparsity:.4f}; model {plan.source.get('model', '?')}\n"
-            f"{comment} sparsity = fraction of each layer's weights set to zero (weight_fraction)\n")
+            f"{comment} sparsity = fraction of each layer's weights set to zero (weight_fraction)\n"
+            + (f"{comment} NOTE: {note}\n" if note else ""))
 
 
 def to_torch_prune(plan: Plan) -> str:
@@ -197,8 +213,9 @@ def to_markdown(plan: Plan) -> str:
     rows = ["| layer | shape | weights | pruned | sparsity |", "|---|---|---:|---:|---:|"]
     for l in plan.layers:
         rows.append(f"| `{l.name}` | {'x'.join(map(str, l.shape))} | {l.n_weights} | {l.n_pruned} | {l.sparsity:.4f} |")
+    note = reconstruction_note(plan)
     head = (f"**{plan.allocator}** plan at budget {plan.budget:g} ({plan.budget_unit}); achieved "
-            f"{plan.achieved_sparsity:.4f}; repair `{plan.repair}`\n\n")
+            f"{plan.achieved_sparsity:.4f}; repair `{plan.repair}`\n\n" + (f"Note: {note}.\n\n" if note else ""))
     return head + "\n".join(rows) + "\n"
 
 
@@ -215,12 +232,25 @@ EXPORTERS: dict[str, Callable[[Plan], str]] = {
 FORMAT_HELP = ", ".join(list(EXPORTERS) + ["masks"])
 
 
-def export_plan(plan: Plan, fmt: str, out: str | Path, model_fn: Callable[[], object] | None = None) -> Path:
+def export_plan(plan: Plan, fmt: str, out: str | Path, model_fn: Callable[[], object] | None = None,
+                masks_fn: Callable[[], dict] | None = None) -> Path:
     """Write ``plan`` as ``fmt`` to ``out`` atomically.
 
     ``model_fn`` returns the plan's dense model; ``masks`` needs it, and
     ``torch-pruning`` uses it to find the residual-stream layers to ignore.
+    ``masks_fn`` returns the keep-masks the plan's repair chooses; an ``obs``
+    plan's ``masks`` export needs it (its masks are not magnitude masks).
     """
+    if fmt == "masks" and plan.mask_rule == "obs":
+        if masks_fn is None:
+            raise UserError("the masks of an obs plan come from its repair: the export needs the plan's model "
+                            "and calibration data (its source block must rebuild them)")
+        import torch
+
+        masks = {k: v.cpu().bool() for k, v in masks_fn().items() if k in plan.counts}
+        with atomic_path(out) as tmp:
+            torch.save(masks, tmp)
+        return Path(out)
     if fmt == "masks":
         if model_fn is None:
             raise UserError("the masks export needs the plan's model: its source block must rebuild it")

@@ -19,6 +19,14 @@ Schema (version 1), unit ``weight_fraction``::
 
 ``sparsity`` = ``n_pruned / n_weights``; ``achieved_sparsity`` is parameter-weighted
 over the listed layers (or MAC-weighted when ``budget_unit`` is ``flops``).
+
+Version 2 adds ``mask_rule``: ``magnitude`` (each layer's ``n_pruned`` smallest
+``|w|``, what every downstream tool does) or ``obs`` (the repair pipeline chooses
+which weights to prune, keeping the counts; only ``rr_alloc apply`` / ``verify``
+reproduce those masks). Plans with magnitude masks are still written as
+version 1 (with ``mask_rule`` beside it), so older readers keep reading them;
+an ``obs`` plan is version 2, so an older reader refuses it instead of
+re-pruning it by magnitude.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from .io_utils import write_text_atomic
 __all__ = ["Plan", "LayerPlan", "SCHEMA", "SCHEMA_VERSION"]
 
 SCHEMA = "rr_alloc.plan"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2             # the newest version this code reads and writes
+READ_VERSIONS = (1, 2)
+MASK_RULES = ("magnitude", "obs")
 UNIT = "weight_fraction"
 
 
@@ -65,6 +75,7 @@ class Plan:
     allocator: str
     repair: str
     budget_unit: str = "weights"
+    mask_rule: str = "magnitude"
     achieved_sparsity: float | None = None
     source: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -93,7 +104,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         from . import __version__
 
-        return {"schema": SCHEMA, "version": SCHEMA_VERSION, "unit": UNIT,
+        version = 1 if self.mask_rule == "magnitude" else SCHEMA_VERSION
+        return {"schema": SCHEMA, "version": version, "unit": UNIT, "mask_rule": self.mask_rule,
                 "budget": self.budget, "budget_unit": self.budget_unit,
                 "achieved_sparsity": self.achieved_sparsity,
                 "allocator": self.allocator, "repair": self.repair,
@@ -114,9 +126,13 @@ class Plan:
         if d.get("schema") != SCHEMA:
             raise UserError(f"{where} is not an rr_alloc plan (schema {d.get('schema')!r}): "
                             "pass a plan written by `rr_alloc search`")
-        if d.get("version") != SCHEMA_VERSION:
+        if d.get("version") not in READ_VERSIONS:
             raise UserError(f"{where} has plan schema version {d.get('version')!r}; this rr_alloc reads "
-                            f"version {SCHEMA_VERSION}: regenerate it or upgrade rr_alloc")
+                            f"versions {', '.join(map(str, READ_VERSIONS))}: regenerate it or upgrade rr_alloc")
+        mask_rule = d.get("mask_rule", "magnitude")
+        if mask_rule not in MASK_RULES or (d["version"] == 1 and mask_rule != "magnitude"):
+            raise UserError(f"{where} has mask_rule {mask_rule!r}: version-1 plans use magnitude masks, "
+                            f"version 2 one of {', '.join(MASK_RULES)}")
         if d.get("unit") != UNIT:
             raise UserError(f"{where} has unit {d.get('unit')!r}, expected {UNIT!r}")
         for key in ("budget", "allocator", "repair", "layers"):
@@ -151,7 +167,7 @@ class Plan:
             raise UserError(f"{where}: budget {d['budget']!r} is not a number")
         if not 0.0 < budget < 1.0:
             raise UserError(f"{where}: budget {budget} outside (0, 1)")
-        return cls(layers, budget, str(d["allocator"]), str(d["repair"]), d.get("budget_unit", "weights"),
+        return cls(layers, budget, str(d["allocator"]), str(d["repair"]), d.get("budget_unit", "weights"), mask_rule,
                    d.get("achieved_sparsity"), d.get("source", {}), d.get("calibration", {}),
                    d.get("profile", {}), d.get("verify", {}), d.get("tool", {}), d.get("created", ""))
 

@@ -290,7 +290,8 @@ class Workbench:
     def make_plan(self, counts: np.ndarray, budget: float, allocator: str, repair: str,
                   verify: dict[str, Any] | None = None) -> Plan:
         layers = [LayerPlan(l.name, int(k), l.n_weights, l.shape) for l, k in zip(self.layers, counts)]
-        plan = Plan(layers, budget, allocator, str(RepairPipeline.parse(repair)), self.cfg.unit)
+        pipe = RepairPipeline.parse(repair)
+        plan = Plan(layers, budget, allocator, str(pipe), self.cfg.unit, mask_rule=pipe.mask_rule)
         if self.cfg.unit == "flops":
             c = self.macs_per_weight * np.array([l.n_weights for l in self.layers])
             plan.achieved_sparsity = float(c @ (np.asarray(counts) / [l.n_weights for l in self.layers]) / c.sum())

@@ -220,3 +220,65 @@ def test_lsq_profile_equals_brute_force(toy, toy_batches, damp):
     i = prof.names.index("block.conv")  # skipped by the re-fit: keeps the channel-wise curve
     np.testing.assert_allclose(prof.d_res[i], chan.d_res[i])
     assert "lsq" in prof.meta["profile_repair"]
+
+
+@pytest.fixture(scope="module")
+def obs_plan(tmp_path_factory):
+    from rr_alloc.cli import main
+
+    out = tmp_path_factory.mktemp("obs") / "plan.json"
+    assert main(["search", "--budget", "0.85", "--repair", "obs>bn>naive@block+logits", "--out", str(out)]) == 0
+    return out
+
+
+def test_obs_plan_is_version_2_and_apply_reproduces_verified_top1(obs_plan, tmp_path):
+    import json
+
+    from rr_alloc import load_pruned
+    from rr_alloc.cli import main
+    from rr_alloc.data import DataSpec, load_splits
+    from rr_alloc.models.digits import DigitsResNet
+    from rr_alloc.plan import Plan
+
+    d = json.loads(obs_plan.read_text())
+    assert d["version"] == 2 and d["mask_rule"] == "obs"
+    out = tmp_path / "pruned.pt"
+    assert main(["apply", "--plan", str(obs_plan), "--out", str(out)]) == 0
+    plan = Plan.load(obs_plan)
+    model = load_pruned(DigitsResNet(), out)
+    test = load_splits(DataSpec.from_dict(plan.source["data"])).test
+    with torch.no_grad():
+        top1 = float(sum((model(x).argmax(1) == y).sum() for x, y in test)) / test.n
+    assert top1 == pytest.approx(plan.verify["top1"], abs=1e-9)
+    # the exported masks are the repair's (OBS) masks: exact counts, and the applied weights follow them
+    assert main(["export", "--plan", str(obs_plan), "--format", "masks", "--out", str(tmp_path / "m.pt")]) == 0
+    masks = torch.load(tmp_path / "m.pt", weights_only=True)
+    from rr_alloc.models.digits import pretrained_digits_resnet
+
+    magnitude = masks_for_plan(pretrained_digits_resnet(verbose=False), plan.counts)
+    for l in plan.layers:
+        w = model.get_submodule(l.name).weight
+        assert int((~masks[l.name]).sum()) == l.n_pruned and bool((w[~masks[l.name]] == 0).all())
+    assert any(bool((masks[n] != magnitude[n]).any()) for n in magnitude)  # not magnitude masks
+
+
+def test_every_export_of_a_reconstruction_plan_says_so(obs_plan, tmp_path, capsys):
+    from rr_alloc.cli import main
+
+    for fmt in ("torch-prune", "llm-compressor", "sparseml", "markdown", "nni", "csv"):
+        capsys.readouterr()
+        out = tmp_path / f"x.{fmt}"
+        assert main(["export", "--plan", str(obs_plan), "--format", fmt, "--out", str(out)]) == 0
+        said = capsys.readouterr().out + out.read_text()
+        assert "rr_alloc apply" in said and "OBS-chosen" in said, fmt
+
+
+def test_version_1_plan_cannot_claim_obs_masks(obs_plan):
+    import json
+
+    from rr_alloc.plan import Plan
+
+    d = json.loads(obs_plan.read_text())
+    d["version"] = 1
+    with pytest.raises(UserError, match="mask_rule"):
+        Plan.from_dict(d)
