@@ -67,12 +67,18 @@ def finish(p: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     assert rc == 0, log.read_text()
 
 
-def the_study(storage: str):
+def the_study(storage: str, quick: bool = False):
+    """The one study in ``storage`` (None before it exists); ``quick``: give up on a lock within seconds."""
     import optuna
 
     from rr_alloc.optuna_storage import open_storage
 
-    st = open_storage(storage)
+    if quick:  # never wait on a lock a stopped worker holds (nor take the schema lock)
+        args = {"timeout": 1} if storage.startswith("sqlite") else {"options": "-c lock_timeout=1000 "
+                                                                               "-c statement_timeout=2000"}
+        st = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": args}, skip_table_creation=True)
+    else:
+        st = open_storage(storage)
     names = optuna.get_all_study_names(st)
     if not names:
         return None
@@ -155,14 +161,21 @@ def test_killed_worker_trial_is_retried(rdb_url, tmp_path):
     b = start(with_storage(worker, rdb_url, tmp_path / "b" / "plan.json", "--total-trials", str(TOTAL)), logs["b"])
 
     def b_running():
-        study = the_study(rdb_url)
-        trials = study.get_trials(deepcopy=False) if study else []
-        mine = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(f":{b.pid}")
-                and t.params]  # parameters stored: the trial is evaluating
-        return (mine[0], [t.number for t in trials if t.state == TrialState.COMPLETE]) if mine else None
+        # b is stopped while we look, so the trial we see RUNNING cannot finish before the SIGKILL lands
+        b.send_signal(signal.SIGSTOP)
+        try:
+            study = the_study(rdb_url, quick=True)
+            trials = study.get_trials(deepcopy=False) if study else []
+            mine = [t for t in trials if t.state == TrialState.RUNNING and t.params  # evaluating
+                    and t.user_attrs.get("worker", "").endswith(f":{b.pid}")]
+            if mine:
+                b.send_signal(signal.SIGKILL)
+                return mine[0], [t.number for t in trials if t.state == TrialState.COMPLETE]
+        finally:
+            b.send_signal(signal.SIGCONT)
+        return None
 
     killed, done_before = wait_for(b_running, 120, "worker b to run a trial", (a, b))
-    b.send_signal(signal.SIGKILL)
     b.wait()
     c = start(with_storage(worker, rdb_url, tmp_path / "c" / "plan.json", "--total-trials", str(TOTAL)), logs["c"])
     finish(a, logs["a"])
@@ -189,7 +202,8 @@ def test_killed_worker_trial_is_retried(rdb_url, tmp_path):
 def test_two_workers_on_journal_file_share_no_parameters(tmp_path):
     worker, _ = readme_commands()
     storage = str(tmp_path / "study.log")
-    procs = [(start(with_storage(worker, storage, tmp_path / k / "plan.json", "--total-trials", "8"),
+    # 4 trials each: both workers must evaluate, however late one of them starts
+    procs = [(start(with_storage(worker, storage, tmp_path / k / "plan.json", "--total-trials", "8", "--n-trials", "4"),
                     tmp_path / f"{k}.log"), tmp_path / f"{k}.log") for k in "ab"]
     for p, log in procs:
         finish(p, log)
