@@ -39,6 +39,8 @@ JOURNAL_SUFFIXES = (".log", ".journal")
 _SCHEMA_TRIES = 8          # fresh-database races resolve in one or two retries; 8 covers many workers
 _CONNECT_TIMEOUT_S = 5     # an unreachable server fails fast instead of hanging the worker
 _SQLITE_BUSY_S = 60        # workers and heartbeat threads share one SQLite file: wait for its lock
+_LOCK_KEY = 0x72725F616C6C6F63  # PostgreSQL advisory-lock key of the schema set-up ("rr_alloc")
+_LOCK_WAIT_S = 60
 
 
 def worker_id() -> str:
@@ -185,7 +187,15 @@ def _with_schema_lock(url, make: Callable[[], Any]) -> Any:
     if url.get_backend_name() == "postgresql":
         lock_engine = sqlalchemy.create_engine(url, **_engine_kwargs(url))
         conn = lock_engine.connect()
-        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": 0x72725F616C6C6F63})  # "rr_alloc"
+        # try-lock with a deadline: a hung (not dead) holder must not block new workers forever; without
+        # the lock the retries below still resolve the race
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        while not conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}).scalar():
+            if time.monotonic() > deadline:
+                conn.close()
+                conn = None
+                break
+            time.sleep(0.1)
     try:
         for attempt in range(_SCHEMA_TRIES):
             try:
@@ -197,8 +207,9 @@ def _with_schema_lock(url, make: Callable[[], Any]) -> Any:
                 time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
     finally:
         if conn is not None:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": 0x72725F616C6C6F63})
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
             conn.close()
+        if lock_engine is not None:
             lock_engine.dispose()
 
 

@@ -166,7 +166,7 @@ def test_killed_worker_trial_is_retried(rdb_url, tmp_path):
         try:
             study = the_study(rdb_url, quick=True)
             trials = study.get_trials(deepcopy=False) if study else []
-            mine = [t for t in trials if t.state == TrialState.RUNNING and t.params  # evaluating
+            mine = [t for t in trials if t.state == TrialState.RUNNING and "counts" in t.user_attrs  # evaluating
                     and t.user_attrs.get("worker", "").endswith(f":{b.pid}")]
             if mine:
                 b.send_signal(signal.SIGKILL)
@@ -187,6 +187,7 @@ def test_killed_worker_trial_is_retried(rdb_url, tmp_path):
     assert all(by_number[n].state == TrialState.COMPLETE for n in done_before), "a completed trial was lost"
     assert by_number[killed.number].state == TrialState.FAIL
     retries = [t for t in done if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(killed.params) == 9 and by_number[killed.number].params == killed.params
     assert len(retries) == 1 and retries[0].params == killed.params, "the killed trial was not re-run"
     assert "heartbeat on" in logs["c"].read_text()
 
