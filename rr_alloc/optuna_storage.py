@@ -347,7 +347,7 @@ def summary_lines(storage: str, objective: str) -> list[str]:
 
     st = open_storage(storage)
     out = []
-    view = storage if "://" in storage else str(Path(storage))
+    view = _where(_sa_url(storage)) if "://" in storage else storage  # never print a password
     for name in optuna.get_all_study_names(st):
         study = optuna.load_study(study_name=name, storage=st)
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
