@@ -157,14 +157,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else _default_out(cfg, args.budget)
-    if cfg.allocator == "optuna" and not cfg.storage:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cfg = cfg.updated(storage=f"sqlite:///{(out.parent / 'optuna.db').resolve()}")
-    if cfg.allocator == "optuna":  # a missing driver or an unreachable server fails before any work
+    if cfg.allocator == "optuna":  # bad settings, a missing driver or an unreachable server fail before any work
         from .optuna_storage import StudySettings, check_storage
 
         StudySettings(cfg.n_trials, cfg.timeout, cfg.total_trials, cfg.heartbeat_interval, cfg.grace_period,
                       cfg.max_retry)
+        if not cfg.storage:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cfg = cfg.updated(storage=f"sqlite:///{(out.parent / 'optuna.db').resolve()}")
         check_storage(cfg.storage)
     run_search(cfg, args.budget, out, verify=args.verify, embedded_note=EMBEDDED_NOTE)
     return 0

@@ -265,6 +265,7 @@ def test_unreachable_server_is_one_line_error(tmp_path, capsys):
 def test_bad_storage_and_settings(tmp_path, capsys):
     assert "neither a database URL" in _bad(tmp_path, capsys, "--storage", "study.db")
     assert "--total-trials" in _bad(tmp_path, capsys, "--total-trials", "0")
+    assert not (tmp_path / "run").exists()  # no output directory either
     assert "--grace-period" in _bad(tmp_path, capsys, "--heartbeat-interval", "5", "--grace-period", "5")
 
 
