@@ -76,9 +76,20 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--profile-repair", help="repair the RR profile measures: channel (default) or lsq[:damp=X] "
                    "(least-squares re-fit of the kept weights; the RR allocators then plan for it)")
     o = p.add_argument_group("optuna allocator")
-    o.add_argument("--n-trials", type=int, help="trials to add to the study (default 30)")
+    o.add_argument("--n-trials", type=int, help="trials this process adds to the study (default 30; 0: write "
+                   "the plan from the study's best trial)")
     o.add_argument("--timeout", type=float, help="stop the study after this many seconds")
-    o.add_argument("--storage", help="Optuna storage URL (default: SQLite file beside the plan)")
+    o.add_argument("--storage", help="Optuna storage: sqlite:///FILE, postgresql+psycopg://USER@HOST/DB (several "
+                   "machines), or a journal file *.log (default: SQLite file beside the plan)")
+    o.add_argument("--study-name", help="Optuna study name (default: keyed on the model, image and settings "
+                   "fingerprints, so workers anywhere with the same inputs share it)")
+    o.add_argument("--total-trials", type=int, help="stop every worker once the study holds this many "
+                   "completed trials")
+    o.add_argument("--heartbeat-interval", type=int, help="seconds between a running trial's heartbeats "
+                   "(database storages; default 60)")
+    o.add_argument("--grace-period", type=int, help="seconds without a heartbeat after which a trial is failed "
+                   "and re-run (default twice the interval)")
+    o.add_argument("--max-retry", type=int, help="re-runs of a killed worker's trial (default 2)")
     o.add_argument("--objective", choices=["kl", "agreement", "top1"],
                    help="search objective on the selection split (default kl, label-free)")
 
@@ -87,7 +98,8 @@ _RUN_KEYS = ("model", "checkpoint", "num_classes", "pretrained", "dataset", "tra
              "calib_size", "selection_size", "eval_size", "batch_size", "seed", "device", "threads", "cache",
              "grid", "s_max", "include", "exclude", "allocator", "reference", "unit", "layer_weights", "repair",
              "profile_repair",
-             "n_trials", "timeout", "storage", "objective")
+             "n_trials", "timeout", "storage", "objective", "study_name", "total_trials", "heartbeat_interval",
+             "grace_period", "max_retry")
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
@@ -148,9 +160,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else _default_out(cfg, args.budget)
-    if cfg.allocator == "optuna" and not cfg.storage:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cfg = cfg.updated(storage=f"sqlite:///{(out.parent / 'optuna.db').resolve()}")
+    if cfg.allocator == "optuna":  # bad settings, a missing driver or an unreachable server fail before any work
+        from .optuna_storage import StudySettings, check_storage
+
+        StudySettings(cfg.n_trials, cfg.timeout, cfg.total_trials, cfg.heartbeat_interval, cfg.grace_period,
+                      cfg.max_retry)
+        if not cfg.storage:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cfg = cfg.updated(storage=f"sqlite:///{(out.parent / 'optuna.db').resolve()}")
+        check_storage(cfg.storage)
     run_search(cfg, args.budget, out, verify=args.verify, embedded_note=EMBEDDED_NOTE)
     return 0
 

@@ -60,6 +60,11 @@ class RunConfig:
     timeout: float | None = None
     storage: str | None = None
     objective: str = "kl"                # kl | agreement | top1 (selection split)
+    study_name: str | None = None        # None: keyed on the model, image and settings fingerprints
+    total_trials: int | None = None      # stop every worker once the study holds this many completed trials
+    heartbeat_interval: int = 60         # s; RDB storages: a killed worker's trial fails after the grace period
+    grace_period: int | None = None      # s; None: Optuna's default, twice the heartbeat interval
+    max_retry: int = 2                   # re-runs of a killed worker's trial
     # execution
     device: str = "auto"
     threads: int | None = None

@@ -101,14 +101,9 @@ def run_search(cfg: RunConfig, budget: float, out: Path, verify: bool = True, em
     print(f"\nwrote {out} (plan), {extra[0].name}, {extra[1].name} in {out.parent}  "
           f"[{time.perf_counter() - t0:.1f}s]")
     if cfg.allocator == "optuna":
-        import optuna
+        from .optuna_storage import summary_lines
 
-        names = optuna.get_all_study_names(cfg.storage)
-        for name in names:
-            st = optuna.load_study(study_name=name, storage=cfg.storage)
-            done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials)
-            print(f"optuna study {name}: {done} completed trials, best {cfg.objective} on selection "
-                  f"{st.best_value:.4f}; view: optuna-dashboard {cfg.storage}")
+        print("\n".join(summary_lines(cfg.storage, cfg.objective)))
     if cfg.model == "digits_resnet" and embedded_note:
         print("\n" + embedded_note)
     return plan

@@ -205,16 +205,15 @@ class Workbench:
         cls = ALLOCATORS[allocator]
         extra = {}
         if "evaluate" in cls.needs:
-            from .allocators.search import make_objective, study_name_for
+            from .allocators.search import make_objective
+            from .optuna_storage import study_name_for_workbench
 
             extra["evaluate"] = make_objective(self, self.cfg.repair, self.cfg.objective)
-            name = study_name_for({"model": fingerprint_model(self.dense), "calib": self.cfg.seed,
-                                   "data": self.data_spec.to_dict(), "budget": budget, "repair": self.cfg.repair,
-                                   "objective": self.cfg.objective, "unit": self.cfg.unit,
-                                   "layers": [l.name for l in self.layers], "s_max": self.cfg.s_max,
-                                   "layer_weights": self.cfg.layer_weights})
+            name = self.cfg.study_name or study_name_for_workbench(self, budget)
             extra["options"] = {"n_trials": self.cfg.n_trials, "timeout": self.cfg.timeout,
-                                "storage": self.cfg.storage, "study_name": name}
+                                "storage": self.cfg.storage, "study_name": name,
+                                "total_trials": self.cfg.total_trials, "heartbeat_interval": self.cfg.heartbeat_interval,
+                                "grace_period": self.cfg.grace_period, "max_retry": self.cfg.max_retry}
         t0 = time.perf_counter()
         counts = get_allocator(allocator, **kwargs).allocate(self.problem(budget, cls.needs, layer_weights, **extra))
         self.timings[f"allocate:{allocator}"] = time.perf_counter() - t0

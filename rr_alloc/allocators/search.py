@@ -74,10 +74,13 @@ class OptunaSearch(Allocator):
     def sparsities(self, problem: AllocationProblem) -> np.ndarray:
         import optuna
 
+        from .. import optuna_storage as ost
+
         opts = problem.options
-        n_trials = self.n_trials if self.n_trials is not None else int(opts.get("n_trials", 30))
-        timeout = self.timeout if self.timeout is not None else opts.get("timeout")
-        storage = self.storage or opts.get("storage")
+        settings = ost.StudySettings.from_options(
+            {**opts, "n_trials": self.n_trials if self.n_trials is not None else int(opts.get("n_trials", 30)),
+             "timeout": self.timeout if self.timeout is not None else opts.get("timeout")})
+        storage = ost.open_storage(self.storage or opts.get("storage"), settings)
         name = self.study_name or opts.get("study_name") or "rr_alloc"
         anchors = self.anchors(problem)
         A = np.stack([anchors[k] for k in ANCHORS])  # (K, L)
@@ -96,18 +99,23 @@ class OptunaSearch(Allocator):
             trial.set_user_attr("counts", [int(k) for k in counts])
             return float(problem.evaluate(counts))
 
-        optuna.logging.set_verbosity(logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=problem.seed, n_startup_trials=max(len(ANCHORS) + 2, 8))
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="minimize",
-                                    load_if_exists=True)
-        if not study.trials:  # warm start: every anchor plan, exactly
+        def enqueue_anchors(study: "optuna.Study") -> None:  # warm start: every anchor plan, exactly
             for k in ANCHORS:
                 params = {f"w_{j}": float(j == k) for j in ANCHORS}
                 params.update({f"stage{j}": 0.0 for j in range(3)})
                 study.enqueue_trial(params)
-        study.optimize(objective, n_trials=n_trials, timeout=timeout, gc_after_trial=False)
+
+        def sampler(seed: int) -> "optuna.samplers.BaseSampler":
+            # constant_liar: concurrent workers treat each other's running trials as bad, so they spread out
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(len(ANCHORS) + 2, 8),
+                                              constant_liar=True)
+
+        optuna.logging.set_verbosity(logging.WARNING)
+        study, _ = ost.open_study(name, storage, sampler, problem.seed, enqueue_anchors,
+                                  load_only=settings.n_trials == 0)
+        ost.optimize(study, objective, settings)
         self.study = study
-        best = study.best_trial
+        best = ost.best_trial(study)
         return np.asarray(best.user_attrs["counts"], float) / problem.n
 
 
