@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,18 @@ from torch import nn
 
 from .io_utils import write_text_atomic
 
-__all__ = ["fingerprint_model", "fingerprint_tensor", "ProfileCache"]
+__all__ = ["fingerprint_model", "fingerprint_tensor", "ProfileCache", "default_cache_dir"]
 
 CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """User cache directory: ``$RR_ALLOC_CACHE``, else ``$XDG_CACHE_HOME/rr_alloc`` (``~/.cache/rr_alloc``)."""
+    env = os.environ.get("RR_ALLOC_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rr_alloc"
 
 
 def fingerprint_model(model: nn.Module) -> str:

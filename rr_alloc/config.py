@@ -15,7 +15,7 @@ from typing import Any
 
 from .data import DataSpec
 from .errors import UserError
-from .models.transforms import TransformSpec
+from .transforms import TransformSpec
 from .profile import DEFAULT_GRID
 from .repair import DEFAULT_REPAIR
 
@@ -52,6 +52,7 @@ class RunConfig:
     reference: str | None = None         # plan verified side by side; None: global magnitude
                                          # (or rr-greedy when the plan itself is global magnitude)
     unit: str = "weights"                # budget counted in weights or flops (MACs)
+    pattern: str | None = None           # "N:M" semi-structured masks instead of a budget (e.g. "2:4")
     layer_weights: str = "uniform"       # RR objective weights: uniform | sensitivity
     # repair / verification
     repair: str = DEFAULT_REPAIR        # chosen by studies/repair_ablation.py (selection split)
@@ -70,6 +71,7 @@ class RunConfig:
     threads: int | None = None
     out: str | None = None
     cache: bool = True                   # reuse RR profiles from the cache directory
+    cache_dir: str | None = None         # None: $RR_ALLOC_CACHE, else ~/.cache/rr_alloc
 
     def data_spec(self, default_transform: TransformSpec | None) -> DataSpec:
         tf = TransformSpec.from_dict(self.transform) if self.transform else default_transform

@@ -16,14 +16,39 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .models.transforms import TransformSpec
+from .transforms import TransformSpec
 
-__all__ = ["DataSpec", "Batches", "Splits", "load_splits", "DATASET_KINDS"]
+__all__ = ["DataSpec", "Batches", "Splits", "load_splits", "DATASET_KINDS", "digits_arrays", "digits_split_indices",
+           "DIGITS_MEAN", "DIGITS_STD"]
 
 DATASET_KINDS = ("digits", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist")
 # Test subsets are drawn with a fixed seed, independent of the calibration seed,
 # so every run and seed is scored on the same images.
 _EVAL_SEED = 12345
+
+# scikit-learn's bundled 8x8 digits (the embedded default's data; no download)
+DIGITS_MEAN = 0.3
+DIGITS_STD = 0.37
+# Held-out digits for reporting only: the rest is the training pool that the
+# model is fit on and from which calibration and selection splits are drawn.
+DIGITS_TEST_SIZE = 397
+DIGITS_SPLIT_SEED = 0
+
+
+def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits as normalised ``(N, 1, 8, 8)`` float tensors and int64 labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
+    x = (x - DIGITS_MEAN) / DIGITS_STD
+    return x, torch.from_numpy(d.target.astype(np.int64))
+
+
+def digits_split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed (train pool, test) index split of the digits."""
+    perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(n)
+    return np.sort(perm[DIGITS_TEST_SIZE:]), np.sort(perm[:DIGITS_TEST_SIZE])
 
 
 @dataclass(frozen=True)
@@ -76,8 +101,6 @@ class Batches:
         for i in range(0, len(self.x), self.batch_size):
             yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
 
-    def with_batch_size(self, batch_size: int) -> "Batches":
-        return Batches(self.x, self.y, batch_size)
 
 
 @dataclass
@@ -169,8 +192,6 @@ def load_splits(spec: DataSpec, batch_size: int = 256) -> Splits:
     if spec.kind not in DATASET_KINDS:
         raise UserError(f"unknown dataset {spec.kind!r}: use one of {', '.join(DATASET_KINDS)}")
     if spec.kind == "digits":
-        from .models.digits import digits_arrays, digits_split_indices
-
         x, y = digits_arrays()
         pool, test = digits_split_indices(len(x))
         c, s = _draw(len(pool), spec.calib_size, spec.selection_size, spec.seed, "the digits training pool")

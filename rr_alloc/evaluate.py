@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Metrics", "logits_of", "compare_logits", "evaluate", "wilson_interval"]
+__all__ = ["Metrics", "logits_of", "compare_logits", "wilson_interval"]
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,6 @@ def compare_logits(logits: torch.Tensor, labels: torch.Tensor, dense_logits: tor
     logp = F.log_softmax(logits.double(), 1)
     kl = float((logp_d.exp() * (logp_d - logp)).sum(1).mean())
     return Metrics(top1, agree, kl, len(labels))
-
-
-def evaluate(model: nn.Module, batches, dense_logits: torch.Tensor,
-             device: torch.device | str = "cpu") -> Metrics:
-    logits, labels = logits_of(model, batches, device)
-    return compare_logits(logits, labels, dense_logits)
 
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
 from .errors import UserError
 from .io_utils import atomic_path, write_text_atomic
 from .plan import Plan
+from .pruning import plan_masks
+from .repair import RepairPipeline
 
-__all__ = ["EXPORTERS", "export_plan", "weight_to_channel_ratio", "FORMAT_HELP"]
+__all__ = ["EXPORTERS", "Exporter", "exporter", "export_plan", "weight_to_channel_ratio", "FORMAT_HELP",
+           "reconstruction_note"]
 
 
 def reconstruction_note(plan: Plan) -> str | None:
     """One sentence when the plan's verified quality needs rr_alloc's reconstructed weights, else ``None``."""
-    from .repair import RepairPipeline
-
     pipe = RepairPipeline.parse(plan.repair)
     if not pipe.reconstructs:
         return None
@@ -219,55 +221,66 @@ def to_markdown(plan: Plan) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-EXPORTERS: dict[str, Callable[[Plan], str]] = {
-    "torch-prune": to_torch_prune,
-    "torch-pruning": to_torch_pruning,
-    "llm-compressor": to_llm_compressor,
-    "sparseml": to_sparseml,
-    "nni": to_nni,
-    "nni-v2": lambda p: to_nni(p, 2),
-    "csv": to_csv,
-    "markdown": to_markdown,
+@dataclass(frozen=True)
+class Exporter:
+    """A downstream format: how to render a plan, and whether it needs the plan's dense model.
+
+    ``render(plan, model)`` returns text; ``model`` is ``None`` unless ``needs_model``. The
+    ``masks`` format writes tensors instead (``binary``).
+    """
+
+    render: Callable[[Plan, Any], str] | None
+    needs_model: bool = False
+    binary: bool = False
+
+
+EXPORTERS: dict[str, Exporter] = {
+    "torch-prune": Exporter(lambda p, m: to_torch_prune(p)),
+    # the model tells which layers feed the residual stream (left to Torch-Pruning's ignored_layers)
+    "torch-pruning": Exporter(to_torch_pruning, needs_model=True),
+    "llm-compressor": Exporter(lambda p, m: to_llm_compressor(p)),
+    "sparseml": Exporter(lambda p, m: to_sparseml(p)),
+    "nni": Exporter(lambda p, m: to_nni(p)),
+    "nni-v2": Exporter(lambda p, m: to_nni(p, 2)),
+    "csv": Exporter(lambda p, m: to_csv(p)),
+    "markdown": Exporter(lambda p, m: to_markdown(p)),
+    "masks": Exporter(None, needs_model=True, binary=True),
 }
-FORMAT_HELP = ", ".join(list(EXPORTERS) + ["masks"])
+FORMAT_HELP = ", ".join(EXPORTERS)
 
 
-def export_plan(plan: Plan, fmt: str, out: str | Path, model_fn: Callable[[], object] | None = None,
+def exporter(fmt: str) -> Exporter:
+    """The registered format; one-line ``UserError`` for an unknown one."""
+    if fmt not in EXPORTERS:
+        raise UserError(f"unknown export format {fmt!r}: use one of {FORMAT_HELP}")
+    return EXPORTERS[fmt]
+
+
+def export_plan(plan: Plan, fmt: str, out: str | Path, model: Any = None,
                 masks_fn: Callable[[], dict] | None = None) -> Path:
     """Write ``plan`` as ``fmt`` to ``out`` atomically.
 
-    ``model_fn`` returns the plan's dense model; ``masks`` needs it, and
-    ``torch-pruning`` uses it to find the residual-stream layers to ignore.
-    ``masks_fn`` returns the keep-masks the plan's repair chooses; an ``obs``
-    plan's ``masks`` export needs it (its masks are not magnitude masks).
+    ``model`` is the plan's dense model, required by formats with ``needs_model``. ``masks_fn``
+    returns the keep-masks the plan's repair chooses; the ``masks`` of an ``obs`` plan need it
+    (they are not magnitude masks).
     """
-    if fmt == "masks" and plan.mask_rule == "obs":
+    ex = exporter(fmt)
+    if ex.needs_model and model is None and fmt == "masks":
+        raise UserError("the masks export needs the plan's model: its source block must rebuild it")
+    if model is not None:
+        plan.check_model(model)
+    if not ex.binary:
+        return write_text_atomic(out, ex.render(plan, model))
+    import torch
+
+    if plan.mask_rule == "obs":
         if masks_fn is None:
             raise UserError("the masks of an obs plan come from its repair: the export needs the plan's model "
                             "and calibration data (its source block must rebuild them)")
-        import torch
-
-        masks = {k: v.cpu().bool() for k, v in masks_fn().items() if k in plan.counts}
-        with atomic_path(out) as tmp:
-            torch.save(masks, tmp)
-        return Path(out)
-    if fmt == "masks":
-        if model_fn is None:
-            raise UserError("the masks export needs the plan's model: its source block must rebuild it")
-        import torch
-
-        from .pruning import masks_for_plan
-
-        model = model_fn()
-        plan.check_model(model)
-        masks = {k: v.cpu().bool() for k, v in masks_for_plan(model, plan.counts).items()}
-        with atomic_path(out) as tmp:
-            torch.save(masks, tmp)
-        return Path(out)
-    if fmt not in EXPORTERS:
-        raise UserError(f"unknown export format {fmt!r}: use one of {FORMAT_HELP}")
-    if fmt == "torch-pruning" and model_fn is not None:
-        model = model_fn()
-        plan.check_model(model)
-        return write_text_atomic(out, to_torch_pruning(plan, model))
-    return write_text_atomic(out, EXPORTERS[fmt](plan))
+        masks = masks_fn()
+    else:
+        masks = plan_masks(model, plan.counts, plan.nm)
+    masks = {k: v.cpu().bool() for k, v in masks.items() if k in plan.counts}
+    with atomic_path(out) as tmp:
+        torch.save(masks, tmp)
+    return Path(out)

@@ -20,7 +20,8 @@ Schema (version 1), unit ``weight_fraction``::
 ``sparsity`` = ``n_pruned / n_weights``; ``achieved_sparsity`` is parameter-weighted
 over the listed layers (or MAC-weighted when ``budget_unit`` is ``flops``).
 
-Version 2 adds ``mask_rule``: ``magnitude`` (each layer's ``n_pruned`` smallest
+Version 2 adds ``pattern`` (``"2:4"``: N:M masks, N kept of every M input
+channels at one kernel position; ``n_pruned`` is what that pattern prunes) and ``mask_rule``: ``magnitude`` (each layer's ``n_pruned`` smallest
 ``|w|``, what every downstream tool does) or ``obs`` (the repair pipeline chooses
 which weights to prune, keeping the counts; only ``rr_alloc apply`` / ``verify``
 reproduce those masks). Plans with magnitude masks are still written as
@@ -40,6 +41,8 @@ from torch import nn
 
 from .errors import UserError
 from .io_utils import write_text_atomic
+from .pruning import parse_pattern
+from .version import __version__
 
 __all__ = ["Plan", "LayerPlan", "SCHEMA", "SCHEMA_VERSION"]
 
@@ -76,6 +79,7 @@ class Plan:
     repair: str
     budget_unit: str = "weights"
     mask_rule: str = "magnitude"
+    pattern: str | None = None      # "N:M" plans: keep N of every M input channels at one kernel position
     achieved_sparsity: float | None = None
     source: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +98,14 @@ class Plan:
         return sum(l.n_pruned for l in self.layers) / total if total else 0.0
 
     @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(N, M)`` of an N:M plan, else ``None``."""
+        if not self.pattern:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    @property
     def counts(self) -> dict[str, int]:
         return {l.name: l.n_pruned for l in self.layers}
 
@@ -102,10 +114,9 @@ class Plan:
         return {l.name: l.sparsity for l in self.layers}
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
-
-        version = 1 if self.mask_rule == "magnitude" else SCHEMA_VERSION
+        version = 1 if self.mask_rule == "magnitude" and not self.pattern else SCHEMA_VERSION
         return {"schema": SCHEMA, "version": version, "unit": UNIT, "mask_rule": self.mask_rule,
+                **({"pattern": self.pattern} if self.pattern else {}),
                 "budget": self.budget, "budget_unit": self.budget_unit,
                 "achieved_sparsity": self.achieved_sparsity,
                 "allocator": self.allocator, "repair": self.repair,
@@ -167,7 +178,13 @@ class Plan:
             raise UserError(f"{where}: budget {d['budget']!r} is not a number")
         if not 0.0 < budget < 1.0:
             raise UserError(f"{where}: budget {budget} outside (0, 1)")
+        pattern = d.get("pattern")
+        if pattern is not None:
+            if d["version"] == 1:
+                raise UserError(f"{where} has an N:M pattern: that needs plan version 2")
+            parse_pattern(pattern)
         return cls(layers, budget, str(d["allocator"]), str(d["repair"]), d.get("budget_unit", "weights"), mask_rule,
+                   pattern,
                    d.get("achieved_sparsity"), d.get("source", {}), d.get("calibration", {}),
                    d.get("profile", {}), d.get("verify", {}), d.get("tool", {}), d.get("created", ""))
 

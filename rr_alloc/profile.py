@@ -21,9 +21,8 @@ closed-form residual of the re-fit per grid sparsity (``lsq_residuals``).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .hooks import forward_hooks
 from .layers import LayerInfo, prunable_layers
 from .pruning import magnitude_order, n_pruned
 from .repair.reconstruct import (DEFAULT_DAMP, GramStats, bias_targets, damping, input_patches, lsq_residuals,
@@ -204,11 +204,9 @@ def _fuses_bias(x: torch.Tensor) -> bool:
     return not x.is_cuda
 
 
-@contextlib.contextmanager
-def _collect(model: nn.Module, layers: list[LayerInfo], stacks: dict[str, torch.Tensor],
-             acc: dict[str, GramMoments], grams: dict[str, Any] | None = None) -> Iterator[None]:
-    """Register the profiling hooks for the duration of the block; always removed."""
-    handles = []
+def _probe_hooks(layers: list[LayerInfo], stacks: dict[str, torch.Tensor], acc: dict[str, GramMoments],
+                 grams: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The profiling forward hook of each layer (registered by ``forward_hooks``)."""
     biases: dict[str, torch.Tensor] = {}  # per probe row: dense row b - shift, error rows 0 (the bias cancels)
 
     def make_hook(name: str):
@@ -227,13 +225,7 @@ def _collect(model: nn.Module, layers: list[LayerInfo], stacks: dict[str, torch.
                 grams[name].add(input_patches(mod, inputs[0]))
         return hook
 
-    try:
-        for l in layers:
-            handles.append(model.get_submodule(l.name).register_forward_hook(make_hook(l.name)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return {l.name: make_hook(l.name) for l in layers}
 
 
 PROFILE_REPAIRS = ("channel", "lsq")
@@ -261,8 +253,6 @@ def profile_rr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
         import copy
 
         model = copy.deepcopy(model).to(dtype)  # the caller's model keeps its dtype
-    was_training = model.training
-    model.eval()
     stacks = {l.name: probe_weights(model.get_submodule(l.name), grid) for l in layers}
     acc = {l.name: GramMoments() for l in layers}
     grams = None
@@ -271,14 +261,11 @@ def profile_rr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
         grams = {l.name: GramStats(targets.get(l.name) is not None) for l in layers
                  if unsupported_reason(model.get_submodule(l.name)) is None}
     n_images = 0
-    try:
-        with torch.inference_mode(), _collect(model, layers, stacks, acc, grams):
-            for x, _ in tqdm(batches, desc="RR profile", leave=False, disable=not progress):
-                x = x.to(device=device, dtype=dtype or x.dtype, non_blocking=True)
-                model(x)
-                n_images += x.shape[0]
-    finally:
-        model.train(was_training)
+    with torch.inference_mode(), forward_hooks(model, _probe_hooks(layers, stacks, acc, grams)):
+        for x, _ in tqdm(batches, desc="RR profile", leave=False, disable=not progress):
+            x = x.to(device=device, dtype=dtype or x.dtype, non_blocking=True)
+            model(x)
+            n_images += x.shape[0]
     d_raw = np.zeros((len(layers), len(grid)))
     d_res = np.zeros_like(d_raw)
     for i, l in enumerate(layers):

@@ -12,8 +12,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-__all__ = ["n_pruned", "magnitude_order", "magnitude_mask", "nm_mask", "apply_masks", "masks_for_plan",
-           "layer_sparsity"]
+from .errors import UserError
+
+__all__ = ["n_pruned", "magnitude_order", "magnitude_mask", "nm_mask", "nm_masks", "parse_pattern", "apply_masks",
+           "masks_for_plan", "plan_masks"]
 
 
 def n_pruned(sparsity: float, n: int) -> int:
@@ -51,6 +53,35 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor | None
     return keep.reshape(w.shape).movedim(-1, 1).contiguous()
 
 
+def nm_masks(model: nn.Module, names: list[str], n: int = 2, m: int = 4) -> dict[str, torch.Tensor]:
+    """N:M keep-masks of the named layers; layers whose input channels are not a multiple of ``m`` are left out."""
+    out = {}
+    for name in names:
+        keep = nm_mask(model.get_submodule(name).weight, n, m)
+        if keep is not None:
+            out[name] = keep
+    return out
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    """``"2:4"`` -> ``(2, 4)``: keep N of every M; one-line ``UserError`` on anything else."""
+    try:
+        n, m = (int(v) for v in str(text).split(":"))
+    except ValueError:
+        raise UserError(f"--pattern must be N:M (keep N of every M input channels), got {text!r}: e.g. --pattern 2:4")
+    if not 0 < n < m:
+        raise UserError(f"--pattern N:M needs 0 < N < M, got {text!r}: e.g. --pattern 2:4")
+    return n, m
+
+
+def plan_masks(model: nn.Module, counts: Mapping[str, int], nm: tuple[int, int] | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Magnitude keep-masks of a plan: layer-local ``counts``, or N:M groups for an N:M plan."""
+    if nm is not None:
+        return nm_masks(model, list(counts), *nm)
+    return masks_for_plan(model, counts)
+
+
 def masks_for_plan(model: nn.Module, counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
     """Unstructured keep-masks pruning ``counts[name]`` weights of each named layer."""
     return {name: magnitude_mask(model.get_submodule(name).weight, k) for name, k in counts.items()}
@@ -62,12 +93,3 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     for name, keep in masks.items():
         w = model.get_submodule(name).weight
         w.mul_(keep.to(device=w.device, dtype=w.dtype))
-
-
-def layer_sparsity(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int]]:
-    """``name -> (zeros, total)`` for each named layer's weight."""
-    out = {}
-    for n in names:
-        w = model.get_submodule(n).weight
-        out[n] = (int((w == 0).sum()), w.numel())
-    return out

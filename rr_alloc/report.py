@@ -12,12 +12,7 @@ from .io_utils import atomic_path, write_text_atomic
 from .plan import Plan
 from .profile import RRProfile
 
-__all__ = ["layer_table", "write_profile_csv", "plot_rr_curves", "save_figure", "write_frame_csv",
-           "format_pct"]
-
-
-def format_pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+__all__ = ["layer_table", "write_profile_csv", "plot_rr_curves", "save_figure", "write_frame_csv"]
 
 
 def layer_table(plan: Plan, profile: RRProfile | None = None,

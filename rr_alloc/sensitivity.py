@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hooks import forward_hooks
 from .layers import LayerInfo
 from .stats import ChannelMoments, as_bcx
 
@@ -34,20 +35,15 @@ def output_sensitivity(model: nn.Module, layers: list[LayerInfo], batches, devic
         if n >= max_images:
             break
     x = torch.cat(xs)[:max_images].to(device)
-    was = model.training
-    model.eval()
-    try:
+    with forward_hooks(model, {}):  # eval mode for the whole measurement, restored after
         logp_d = F.log_softmax(model(x).double(), 1)
         out = np.zeros(len(layers))
         for i, l in enumerate(layers):
             mod = model.get_submodule(l.name)
             cdim = -1 if isinstance(mod, nn.Linear) else 1
             mom = ChannelMoments()
-            h = mod.register_forward_hook(lambda m, inp, o: mom.add_batch(as_bcx(o.float(), cdim)))
-            try:
+            with forward_hooks(model, {l.name: lambda m, inp, o: mom.add_batch(as_bcx(o.float(), cdim))}):
                 model(x)
-            finally:
-                h.remove()
             std = (eps * mom.var).sqrt().float().to(device)
             g = torch.Generator(device="cpu").manual_seed(seed + i)
 
@@ -57,12 +53,7 @@ def output_sensitivity(model: nn.Module, layers: list[LayerInfo], batches, devic
                 noise = torch.randn(o.shape, generator=g).to(o.device, o.dtype)
                 return o + noise * std.view(shape)
 
-            h = mod.register_forward_hook(noisy)
-            try:
+            with forward_hooks(model, {l.name: noisy}):
                 logp = F.log_softmax(model(x).double(), 1)
-            finally:
-                h.remove()
             out[i] = float((logp_d.exp() * (logp_d - logp)).sum(1).mean()) / eps
-    finally:
-        model.train(was)
     return out / max(out.mean(), 1e-300)

@@ -10,27 +10,28 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import time
-from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .allocators import ALLOCATORS, AllocationProblem, get_allocator
-from .cache import ProfileCache, fingerprint_model, fingerprint_tensor
+from .allocators import AllocationProblem, Needs, allocator_class, get_allocator
+from .cache import ProfileCache, default_cache_dir, fingerprint_model, fingerprint_tensor
 from .config import RunConfig, resolve_device
 from .data import Splits, load_splits
 from .errors import UserError
 from .evaluate import Metrics, compare_logits, logits_of
+from .hooks import forward_hooks
 from .io_utils import sha256_file
 from .layers import LayerInfo, prunable_layers
 from .models import build_model, default_transform, load_checkpoint
-from .models.digits import cache_dir
 from .plan import LayerPlan, Plan
 from .profile import RRProfile, profile_rr, validate_grid
-from .pruning import apply_masks, masks_for_plan
+from .pruning import apply_masks, masks_for_plan, nm_masks, parse_pattern
 from .repair import DenseSiteCache, RepairPipeline, run_repair
+from .selection import make_objective
 
 __all__ = ["Workbench", "layer_macs"]
 
@@ -39,20 +40,15 @@ __all__ = ["Workbench", "layer_macs"]
 def layer_macs(model: nn.Module, layers: list[LayerInfo], example: torch.Tensor) -> np.ndarray:
     """Multiply-accumulates per weight of each layer (its output positions) for one image."""
     pos: dict[str, int] = {}
-    handles = []
-    try:
-        for l in layers:
-            def hook(mod, inp, out, name=l.name):
-                per_image = out[0].numel() if out.dim() > 1 else out.numel()
-                pos[name] = per_image // mod.weight.shape[0]
-            handles.append(model.get_submodule(l.name).register_forward_hook(hook))
-        was = model.training
-        model.eval()
+
+    def make(name: str):
+        def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+            per_image = out[0].numel() if out.dim() > 1 else out.numel()
+            pos[name] = per_image // mod.weight.shape[0]
+        return hook
+
+    with forward_hooks(model, {l.name: make(l.name) for l in layers}):
         model(example[:1])
-        model.train(was)
-    finally:
-        for h in handles:
-            h.remove()
     # grouped convs: each weight is used once per output position of its own output channel
     return np.array([pos[l.name] for l in layers], dtype=float)
 
@@ -69,7 +65,8 @@ class Workbench:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.grid = validate_grid(cfg.grid, cfg.s_max)
-        self.dense = build_model(cfg.model, cfg.num_classes, cfg.pretrained)
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        self.dense = build_model(cfg.model, cfg.num_classes, cfg.pretrained, cache_dir=str(self.cache_dir))
         if cfg.checkpoint:
             load_checkpoint(self.dense, cfg.checkpoint, map_location="cpu")
         self.dense = self.dense.to(self.device).eval()
@@ -86,7 +83,7 @@ class Workbench:
         self._site_cache = DenseSiteCache(self.dense, self.splits.calib, self.device)
         self._macs: np.ndarray | None = None
         self._sensitivity: np.ndarray | None = None
-        self._allocations: dict[tuple, np.ndarray] = {}
+        self._allocations: dict[tuple, dict[str, int]] = {}
 
     # ----------------------------------------------------------------- basics
     def _check_forward(self) -> None:
@@ -152,7 +149,7 @@ class Workbench:
         if self._profile is not None:
             return self._profile
         t0 = time.perf_counter()
-        cache = ProfileCache(cache_dir() / "profiles") if self.cfg.cache else None
+        cache = ProfileCache(self.cache_dir / "profiles") if self.cfg.cache else None
         key = self.profile_key() if cache else None
         hit = cache.get(key) if cache else None
         if hit is not None:
@@ -182,30 +179,32 @@ class Workbench:
             return self._sensitivity
         raise UserError(f"unknown --layer-weights {kind!r}: use uniform or sensitivity")
 
-    def problem(self, budget: float, needs: tuple[str, ...] = (), layer_weights: str | None = None,
+    def problem(self, budget: float, needs: Needs = Needs(), layer_weights: str | None = None,
                 **extra: Any) -> AllocationProblem:
+        """The allocation problem at ``budget`` with the evidence ``needs`` asks for (and nothing costly else)."""
         L = len(self.layers)
         weights = {l.name: self.dense.get_submodule(l.name).weight.detach() for l in self.layers} \
-            if "weights" in needs else None
+            if needs.weights else None
         return AllocationProblem(
             self.layers, budget, np.zeros(L), np.full(L, self.cfg.s_max), unit=self.cfg.unit,
             macs_per_weight=self.macs_per_weight if self.cfg.unit == "flops" else None,
-            weights=weights, profile=self.profile() if "profile" in needs else None,
-            layer_weights=self.layer_weights(layer_weights) if "profile" in needs else None, seed=self.cfg.seed,
+            weights=weights, profile=self.profile() if needs.profile else None,
+            layer_weights=self.layer_weights(layer_weights) if needs.profile else None, seed=self.cfg.seed,
             **extra)
 
+    def achieved(self, counts: dict[str, int], budget: float = 0.5) -> float:
+        """Sparsity of ``counts`` in the run's budget unit (weights or MACs)."""
+        return self.problem(budget).achieved(counts)
+
     def allocate(self, allocator: str, budget: float, layer_weights: str | None = None,
-                 **kwargs: Any) -> np.ndarray:
-        """Integer pruned counts per layer for ``allocator`` at ``budget`` (deterministic ones memoised)."""
+                 **kwargs: Any) -> dict[str, int]:
+        """``{layer name: pruned count}`` for ``allocator`` at ``budget`` (deterministic ones memoised)."""
         memo_key = (allocator, float(budget), layer_weights or self.cfg.layer_weights, tuple(sorted(kwargs.items())))
         if memo_key in self._allocations:
-            return self._allocations[memo_key].copy()
-        if allocator not in ALLOCATORS:
-            raise UserError(f"unknown allocator {allocator!r}: use one of {', '.join(ALLOCATORS)}")
-        cls = ALLOCATORS[allocator]
-        extra = {}
-        if "evaluate" in cls.needs:
-            from .allocators.search import make_objective
+            return dict(self._allocations[memo_key])
+        cls = allocator_class(allocator)
+        extra: dict[str, Any] = {}
+        if cls.needs.evaluate:
             from .optuna_storage import study_name_for_workbench
 
             extra["evaluate"] = make_objective(self, self.cfg.repair, self.cfg.objective)
@@ -215,38 +214,45 @@ class Workbench:
                                 "total_trials": self.cfg.total_trials, "heartbeat_interval": self.cfg.heartbeat_interval,
                                 "grace_period": self.cfg.grace_period, "max_retry": self.cfg.max_retry}
         t0 = time.perf_counter()
-        counts = get_allocator(allocator, **kwargs).allocate(self.problem(budget, cls.needs, layer_weights, **extra))
+        k = get_allocator(allocator, **kwargs).allocate(self.problem(budget, cls.needs, layer_weights, **extra))
+        counts = {l.name: int(v) for l, v in zip(self.layers, k)}
         self.timings[f"allocate:{allocator}"] = time.perf_counter() - t0
-        if "evaluate" not in cls.needs:  # search allocators depend on their storage: never memoised
-            self._allocations[memo_key] = counts.copy()
+        if not cls.needs.evaluate:  # search allocators depend on their storage: never memoised
+            self._allocations[memo_key] = dict(counts)
         return counts
 
     # ------------------------------------------------------- prune / verify
-    def masks(self, counts: np.ndarray | dict[str, int]) -> dict[str, torch.Tensor]:
+    def masks(self, counts: dict[str, int]) -> dict[str, torch.Tensor]:
         """Unstructured layer-local magnitude keep-masks for per-layer pruned counts."""
-        if not isinstance(counts, dict):
-            counts = {l.name: int(k) for l, k in zip(self.layers, counts)}
         return masks_for_plan(self.dense, counts)
 
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """The run's N:M pattern (``cfg.pattern``), or ``None`` for unstructured plans."""
+        return parse_pattern(self.cfg.pattern) if self.cfg.pattern else None
+
     def nm_masks(self, n: int = 2, m: int = 4) -> dict[str, torch.Tensor]:
-        """N:M keep-masks; layers whose input channels are not a multiple of ``m`` stay dense."""
-        from .pruning import nm_mask
+        """N:M keep-masks of every layer (layers whose input channels are not a multiple of ``m`` stay dense)."""
+        return nm_masks(self.dense, [l.name for l in self.layers], n, m)
 
-        out = {}
-        for l in self.layers:
-            keep = nm_mask(self.dense.get_submodule(l.name).weight, n, m)
-            if keep is not None:
-                out[l.name] = keep
-        return out
+    def pattern_masks(self) -> dict[str, torch.Tensor]:
+        """Keep-masks of the run's N:M pattern (``cfg.pattern``)."""
+        n, m = self.nm
+        return self.nm_masks(n, m)
 
-    def keep_masks(self, pruning: np.ndarray | dict) -> dict[str, torch.Tensor]:
-        """Keep-masks from counts (array or name->int, magnitude) or from masks as given."""
+    def pattern_counts(self) -> dict[str, int]:
+        """Pruned count per layer under the run's N:M pattern (0 where a layer stays dense)."""
+        masks = self.pattern_masks()
+        return {l.name: int((~masks[l.name]).sum()) if l.name in masks else 0 for l in self.layers}
+
+    def keep_masks(self, pruning: dict) -> dict[str, torch.Tensor]:
+        """Keep-masks from counts (name -> int, magnitude) or from keep-masks as given."""
         if isinstance(pruning, dict) and pruning and isinstance(next(iter(pruning.values())), torch.Tensor):
             return pruning
         return self.masks(pruning)
 
-    def pruned_model(self, pruning: np.ndarray | dict) -> nn.Module:
-        """A fresh copy of the dense model, pruned by counts (array or name->int) or keep-masks."""
+    def pruned_model(self, pruning: dict) -> nn.Module:
+        """A fresh copy of the dense model, pruned by counts (name -> int) or keep-masks."""
         model = copy.deepcopy(self.dense)
         apply_masks(model, self.keep_masks(pruning))
         return model
@@ -286,21 +292,21 @@ class Workbench:
                 "include": list(self.cfg.include), "exclude": list(self.cfg.exclude),
                 "data": self.data_spec.to_dict(), "batch_size": self.cfg.batch_size}
 
-    def make_plan(self, counts: np.ndarray, budget: float, allocator: str, repair: str,
+    def make_plan(self, counts: dict[str, int], budget: float, allocator: str, repair: str,
                   verify: dict[str, Any] | None = None) -> Plan:
-        layers = [LayerPlan(l.name, int(k), l.n_weights, l.shape) for l, k in zip(self.layers, counts)]
+        """The plan document for ``counts``, with everything needed to rebuild and verify it."""
         pipe = RepairPipeline.parse(repair)
-        plan = Plan(layers, budget, allocator, str(pipe), self.cfg.unit, mask_rule=pipe.mask_rule)
-        if self.cfg.unit == "flops":
-            c = self.macs_per_weight * np.array([l.n_weights for l in self.layers])
-            plan.achieved_sparsity = float(c @ (np.asarray(counts) / [l.n_weights for l in self.layers]) / c.sum())
-        plan.source = self.source()
-        plan.calibration = {"size": self.splits.calib.n, "selection_size": self.splits.selection.n,
-                            "seed": self.cfg.seed}
         prof = self._profile.meta if self._profile is not None else {}
-        plan.profile = {"grid": [float(g) for g in self.grid], "s_max": self.cfg.s_max, "lambda": self.cfg.lam,
-                        "layer_weights": self.cfg.layer_weights,
-                        **{k: v for k, v in prof.items() if k in ("profile_repair", "n_images")}}
-        plan.verify = verify or {}
-        plan.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        return plan
+        return Plan(
+            layers=[LayerPlan(l.name, int(counts[l.name]), l.n_weights, l.shape) for l in self.layers],
+            budget=budget, allocator=allocator, repair=str(pipe), budget_unit=self.cfg.unit,
+            mask_rule=pipe.mask_rule, pattern=self.cfg.pattern,
+            achieved_sparsity=self.achieved(counts) if self.cfg.unit == "flops" else None,
+            source=self.source(),
+            calibration={"size": self.splits.calib.n, "selection_size": self.splits.selection.n,
+                         "seed": self.cfg.seed},
+            profile={"grid": [float(g) for g in self.grid], "s_max": self.cfg.s_max, "lambda": self.cfg.lam,
+                     "layer_weights": self.cfg.layer_weights,
+                     **{k: v for k, v in prof.items() if k in ("profile_repair", "n_images")}},
+            verify=verify or {},
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

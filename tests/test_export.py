@@ -49,7 +49,7 @@ def test_torch_prune_export_gives_exact_counts(resnet20, tmp_path):
 def test_torch_pruning_export_runs_with_the_real_package(resnet20, tmp_path, capsys):
     tp = pytest.importorskip("torch_pruning")
     plan = _plan_for(resnet20, low=0.2, high=0.6)
-    path = export_plan(plan, "torch-pruning", tmp_path / "tp_plan.py", model_fn=lambda: resnet20)
+    path = export_plan(plan, "torch-pruning", tmp_path / "tp_plan.py", model=resnet20)
     mod = runpy.run_path(str(path))
     # block-internal convs get ratios; the stem, every conv2 (residual stream) and the classifier are ignored
     assert set(mod["CHANNEL_RATIOS"]) == {l.name for l in plan.layers if l.name.endswith(".conv1")}

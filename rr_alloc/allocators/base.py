@@ -20,10 +20,30 @@ import torch
 from ..errors import UserError
 from ..layers import LayerInfo
 
-__all__ = ["AllocationProblem", "Allocator", "ALLOCATORS", "register", "get_allocator", "round_to_budget",
-           "solve_increasing", "BUDGET_UNITS"]
+__all__ = ["AllocationProblem", "Allocator", "Needs", "ALLOCATORS", "register", "get_allocator", "allocator_class",
+           "round_to_budget", "solve_increasing", "solve_clipped_scale", "BUDGET_UNITS"]
 
 BUDGET_UNITS = ("weights", "flops")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The evidence an allocator reads from its problem (so a run computes only that).
+
+    ``weights``: the layers' weight tensors (magnitude rules); ``profile``: the RR profile (and
+    layer weights of its objective); ``evaluate``: an end-to-end loss callback (search).
+    """
+
+    weights: bool = False
+    profile: bool = False
+    evaluate: bool = False
+
+    def missing(self, problem: "AllocationProblem") -> str | None:
+        """The first needed field the problem does not provide, or ``None``."""
+        for name in ("weights", "profile", "evaluate"):
+            if getattr(self, name) and getattr(problem, name) is None:
+                return name
+        return None
 
 
 @dataclass
@@ -87,8 +107,10 @@ class AllocationProblem:
         c = self.cost
         return float(c @ self.lower / c.sum()), float(c @ self.upper / c.sum())
 
-    def achieved(self, counts: np.ndarray) -> float:
-        """Budget-unit sparsity of integer pruned ``counts``."""
+    def achieved(self, counts: np.ndarray | Mapping[str, int]) -> float:
+        """Budget-unit sparsity of integer pruned ``counts`` (per layer in order, or by layer name)."""
+        if isinstance(counts, Mapping):
+            counts = [counts[l.name] for l in self.layers]
         s = np.asarray(counts, float) / self.n
         return float(self.cost @ s / self.cost.sum())
 
@@ -142,11 +164,21 @@ def solve_increasing(fn: Callable[[float], float], target: float, lo: float, hi:
     return 0.5 * (lo + hi)
 
 
+def solve_clipped_scale(cost: np.ndarray, f: Callable[[float], np.ndarray], lo: np.ndarray, hi: np.ndarray,
+                        target: float, x_lo: float, x_hi: float) -> float:
+    """The scale ``x`` with ``cost @ clip(f(x), lo, hi) = target``, ``f`` non-decreasing in ``x``.
+
+    Uniform sparsity (``f(t) = t``) and ERK densities (``f(eps) = eps * r``) are both this: values
+    that hit a bound clip there and the scale re-solves so the rest meets the target.
+    """
+    return solve_increasing(lambda x: float(cost @ np.clip(f(x), lo, hi)), target, x_lo, x_hi)
+
+
 class Allocator(abc.ABC):
     """Base class: subclasses implement ``sparsities`` (continuous, within bounds)."""
 
     name: ClassVar[str]
-    needs: ClassVar[tuple[str, ...]] = ()  # "weights", "profile", "evaluate"
+    needs: ClassVar[Needs] = Needs()
     description: ClassVar[str] = ""
 
     @abc.abstractmethod
@@ -155,9 +187,9 @@ class Allocator(abc.ABC):
 
     def allocate(self, problem: AllocationProblem) -> np.ndarray:
         """Integer pruned counts per layer, meeting the budget (see ``round_to_budget``)."""
-        for need in self.needs:
-            if getattr(problem, need) is None:
-                raise UserError(f"allocator {self.name!r} needs {need}, which this run does not provide")
+        missing = self.needs.missing(problem)
+        if missing:
+            raise UserError(f"allocator {self.name!r} needs {missing}, which this run does not provide")
         return round_to_budget(problem, self.sparsities(problem))
 
 
@@ -169,7 +201,12 @@ def register(cls: type[Allocator]) -> type[Allocator]:
     return cls
 
 
-def get_allocator(name: str, **kwargs: Any) -> Allocator:
+def allocator_class(name: str) -> type[Allocator]:
+    """The registered allocator class; one-line ``UserError`` for an unknown name."""
     if name not in ALLOCATORS:
         raise UserError(f"unknown allocator {name!r}: use one of {', '.join(ALLOCATORS)}")
-    return ALLOCATORS[name](**kwargs)
+    return ALLOCATORS[name]
+
+
+def get_allocator(name: str, **kwargs: Any) -> Allocator:
+    return allocator_class(name)(**kwargs)

@@ -10,19 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import AllocationProblem, Allocator, register, solve_increasing
+from .base import AllocationProblem, Allocator, Needs, register, solve_clipped_scale
 
 __all__ = ["Uniform", "GlobalMagnitude", "LAMP", "ERK", "lamp_scores", "erk_raw_density"]
-
-
-def _solve_clipped(problem: AllocationProblem, raw) -> np.ndarray:
-    """Find ``t`` with ``sum_l cost_l clip(raw(t)_l) = target``; ``raw`` non-decreasing in ``t``."""
-    c = problem.cost
-
-    def total(t: float) -> float:
-        return float(c @ np.clip(raw(t), problem.lower, problem.upper))
-
-    return total
 
 
 @register
@@ -32,15 +22,15 @@ class Uniform(Allocator):
 
     def sparsities(self, problem: AllocationProblem) -> np.ndarray:
         L = len(problem.layers)
-        total = _solve_clipped(problem, lambda t: np.full(L, t))
-        t = solve_increasing(total, problem.target, 0.0, 1.0)
+        t = solve_clipped_scale(problem.cost, lambda t: np.full(L, t), problem.lower, problem.upper,
+                                problem.target, 0.0, 1.0)
         return np.clip(np.full(L, t), problem.lower, problem.upper)
 
 
 class _ScoreThreshold(Allocator):
     """One global threshold over per-weight scores; layer sparsity = share of scores below it."""
 
-    needs = ("weights",)
+    needs = Needs(weights=True)
 
     def scores(self, w: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
@@ -53,7 +43,11 @@ class _ScoreThreshold(Allocator):
         def raw(t: float) -> np.ndarray:
             return np.array([np.searchsorted(sc, t, side="right") for sc in sorted_scores]) / n
 
-        total = _solve_clipped(problem, raw)
+        c = problem.cost
+
+        def total(t: float) -> float:
+            return float(c @ np.clip(raw(t), problem.lower, problem.upper))
+
         # bisection over the sorted union of scores: exact threshold between two scores
         allv = np.unique(np.concatenate(sorted_scores))
         lo, hi = 0, len(allv) - 1
@@ -70,7 +64,6 @@ class _ScoreThreshold(Allocator):
         s_hi = np.clip(raw(t_hi), problem.lower, problem.upper)
         s_lo = np.clip(raw(t_lo), problem.lower, problem.upper) if hi > 0 else problem.lower.copy()
         # weights tied at the threshold score: take the needed share of them (rounding decides which)
-        c = problem.cost
         gap_hi, gap_lo = c @ s_hi, c @ s_lo
         a = 0.0 if gap_hi == gap_lo else (problem.target - gap_lo) / (gap_hi - gap_lo)
         return s_lo + np.clip(a, 0, 1) * (s_hi - s_lo)
@@ -121,10 +114,5 @@ class ERK(Allocator):
         lo_d, hi_d = 1.0 - problem.upper, 1.0 - problem.lower
         c = problem.cost
         # dense-layer iteration, generalised to bounds: densities clip, the scale re-solves
-        kept_target = c.sum() - problem.target
-
-        def kept(eps: float) -> float:
-            return float(c @ np.clip(eps * r, lo_d, hi_d))
-
-        eps = solve_increasing(kept, kept_target, 0.0, 2.0 / r.min())
+        eps = solve_clipped_scale(c, lambda e: e * r, lo_d, hi_d, c.sum() - problem.target, 0.0, 2.0 / r.min())
         return 1.0 - np.clip(eps * r, lo_d, hi_d)

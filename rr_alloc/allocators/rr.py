@@ -10,7 +10,7 @@ import heapq
 
 import numpy as np
 
-from .base import AllocationProblem, Allocator, register
+from .base import AllocationProblem, Allocator, Needs, register
 
 __all__ = ["RRGreedy", "RRExact", "layer_curves", "objective"]
 
@@ -44,7 +44,7 @@ def objective(problem: AllocationProblem, s: np.ndarray, key: str = "d_res") -> 
 @register
 class RRGreedy(Allocator):
     name = "rr-greedy"
-    needs = ("profile",)
+    needs = Needs(profile=True)
     description = "greedy on the RR profile: raise the layer whose next step adds least D_res per pruned unit"
 
     def sparsities(self, problem: AllocationProblem) -> np.ndarray:
@@ -88,7 +88,7 @@ class RRExact(Allocator):
     """
 
     name = "rr-exact"
-    needs = ("profile",)
+    needs = Needs(profile=True)
     description = "exact optimum of the same objective (MILP over the piecewise-linear curves)"
 
     def __init__(self, time_limit: float = 10.0) -> None:

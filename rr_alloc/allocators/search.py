@@ -20,16 +20,14 @@ default) and resume: rerunning with the same storage adds ``n_trials``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from typing import Any, Callable
 
 import numpy as np
 
-from .base import AllocationProblem, Allocator, get_allocator, register, round_to_budget, solve_increasing
+from .. import optuna_storage as ost
+from .base import AllocationProblem, Allocator, Needs, get_allocator, register, round_to_budget, solve_increasing
 
-__all__ = ["OptunaSearch", "ANCHORS", "project_log_density", "make_objective", "study_name_for"]
+__all__ = ["OptunaSearch", "ANCHORS", "project_log_density"]
 
 ANCHORS = ("global", "lamp", "erk", "uniform", "rr-greedy", "rr-exact")
 _FLOOR = 1e-4  # density floor inside logs (a 0.9999-sparse layer)
@@ -56,7 +54,7 @@ def _stages(L: int) -> np.ndarray:
 @register
 class OptunaSearch(Allocator):
     name = "optuna"
-    needs = ("weights", "profile", "evaluate")
+    needs = Needs(weights=True, profile=True, evaluate=True)
     description = "Optuna (TPE) over mixes of the baseline and RR plans, scored end to end on the selection split"
 
     def __init__(self, n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
@@ -73,8 +71,6 @@ class OptunaSearch(Allocator):
 
     def sparsities(self, problem: AllocationProblem) -> np.ndarray:
         import optuna
-
-        from .. import optuna_storage as ost
 
         opts = problem.options
         settings = ost.StudySettings.from_options(
@@ -117,24 +113,3 @@ class OptunaSearch(Allocator):
         self.study = study
         best = ost.best_trial(study)
         return np.asarray(best.user_attrs["counts"], float) / problem.n
-
-
-def make_objective(wb: Any, repair: str, objective: str = "kl") -> Callable[[np.ndarray], float]:
-    """Loss of a plan on the selection split: ``kl``, ``agreement`` (1 - agreement) or ``top1`` (1 - top-1)."""
-    from ..errors import UserError
-
-    if objective not in ("kl", "agreement", "top1"):
-        raise UserError(f"unknown --objective {objective!r}: use kl, agreement or top1")
-    if wb.splits.selection.n == 0:
-        raise UserError("the optuna allocator needs a selection split: pass --selection-size > 0")
-
-    def evaluate(counts: np.ndarray) -> float:
-        m = wb.verify(counts, repair, split="selection")
-        return {"kl": m.kl, "agreement": 1.0 - m.agreement, "top1": 1.0 - m.top1}[objective]
-
-    return evaluate
-
-
-def study_name_for(parts: dict[str, Any]) -> str:
-    """A study name that changes whenever the search problem changes (so resuming is safe)."""
-    return "rr_alloc-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

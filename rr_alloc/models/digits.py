@@ -11,7 +11,6 @@ stride-2 stage and a Linear classifier: 7 prunable layers.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache import default_cache_dir
+from ..data import digits_arrays, digits_split_indices
+from ..io_utils import atomic_path
 from .cifar_resnet import BasicBlock
 
-__all__ = ["DigitsResNet", "digits_arrays", "digits_split_indices", "pretrained_digits_resnet",
-           "DIGITS_MEAN", "DIGITS_STD"]
+__all__ = ["DigitsResNet", "pretrained_digits_resnet"]
 
-DIGITS_MEAN = 0.3
-DIGITS_STD = 0.37
-# Held-out digits for reporting only: the rest is the training pool that the
-# model is fit on and from which calibration and selection splits are drawn.
-DIGITS_TEST_SIZE = 397
-DIGITS_SPLIT_SEED = 0
 _TRAIN_SEED = 0
 _EPOCHS = 30
 _VERSION = 1  # bump when the architecture or training recipe changes
@@ -50,31 +45,6 @@ class DigitsResNet(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer2(self.layer1(out))
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
-
-
-def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 digits as normalised ``(N, 1, 8, 8)`` float tensors and int64 labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
-    x = (x - DIGITS_MEAN) / DIGITS_STD
-    return x, torch.from_numpy(d.target.astype(np.int64))
-
-
-def digits_split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed (train pool, test) index split of the digits."""
-    perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(n)
-    return np.sort(perm[DIGITS_TEST_SIZE:]), np.sort(perm[:DIGITS_TEST_SIZE])
-
-
-def cache_dir() -> Path:
-    """User cache directory (``$RR_ALLOC_CACHE``, else ``$XDG_CACHE_HOME/rr_alloc``)."""
-    env = os.environ.get("RR_ALLOC_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rr_alloc"
 
 
 def _train(model: DigitsResNet, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -98,11 +68,9 @@ def _train(model: DigitsResNet, x: torch.Tensor, y: torch.Tensor) -> None:
     model.eval()
 
 
-def pretrained_digits_resnet(verbose: bool = True) -> DigitsResNet:
-    """The default model, trained on the digits training pool on first use and cached."""
-    from ..io_utils import atomic_path
-
-    path = cache_dir() / f"digits_resnet-v{_VERSION}-seed{_TRAIN_SEED}.pt"
+def pretrained_digits_resnet(verbose: bool = True, cache_dir: str | Path | None = None) -> DigitsResNet:
+    """The default model, trained on the digits training pool on first use and cached in ``cache_dir``."""
+    path = Path(cache_dir or default_cache_dir()) / f"digits_resnet-v{_VERSION}-seed{_TRAIN_SEED}.pt"
     model = DigitsResNet()
     if path.exists():
         try:

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..errors import UserError
 from .cifar_resnet import CIFAR_DEPTHS, cifar_resnet
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
+from .digits import DigitsResNet, pretrained_digits_resnet
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 
 __all__ = ["ZooEntry", "ZOO", "build_model", "list_models", "default_transform"]
 
@@ -32,10 +33,8 @@ class ZooEntry:
     description: str
 
 
-def _digits(num_classes: int = 10, pretrained: bool = True) -> nn.Module:
-    from .digits import DigitsResNet, pretrained_digits_resnet
-
-    return pretrained_digits_resnet() if pretrained else DigitsResNet(num_classes)
+def _digits(num_classes: int = 10, pretrained: bool = True, cache_dir: str | None = None) -> nn.Module:
+    return pretrained_digits_resnet(cache_dir=cache_dir) if pretrained else DigitsResNet(num_classes)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -92,12 +91,13 @@ def default_transform(name: str, pretrained: bool = False) -> TransformSpec | No
     return None
 
 
-def build_model(name: str, num_classes: int | None = None, pretrained: bool = False) -> nn.Module:
+def build_model(name: str, num_classes: int | None = None, pretrained: bool = False,
+                cache_dir: str | None = None) -> nn.Module:
     """Instantiate a model by name (see module docstring). Weights: zoo default or random."""
     if name in ZOO:
         kw = {} if num_classes is None else {"num_classes": num_classes}
-        if name == "digits_resnet":
-            kw["pretrained"] = True
+        if name == "digits_resnet":  # trained on first use, cached in the run's cache directory
+            kw.update(pretrained=True, cache_dir=cache_dir)
         return ZOO[name].factory(**kw)
     if name.startswith("torchvision:") or ":" not in name:
         tv = name.split(":", 1)[1] if name.startswith("torchvision:") else name

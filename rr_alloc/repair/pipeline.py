@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..hooks import forward_hooks
 from ..stats import LAMBDA_RULES, ChannelMoments, as_bcx, repair_gamma
 from .affine import fold_correction
 from .bn import recalibrate_bn
@@ -176,7 +177,6 @@ def site_moments(model: nn.Module, sites: list[Site], batches: Iterable[tuple[to
     """
     acc = {s.name: ChannelMoments() for s in sites}
     dims = {s.name: s.channel_dim for s in sites}
-    handles = []
 
     def make(name: str):
         def hook(mod: nn.Module, inp: Any, out: Any) -> None:
@@ -185,21 +185,12 @@ def site_moments(model: nn.Module, sites: list[Site], batches: Iterable[tuple[to
                 raise _Stop
         return hook
 
-    was = model.training
-    model.eval()
-    try:
-        for s in sites:
-            handles.append(model.get_submodule(s.name).register_forward_hook(make(s.name)))
-        with torch.no_grad():
-            for x, _ in batches:
-                try:
-                    model(x.to(device))
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    with forward_hooks(model, {s.name: make(s.name) for s in sites}), torch.no_grad():
+        for x, _ in batches:
+            try:
+                model(x.to(device))
+            except _Stop:
+                pass
     return acc
 
 

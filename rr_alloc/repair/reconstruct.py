@@ -51,6 +51,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..hooks import forward_hooks
 from .sites import _StandardLeaves, _conv_consumers, _trace
 from .staged import CacheTooLarge, _SiteLeaves
 
@@ -61,8 +62,9 @@ __all__ = ["ReconstructStep", "reconstruct", "input_patches", "bias_targets", "s
 RECONSTRUCT_METHODS = ("lsq", "obs")
 DEFAULT_DAMP = 0.01
 DEFAULT_OBS_BLOCK = 128
-# rows solved per batched factorisation: bounds the (rows, d, d) float64 stack to about 256 MB
-_SOLVE_BYTES = 256 * 2**20
+# rows solved per batched factorisation: bounds each (rows, d, d) float64 stack (the system and its
+# Cholesky factor) to about 64 MB, so the solves add little to the activations' peak memory
+_SOLVE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,9 @@ def solve_kept(H: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, lam: floa
     chunk = max(1, int(_SOLVE_BYTES // (8 * d * d)))
     for r0 in range(0, rows, chunk):
         m = keep[r0:r0 + chunk].to(torch.float64)                      # (r, d)
-        A = m[:, :, None] * Hl[None] * m[:, None, :] + torch.diag_embed(1.0 - m)
+        A = Hl.expand(len(m), d, d).clone()                            # in place below: one (r, d, d) buffer
+        A.mul_(m[:, :, None]).mul_(m[:, None, :])
+        A.diagonal(dim1=1, dim2=2).add_(1.0 - m)
         b = (m * rhs[r0:r0 + chunk].double()).unsqueeze(-1)
         L, info = torch.linalg.cholesky_ex(A)
         x = torch.cholesky_solve(b, L)
@@ -488,19 +492,18 @@ class _Stop(Exception):
 
 
 def _layer_inputs(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The input of ``model.<name>`` on ``x``; the forward stops right there."""
     got: list[torch.Tensor] = []
 
-    def hook(mod, inp):
+    def hook(mod: nn.Module, inp: Any) -> None:
         got.append(inp[0])
         raise _Stop
 
-    h = model.get_submodule(name).register_forward_pre_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
+    with forward_hooks(model, {name: hook}, pre=True, eval_mode=False):
+        try:
+            model(x)
+        except _Stop:
+            pass
     return got[0]
 
 
@@ -524,13 +527,8 @@ def _forward_order(model: nn.Module, names: Sequence[str], batches, device) -> l
             order.setdefault(name, len(order))
         return hook
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(make(n)) for n in names]
-    try:
-        x = next(iter(batches))[0][:2].to(device)
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks(model, {n: make(n) for n in names}, pre=True):
+        model(next(iter(batches))[0][:2].to(device))
     return sorted((n for n in names if n in order), key=order.__getitem__)
 
 

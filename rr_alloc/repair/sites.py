@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import UserError
+from ..hooks import forward_hooks
 
 __all__ = ["Site", "SITE_KINDS", "discover_sites", "forward_order"]
 
@@ -133,7 +134,6 @@ def discover_sites(model: nn.Module, kinds: tuple[str, ...] | list[str]) -> list
 def forward_order(model: nn.Module, sites: list[Site], example: torch.Tensor) -> list[Site]:
     """Sort sites by when their module's forward finishes on ``example``."""
     order: dict[str, int] = {}
-    handles = []
 
     def make(name: str):
         def hook(mod: nn.Module, inp: Any, out: Any) -> None:
@@ -141,16 +141,8 @@ def forward_order(model: nn.Module, sites: list[Site], example: torch.Tensor) ->
         return hook
 
     names = {s.name for s in sites}
-    try:
-        for n in names:
-            handles.append(model.get_submodule(n).register_forward_hook(make(n)))
-        was = model.training
-        model.eval()
+    with forward_hooks(model, {n: make(n) for n in names}):
         model(example)
-        model.train(was)
-    finally:
-        for h in handles:
-            h.remove()
     missing = names - set(order)
     if missing:
         raise UserError(f"repair site {sorted(missing)[0]} is never called in forward: "

@@ -1,22 +1,19 @@
-"""Command line: ``python -m rr_alloc {search,verify,compare,apply,export,list}``.
+"""Flags shared by the commands, and the ``RunConfig`` they build.
 
 Flags override the config file's values, which override the defaults in
-``RunConfig``. Bad input ends with one ``error:`` line and exit code 2.
+``RunConfig`` (or, for commands that replay a plan, the plan's source block).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .config import RunConfig, load_config_file
-from .errors import UserError
-from .runtime import tune_malloc
+from ..config import RunConfig, load_config_file
+from ..errors import UserError
 
-__all__ = ["main", "build_parser", "config_from_args"]
+__all__ = ["Parser", "add_run_flags", "config_from_args", "parse_budget", "default_out", "EMBEDDED_NOTE"]
 
 EMBEDDED_NOTE = ("This ran the embedded default (a 7-layer residual CNN trained on scikit-learn's bundled "
                  "digits). Point rr_alloc at a real model with e.g.\n  python -m rr_alloc search --budget 0.9 "
@@ -25,7 +22,7 @@ EMBEDDED_NOTE = ("This ran the embedded default (a 7-layer residual CNN trained 
                  "--train-data DIR --test-data DIR.")
 
 
-def _budget(text: str) -> float:
+def parse_budget(text: str) -> float:
     try:
         b = float(text)
     except ValueError:
@@ -35,12 +32,13 @@ def _budget(text: str) -> float:
     return b
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, as every other bad input
         raise UserError(f"{message} (see --help)")
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The model, data, profile, allocation, repair and Optuna flags (all commands that build a run)."""
     g = p.add_argument_group("model and data (override the config file)")
     g.add_argument("--config", help="YAML config file (keys = long flag names with underscores)")
     g.add_argument("--model", help="zoo name (see `list`), torchvision model, or package.module:factory "
@@ -61,6 +59,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--no-cache", dest="cache", action="store_false", default=None,
                    help="recompute the RR profile instead of reusing a cached one")
+    g.add_argument("--cache-dir", help="cache directory (default $RR_ALLOC_CACHE, else ~/.cache/rr_alloc)")
     r = p.add_argument_group("profile, allocation and repair")
     r.add_argument("--grid", type=float, nargs="+", help="probe sparsities of the RR profile")
     r.add_argument("--s-max", type=float, help="per-layer sparsity cap (default 0.99)")
@@ -72,6 +71,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--unit", choices=["weights", "flops"], help="count the budget in weights or FLOPs (MACs)")
     r.add_argument("--layer-weights", choices=["uniform", "sensitivity"],
                    help="per-layer weights of the RR objective (default uniform)")
+    r.add_argument("--pattern", help="N:M semi-structured pruning instead of a budget, e.g. 2:4 (keep 2 of every "
+                   "4 input channels at one kernel position; layers whose inputs are not a multiple of M stay dense)")
     r.add_argument("--repair", help="repair pipeline for verification, e.g. bn or lsq>bn>naive@block+logits")
     r.add_argument("--profile-repair", help="repair the RR profile measures: channel (default) or lsq[:damp=X] "
                    "(least-squares re-fit of the kept weights; the RR allocators then plan for it)")
@@ -95,9 +96,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 _RUN_KEYS = ("model", "checkpoint", "num_classes", "pretrained", "dataset", "train_data", "test_data",
-             "calib_size", "selection_size", "eval_size", "batch_size", "seed", "device", "threads", "cache",
+             "calib_size", "selection_size", "eval_size", "batch_size", "seed", "device", "threads", "cache", "cache_dir",
              "grid", "s_max", "include", "exclude", "allocator", "reference", "unit", "layer_weights", "repair",
-             "profile_repair",
+             "profile_repair", "pattern",
              "n_trials", "timeout", "storage", "objective", "study_name", "total_trials", "heartbeat_interval",
              "grace_period", "max_retry")
 
@@ -114,106 +115,8 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
     return RunConfig(**kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m rr_alloc",
-                description="Per-layer sparsity allocation by Relative Repairability, verified with "
-                            "training-free repair.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    s = sub.add_parser("search", help="profile RR, allocate a global budget, verify, write the plan",
-                       description="Profile each layer's Relative Repairability on calibration images, "
-                                   "allocate the budget, verify the plan (and the reference baseline) with "
-                                   "prune -> repair -> evaluate, and write the plan JSON, profile CSV and "
-                                   "RR-curve figure.")
-    s.add_argument("--budget", type=_budget, required=True, help="global sparsity in (0, 1): fraction of "
-                   "all prunable weights (or MACs with --unit flops) set to zero")
-    _add_run_flags(s)
-    s.add_argument("--out", help="plan JSON path (default runs/<model>_<allocator>_b<budget>/plan.json)")
-    s.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip verification (plan only)")
-
-    v = sub.add_parser("verify", help="re-run a plan's verification: prune, repair, evaluate",
-                       description="Rebuild model and data from a plan's source block and verify it.")
-    v.add_argument("--plan", required=True, help="plan JSON written by search")
-    v.add_argument("--split", choices=["test", "selection"], default="test", help="split to evaluate on")
-    _add_run_flags(v)
-
-    sub.add_parser("list", help="registered models, allocators and repair pipelines")
-    _register_more(sub)
-    return p
-
-
-def _register_more(sub) -> None:
-    """Commands defined in their own modules (kept out of this file's way)."""
-    from . import commands
-
-    commands.register(sub, _add_run_flags)
-
-
-def _default_out(cfg: RunConfig, budget: float) -> Path:
+def default_out(cfg: RunConfig, budget: float | None) -> Path:
+    """``runs/<model>_<allocator>_b<budget>/plan.json`` (``_<N>of<M>`` for an N:M pattern)."""
     model = cfg.model.replace(":", "_").replace("/", "_").replace(".", "_")
-    return Path("runs") / f"{model}_{cfg.allocator}_b{budget:g}" / "plan.json"
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    from .search import run_search
-
-    cfg = config_from_args(args)
-    out = Path(args.out) if args.out else _default_out(cfg, args.budget)
-    if cfg.allocator == "optuna":  # bad settings, a missing driver or an unreachable server fail before any work
-        from .optuna_storage import StudySettings, check_storage
-
-        StudySettings(cfg.n_trials, cfg.timeout, cfg.total_trials, cfg.heartbeat_interval, cfg.grace_period,
-                      cfg.max_retry)
-        if not cfg.storage:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            cfg = cfg.updated(storage=f"sqlite:///{(out.parent / 'optuna.db').resolve()}")
-        check_storage(cfg.storage)
-    run_search(cfg, args.budget, out, verify=args.verify, embedded_note=EMBEDDED_NOTE)
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from .search import run_verify
-
-    run_verify(args)
-    return 0
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    from .allocators import ALLOCATORS
-    from .models import list_models
-    from .repair import CHANNEL_METHODS, PRESETS, SITE_KINDS
-
-    print("models:")
-    for k, v in list_models().items():
-        print(f"  {k:<22} {v}")
-    print("  <torchvision name>       any torchvision classification model, e.g. resnet18 (--pretrained downloads)")
-    print("  package.module:factory   your own model factory (imports your code)")
-    print("allocators:")
-    for k, cls in ALLOCATORS.items():
-        print(f"  {k:<22} {cls.description}")
-    print("repair pipelines (steps joined by '>'; channel steps METHOD@SITES[:noshift][:lam=mean|median]):")
-    for k, v in PRESETS.items():
-        print(f"  {k:<22} {v}")
-    print(f"  methods: bn, {', '.join(CHANNEL_METHODS)}; sites: {', '.join(SITE_KINDS)}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        tune_malloc()  # a command-line run: large activations reuse heap memory (see runtime.py)
-        handler = {"search": cmd_search, "verify": cmd_verify, "list": cmd_list}.get(args.command)
-        if handler is None:
-            from . import commands
-
-            handler = commands.HANDLERS[args.command]
-        return handler(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    tail = f"{cfg.pattern.replace(':', 'of')}" if cfg.pattern else f"{cfg.allocator}_b{budget:g}"
+    return Path("runs") / f"{model}_{tail}" / "plan.json"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -27,8 +29,6 @@ class TransformSpec:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            from ..errors import UserError
-
             raise UserError(f"unknown transform keys {sorted(unknown)}: use {sorted(known)}")
         d = dict(d)
         for k in ("mean", "std"):

@@ -1,0 +1,111 @@
+"""``apply`` and ``export``: turn a plan into pruned weights, or into a downstream tool's format."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..errors import UserError
+from ..evaluate import compare_logits, logits_of
+from ..export import FORMAT_HELP, export_plan, exporter, reconstruction_note
+from ..io_utils import atomic_path
+from ..plan import Plan
+from ..replay import config_from_plan, model_from_plan, workbench_for_plan
+from ..repair.persist import save_pruned
+from .flags import add_run_flags, config_from_args
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    a = sub.add_parser("apply", help="rebuild a plan's model, prune, repair, and save the pruned weights",
+                       description="Rebuild the dense model and data from the plan's source block (the "
+                                   "checkpoint's SHA-256 must match), prune by the plan, repair, check the "
+                                   "per-layer sparsity, evaluate, and save a plain state_dict.")
+    a.add_argument("--plan", required=True, help="plan JSON written by search")
+    a.add_argument("--out", required=True, help="output file (.pt)")
+    a.add_argument("--format", choices=["state_dict", "torchscript"], default="state_dict",
+                   help="state_dict (default) or a TorchScript module")
+    add_run_flags(a)
+    a.set_defaults(handler=cmd_apply)
+
+    e = sub.add_parser("export", help="write a plan in a downstream tool's format",
+                       description="Formats: torch-prune (Python module applying torch.nn.utils.prune), "
+                                   "torch-pruning (channel ratios; see the unit conversion in the file), "
+                                   "llm-compressor and sparseml (recipe YAML), nni / nni-v2 (config_list JSON), "
+                                   "masks (per-layer boolean masks, .pt), csv, markdown.")
+    e.add_argument("--plan", required=True, help="plan JSON written by search")
+    e.add_argument("--format", required=True, help=FORMAT_HELP)
+    e.add_argument("--out", required=True, help="output file")
+    add_run_flags(e)
+    e.set_defaults(handler=cmd_export)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    plan = Plan.load(args.plan)
+    cfg = config_from_args(args, base=config_from_plan(plan))
+    wb = workbench_for_plan(plan, cfg)
+    nm = wb.nm
+    model, report = wb.repaired_model(wb.pattern_masks() if nm else plan.counts, cfg.repair, nm=nm)
+    rows, ok = [], True
+    for l in plan.layers:
+        zeros = int((model.get_submodule(l.name).weight == 0).sum())
+        rows.append({"layer": l.name, "weights": l.n_weights, "planned": l.n_pruned, "zeros": zeros,
+                     "sparsity": round(zeros / l.n_weights, 4)})
+        ok &= zeros >= l.n_pruned
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False))
+    total = table.zeros.sum() / table.weights.sum()
+    print(f"achieved global sparsity {total:.4f} (plan {plan.weight_sparsity:.4f})")
+    if not ok:
+        raise RuntimeError("a layer has fewer zeros than planned: this is a bug, please report it")
+    dense_logits, labels = wb.dense_logits("test")
+    m = compare_logits(logits_of(model, wb.splits.test, wb.device)[0], labels, dense_logits)
+    print(f"repair {cfg.repair}: test top-1 {100 * m.top1:.2f}% on {m.n} images "
+          f"(agreement {100 * m.agreement:.2f}%, KL {m.kl:.4f})")
+    out = Path(args.out)
+    if args.format == "torchscript":
+        example = wb.splits.calib.x[:2].to(wb.device)
+        try:
+            scripted = torch.jit.script(model)
+            how = "scripted"
+        except Exception:
+            scripted = torch.jit.trace(model, example)
+            how = "traced (the model does not script)"
+        with atomic_path(out) as tmp:
+            torch.jit.save(scripted, str(tmp))
+        print(f"wrote {out} (TorchScript, {how}; load with torch.jit.load)")
+        return 0
+    spec = save_pruned(model, out, args.plan)
+    if spec is None:
+        print(f"wrote {out}: plain state_dict, every correction folded into existing parameters; "
+              f"load it into the unmodified {cfg.model} with load_state_dict")
+    else:
+        print(f"wrote {out} and {spec.name}: corrections at {len(report.affine_sites)} sites "
+              f"({', '.join(report.affine_sites[:3])}{'...' if len(report.affine_sites) > 3 else ''}) cannot fold "
+              "into existing parameters and live in small per-channel affine modules; load with "
+              "rr_alloc.load_pruned(model, path), which re-attaches them from the spec")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    plan = Plan.load(args.plan)
+    ex = exporter(args.format)
+    cfg = config_from_args(args, base=config_from_plan(plan)) if ex.needs_model else None
+    model = model_from_plan(plan, cfg) if ex.needs_model else None
+
+    def obs_masks() -> dict:
+        wb = workbench_for_plan(plan, cfg)
+        _, report = wb.repaired_model(wb.pattern_masks() if wb.nm else plan.counts, cfg.repair, nm=wb.nm)
+        return report.masks
+
+    path = export_plan(plan, args.format, args.out, model=model,
+                       masks_fn=obs_masks if ex.binary and plan.mask_rule == "obs" else None)
+    print(f"wrote {path} ({args.format})")
+    note = reconstruction_note(plan)
+    if note:
+        print(f"note: {note}")
+    return 0

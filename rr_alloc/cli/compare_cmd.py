@@ -1,0 +1,102 @@
+"""``compare``: every allocator x budget (x repair) verified with the same pipeline, one table."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from ..allocators import ALLOCATORS, allocator_class
+from ..errors import UserError
+from ..repair import RepairPipeline
+from ..report import save_figure, write_frame_csv
+from ..workbench import Workbench
+from .flags import add_run_flags, config_from_args
+
+__all__ = ["register", "compare_figure"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("compare", help="allocate several budgets with several allocators, verify all, one table",
+                       description="Profile once, allocate each budget with each allocator, verify every plan "
+                                   "with the same repair pipeline(s), print one table and write CSV + figure.")
+    c.add_argument("--budgets", type=float, nargs="+", required=True, help="global sparsities in (0, 1)")
+    c.add_argument("--allocators", nargs="+", help="allocators (default: all but optuna)")
+    c.add_argument("--repairs", nargs="+", help="repair pipelines to verify with (default: the run's --repair)")
+    c.add_argument("--split", choices=["test", "selection"], default="test",
+                   help="split to report on (test: reporting only; selection: for making choices)")
+    c.add_argument("--out-dir", help="folder for compare.csv and compare.png (default runs/compare_<model>)")
+    add_run_flags(c)
+    c.set_defaults(handler=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    for b in args.budgets:
+        if not 0 < b < 1:
+            raise UserError(f"--budgets must lie in (0, 1), got {b}: pass fractions such as 0.9")
+    cfg = config_from_args(args)
+    allocators = args.allocators or [a for a in ALLOCATORS if not ALLOCATORS[a].needs.evaluate]
+    for a in allocators:
+        allocator_class(a)
+    repairs = args.repairs or [cfg.repair]
+    for r in repairs:
+        RepairPipeline.parse(r)
+    out_dir = Path(args.out_dir or Path("runs") / f"compare_{cfg.model.replace(':', '_')}")
+    wb = Workbench(cfg, progress=True)
+    print(f"compare: {cfg.model}, budgets {args.budgets}, allocators {allocators}, repairs {repairs}, "
+          f"split {args.split} ({wb.split(args.split).n} images)", flush=True)
+    rows, per_layer = [], []
+    for b in args.budgets:
+        for a in allocators:
+            t0 = time.perf_counter()
+            counts = wb.allocate(a, b)
+            achieved = wb.achieved(counts)
+            for l in wb.layers:
+                per_layer.append({"budget": b, "allocator": a, "layer": l.name,
+                                  "sparsity": counts[l.name] / l.n_weights})
+            for r in repairs:
+                m = wb.verify(counts, r, split=args.split)
+                rows.append({"budget": b, "allocator": a, "repair": r, "top1": m.top1, "agreement": m.agreement,
+                             "kl": m.kl, "achieved_sparsity": achieved, "unit": cfg.unit, "split": args.split,
+                             "n": m.n, "seconds": round(time.perf_counter() - t0, 2)})
+                print(f"  budget {b:g} {a:<10} {r:<24} top1 {100 * m.top1:5.1f}  agreement "
+                      f"{100 * m.agreement:5.1f}  kl {m.kl:.3f}", flush=True)
+    df = pd.DataFrame(rows)
+    write_frame_csv(df, out_dir / "compare.csv")
+    write_frame_csv(pd.DataFrame(per_layer), out_dir / "compare_layers.csv")
+    fig = compare_figure(df, pd.DataFrame(per_layer), cfg.model, [l.name for l in wb.layers])
+    save_figure(fig, out_dir / "compare.png")
+    show = df.assign(top1=(100 * df.top1).round(2), agreement=(100 * df.agreement).round(2), kl=df.kl.round(4),
+                     achieved_sparsity=df.achieved_sparsity.round(4))
+    print()
+    print(show[["budget", "allocator", "repair", "top1", "agreement", "kl", "achieved_sparsity"]].to_string(index=False))
+    print(f"\nwrote {out_dir / 'compare.csv'}, compare_layers.csv, compare.png")
+    return 0
+
+
+def compare_figure(df: pd.DataFrame, layers: pd.DataFrame, model: str, order: list[str]):
+    """Left: top-1 vs budget per allocator (one line style per repair). Right: per-layer sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.8))
+    styles = ["-o", "--s", ":^", "-.d"]
+    for j, (rep, g) in enumerate(df.groupby("repair", sort=False)):
+        for a, ga in g.groupby("allocator", sort=False):
+            ax1.plot(ga.budget, 100 * ga.top1, styles[j % 4], label=f"{a} | {rep}", ms=4)
+    ax1.set(xlabel="global sparsity budget", ylabel=f"top-1 (%) on {df.split.iloc[0]}", title=model)
+    ax1.legend(fontsize=7)
+    b = sorted(layers.budget.unique())[len(layers.budget.unique()) // 2]
+    sub = layers[layers.budget == b]
+    x = range(len(order))
+    for a, ga in sub.groupby("allocator", sort=False):
+        ax2.plot(x, ga.set_index("layer").loc[order, "sparsity"].values, "-o", ms=3, label=a)
+    ax2.set_xticks(list(x), order, rotation=90, fontsize=6)
+    ax2.set(ylabel="layer sparsity", title=f"per-layer sparsity at budget {b:g}")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,156 @@
+"""``search``, ``verify`` and ``list``: make a plan, check a plan, show what is registered."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..allocators import ALLOCATORS, allocator_class
+from ..config import RunConfig
+from ..errors import UserError
+from ..evaluate import Metrics, wilson_interval
+from ..models import list_models
+from ..optuna_storage import StudySettings, check_storage, summary_lines
+from ..plan import Plan
+from ..replay import config_from_plan, workbench_for_plan
+from ..repair import CHANNEL_METHODS, PRESETS, RECONSTRUCT_METHODS, SITE_KINDS
+from ..report import layer_table, plot_rr_curves, write_profile_csv
+from ..run import search
+from ..workbench import Workbench
+from .flags import EMBEDDED_NOTE, add_run_flags, config_from_args, default_out, parse_budget
+
+__all__ = ["register", "metrics_row", "run_search"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("search", help="profile RR, allocate a global budget, verify, write the plan",
+                       description="Profile each layer's Relative Repairability on calibration images, "
+                                   "allocate the budget, verify the plan (and the reference baseline) with "
+                                   "prune -> repair -> evaluate, and write the plan JSON, profile CSV and "
+                                   "RR-curve figure.")
+    s.add_argument("--budget", type=parse_budget, help="global sparsity in (0, 1): fraction of all prunable "
+                   "weights (or MACs with --unit flops) set to zero; required unless --pattern is given")
+    add_run_flags(s)
+    s.add_argument("--out", help="plan JSON path (default runs/<model>_<allocator>_b<budget>/plan.json)")
+    s.add_argument("--no-verify", dest="verify", action="store_false", help="skip verification (plan only)")
+    s.set_defaults(handler=cmd_search)
+
+    v = sub.add_parser("verify", help="re-run a plan's verification: prune, repair, evaluate",
+                       description="Rebuild model and data from a plan's source block and verify it.")
+    v.add_argument("--plan", required=True, help="plan JSON written by search")
+    v.add_argument("--split", choices=["test", "selection"], default="test", help="split to evaluate on")
+    add_run_flags(v)
+    v.set_defaults(handler=cmd_verify)
+
+    ls = sub.add_parser("list", help="registered models, allocators and repair pipelines")
+    ls.set_defaults(handler=cmd_list)
+
+
+def metrics_row(name: str, m: Metrics, sparsity: float | None) -> dict[str, Any]:
+    lo, hi = wilson_interval(m.top1, m.n)
+    return {"plan": name, "top1 %": round(100 * m.top1, 2), "95% CI": f"{100 * lo:.1f}-{100 * hi:.1f}",
+            "agreement %": round(100 * m.agreement, 2), "KL": round(m.kl, 4),
+            "sparsity": None if sparsity is None else round(sparsity, 4)}
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if (args.budget is None) == (cfg.pattern is None):
+        raise UserError("pass --budget B (a fraction in (0, 1)) or --pattern N:M, exactly one of them")
+    out = Path(args.out) if args.out else default_out(cfg, args.budget)
+    if out.is_dir() or str(args.out or "").endswith(("/", "\\")):
+        out = out / "plan.json"
+    if cfg.allocator == "optuna" and not cfg.pattern:  # bad settings or an unreachable server fail before any work
+        StudySettings(cfg.n_trials, cfg.timeout, cfg.total_trials, cfg.heartbeat_interval, cfg.grace_period,
+                      cfg.max_retry)
+        if not cfg.storage:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cfg = cfg.updated(storage=f"sqlite:///{(out.parent / 'optuna.db').resolve()}")
+        check_storage(cfg.storage)
+    run_search(cfg, args.budget, out, verify=args.verify)
+    return 0
+
+
+def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = True) -> Plan:
+    """The command's flow: progress lines, the search, the files, and the summary tables."""
+    t0 = time.perf_counter()
+    what = f"pattern {cfg.pattern}" if cfg.pattern else f"budget {budget:g} ({cfg.unit}), allocator {cfg.allocator}"
+    print(f"rr_alloc search: {what}, repair {cfg.repair}", flush=True)
+    wb = Workbench(cfg, progress=True)
+    n_w = sum(l.n_weights for l in wb.layers)
+    print(f"model {cfg.model}: {len(wb.layers)} prunable layers, {n_w:,} weights; device {wb.device}")
+    print(f"data {wb.splits.description}; calibration {wb.splits.calib.n} + selection {wb.splits.selection.n} "
+          f"training images (seed {cfg.seed}, disjoint); test {wb.splits.test.n} images (reporting only)")
+    dense = wb.dense_metrics("test")
+    print(f"dense top-1 on test: {100 * dense.top1:.2f}%", flush=True)
+    prof = wb.profile() if not cfg.pattern and allocator_class(cfg.allocator).needs.profile else None
+    if prof is not None:
+        print(f"RR profile: {len(prof.layers)} layers x {len(prof.grid)} grid points in "
+              f"{wb.timings['profile']:.1f}s (cache {prof.meta.get('cache')})", flush=True)
+    plan, _ = search(cfg, budget, verify=verify, workbench=wb)
+    plan.save(out)
+    prof = prof or wb.profile()
+    extra = [write_profile_csv(prof, out.with_name("profile.csv")),
+             plot_rr_curves(prof, out.with_name("rr_curves.png"), plan.sparsities,
+                            title=f"{cfg.model}: RR profile, {plan.allocator} plan at {plan.budget:g}")]
+    ref_name = "global" if cfg.pattern else cfg.reference_allocator
+    table = layer_table(plan, prof, {ref_name: wb.allocate(ref_name, plan.budget)})
+    print()
+    print(table.to_string(index=False))
+    target = "N:M pattern" if cfg.pattern else f"target {budget:.4f}"
+    print(f"\nachieved global sparsity: {plan.achieved_sparsity:.4f} ({cfg.unit}; {target})")
+    if verify:
+        v = plan.verify
+        rows = [metrics_row("dense", dense, 0.0),
+                metrics_row(f"{plan.allocator} + repair", Metrics(v["top1"], v["agreement"], v["kl"], v["n"]),
+                            plan.achieved_sparsity)]
+        if "reference" in v:
+            r = v["reference"]
+            rows.append(metrics_row(f"{r['allocator']} + repair", Metrics(r["top1"], r["agreement"], r["kl"], v["n"]),
+                                    r["achieved_sparsity"]))
+        print(f"\nverification: prune -> {cfg.repair} on {wb.splits.calib.n} calibration images -> "
+              f"test split ({v['n']} images)")
+        print(pd.DataFrame(rows).to_string(index=False))
+    print(f"\nwrote {out} (plan), {extra[0].name}, {extra[1].name} in {out.parent}  "
+          f"[{time.perf_counter() - t0:.1f}s]")
+    if cfg.allocator == "optuna" and not cfg.pattern:
+        print("\n".join(summary_lines(cfg.storage, cfg.objective)))
+    if cfg.model == "digits_resnet":
+        print("\n" + EMBEDDED_NOTE)
+    return plan
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    plan = Plan.load(args.plan)
+    cfg = config_from_args(args, base=config_from_plan(plan))
+    wb = workbench_for_plan(plan, cfg)
+    nm = wb.nm
+    m = wb.verify(wb.pattern_masks() if nm else plan.counts, cfg.repair, split=args.split, nm=nm)
+    dense = wb.dense_metrics(args.split)
+    print(f"plan {args.plan}: {plan.allocator} at budget {plan.budget:g}, achieved {plan.achieved_sparsity:.4f}")
+    print(f"verification: prune -> {cfg.repair} -> {args.split} split ({m.n} images)")
+    rows = [metrics_row("dense", dense, 0.0), metrics_row(f"{plan.allocator} + repair", m, plan.weight_sparsity)]
+    print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    print("models:")
+    for k, v in list_models().items():
+        print(f"  {k:<22} {v}")
+    print("  <torchvision name>       any torchvision classification model, e.g. resnet18 (--pretrained downloads)")
+    print("  package.module:factory   your own model factory (imports your code)")
+    print("allocators:")
+    for k, cls in ALLOCATORS.items():
+        print(f"  {k:<22} {cls.description}")
+    print("repair pipelines (steps joined by '>'; channel steps METHOD@SITES[:noshift][:lam=mean|median]; "
+          "reconstruction steps lsq[:damp=X], obs[:damp=X][:block=B]):")
+    for k, v in PRESETS.items():
+        print(f"  {k:<26} {v}")
+    print(f"  methods: bn, {', '.join(CHANNEL_METHODS)}, {', '.join(RECONSTRUCT_METHODS)}; "
+          f"sites: {', '.join(SITE_KINDS)}")
+    return 0

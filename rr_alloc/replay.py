@@ -1,0 +1,85 @@
+"""Rebuilding what a plan was made from: its model (checkpoint hash checked), data and workbench."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import RunConfig
+from .errors import UserError
+from .io_utils import sha256_file
+from .models import build_model, load_checkpoint
+from .plan import Plan
+from .pruning import apply_masks, plan_masks
+from .workbench import Workbench
+
+__all__ = ["config_from_plan", "check_checkpoint_hash", "model_from_plan", "workbench_for_plan", "apply_plan"]
+
+
+def config_from_plan(plan: Plan) -> dict[str, Any]:
+    """``RunConfig`` keyword arguments that rebuild the plan's model and data."""
+    src = plan.source
+    if not src:
+        raise UserError("the plan has no source block: pass --model/--dataset flags to rebuild its model")
+    data = src.get("data", {})
+    kw = {"model": src.get("model"), "checkpoint": src.get("checkpoint"), "num_classes": src.get("num_classes"),
+          "pretrained": bool(src.get("pretrained", False)), "dataset": data.get("kind"),
+          "train_data": data.get("train"), "test_data": data.get("test"), "transform": data.get("transform"),
+          "calib_size": data.get("calib_size"), "selection_size": data.get("selection_size"),
+          "eval_size": data.get("eval_size"), "seed": data.get("seed", 0), "download": data.get("download", False),
+          "include": tuple(src.get("include", ())), "exclude": tuple(src.get("exclude", ())),
+          "batch_size": src.get("batch_size", 256), "repair": plan.repair, "unit": plan.budget_unit,
+          "pattern": plan.pattern}
+    if plan.profile.get("grid"):
+        kw["grid"] = tuple(plan.profile["grid"])
+        kw["s_max"] = plan.profile.get("s_max", 0.99)
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def check_checkpoint_hash(plan: Plan) -> None:
+    """The plan's checkpoint still exists and has the recorded SHA-256."""
+    ck, want = plan.source.get("checkpoint"), plan.source.get("checkpoint_sha256")
+    if ck and want:
+        if not Path(ck).is_file():
+            raise UserError(f"the plan's checkpoint {ck} does not exist: pass --checkpoint with its new location")
+        if sha256_file(ck) != want:
+            raise UserError(f"checkpoint {ck} changed since the plan was made (SHA-256 differs): "
+                            "re-run search on the new checkpoint")
+
+
+def model_from_plan(plan: Plan, cfg: RunConfig) -> nn.Module:
+    """The plan's dense model (checkpoint hash checked), without loading any data."""
+    if cfg.checkpoint == plan.source.get("checkpoint"):
+        check_checkpoint_hash(plan)
+    model = build_model(cfg.model, cfg.num_classes, cfg.pretrained, cache_dir=cfg.cache_dir)
+    if cfg.checkpoint:
+        load_checkpoint(model, cfg.checkpoint)
+    model = model.eval()
+    plan.check_model(model)
+    return model
+
+
+def workbench_for_plan(plan: Plan, cfg: RunConfig, progress: bool = True) -> Workbench:
+    """Rebuild the plan's model and data as ``cfg`` says (usually ``config_from_plan`` plus overrides).
+
+    Checks the checkpoint hash (when it is the plan's own), the layer shapes and the layer set.
+    """
+    if cfg.checkpoint == plan.source.get("checkpoint"):
+        check_checkpoint_hash(plan)
+    wb = Workbench(cfg, progress=progress)
+    plan.check_model(wb.dense)
+    if {l.name for l in wb.layers} != {l.name for l in plan.layers}:
+        raise UserError("the plan's layers differ from the model's prunable layers: use the plan's "
+                        "--include/--exclude or regenerate the plan")
+    return wb
+
+
+def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
+    """Magnitude-prune ``model`` by ``plan`` (layer-local counts, or its N:M pattern); no repair."""
+    plan.check_model(model)
+    target = model if inplace else copy.deepcopy(model)
+    apply_masks(target, plan_masks(target, plan.counts, plan.nm))
+    return target
