@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,7 +170,19 @@ def test_flop_budget_is_named_in_plan(tmp_path):
     out = tmp_path / "plan.json"
     assert main(["search", "--budget", "0.8", "--unit", "flops", "--out", str(out), "--no-verify"]) == 0
     plan = json.loads(out.read_text())
-    assert plan["budget_unit"] == "flops" and abs(plan["achieved_sparsity"] - 0.8) < 0.01
+    from rr_alloc.data import digits_arrays
+    from rr_alloc.layers import prunable_layers
+    from rr_alloc.models.digits import pretrained_digits_resnet
+    from rr_alloc.workbench import layer_macs
+
+    model = pretrained_digits_resnet(verbose=False)
+    layers = prunable_layers(model)
+    a = layer_macs(model, layers, digits_arrays()[0][:1])
+    n = np.array([l.n_weights for l in layers], float)
+    k = np.array([l["n_pruned"] for l in plan["layers"]], float)
+    # the MAC-weighted sparsity is the plan's, and each layer is within half a weight of the continuous plan
+    assert plan["budget_unit"] == "flops" and plan["achieved_sparsity"] == pytest.approx((a @ k) / (a @ n), rel=1e-12)
+    assert abs(plan["achieved_sparsity"] - 0.8) <= 0.5 * a.sum() / (a @ n) + 1e-12
 
 
 SHARED = Path(os.environ.get("RR_ALLOC_SHARED", ROOT.parent / "shared"))

@@ -83,10 +83,22 @@ def test_check_model_names_and_shapes():
 
 
 def test_failed_write_keeps_old_plan(tmp_path, monkeypatch):
+    """The write itself fails half-way (disk full): the good plan stays and no temporary file is left."""
+    from pathlib import Path
+
     path = _plan().save(tmp_path / "plan.json")
     good = path.read_text()
+    real_write = Path.write_text
+
+    def half_then_fail(self, data, *a, **k):
+        real_write(self, data[: len(data) // 2], *a, **k)  # bytes reach the disk, then the device is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
     p = _plan()
-    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
-    with pytest.raises(RuntimeError):
+    p.layers[0] = LayerPlan("conv1", 200, 432, (16, 3, 3, 3))
+    with pytest.raises(OSError):
         p.save(path)
-    assert path.read_text() == good
+    monkeypatch.undo()
+    assert path.read_text() == good and Plan.load(path).to_dict() == _plan().to_dict()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["plan.json"]
