@@ -1,0 +1,69 @@
+"""Regression tests for issue 12's defects: each bad input ends with one ``error:`` line, exit 2,
+no traceback and no file left behind; generated files never run plan strings as code."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from rr_alloc.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _one_error(capsys, code: int) -> str:
+    """Assert the CLI's bad-input contract (exit 2, one ``error:`` line, no traceback); return the line."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def _bad_search(tmp_path: Path, capsys, *args: str) -> str:
+    out = tmp_path / "out" / "plan.json"
+    code = main(["search", *args, "--out", str(out)])
+    err = _one_error(capsys, code)
+    assert not out.parent.exists() or not list(out.parent.iterdir())
+    return err
+
+
+# ---- defect 16: output files keep the permissions a plain open() would give ----------------------------
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_defect16_new_files_follow_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "run" / "plan.json"
+        assert main(["search", "--budget", "0.9", "--no-verify", "--out", str(out)]) == 0
+        exp = out.parent / "exported.py"
+        assert main(["export", "--plan", str(out), "--format", "torch-prune", "--out", str(exp)]) == 0
+    finally:
+        os.umask(old)
+    files = [out, out.parent / "profile.csv", out.parent / "rr_curves.png", exp]
+    for f in files:
+        assert f.exists() and _mode(f) == 0o666 & ~umask, (f, oct(_mode(f)))
+    for f in Path(os.environ["RR_ALLOC_CACHE"]).rglob("*"):  # cache entries are atomic writes too
+        if f.is_file():
+            assert _mode(f) & 0o600 == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o664])
+def test_defect16_overwritten_file_keeps_its_mode(tmp_path, mode):
+    out = tmp_path / "plan.json"
+    out.write_text("{}")
+    out.chmod(mode)
+    old = os.umask(0o077)
+    try:
+        assert main(["search", "--budget", "0.9", "--no-verify", "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert out.read_text() != "{}" and _mode(out) == mode
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left beside it
