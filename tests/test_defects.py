@@ -67,3 +67,48 @@ def test_defect16_overwritten_file_keeps_its_mode(tmp_path, mode):
         os.umask(old)
     assert out.read_text() != "{}" and _mode(out) == mode
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left beside it
+
+
+# ---- defect 17: a checkpoint that would run code is refused without pointing at weights_only=False -----
+
+class _RunsCode:
+    """Unpickling this runs a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Custom:
+    pass
+
+
+def _checkpoint(kind: str, path: Path, marker: Path) -> None:
+    if kind == "runs-code":
+        torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _RunsCode(marker)}, path)
+    elif kind == "custom-class":
+        torch.save({"state_dict": {"w": torch.zeros(1)}, "cfg": _Custom()}, path)
+    elif kind == "plain-object":
+        torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": object()}, path)
+    elif kind == "garbage":
+        path.write_bytes(b"\x80\x02garbage" * 16)
+    elif kind == "truncated":
+        torch.save({"w": torch.zeros(64)}, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("kind", ["runs-code", "custom-class", "plain-object", "garbage", "truncated"])
+def test_defect17_bad_checkpoint_never_suggests_unsafe_load(tmp_path, capsys, kind):
+    marker = tmp_path / "executed"
+    ck = tmp_path / "ck.pt"
+    _checkpoint(kind, ck, marker)
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--checkpoint", str(ck))
+    assert "ck.pt" in err and "state_dict" in err
+    for unsafe in ("weights_only=False", "likely succeed", "set to `False`", "add_safe_globals", "\x1b"):
+        assert unsafe not in err
+    assert not marker.exists()  # nothing in the file was executed
+    if kind == "runs-code":
+        assert "system" in err  # the refused global is named
