@@ -32,6 +32,7 @@ re-pruning it by magnitude.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,17 @@ SCHEMA_VERSION = 2             # the newest version this code reads and writes
 READ_VERSIONS = (1, 2)
 MASK_RULES = ("magnitude", "obs")
 UNIT = "weight_fraction"
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float (also numpy floats) replaced by ``None``, recursively."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 @dataclass(frozen=True)
@@ -115,8 +127,11 @@ class Plan:
                 "created": self.created}
 
     def save(self, path: str | Path) -> Path:
-        """Write the plan atomically (a failed write never replaces a good plan)."""
-        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the plan atomically (a failed write never replaces a good plan).
+
+        Non-finite numbers (a NaN metric) are written as ``null``: bare ``NaN`` is not JSON.
+        """
+        return write_text_atomic(path, json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "plan") -> "Plan":

@@ -112,3 +112,42 @@ def test_defect17_bad_checkpoint_never_suggests_unsafe_load(tmp_path, capsys, ki
     assert not marker.exists()  # nothing in the file was executed
     if kind == "runs-code":
         assert "system" in err  # the refused global is named
+
+
+# ---- defect 3: non-finite weights are refused by name; plans never hold bare NaN -----------------------
+
+def _strict_json(text: str):
+    import json
+
+    def refuse(token: str):
+        raise AssertionError(f"invalid JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("which", ["weight", "bias", "running_var"])
+def test_defect3_non_finite_checkpoint_is_refused(tmp_path, capsys, value, which):
+    from rr_alloc.models import build_model
+
+    sd = build_model("digits_resnet").state_dict()
+    key = next(k for k in sd if k.endswith(which) and sd[k].is_floating_point())
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] = value
+    ck = tmp_path / "ck.pt"
+    torch.save(sd, ck)
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--checkpoint", str(ck))
+    assert key in err and "non-finite" in err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_defect3_plan_never_writes_nan(tmp_path, bad):
+    from rr_alloc.plan import LayerPlan, Plan
+
+    plan = Plan([LayerPlan("fc", 5, 10, (2, 5))], 0.5, "global", "bn",
+                verify={"top1": bad, "kl": bad, "reference": {"kl": bad, "agreement": 0.5}},
+                profile={"grid": [0.5, bad]})
+    text = plan.save(tmp_path / "plan.json").read_text()
+    d = _strict_json(text)
+    assert d["verify"] == {"top1": None, "kl": None, "reference": {"kl": None, "agreement": 0.5}}
+    assert d["profile"]["grid"] == [0.5, None]
+    assert Plan.load(tmp_path / "plan.json").layers[0].n_pruned == 5

@@ -87,4 +87,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, map_location: str | torc
             parts.append(f"{len(shape)} shape mismatches (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
         raise UserError(f"checkpoint {path} does not match the model: {', '.join(parts)}; "
                         "pass the --model this checkpoint was trained with")
+    # NaN/inf weights make every metric NaN far downstream (and a plan that is not valid JSON): refuse them here
+    bad = [k for k, v in sd.items() if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(f"checkpoint {path} has non-finite values (NaN or inf) in {bad[0]}{more}: "
+                        "pass a checkpoint saved before training diverged")
     model.load_state_dict(sd, strict=True)
