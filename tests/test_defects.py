@@ -151,3 +151,44 @@ def test_defect3_plan_never_writes_nan(tmp_path, bad):
     assert d["verify"] == {"top1": None, "kl": None, "reference": {"kl": None, "agreement": 0.5}}
     assert d["profile"]["grid"] == [0.5, None]
     assert Plan.load(tmp_path / "plan.json").layers[0].n_pruned == 5
+
+
+# ---- defect 4: an image that cannot be decoded is named --------------------------------------------------
+
+def _image_folder(root: Path, per_class: int = 8, size: int = 32, classes: int = 2, seed: int = 0) -> Path:
+    """A synthetic ImageFolder: ``classes`` subfolders of random RGB images, alternating PNG and JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            px = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(px).save(d / f"img{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def _corrupt(path: Path, how: str) -> Path:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(buf, "PNG" if path.suffix == ".png" else "JPEG")
+    data = buf.getvalue()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not an image" * 8, "empty": b""}[how])
+    return path
+
+
+@pytest.mark.parametrize("name,how", [("bad.png", "truncated"), ("bad.jpg", "truncated"),
+                                      ("bad.png", "garbage"), ("bad.jpg", "empty")])
+def test_defect4_corrupt_image_is_named(tmp_path, capsys, name, how):
+    data = _image_folder(tmp_path / "data")
+    bad = _corrupt(data / "class1" / name, how)
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--model", "cifar_resnet20", "--dataset", "imagefolder",
+                      "--train-data", str(data), "--test-data", str(data), "--calib-size", "8",
+                      "--selection-size", "4")
+    assert str(bad) in err and "corrupt or truncated" in err
