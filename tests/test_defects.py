@@ -192,3 +192,75 @@ def test_defect4_corrupt_image_is_named(tmp_path, capsys, name, how):
                       "--train-data", str(data), "--test-data", str(data), "--calib-size", "8",
                       "--selection-size", "4")
     assert str(bad) in err and "corrupt or truncated" in err
+
+
+# ---- defect 1: plan strings never become code or YAML keys ---------------------------------------------
+
+def _touch_code(marker: Path) -> str:
+    return f"__import__('pathlib').Path({str(marker)!r}).touch()"
+
+
+def _payloads(marker: Path) -> dict[str, str]:
+    code = _touch_code(marker)
+    return {"newline": f"x\n{code}\n", "cr": f"x\r{code}\r", "u2028": f"x\u2028{code}",
+            "docstring": f'x"""; {code}; """', "yaml-key": "x\ninjected: 1\nmodifiers: []"}
+
+
+def _simple_plan(**kw):
+    from rr_alloc.plan import LayerPlan, Plan
+
+    layers = [LayerPlan(kw.pop("layer", "conv"), 5, 10, (2, 5)), LayerPlan("fc", 3, 10, (10,))]
+    return Plan(layers, 0.5, kw.pop("allocator", "global"), "bn", budget_unit=kw.pop("budget_unit", "weights"),
+                source={"model": kw.pop("model", "digits_resnet")})
+
+
+@pytest.mark.parametrize("payload", ["newline", "cr", "u2028", "yaml-key"])
+@pytest.mark.parametrize("field", ["allocator", "model", "budget_unit", "layer"])
+def test_defect1_plan_with_control_characters_is_refused_at_load(tmp_path, capsys, field, payload):
+    marker = tmp_path / "executed"
+    plan = tmp_path / "plan.json"
+    _simple_plan(**{field: _payloads(marker)[payload]}).save(plan)
+    for fmt in ("torch-prune", "sparseml"):
+        out = tmp_path / f"out_{fmt}"
+        err = _one_error(capsys, main(["export", "--plan", str(plan), "--format", fmt, "--out", str(out)]))
+        assert "control character" in err or "budget_unit" in err
+        assert not out.exists() and not marker.exists()
+
+
+@pytest.mark.parametrize("payload", ["newline", "cr", "u2028", "docstring", "yaml-key"])
+@pytest.mark.parametrize("fmt", ["torch-prune", "torch-pruning", "llm-compressor", "sparseml"])
+def test_defect1_export_quotes_plan_strings(tmp_path, fmt, payload):
+    import runpy
+
+    import yaml
+
+    from rr_alloc.export import export_plan
+
+    marker = tmp_path / "executed"
+    bad = _payloads(marker)[payload]
+    plan = _simple_plan(allocator=bad, model=bad, budget_unit=bad, layer=bad)
+    names = [l.name for l in plan.layers]
+    out = export_plan(plan, fmt, tmp_path / ("gen.py" if fmt.startswith("torch") else "gen.yaml"))
+    text = out.read_text()
+    if fmt.startswith("torch"):
+        mod = runpy.run_path(str(out))  # importing the generated module runs nothing from the plan
+        assert not marker.exists()
+        if fmt == "torch-prune":
+            assert list(mod["COUNTS"]) == names
+        else:
+            assert list(mod["CHANNEL_RATIOS"]) == names[:-1] and mod["IGNORED"] == names[-1:]
+        return
+    assert not any(l.startswith(("injected", "modifiers: []")) for l in text.splitlines())
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!GMPruningModifier", lambda l, node: {"GMPruningModifier": l.construct_mapping(node, deep=True)})
+    doc = yaml.load(text, Loader=Loader)
+    if fmt == "llm-compressor":
+        assert list(doc) == ["sparsity_stage"]
+        assert doc["sparsity_stage"]["sparsity_modifiers"]["SparseGPTModifier"]["targets"] == names
+    else:
+        assert list(doc) == ["modifiers"] and len(doc["modifiers"]) == 1
+        gm = doc["modifiers"][0]["GMPruningModifier"]
+        assert sorted(p for ps in gm["final_sparsity"].values() for p in ps) == sorted(f"{n}.weight" for n in names)
