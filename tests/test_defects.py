@@ -264,3 +264,75 @@ def test_defect1_export_quotes_plan_strings(tmp_path, fmt, payload):
         assert list(doc) == ["modifiers"] and len(doc["modifiers"]) == 1
         gm = doc["modifiers"][0]["GMPruningModifier"]
         assert sorted(p for ps in gm["final_sparsity"].values() for p in ps) == sorted(f"{n}.weight" for n in names)
+
+
+# ---- defect 18: residual blocks found by a recorded forward; a missing site kind is skipped ------------
+
+def test_defect18_untraceable_blocks_are_found():
+    from factories import branchy_net
+
+    from rr_alloc.repair import discover_sites
+
+    model = branchy_net().eval()
+    x = torch.randn(2, 1, 8, 8)
+    assert [s.name for s in discover_sites(model, ("block",), x)] == ["block1", "block2"]
+
+
+@pytest.mark.parametrize("factory,note", [("branchy_net", False), ("plain_vgg", True), ("tiny_digits_cnn", True)])
+def test_defect18_default_pipeline_runs_on_the_sites_a_model_has(tmp_path, capsys, factory, note):
+    import json
+
+    out = tmp_path / "plan.json"
+    code = main(["search", "--budget", "0.8", "--model", f"factories:{factory}", "--calib-size", "64",
+                 "--selection-size", "32", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    assert "Traceback" not in cap.err and "error" not in cap.err
+    notes = [l for l in cap.out.splitlines() if l.startswith("note: repair sites")]
+    assert len(notes) == (1 if note else 0), notes  # one line, said once
+    if note:
+        assert "no residual blocks" in notes[0] and "logits" in notes[0]
+    assert json.loads(out.read_text())["achieved_sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_defect18_a_step_with_no_site_at_all_is_refused(tmp_path, capsys):
+    err = _bad_search(tmp_path, capsys, "--budget", "0.8", "--model", "factories:plain_vgg",
+                      "--repair", "asr@block", "--calib-size", "64", "--selection-size", "32")
+    assert "'block' does not exist" in err and "--repair" in err
+
+
+# the smallest variant of each family, random weights; VGG-11-BN with a narrow classifier (the stock one
+# holds 119 M weights and takes ~5 min on 2 cores, tests/factories.py); convnext_tiny takes ~30 s
+_SLOW_FAMILIES = {"convnext_tiny"}
+TV_FAMILIES = ["resnet18", "factories:vgg11_bn_small", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
+               "densenet121", "shufflenet_v2_x0_5", "convnext_tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_imagefolder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tv")
+    data = _image_folder(root / "data", per_class=16, size=32)
+    cfg = root / "cfg.yaml"  # no resize/crop: the images stay 32x32, so every family runs in seconds
+    cfg.write_text("transform: {mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}\n")
+    return data, cfg
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_FAMILIES else n
+                                  for n in TV_FAMILIES])
+def test_defect18_torchvision_family_sweep(tmp_path, capsys, tiny_imagefolder, name):
+    import json
+
+    data, cfg = tiny_imagefolder
+    out = tmp_path / "plan.json"
+    threads = torch.get_num_threads()
+    code = main(["search", "--budget", "0.5", "--model", name, "--num-classes", "10", "--config", str(cfg),
+                 "--dataset", "imagefolder", "--train-data", str(data), "--test-data", str(data),
+                 "--calib-size", "16", "--selection-size", "8", "--eval-size", "8", "--batch-size", "8",
+                 "--threads", "1", "--out", str(out)])  # one thread: these small convs lose time to a second one
+    torch.set_num_threads(threads)
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    assert "Traceback" not in cap.err and "error" not in cap.err
+    plan = json.loads(out.read_text())
+    assert plan["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert plan["verify"]["reference"]  # the plan and its reference were both verified
