@@ -54,7 +54,7 @@ UNIT = "weight_fraction"
 
 
 def _finite(obj: Any) -> Any:
-    """``obj`` with every NaN/inf float (also numpy floats) replaced by ``None``, recursively."""
+    """``obj`` with every NaN/inf float (``float`` and its subclasses, e.g. numpy.float64) as ``None``, recursively."""
     if isinstance(obj, dict):
         return {k: _finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
