@@ -156,12 +156,24 @@ def _torchvision_sets(spec: DataSpec, tf) -> tuple[Any, Any]:
     return tr, te
 
 
-def _materialise(ds, indices: np.ndarray, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _item(ds, i: int, flag: str) -> tuple[Any, Any]:
+    """``ds[i]``; an image that cannot be decoded is a one-line error naming the file."""
+    try:
+        return ds[i]
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated data, bad chunks
+        samples = getattr(ds, "samples", None)
+        where = f"image {samples[i][0]}" if samples else f"image {i} of {type(ds).__name__}"
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot decode {where} ({type(e).__name__}: {why}): the file is corrupt or truncated; "
+                        f"remove or replace it in the {flag} folder") from None
+
+
+def _materialise(ds, indices: np.ndarray, desc: str, flag: str = "--train-data") -> tuple[torch.Tensor, torch.Tensor]:
     from tqdm.auto import tqdm
 
     xs, ys = [], []
     for i in tqdm(indices.tolist(), desc=f"decoding {desc}", leave=False, disable=len(indices) < 2000):
-        x, y = ds[i]
+        x, y = _item(ds, i, flag)
         xs.append(x)
         ys.append(int(y))
     if not xs:
@@ -206,7 +218,7 @@ def load_splits(spec: DataSpec, batch_size: int = 256) -> Splits:
     t = _eval_indices(len(test_ds), spec.eval_size)
     cx, cy = _materialise(train_ds, c, "calibration")
     sx, sy = _materialise(train_ds, s, "selection")
-    tx, ty = _materialise(test_ds, t, "test")
+    tx, ty = _materialise(test_ds, t, "test", "--test-data")
     return Splits(Batches(cx, cy, batch_size), Batches(sx, sy, batch_size), Batches(tx, ty, batch_size),
                   c.tolist(), s.tolist(), t.tolist(),
                   f"{spec.kind}: {len(train_ds)} train / {len(test_ds)} test")

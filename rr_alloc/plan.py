@@ -33,6 +33,8 @@ re-pruning it by magnitude.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,40 @@ SCHEMA = "rr_alloc.plan"
 SCHEMA_VERSION = 2             # the newest version this code reads and writes
 READ_VERSIONS = (1, 2)
 MASK_RULES = ("magnitude", "obs")
+BUDGET_UNITS = ("weights", "flops")
 UNIT = "weight_fraction"
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float (``float`` and its subclasses, e.g. numpy.float64) as ``None``, recursively."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# line breaks (also U+2028/2029, NEL) and other control characters: plan strings are one line of text
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _check_text(obj: Any, where: str, key: str) -> None:
+    """Refuse any string (value or key, at any depth) that holds a control character, naming its key."""
+    if isinstance(obj, str):
+        m = _CONTROL.search(obj)
+        if m:
+            raise UserError(f"{where}: {key or 'a value'} holds the control character {m.group()!r}: plan strings "
+                            "are one line of plain text; regenerate the plan with `rr_alloc search`")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_text(k, where, f"{key}.{k}".lstrip(".") if isinstance(k, str) and not _CONTROL.search(k)
+                        else (key or "a key"))
+            _check_text(v, where, f"{key}.{k}".lstrip("."))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_text(v, where, f"{key}[{i}]")
 
 
 @dataclass(frozen=True)
@@ -126,14 +161,18 @@ class Plan:
                 "created": self.created}
 
     def save(self, path: str | Path) -> Path:
-        """Write the plan atomically (a failed write never replaces a good plan)."""
-        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the plan atomically (a failed write never replaces a good plan).
+
+        Non-finite numbers (a NaN metric) are written as ``null``: bare ``NaN`` is not JSON.
+        """
+        return write_text_atomic(path, json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "plan") -> "Plan":
         """Validate and build; one-line ``UserError`` naming the first problem."""
         if not isinstance(d, dict):
             raise UserError(f"{where} is not a JSON object: pass a plan written by rr_alloc")
+        _check_text(d, where, "")
         if d.get("schema") != SCHEMA:
             raise UserError(f"{where} is not an rr_alloc plan (schema {d.get('schema')!r}): "
                             "pass a plan written by `rr_alloc search`")
@@ -178,14 +217,21 @@ class Plan:
             raise UserError(f"{where}: budget {d['budget']!r} is not a number")
         if not 0.0 < budget < 1.0:
             raise UserError(f"{where}: budget {budget} outside (0, 1)")
+        budget_unit = d.get("budget_unit", "weights")
+        if budget_unit not in BUDGET_UNITS:
+            raise UserError(f"{where} has budget_unit {budget_unit!r}: use one of {', '.join(BUDGET_UNITS)}")
+        achieved = d.get("achieved_sparsity")
+        if achieved is not None and (isinstance(achieved, bool) or not isinstance(achieved, (int, float))
+                                     or not 0.0 <= achieved < 1.0):
+            raise UserError(f"{where}: achieved_sparsity {achieved!r} is not a fraction in [0, 1): "
+                            "regenerate it with `rr_alloc search`")
         pattern = d.get("pattern")
         if pattern is not None:
             if d["version"] == 1:
                 raise UserError(f"{where} has an N:M pattern: that needs plan version 2")
             parse_pattern(pattern)
-        return cls(layers, budget, str(d["allocator"]), str(d["repair"]), d.get("budget_unit", "weights"), mask_rule,
-                   pattern,
-                   d.get("achieved_sparsity"), d.get("source", {}), d.get("calibration", {}),
+        return cls(layers, budget, str(d["allocator"]), str(d["repair"]), budget_unit, mask_rule, pattern,
+                   achieved, d.get("source", {}), d.get("calibration", {}),
                    d.get("profile", {}), d.get("verify", {}), d.get("tool", {}), d.get("created", ""))
 
     @classmethod

@@ -1,5 +1,6 @@
 """Model factories that tests pass as ``--model factories:NAME``."""
 
+import torch
 from torch import nn
 
 
@@ -11,3 +12,59 @@ def tiny_digits_cnn(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+class _BranchyBlock(nn.Module):
+    """A residual block whose forward branches on an argument and on data (torch.fx cannot trace it),
+    like the EfficientNet-Lite blocks users bring."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(ch)
+
+    def forward(self, x, drop_path: float = 0.0):
+        out = self.bn(self.conv(x))
+        if self.training and drop_path > 0:  # argument-dependent
+            out = out * (torch.rand(out.shape[0], 1, 1, 1) > drop_path)
+        if x.abs().sum() >= 0:  # data-dependent (always true)
+            out = out + x
+        return torch.relu(out)
+
+
+class BranchyNet(nn.Module):
+    def __init__(self, num_classes: int = 10, in_ch: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block1 = _BranchyBlock(8)
+        self.block2 = _BranchyBlock(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.stem(x), drop_path=0.1))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def branchy_net(num_classes: int = 10) -> nn.Module:
+    return BranchyNet(num_classes)
+
+
+def plain_vgg(num_classes: int = 10) -> nn.Module:
+    """VGG-style: no residual block, no BatchNorm."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+def vgg11_bn_small(num_classes: int = 10) -> nn.Module:
+    """torchvision's VGG-11-BN (its class and forward) with a narrow classifier for small images.
+
+    The stock classifier (25088 -> 4096 -> 4096) holds 119 of its 129 M weights and makes a
+    CPU run take minutes; the family's structure (plain conv-BN stacks, no residual block) is the same.
+    """
+    import torchvision
+
+    model = torchvision.models.get_model("vgg11_bn", weights=None, num_classes=num_classes)
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    model.classifier = nn.Sequential(nn.Linear(512, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 64),
+                                     nn.ReLU(True), nn.Dropout(), nn.Linear(64, num_classes))
+    return model

@@ -205,18 +205,24 @@ def test_sites_on_torchvision_models(name):
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
     present = TV_MODELS[name]
+    example = torch.randn(2, 3, 64, 64)
     for kind in ("conv", "bn", "block", "logits"):
         if kind in present:
-            assert discover_sites(model, (kind,)), (name, kind)
-        else:
+            assert discover_sites(model, (kind,), example), (name, kind)
+        else:  # a step whose only kind is missing has nothing to correct: refused
             with pytest.raises(UserError, match=f"'{kind}' does not exist"):
-                discover_sites(model, (kind,))
-    if name == "resnet18":
-        blocks = [s.name for s in discover_sites(model, ("block",))]
-        assert blocks == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
-    if name == "mobilenet_v2":  # only inverted residuals with a skip connection are blocks
-        blocks = {s.name for s in discover_sites(model, ("block",))}
-        assert "features.2" not in blocks and "features.3" in blocks
+                discover_sites(model, (kind,), example)
+    # a missing kind beside one that exists is skipped and reported, not refused
+    missing: list[str] = []
+    sites = discover_sites(model, ("block", "logits"), example, missing=missing)
+    assert missing == ([] if "block" in present else ["block"])
+    assert any(s.kind == "logits" for s in sites)
+    for ex in (example, None):  # the recorded forward and the fx fallback agree on these models
+        blocks = [s.name for s in discover_sites(model, ("block", "logits"), ex) if s.kind == "block"]
+        if name == "resnet18":
+            assert blocks == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+        if name == "mobilenet_v2":  # only inverted residuals with a skip connection are blocks
+            assert "features.2" not in blocks and "features.3" in blocks
     # a full repair on a pruned copy runs, folds or attaches, and leaves no hooks
     batches = [(torch.randn(4, 3, 64, 64), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
     pruned = _pruned(model, 0.7)

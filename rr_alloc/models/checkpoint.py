@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -11,6 +13,24 @@ from ..errors import UserError
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 _PREFIXES = ("module.", "_orig_mod.")
+
+
+# torch's message for a refused global starts with advice to retry with weights_only=False ("will
+# likely succeed"), i.e. to execute the file; only the name of the refused global is passed on.
+_GLOBAL_RE = re.compile(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL)\s+([\w.<>]+)")
+
+
+def _load_failure(e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words without torch's unsafe hints."""
+    text = str(e)
+    m = _GLOBAL_RE.search(text)
+    if m:
+        return f"it holds a Python object ({m.group(1)}), not only tensors"
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    safe = [l for l in lines if "weights_only" not in l and "trust" not in l]
+    if isinstance(e, pickle.UnpicklingError) or not safe:
+        return f"it is not a tensor-only PyTorch checkpoint ({type(e).__name__})"
+    return f"it is not a readable PyTorch checkpoint ({safe[0].split('. ')[0][:160]})"
 
 
 def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -26,10 +46,11 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(f"checkpoint {path} does not exist: pass an existing file to --checkpoint")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle errors are long; keep the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load checkpoint {path} with weights_only=True ({first}): "
-                        "save it as a plain state_dict (torch.save(model.state_dict(), path))")
+    except Exception as e:
+        # weights_only=True is named as what rr_alloc does, never the unsafe False as a way out
+        raise UserError(f"cannot load checkpoint {path} with weights_only=True: {_load_failure(e)}; rr_alloc "
+                        "never runs code from a checkpoint: save a plain state_dict "
+                        "(torch.save(model.state_dict(), path)) from the trusted code that made it") from None
     if isinstance(obj, dict):
         for k in _WRAPPER_KEYS:
             if k in obj and isinstance(obj[k], dict):
@@ -66,4 +87,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, map_location: str | torc
             parts.append(f"{len(shape)} shape mismatches (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
         raise UserError(f"checkpoint {path} does not match the model: {', '.join(parts)}; "
                         "pass the --model this checkpoint was trained with")
+    # NaN/inf weights make every metric NaN far downstream (and a plan that is not valid JSON): refuse them here
+    bad = [k for k, v in sd.items() if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(f"checkpoint {path} has non-finite values (NaN or inf) in {bad[0]}{more}: "
+                        "pass a checkpoint saved before training diverged")
     model.load_state_dict(sd, strict=True)

@@ -36,7 +36,7 @@ from ..stats import LAMBDA_RULES, ChannelMoments, as_bcx, repair_gamma
 from .affine import fold_correction
 from .bn import recalibrate_bn
 from .reconstruct import DEFAULT_DAMP, DEFAULT_OBS_BLOCK, RECONSTRUCT_METHODS, ReconstructStep, reconstruct
-from .sites import SITE_KINDS, Site, discover_sites, forward_order
+from .sites import SITE_KINDS, Site, discover_sites, forward_order, missing_note
 from .staged import CacheTooLarge, StagedRunner
 
 __all__ = ["RepairStep", "RepairPipeline", "RepairReport", "DenseSiteCache", "run_repair", "CHANNEL_METHODS",
@@ -205,11 +205,17 @@ class DenseSiteCache:
         self.dense, self.batches, self.device = dense, batches, device
         self._sites: dict[tuple[str, ...], list[Site]] = {}
         self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.notes: list[str] = []  # one line per step whose site kinds the model partly lacks
 
     def sites(self, kinds: tuple[str, ...]) -> list[Site]:
+        """Sites of ``kinds`` in forward order; kinds the model lacks are skipped, said once in one line."""
         if kinds not in self._sites:
-            found = discover_sites(self.dense, kinds)
             x0 = next(iter(self.batches))[0][:2].to(self.device)
+            missing: list[str] = []
+            found = discover_sites(self.dense, kinds, example=x0, missing=missing)
+            if missing:
+                self.notes.append(missing_note(kinds, missing))
+                print(f"note: {self.notes[-1]}", flush=True)
             self._sites[kinds] = forward_order(self.dense, found, x0)
         return self._sites[kinds]
 
