@@ -21,6 +21,8 @@ Everything the Optuna allocator needs to run safely next to other workers:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import secrets
@@ -30,6 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from .cache import fingerprint_model, fingerprint_tensor
 from .errors import UserError
 
 __all__ = ["StudySettings", "check_storage", "open_storage", "open_study", "optimize", "study_name_for_workbench",
@@ -232,11 +235,6 @@ def has_heartbeat(storage: Any) -> bool:
 def study_name_for_workbench(wb: Any, budget: float) -> str:
     """A study name keyed on content (model weights, calibration and selection images, settings), never on
     paths: workers whose data sit under other mount points share the study; any change starts a new one."""
-    import hashlib
-    import json
-
-    from .cache import fingerprint_model, fingerprint_tensor
-
     cfg = wb.cfg
     parts = {"model": fingerprint_model(wb.dense), "calib": fingerprint_tensor(wb.splits.calib.x),
              "selection": fingerprint_tensor(wb.splits.selection.x), "budget": float(budget),

@@ -31,7 +31,10 @@ from .plan import LayerPlan, Plan
 from .profile import RRProfile, profile_rr, validate_grid
 from .pruning import apply_masks, masks_for_plan, nm_masks, parse_pattern
 from .repair import DenseSiteCache, RepairPipeline, run_repair
+from .optuna_storage import study_name_for_workbench
+from .repair.reconstruct import DEFAULT_DAMP
 from .selection import make_objective
+from .sensitivity import output_sensitivity
 
 __all__ = ["Workbench", "layer_macs"]
 
@@ -126,8 +129,6 @@ class Workbench:
 
     def profile_repair(self) -> tuple[str, float]:
         """``(kind, damp)`` of ``cfg.profile_repair``: ``channel``, or ``lsq`` with its damping."""
-        from .repair.reconstruct import DEFAULT_DAMP
-
         text = (self.cfg.profile_repair or "channel").strip()
         if text == "channel":
             return "channel", DEFAULT_DAMP
@@ -173,8 +174,6 @@ class Workbench:
             return None
         if kind == "sensitivity":
             if self._sensitivity is None:
-                from .sensitivity import output_sensitivity
-
                 self._sensitivity = output_sensitivity(self.dense, self.layers, self.splits.calib, self.device)
             return self._sensitivity
         raise UserError(f"unknown --layer-weights {kind!r}: use uniform or sensitivity")
@@ -205,8 +204,6 @@ class Workbench:
         cls = allocator_class(allocator)
         extra: dict[str, Any] = {}
         if cls.needs.evaluate:
-            from .optuna_storage import study_name_for_workbench
-
             extra["evaluate"] = make_objective(self, self.cfg.repair, self.cfg.objective)
             name = self.cfg.study_name or study_name_for_workbench(self, budget)
             extra["options"] = {"n_trials": self.cfg.n_trials, "timeout": self.cfg.timeout,
@@ -250,12 +247,6 @@ class Workbench:
         if isinstance(pruning, dict) and pruning and isinstance(next(iter(pruning.values())), torch.Tensor):
             return pruning
         return self.masks(pruning)
-
-    def pruned_model(self, pruning: dict) -> nn.Module:
-        """A fresh copy of the dense model, pruned by counts (name -> int) or keep-masks."""
-        model = copy.deepcopy(self.dense)
-        apply_masks(model, self.keep_masks(pruning))
-        return model
 
     def repaired_model(self, pruning, repair: str | RepairPipeline,
                        nm: tuple[int, int] | None = None) -> tuple[nn.Module, Any]:

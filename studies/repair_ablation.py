@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import ROOT, add_common_args, machine, model_config, run_main, shared_dir, t_interval
+from common import ROOT, UserError, add_common_args, machine, model_config, run_main, shared_dir, t_interval
 
 from rr_alloc.io_utils import write_text_atomic
 from rr_alloc.report import save_figure, write_frame_csv
@@ -168,10 +168,15 @@ def run_reconstruct(args, models, out: Path, log) -> None:
     """Screen damping x {lsq, obs} (selection, seed 0, global@0.9), then the best of each on test with 3
     seeds at every pruning, then rr-greedy on the lsq profile vs global under the best lsq pipeline."""
     overrides = {"calib_size": 256, "selection_size": 256, "eval_size": 1000} if args.quick else {}
-    prunings = ["global@0.9", "nm2:4"] if args.quick else list(PRUNINGS)
+    prunings = ["global@0.9", "nm2:4"] if args.quick else list(args.prunings or PRUNINGS)
     screen, test, alloc = [], [], []
-    # 1. screen on the selection split
-    for model in models:
+    # 1. screen on the selection split (or reuse a screen already written, e.g. by a run of the other model)
+    if args.reuse_screen:
+        if not Path(args.reuse_screen).is_file():
+            raise UserError(f"--reuse-screen: no such file {args.reuse_screen}: pass a reconstruct_screen.csv")
+        screen = pd.read_csv(args.reuse_screen).to_dict("records")
+        log(f"reusing the screen in {args.reuse_screen} ({len(screen)} rows)")
+    for model in ([] if args.reuse_screen else models):
         wb = Workbench(model_config(model, seed=0, **overrides), progress=False)
         dense = {"selection": wb.dense_metrics("selection")}
         counts = wb.allocate("global", 0.9)
@@ -213,7 +218,28 @@ def run_reconstruct(args, models, out: Path, log) -> None:
                 alloc += _rows_for(model, seed, "0.9", best["lsq"], plan, ms, time.perf_counter() - t0, dense)
                 write_frame_csv(pd.DataFrame(alloc), out / "reconstruct_alloc.csv")
                 log(f"alloc {model} seed {seed} {plan:<10} (lsq profile) test top1 {100 * ms['test'].top1:5.1f}")
-    text = summarise_reconstruct(sc, pd.DataFrame(test), pd.DataFrame(alloc), best, out, args)
+    if not args.reuse_screen:
+        write_text_atomic(out / "reconstruct.md",
+                          summarise_reconstruct(sc, pd.DataFrame(test), pd.DataFrame(alloc), best, out, args))
+
+
+def merge_reconstruct(args, dirs: list[str], out: Path) -> None:
+    """One summary from the CSVs of several runs (e.g. one per model); written to ``out``."""
+    parts = {k: [] for k in ("screen", "test", "alloc")}
+    for d in dirs:
+        for k in parts:
+            f = Path(d) / f"reconstruct_{k}.csv"
+            if f.is_file():
+                parts[k].append(pd.read_csv(f))
+    if not parts["screen"] or not parts["test"]:
+        raise UserError(f"--merge-reconstruct: no reconstruct_screen.csv / reconstruct_test.csv in {dirs}")
+    frames = {k: pd.concat(v, ignore_index=True).drop_duplicates() if v else pd.DataFrame() for k, v in parts.items()}
+    sc = frames["screen"]
+    rank = sc.groupby("repair").kl.mean().sort_values()
+    best = {m: next(r for r in rank.index if r.startswith(m + ":")) for m in ("lsq", "obs")}
+    for k, df in frames.items():
+        write_frame_csv(df, out / f"reconstruct_{k}.csv")
+    text = summarise_reconstruct(sc, frames["test"], frames["alloc"], best, out, args)
     write_text_atomic(out / "reconstruct.md", text)
     print(text)
 
@@ -244,7 +270,8 @@ def summarise_reconstruct(sc, test, alloc, best, out: Path, args) -> str:
     for (model, pr, rep), g in allr.groupby(["model", "pruning", "repair"]):
         m, h, _ = t_interval(100 * g.top1.values)
         cells.append({"model": model, "pruning": pr, "repair": rep,
-                      "cell": f"{m:.1f} ± {h:.1f}" if not np.isnan(h) else f"{m:.1f}"})
+                      "cell": (f"{m:.1f} ± {h:.1f}" if not np.isnan(h) else f"{m:.1f}")
+                      + ("" if len(g) == 3 else f" ({len(g)} seed{'s' if len(g) > 1 else ''})")})
     wide = pd.DataFrame(cells).pivot_table(index="repair", columns=["model", "pruning"], values="cell",
                                            aggfunc="first")
     wide.columns = [f"{a} {b}" for a, b in wide.columns]
@@ -256,7 +283,7 @@ def summarise_reconstruct(sc, test, alloc, best, out: Path, args) -> str:
     t = alloc[alloc.split == "test"]
     arows = []
     for model, g in t.groupby("model"):
-        piv2 = g.pivot_table(index="seed", columns="plan", values="top1") * 100
+        piv2 = (g.pivot_table(index="seed", columns="plan", values="top1") * 100).dropna()
         d = piv2["rr-greedy"] - piv2["global"]
         m, h, _ = t_interval(d.values)
         gm, gh, _ = t_interval(piv2["global"].values)
@@ -278,9 +305,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--reconstruct", action="store_true",
                     help="run the reconstruction (lsq / obs) study instead (see the module docstring)")
+    ap.add_argument("--prunings", nargs="+", choices=list(PRUNINGS), help="--reconstruct: prunings of stage 2")
+    ap.add_argument("--reuse-screen", help="--reconstruct: take the damping screen from this CSV (skip it)")
+    ap.add_argument("--merge-reconstruct", nargs="+", metavar="DIR",
+                    help="summarise the --reconstruct CSVs of these folders into --out")
     ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "repair_ablation"))
     args = ap.parse_args()
     shared_dir(args.shared)
+    if args.merge_reconstruct:
+        merge_reconstruct(args, args.merge_reconstruct, Path(args.out))
+        return
     if args.reconstruct:
         out = Path(args.out)
         if args.quick:
