@@ -32,7 +32,7 @@ import pandas as pd
 from common import ROOT, UserError, add_common_args, machine, model_config, run_main, shared_dir, t_interval
 
 from rr_alloc.io_utils import write_text_atomic
-from rr_alloc.repair import DEFAULT_REPAIR
+from rr_alloc.repair import CHANNEL_REPAIR as DEFAULT_REPAIR  # the study ran with the channel-wise default
 from rr_alloc.report import save_figure, write_frame_csv
 from rr_alloc.workbench import Workbench
 

@@ -30,6 +30,7 @@ import pandas as pd
 from common import ROOT, UserError, add_common_args, machine, model_config, run_main, shared_dir, t_interval
 
 from rr_alloc.io_utils import write_text_atomic
+from rr_alloc.repair import CHANNEL_REPAIR
 from rr_alloc.report import save_figure, write_frame_csv
 from rr_alloc.workbench import Workbench
 
@@ -155,7 +156,7 @@ def plot(s2: pd.DataFrame, path: Path) -> None:
 
 # ------------------------------------------------------------ reconstruction (issue: lsq / obs repair)
 DAMPS = (1e-3, 1e-2, 1e-1)
-AFTER = "bn>naive@block+logits"  # the channel-wise default runs after the re-fit
+AFTER = CHANNEL_REPAIR  # the channel-wise pipeline runs after the re-fit
 
 
 def _rows_for(model, seed, pr, pipe, plan, ms, seconds, dense) -> list[dict]:

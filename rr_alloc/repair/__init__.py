@@ -14,16 +14,20 @@ PRESETS: dict[str, str] = {
     "asr@conv>bn": "ASR at conv outputs, then BN recalibration (the ASR paper's order)",
     "bn>asr@block+logits": "BN recalibration, then ASR at residual-block outputs and logits",
     "bn>lw@block+logits": "BN recalibration, then layer-wise scaling at block outputs and logits",
-    "bn>naive@block+logits": "BN recalibration, then channel-wise without shrinkage (the default: "
-                             "best on the selection split in studies/repair_ablation.py)",
+    "bn>naive@block+logits": "BN recalibration, then channel-wise without shrinkage (the best channel-wise "
+                             "pipeline on the selection split in studies/repair_ablation.py)",
     "lsq>bn>naive@block+logits": "least-squares re-fit of the kept weights (magnitude masks), then the "
                                  "channel-wise default (options lsq:damp=0.01)",
-    "obs>bn>naive@block+logits": "OBS-chosen masks (SparseGPT sweep, same per-layer counts) and re-fit, then "
-                                 "the channel-wise default (options obs:damp=0.01:block=128)",
+    "obs>bn>naive@block+logits": "the default: OBS-chosen masks (SparseGPT sweep, same per-layer counts) and "
+                                 "re-fit, then the channel-wise pipeline (options obs:damp=0.01:block=128; best on "
+                                 "the selection split in studies/repair_ablation.py --reconstruct)",
 }
-DEFAULT_REPAIR = "bn>naive@block+logits"  # stage-1 winner of studies/repair_ablation.py
+# The best channel-wise pipeline (stage-1 winner of studies/repair_ablation.py) and the default: OBS masks and
+# least-squares re-fit before it (best on the selection split of studies/repair_ablation.py --reconstruct).
+CHANNEL_REPAIR = "bn>naive@block+logits"
+DEFAULT_REPAIR = "obs>" + CHANNEL_REPAIR
 
 __all__ = ["ChannelAffine", "affine_modules", "attach_output_affine", "fold_correction", "recalibrate_bn",
            "CHANNEL_METHODS", "DenseSiteCache", "RepairPipeline", "RepairReport", "RepairStep", "run_repair",
            "site_moments", "RECONSTRUCT_METHODS", "ReconstructStep", "reconstruct", "SITE_KINDS", "Site", "discover_sites", "forward_order", "PRESETS",
-           "DEFAULT_REPAIR"]
+           "DEFAULT_REPAIR", "CHANNEL_REPAIR"]
