@@ -336,3 +336,88 @@ def test_defect18_torchvision_family_sweep(tmp_path, capsys, tiny_imagefolder, n
     plan = json.loads(out.read_text())
     assert plan["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert plan["verify"]["reference"]  # the plan and its reference were both verified
+
+
+# ---- defect 2: a plan file alone never makes rr_alloc import code ---------------------------------------
+
+_EVIL = '''import os, pathlib
+pathlib.Path(os.environ["RR_EVIL_MARKER"]).touch()  # importing this module is the attack
+
+
+def factory(num_classes=10):
+    pathlib.Path(os.environ["RR_EVIL_MARKER"] + ".called").touch()
+    raise SystemExit("called")
+'''
+
+
+@pytest.fixture(scope="module")
+def factory_plan(tmp_path_factory) -> Path:
+    """A small plan made with --model factories:tiny_digits_cnn (the spec tests then replace)."""
+    out = tmp_path_factory.mktemp("fplan") / "plan.json"
+    assert main(["search", "--budget", "0.8", "--model", "factories:tiny_digits_cnn", "--calib-size", "64",
+                 "--selection-size", "32", "--no-verify", "--out", str(out)]) == 0
+    return out
+
+
+def _with_model(plan: Path, model: str, dest: Path) -> Path:
+    import json
+
+    d = json.loads(plan.read_text())
+    d["source"]["model"] = model
+    dest.write_text(json.dumps(d))
+    return dest
+
+
+def _replay(cmd: str, plan: Path, out: Path, *extra: str) -> list[str]:
+    if cmd == "verify":
+        return ["verify", "--plan", str(plan), *extra]
+    if cmd == "apply":
+        return ["apply", "--plan", str(plan), "--out", str(out), *extra]
+    return ["export", "--plan", str(plan), "--format", cmd.split(":")[1], "--out", str(out), *extra]
+
+
+REPLAY_CMDS = ["verify", "apply", "export:masks", "export:torch-pruning"]
+
+
+@pytest.mark.parametrize("spec", ["evil_plan_mod:factory", "tempfile:mkdtemp", "this:x", "os:system"])
+@pytest.mark.parametrize("cmd", REPLAY_CMDS)
+def test_defect2_plan_model_code_is_refused(tmp_path, capsys, monkeypatch, factory_plan, spec, cmd):
+    import sys
+    import tempfile
+
+    marker = tmp_path / "executed"
+    (tmp_path / "evil_plan_mod.py").write_text(_EVIL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("RR_EVIL_MARKER", str(marker))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmpdirs"))  # where mkdtemp would create a folder
+    (tmp_path / "tmpdirs").mkdir()
+    had_this = "this" in sys.modules
+    plan = _with_model(factory_plan, spec, tmp_path / "plan.json")
+    out = tmp_path / "out" / "result"
+    err = _one_error(capsys, main(_replay(cmd, plan, out)))
+    assert spec in err and "--trust-plan-model" in err and "--model" in err
+    assert not out.exists() and not out.parent.exists()
+    assert not marker.exists() and not Path(str(marker) + ".called").exists()  # nothing imported or called
+    assert "evil_plan_mod" not in sys.modules and ("this" in sys.modules) == had_this
+    assert not list((tmp_path / "tmpdirs").iterdir())
+
+
+@pytest.mark.parametrize("how", ["cli-model", "trust-flag"])
+def test_defect2_plan_model_code_runs_when_the_caller_says_so(tmp_path, capsys, factory_plan, how):
+    extra = (["--model", "factories:tiny_digits_cnn"] if how == "cli-model" else ["--trust-plan-model"])
+    out = tmp_path / "masks.pt"
+    assert main(_replay("export:masks", factory_plan, out, *extra)) == 0, capsys.readouterr().err
+    assert out.exists()
+
+
+@pytest.mark.parametrize("model", ["digits_resnet", "torchvision:resnet18", "resnet18"])
+def test_defect2_zoo_and_torchvision_names_need_no_trust(tmp_path, capsys, model):
+    from rr_alloc.plan import Plan
+    from rr_alloc.replay import check_plan_model
+
+    plan = _simple_plan(model=model)
+    check_plan_model(plan, model, None, False)  # no error: these names import no user code
+    with pytest.raises(Exception, match="trust-plan-model"):
+        check_plan_model(_simple_plan(model="pkg.mod:f"), "pkg.mod:f", None, False)
+    check_plan_model(_simple_plan(model="pkg.mod:f"), "pkg.mod:f", "pkg.mod:f", False)
+    check_plan_model(_simple_plan(model="pkg.mod:f"), "digits_resnet", "digits_resnet", False)  # overridden

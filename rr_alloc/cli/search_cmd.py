@@ -16,12 +16,13 @@ from ..evaluate import Metrics, wilson_interval
 from ..models import list_models
 from ..optuna_storage import StudySettings, check_storage, summary_lines
 from ..plan import Plan
-from ..replay import config_from_plan, workbench_for_plan
+from ..replay import workbench_for_plan
 from ..repair import CHANNEL_METHODS, PRESETS, RECONSTRUCT_METHODS, SITE_KINDS
 from ..report import layer_table, plot_rr_curves, write_profile_csv
 from ..run import search
 from ..workbench import Workbench
-from .flags import EMBEDDED_NOTE, add_run_flags, config_from_args, default_out, parse_budget
+from .flags import (EMBEDDED_NOTE, add_plan_flags, add_run_flags, config_for_plan, config_from_args, default_out,
+                    parse_budget)
 
 __all__ = ["register", "metrics_row", "run_search"]
 
@@ -41,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     v = sub.add_parser("verify", help="re-run a plan's verification: prune, repair, evaluate",
                        description="Rebuild model and data from a plan's source block and verify it.")
-    v.add_argument("--plan", required=True, help="plan JSON written by search")
+    add_plan_flags(v)
     v.add_argument("--split", choices=["test", "selection"], default="test", help="split to evaluate on")
     add_run_flags(v)
     v.set_defaults(handler=cmd_verify)
@@ -126,7 +127,7 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
 
 def cmd_verify(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
-    cfg = config_from_args(args, base=config_from_plan(plan))
+    cfg = config_for_plan(args, plan)
     wb = workbench_for_plan(plan, cfg)
     nm = wb.nm
     m = wb.verify(wb.pattern_masks() if nm else plan.counts, cfg.repair, split=args.split, nm=nm)
