@@ -421,3 +421,15 @@ def test_defect2_zoo_and_torchvision_names_need_no_trust(tmp_path, capsys, model
         check_plan_model(_simple_plan(model="pkg.mod:f"), "pkg.mod:f", None, False)
     check_plan_model(_simple_plan(model="pkg.mod:f"), "pkg.mod:f", "pkg.mod:f", False)
     check_plan_model(_simple_plan(model="pkg.mod:f"), "digits_resnet", "digits_resnet", False)  # overridden
+
+
+# ---- defect 12: a factory that needs arguments, raises or returns a non-module is one line ---------------
+
+@pytest.mark.parametrize("spec,what", [("os:system", "TypeError"), ("factories:raises", "weights file missing"),
+                                       ("factories:returns_none", "NoneType"), ("os:getcwd", "str|TypeError"),
+                                       ("factories:ToyNotThere", "no attribute")])
+@pytest.mark.parametrize("num_classes", [None, "10"])
+def test_defect12_bad_factory_is_one_line(tmp_path, capsys, spec, what, num_classes):
+    extra = [] if num_classes is None else ["--num-classes", num_classes]
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--model", spec, *extra)
+    assert spec in err and any(w in err for w in what.split("|")), err
