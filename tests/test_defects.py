@@ -376,7 +376,9 @@ def _replay(cmd: str, plan: Path, out: Path, *extra: str) -> list[str]:
     return ["export", "--plan", str(plan), "--format", cmd.split(":")[1], "--out", str(out), *extra]
 
 
-REPLAY_CMDS = ["verify", "apply", "export:masks", "export:torch-pruning"]
+EXPORT_FORMATS = ["masks", "torch-pruning", "csv", "markdown", "torch-prune", "nni", "nni-v2", "sparseml",
+                  "llm-compressor"]
+REPLAY_CMDS = ["verify", "apply"] + [f"export:{f}" for f in EXPORT_FORMATS]
 
 
 @pytest.mark.parametrize("spec", ["evil_plan_mod:factory", "tempfile:mkdtemp", "this:x", "os:system"])
@@ -433,3 +435,47 @@ def test_defect12_bad_factory_is_one_line(tmp_path, capsys, spec, what, num_clas
     extra = [] if num_classes is None else ["--num-classes", num_classes]
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--model", spec, *extra)
     assert spec in err and any(w in err for w in what.split("|")), err
+
+
+# ---- defect 13: every export format checks the plan's layers and checkpoint hash ------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint_plan(tmp_path_factory) -> tuple[Path, Path]:
+    """A plan made from a checkpoint file (the digits model's own weights)."""
+    from rr_alloc.models import build_model
+
+    d = tmp_path_factory.mktemp("ckplan")
+    ck = d / "ck.pt"
+    torch.save(build_model("digits_resnet", cache_dir=os.environ["RR_ALLOC_CACHE"]).state_dict(), ck)
+    out = d / "plan.json"
+    assert main(["search", "--budget", "0.8", "--checkpoint", str(ck), "--calib-size", "64",
+                 "--selection-size", "32", "--no-verify", "--out", str(out)]) == 0
+    return out, ck
+
+
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+@pytest.mark.parametrize("tamper", ["unknown-layer", "wrong-shape", "checkpoint-changed"])
+def test_defect13_every_export_checks_layers_and_checkpoint(tmp_path, capsys, checkpoint_plan, fmt, tamper):
+    import json
+    import shutil
+
+    plan_path, ck0 = checkpoint_plan
+    ck = tmp_path / "ck.pt"
+    shutil.copy(ck0, ck)
+    d = json.loads(plan_path.read_text())
+    d["source"]["checkpoint"] = str(ck)
+    if tamper == "unknown-layer":
+        d["layers"][0]["name"] = "no_such_layer"
+    elif tamper == "wrong-shape":
+        d["layers"][0]["shape"] = [1, 2, 3, 4]
+    else:
+        sd = torch.load(ck, weights_only=True)
+        k = next(iter(sd))
+        sd[k] = sd[k] + 1
+        torch.save(sd, ck)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(d))
+    out = tmp_path / "out" / "exported"
+    err = _one_error(capsys, main(["export", "--plan", str(plan), "--format", fmt, "--out", str(out)]))
+    assert {"unknown-layer": "no_such_layer", "wrong-shape": "shape", "checkpoint-changed": "SHA-256"}[tamper] in err
+    assert not out.exists() and not out.parent.exists()

@@ -94,8 +94,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     ex = exporter(args.format)
-    cfg = config_for_plan(args, plan) if ex.needs_model else None
-    model = model_from_plan(plan, cfg) if ex.needs_model else None
+    # every format, not only those that read the model: the README promises that an export checks the
+    # plan against its model (layers and shapes) and its checkpoint (SHA-256)
+    cfg = config_for_plan(args, plan)
+    model = model_from_plan(plan, cfg)
 
     def obs_masks() -> dict:
         wb = workbench_for_plan(plan, cfg)
