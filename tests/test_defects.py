@@ -479,3 +479,59 @@ def test_defect13_every_export_checks_layers_and_checkpoint(tmp_path, capsys, ch
     err = _one_error(capsys, main(["export", "--plan", str(plan), "--format", fmt, "--out", str(out)]))
     assert {"unknown-layer": "no_such_layer", "wrong-shape": "shape", "checkpoint-changed": "SHA-256"}[tamper] in err
     assert not out.exists() and not out.parent.exists()
+
+
+# ---- defect 5: unwritable outputs are refused before any work; DIR/ means DIR/plan.json -----------------
+
+def _unwritable(tmp_path: Path, where: str) -> Path:
+    """An output path that cannot be written: under a file, or under /proc."""
+    if where == "under-file":
+        f = tmp_path / "a_file"
+        f.write_text("x")
+        return f / "sub" / "result"
+    return Path("/proc") / "rr_alloc_test" / "result"
+
+
+@pytest.mark.parametrize("where", ["under-file", "under-proc", "existing-dir"])
+@pytest.mark.parametrize("cmd", ["search", "apply", "export", "compare"])
+def test_defect5_unwritable_output_fails_before_work(tmp_path, capsys, checkpoint_plan, cmd, where):
+    if where == "existing-dir":
+        if cmd == "search":
+            pytest.skip("search writes DIR/plan.json into an existing folder (tested below)")
+        target = tmp_path / "exists"
+        target.mkdir()
+        if cmd == "compare":  # an output folder that is a file
+            target = tmp_path / "exists_file"
+            target.write_text("x")
+    else:
+        target = _unwritable(tmp_path, where)
+    before = sorted(tmp_path.rglob("*"))
+    argv = {"search": ["search", "--budget", "0.9", "--out", str(target)],
+            "apply": ["apply", "--plan", str(checkpoint_plan[0]), "--out", str(target)],
+            "export": ["export", "--plan", str(checkpoint_plan[0]), "--format", "csv", "--out", str(target)],
+            "compare": ["compare", "--budgets", "0.9", "--allocators", "uniform", "--out-dir", str(target)]}[cmd]
+    code = main(argv)
+    out = capsys.readouterr()
+    assert out.out == ""  # refused before any work
+    err = out.err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert ("--out-dir" if cmd == "compare" else "--out") in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing created, probes removed
+
+
+@pytest.mark.parametrize("where", ["under-file", "under-proc"])
+def test_defect5_unwritable_cache_fails_before_work(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.setenv("RR_ALLOC_CACHE", str(_unwritable(tmp_path, where)))
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9")
+    assert "RR_ALLOC_CACHE" in err
+
+
+@pytest.mark.parametrize("how", ["existing-dir", "trailing-slash"])
+def test_defect5_search_out_folder_means_plan_json(tmp_path, capsys, how):
+    d = tmp_path / "run"
+    if how == "existing-dir":
+        d.mkdir()
+    arg = str(d) + ("/" if how == "trailing-slash" else "")
+    assert main(["search", "--budget", "0.9", "--no-verify", "--calib-size", "64", "--selection-size", "32",
+                 "--out", arg]) == 0, capsys.readouterr().err
+    assert (d / "plan.json").is_file() and (d / "profile.csv").is_file()

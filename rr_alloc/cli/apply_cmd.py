@@ -11,7 +11,7 @@ import torch
 from ..errors import UserError
 from ..evaluate import compare_logits, logits_of
 from ..export import FORMAT_HELP, export_plan, exporter, reconstruction_note
-from ..io_utils import atomic_path
+from ..io_utils import atomic_path, check_writable
 from ..plan import Plan
 from ..replay import model_from_plan, workbench_for_plan
 from ..repair.persist import save_pruned
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    check_writable(args.out, "--out")  # before any work, not after it
     plan = Plan.load(args.plan)
     cfg = config_for_plan(args, plan)
     wb = workbench_for_plan(plan, cfg)
@@ -92,6 +93,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_writable(args.out, "--out")
     plan = Plan.load(args.plan)
     ex = exporter(args.format)
     # every format, not only those that read the model: the README promises that an export checks the

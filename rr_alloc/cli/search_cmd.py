@@ -13,6 +13,7 @@ from ..allocators import ALLOCATORS, allocator_class
 from ..config import RunConfig
 from ..errors import UserError
 from ..evaluate import Metrics, wilson_interval
+from ..io_utils import check_writable
 from ..models import list_models
 from ..optuna_storage import StudySettings, check_storage, summary_lines
 from ..plan import Plan
@@ -65,6 +66,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(cfg, args.budget)
     if out.is_dir() or str(args.out or "").endswith(("/", "\\")):
         out = out / "plan.json"
+    check_writable(out, "--out")  # before any work, not after it
     if cfg.allocator == "optuna" and not cfg.pattern:  # bad settings or an unreachable server fail before any work
         StudySettings(cfg.n_trials, cfg.timeout, cfg.total_trials, cfg.heartbeat_interval, cfg.grace_period,
                       cfg.max_retry)
