@@ -60,7 +60,7 @@ class Workbench:
     """Build once from a ``RunConfig``; then allocate, prune, repair and verify plans."""
 
     def __init__(self, cfg: RunConfig, progress: bool = True) -> None:
-        self.cfg = cfg
+        self.cfg = cfg.validate()
         self.progress = progress
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()

@@ -535,3 +535,15 @@ def test_defect5_search_out_folder_means_plan_json(tmp_path, capsys, how):
     assert main(["search", "--budget", "0.9", "--no-verify", "--calib-size", "64", "--selection-size", "32",
                  "--out", arg]) == 0, capsys.readouterr().err
     assert (d / "plan.json").is_file() and (d / "profile.csv").is_file()
+
+
+# ---- defect 9: numbers out of range are one line, named by their flag -----------------------------------
+
+@pytest.mark.parametrize("args,flag", [(["--batch-size", "0"], "--batch-size"), (["--batch-size", "-1"], "--batch-size"),
+                                       (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"),
+                                       (["--grid", "nan", "0.99"], "--grid"), (["--grid", "0.5", "inf"], "--grid"),
+                                       (["--s-max", "nan"], "--s-max"), (["--calib-size", "0"], "--calib-size"),
+                                       (["--seed", "-1"], "--seed"), (["--num-classes", "0"], "--num-classes")])
+def test_defect9_bad_numbers_are_one_line(tmp_path, capsys, args, flag):
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", *args)
+    assert flag in err

@@ -123,7 +123,7 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
         v = getattr(args, k, None)
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, list) else v
-    return RunConfig(**kw)
+    return RunConfig(**kw).validate()
 
 
 def config_for_plan(args: argparse.Namespace, plan: Plan) -> RunConfig:
