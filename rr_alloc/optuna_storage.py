@@ -21,6 +21,7 @@ Everything the Optuna allocator needs to run safely next to other workers:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -336,6 +337,29 @@ def best_trial(study: Any) -> Any:
         raise UserError(f"Optuna study {study.study_name} has no completed trial yet: run a worker with "
                         "--n-trials > 0 (or wait for the running ones)")
     return study.best_trial
+
+
+def discard_if_empty(db: Path, made: list[Path]) -> None:
+    """Remove a SQLite storage this run created (and the folders made for it) if it holds no trial.
+
+    A run that fails before its first trial leaves nothing behind; any trial, even a failed one,
+    keeps the file, so an interrupted study can still be resumed.
+    """
+    import sqlite3
+
+    if db.exists():
+        try:
+            with contextlib.closing(sqlite3.connect(db)) as con:
+                has_trials = con.execute("SELECT COUNT(*) FROM trials").fetchone()[0] > 0
+        except sqlite3.Error:
+            has_trials = False  # no schema yet: a half-initialised file
+        if has_trials:
+            return
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(str(db) + suffix).unlink(missing_ok=True)
+    for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: something else lives there now
+            d.rmdir()
 
 
 def summary_lines(storage: str, objective: str) -> list[str]:

@@ -547,3 +547,42 @@ def test_defect5_search_out_folder_means_plan_json(tmp_path, capsys, how):
 def test_defect9_bad_numbers_are_one_line(tmp_path, capsys, args, flag):
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", *args)
     assert flag in err
+
+
+# ---- defects 7, 14, 8, 15: the Optuna path --------------------------------------------------------------
+
+_OPTUNA = ["--allocator", "optuna", "--calib-size", "64", "--selection-size", "32", "--no-verify"]
+
+
+@pytest.mark.parametrize("args", [["--n-trials", "-1"], ["--timeout", "-1"], ["--n-trials", "0"],
+                                  ["--n-trials", "0", "--timeout", "nan"]])
+def test_defect7_bad_trial_counts_leave_nothing(tmp_path, capsys, args):
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", *_OPTUNA, *args)
+    assert "--n-trials" in err or "--timeout" in err
+    assert not (tmp_path / "out").exists()  # no half-initialised optuna.db, no empty folder
+
+
+def test_defect7_zero_trials_writes_the_best_trial(tmp_path, capsys):
+    import json
+
+    import optuna
+
+    out = tmp_path / "run" / "plan.json"
+    assert main(["search", "--budget", "0.9", *_OPTUNA, "--n-trials", "2", "--out", str(out)]) == 0
+    storage = f"sqlite:///{out.parent / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    n = len(optuna.load_study(study_name=name, storage=storage).trials)
+    first = json.loads(out.read_text())
+    out.unlink()
+    assert main(["search", "--budget", "0.9", *_OPTUNA, "--n-trials", "0", "--out", str(out)]) == 0
+    assert len(optuna.load_study(study_name=name, storage=storage).trials) == n  # no trial added
+    assert json.loads(out.read_text())["layers"] == first["layers"]  # the study's best trial
+
+
+@pytest.mark.parametrize("args,what", [(["--repair", "bogus"], "bogus"), (["--reference", "bogus"], "bogus"),
+                                       (["--calib-size", "100000"], "exceed"), (["--checkpoint", "missing.pt"], "missing.pt"),
+                                       (["--model", "no_such_model"], "no_such_model"), (["--storage", "x.txt"], "x.txt")])
+def test_defect14_bad_input_with_optuna_leaves_no_folder(tmp_path, capsys, args, what):
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", *_OPTUNA, "--n-trials", "1", *args)
+    assert what in err
+    assert not (tmp_path / "out").exists()

@@ -15,10 +15,10 @@ from ..errors import UserError
 from ..evaluate import Metrics, wilson_interval
 from ..io_utils import check_writable
 from ..models import list_models
-from ..optuna_storage import StudySettings, check_storage, summary_lines
+from ..optuna_storage import StudySettings, check_storage, discard_if_empty, summary_lines
 from ..plan import Plan
 from ..replay import workbench_for_plan
-from ..repair import CHANNEL_METHODS, PRESETS, RECONSTRUCT_METHODS, SITE_KINDS
+from ..repair import CHANNEL_METHODS, PRESETS, RECONSTRUCT_METHODS, SITE_KINDS, RepairPipeline
 from ..report import layer_table, plot_rr_curves, write_profile_csv
 from ..run import search
 from ..workbench import Workbench
@@ -67,14 +67,33 @@ def cmd_search(args: argparse.Namespace) -> int:
     if out.is_dir() or str(args.out or "").endswith(("/", "\\")):
         out = out / "plan.json"
     check_writable(out, "--out")  # before any work, not after it
+    # names that are otherwise only parsed inside the work (in an Optuna trial, after the profile)
+    allocator_class(cfg.allocator)
+    if not cfg.pattern:
+        allocator_class(cfg.reference_allocator)
+    RepairPipeline.parse(cfg.repair)
+    made: list[Path] = []
+    db: Path | None = None
     if cfg.allocator == "optuna" and not cfg.pattern:  # bad settings or an unreachable server fail before any work
         StudySettings(cfg.n_trials, cfg.timeout, cfg.total_trials, cfg.heartbeat_interval, cfg.grace_period,
                       cfg.max_retry)
         if not cfg.storage:
+            path = (out.parent / "optuna.db").resolve()
+            if cfg.n_trials == 0 and not path.exists():
+                raise UserError(f"--n-trials 0 writes the plan from a stored study's best trial, but {path} does "
+                                "not exist yet: run with --n-trials > 0 first (or pass --storage)")
+            made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
             out.parent.mkdir(parents=True, exist_ok=True)
-            cfg = cfg.updated(storage=f"sqlite:///{(out.parent / 'optuna.db').resolve()}")
-        check_storage(cfg.storage)
-    run_search(cfg, args.budget, out, verify=args.verify)
+            db = None if path.exists() else path  # only a storage this run creates is ever removed
+            cfg = cfg.updated(storage=f"sqlite:///{path}")
+    try:
+        if cfg.allocator == "optuna" and not cfg.pattern:
+            check_storage(cfg.storage)
+        run_search(cfg, args.budget, out, verify=args.verify)
+    except BaseException:  # bad input found later, or Ctrl-C: no empty storage or folder stays behind
+        if db is not None:
+            discard_if_empty(db, made)
+        raise
     return 0
 
 
