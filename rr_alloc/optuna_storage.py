@@ -370,10 +370,17 @@ def summary_lines(storage: str, objective: str) -> list[str]:
     st = open_storage(storage)
     out = []
     view = _where(_sa_url(storage)) if "://" in storage else storage  # never print a password
-    for name in optuna.get_all_study_names(st):
-        study = optuna.load_study(study_name=name, storage=st)
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        best = f"{min(t.value for t in done):.4f}" if done else "-"
+    for summary in optuna.get_all_study_summaries(st, include_best_trial=False):
+        # a shared storage holds other studies too: empty, failed-only, multi-objective, running
+        name = summary.study_name
+        try:
+            study = optuna.load_study(study_name=name, storage=st)
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            values = [t.values[0] for t in done if t.values and len(t.values) == 1]
+            best = f"{min(values):.4f}" if values else "-"
+        except Exception as e:  # a line of the summary never fails a run whose outputs are written
+            out.append(f"optuna study {name}: cannot be summarised ({_first_line(e)})")
+            continue
         out.append(f"optuna study {name}: {len(done)} completed trials, best {objective} on selection "
                    f"{best}; view: optuna-dashboard {view}")
     return out

@@ -586,3 +586,23 @@ def test_defect14_bad_input_with_optuna_leaves_no_folder(tmp_path, capsys, args,
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", *_OPTUNA, "--n-trials", "1", *args)
     assert what in err
     assert not (tmp_path / "out").exists()
+
+
+def test_defect8_summary_survives_other_studies(tmp_path, capsys):
+    import optuna
+
+    out = tmp_path / "run" / "plan.json"
+    out.parent.mkdir()
+    storage = f"sqlite:///{out.parent / 'optuna.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(storage=storage, study_name="empty")
+    s = optuna.create_study(storage=storage, study_name="failed")
+    s.tell(s.ask(), state=optuna.trial.TrialState.FAIL)
+    s = optuna.create_study(storage=storage, study_name="multi", directions=["minimize", "minimize"])
+    s.tell(s.ask(), [1.0, 2.0])
+    optuna.create_study(storage=storage, study_name="running").ask()
+    code = main(["search", "--budget", "0.9", *_OPTUNA, "--n-trials", "1", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert code == 0 and "Traceback" not in cap.err, cap.err
+    lines = [l for l in cap.out.splitlines() if l.startswith("optuna study") and "completed trials" in l]
+    assert len(lines) == 5 and all(f"study {n}:" in cap.out for n in ("empty", "failed", "multi", "running"))
