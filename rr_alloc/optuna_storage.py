@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import secrets
@@ -31,7 +32,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .cache import fingerprint_model, fingerprint_tensor
 from .errors import UserError
@@ -325,8 +326,33 @@ def optimize(study: Any, objective: Callable[[Any], float], settings: StudySetti
         return objective(trial)
 
     callbacks = [optuna.study.MaxTrialsCallback(total, states=(TrialState.COMPLETE,))] if total else None
-    _quiet(lambda: study.optimize(run, n_trials=settings.n_trials, timeout=settings.timeout, callbacks=callbacks,
-                                  gc_after_trial=False))
+    with _no_failed_trial_logs():
+        _quiet(lambda: study.optimize(run, n_trials=settings.n_trials, timeout=settings.timeout,
+                                      callbacks=callbacks, gc_after_trial=False))
+
+
+class _DropRaisedTrialErrors(logging.Filter):
+    """Optuna logs a trial's exception with its traceback, then re-raises it: the CLI reports it in one
+    line (``error: interrupted``, a ``UserError``), and a genuine bug still gets Python's traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.exc_info and msg.startswith("Trial ") and " failed " in msg:
+            return False
+        return not (msg.startswith("Trial ") and msg.endswith(" failed with value None."))
+
+
+@contextlib.contextmanager
+def _no_failed_trial_logs() -> Iterator[None]:
+    handlers = logging.getLogger("optuna").handlers + logging.getLogger().handlers
+    f = _DropRaisedTrialErrors()
+    for h in handlers:
+        h.addFilter(f)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(f)
 
 
 def best_trial(study: Any) -> Any:

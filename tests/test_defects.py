@@ -606,3 +606,17 @@ def test_defect8_summary_survives_other_studies(tmp_path, capsys):
     assert code == 0 and "Traceback" not in cap.err, cap.err
     lines = [l for l in cap.out.splitlines() if l.startswith("optuna study") and "completed trials" in l]
     assert len(lines) == 5 and all(f"study {n}:" in cap.out for n in ("empty", "failed", "multi", "running"))
+
+
+def test_defect15_ctrl_c_in_a_trial_is_one_line(tmp_path, capsys, monkeypatch):
+    import rr_alloc.allocators.search as search_mod
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_mod, "round_to_budget", interrupt)
+    code = main(["search", "--budget", "0.9", *_OPTUNA, "--n-trials", "3", "--out", str(tmp_path / "r" / "plan.json")])
+    err = capsys.readouterr().err
+    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and "%|" not in l]  # minus progress bars
+    assert code == 130 and lines == ["error: interrupted"], err
+    assert not (tmp_path / "r" / "plan.json").exists()
