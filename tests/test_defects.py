@@ -620,3 +620,45 @@ def test_defect15_ctrl_c_in_a_trial_is_one_line(tmp_path, capsys, monkeypatch):
     lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and "%|" not in l]  # minus progress bars
     assert code == 130 and lines == ["error: interrupted"], err
     assert not (tmp_path / "r" / "plan.json").exists()
+
+
+# ---- defect 10: config and plan values are type-checked; the config's out: key is honoured ---------------
+
+@pytest.mark.parametrize("line,key", [("calib_size: abc", "calib_size"), ("grid: abc", "grid"), ("device: 5", "device"),
+                                      ("seed: [1, 2]", "seed"), ("batch_size: 1.5", "batch_size"),
+                                      ("pretrained: 'yes'", "pretrained"), ("include: [1, 2]", "include"),
+                                      ("transform: [1, 2]", "transform"), ("model: ''", "model"),
+                                      ("s_max: .inf", "s_max"), ("n_trials: -3", "n_trials"),
+                                      ("transform: {mean: abc}", "transform mean"),
+                                      ("transform: {mean: [0.5], std: [0]}", "transform std"),
+                                      ("transform: {resize: big}", "transform resize")])
+def test_defect10_config_values_are_type_checked(tmp_path, capsys, line, key):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(line + "\n")
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--config", str(cfg))
+    assert err.startswith(f"error: {key} ")
+
+
+@pytest.mark.parametrize("field,value", [("calib_size", "abc"), ("seed", [1, 2]), ("batch_size", 0),
+                                         ("eval_size", "all")])
+@pytest.mark.parametrize("cmd", ["verify", "apply", "export:csv"])
+def test_defect10_plan_values_are_type_checked(tmp_path, capsys, checkpoint_plan, field, value, cmd):
+    import json
+
+    d = json.loads(checkpoint_plan[0].read_text())
+    if field == "batch_size":
+        d["source"][field] = value
+    else:
+        d["source"]["data"][field] = value
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(d))
+    out = tmp_path / "out" / "result"
+    err = _one_error(capsys, main(_replay(cmd, plan, out)))
+    assert field in err and not out.parent.exists()
+
+
+def test_defect10_config_out_key_is_used(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"out: {tmp_path / 'from_config'}/\ncalib_size: 64\nselection_size: 32\n")
+    assert main(["search", "--budget", "0.9", "--no-verify", "--config", str(cfg)]) == 0, capsys.readouterr().err
+    assert (tmp_path / "from_config" / "plan.json").is_file()

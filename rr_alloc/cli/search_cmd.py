@@ -63,8 +63,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if (args.budget is None) == (cfg.pattern is None):
         raise UserError("pass --budget B (a fraction in (0, 1)) or --pattern N:M, exactly one of them")
-    out = Path(args.out) if args.out else default_out(cfg, args.budget)
-    if out.is_dir() or str(args.out or "").endswith(("/", "\\")):
+    out_arg = args.out or cfg.out  # the flag, else the config file's out: key
+    out = Path(out_arg) if out_arg else default_out(cfg, args.budget)
+    if out.is_dir() or str(out_arg or "").endswith(("/", "\\")):
         out = out / "plan.json"
     check_writable(out, "--out")  # before any work, not after it
     # names that are otherwise only parsed inside the work (in an Optuna trial, after the profile)
