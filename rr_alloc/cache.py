@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io_utils import write_text_atomic
+from .io_utils import check_writable, write_text_atomic
 
-__all__ = ["fingerprint_model", "fingerprint_tensor", "ProfileCache", "default_cache_dir"]
+__all__ = ["fingerprint_model", "fingerprint_tensor", "ProfileCache", "default_cache_dir", "usable_cache_dir"]
 
 CACHE_VERSION = 1
 
@@ -31,6 +31,18 @@ def default_cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "rr_alloc"
+
+
+def usable_cache_dir(cache_dir: str | None) -> Path:
+    """``cache_dir`` (else the default), checked before any work: a missing one must be creatable.
+
+    An existing folder is used as it is (a read-only shared cache is still read).
+    """
+    d = Path(cache_dir) if cache_dir else default_cache_dir()
+    if not d.is_dir():
+        what = "--cache-dir" if cache_dir else ("RR_ALLOC_CACHE" if os.environ.get("RR_ALLOC_CACHE") else "cache folder")
+        check_writable(d, what, is_dir=True)
+    return d
 
 
 def fingerprint_model(model: nn.Module) -> str:

@@ -7,6 +7,8 @@ Files are read with ``yaml.safe_load`` only.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -89,9 +91,79 @@ class RunConfig:
             return self.reference
         return "global" if self.allocator != "global" else "rr-greedy"
 
+    def validate(self) -> "RunConfig":
+        """Check every field's type and range; a bad one is a one-line ``UserError`` naming the key.
+
+        Values reach here from flags, config files and plans alike, so the check is in one place.
+        """
+        for name, rule in _RULES.items():
+            value = getattr(self, name)
+            if value is None and rule[1]:
+                continue
+            problem = rule[0](value)
+            if problem:
+                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+                raise UserError(f"{name} (--{name.replace('_', '-')}) must be {problem}, got {shown}: "
+                                "fix the flag, the config file key or the plan's value")
+        return self
+
     def updated(self, **kw: Any) -> "RunConfig":
         """Copy with the given non-None values replaced."""
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+def _int(lo: int) -> Any:
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
+        return None if ok else f"a whole number >= {lo}"
+    return check
+
+
+def _real(lo: float, hi: float | None = None, open_lo: bool = True) -> Any:
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > lo if open_lo else v >= lo) and (hi is None or v < hi)
+        rng = f"in ({lo}, {hi})" if hi is not None else (f"> {lo}" if open_lo else f">= {lo}")
+        return None if ok else f"a finite number {rng}"
+    return check
+
+
+def _str(v: Any) -> str | None:
+    return None if isinstance(v, str) and v and v.isprintable() else "a non-empty single-line string"
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def _strs(v: Any) -> str | None:
+    return None if isinstance(v, (tuple, list)) and all(_str(x) is None for x in v) else "a list of strings"
+
+
+def _grid(v: Any) -> str | None:
+    ok = isinstance(v, (tuple, list)) and len(v) > 0 and all(_real(0.0, 1.0)(x) is None for x in v)
+    return None if ok else "a list of finite sparsities in (0, 1), e.g. 0.5 0.9 0.99"
+
+
+def _mapping(v: Any) -> str | None:
+    return None if isinstance(v, dict) else "a mapping (e.g. {mean: [...], std: [...]})"
+
+
+# field -> (check returning the problem or None, None allowed)
+_RULES: dict[str, tuple[Any, bool]] = {
+    "model": (_str, False), "checkpoint": (_str, True), "num_classes": (_int(1), True),
+    "pretrained": (_bool, False), "dataset": (_str, False), "train_data": (_str, True), "test_data": (_str, True),
+    "transform": (_mapping, True), "download": (_bool, False), "calib_size": (_int(1), True),
+    "selection_size": (_int(0), True), "eval_size": (_int(1), True), "batch_size": (_int(1), False),
+    "seed": (_int(0), False), "grid": (_grid, False), "s_max": (_real(0.0, 1.0), False),
+    "include": (_strs, False), "exclude": (_strs, False), "lam": (_str, False), "profile_repair": (_str, False),
+    "allocator": (_str, False), "reference": (_str, True), "unit": (_str, False), "pattern": (_str, True),
+    "layer_weights": (_str, False), "repair": (_str, False), "n_trials": (_int(0), False),
+    "timeout": (_real(0.0), True), "storage": (_str, True), "objective": (_str, False),
+    "study_name": (_str, True), "total_trials": (_int(1), True), "heartbeat_interval": (_int(1), False),
+    "grace_period": (_int(1), True), "max_retry": (_int(0), False), "device": (_str, False),
+    "threads": (_int(1), True), "out": (_str, True), "cache": (_bool, False), "cache_dir": (_str, True),
+}
 
 
 _ENV = re.compile(r"\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")

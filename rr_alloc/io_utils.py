@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import UserError
+
 
 def _current_umask() -> int:
     """The process umask (read by setting and restoring it; there is no getter)."""
@@ -61,3 +63,36 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_writable(path: str | os.PathLike, flag: str, is_dir: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written; create nothing.
+
+    Walks up to the first existing ancestor, which must be a folder, and probes it with a
+    temporary file (or folder, when folders are still to be made) that is removed at once:
+    ``os.access`` alone says yes to root everywhere, also on ``/proc`` or a read-only mount.
+    ``is_dir``: ``path`` is an output folder rather than a file.
+    """
+    p = Path(path)
+    if not is_dir and p.is_dir():
+        raise UserError(f"{flag} {p} is an existing folder: pass a file path (e.g. {p / 'out'})")
+    if is_dir and p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} is an existing file: pass a folder")
+    target = p if is_dir else p.parent
+    anc = target
+    while not os.path.lexists(anc) and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"{flag} {p} lies under {anc}, which is not a folder: pass a path in a folder")
+    try:
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+        if anc == target:
+            fd, probe = tempfile.mkstemp(prefix=".rr_alloc_probe.", dir=anc)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".rr_alloc_probe.", dir=anc))
+    except OSError as e:
+        raise UserError(f"{flag} {p} cannot be written ({anc}: {e.strerror or e}): pass a writable location")
+    return p

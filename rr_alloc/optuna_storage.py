@@ -21,8 +21,10 @@ Everything the Optuna allocator needs to run safely next to other workers:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import secrets
@@ -30,7 +32,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .cache import fingerprint_model, fingerprint_tensor
 from .errors import UserError
@@ -324,8 +326,33 @@ def optimize(study: Any, objective: Callable[[Any], float], settings: StudySetti
         return objective(trial)
 
     callbacks = [optuna.study.MaxTrialsCallback(total, states=(TrialState.COMPLETE,))] if total else None
-    _quiet(lambda: study.optimize(run, n_trials=settings.n_trials, timeout=settings.timeout, callbacks=callbacks,
-                                  gc_after_trial=False))
+    with _no_failed_trial_logs():
+        _quiet(lambda: study.optimize(run, n_trials=settings.n_trials, timeout=settings.timeout,
+                                      callbacks=callbacks, gc_after_trial=False))
+
+
+class _DropRaisedTrialErrors(logging.Filter):
+    """Optuna logs a trial's exception with its traceback, then re-raises it: the CLI reports it in one
+    line (``error: interrupted``, a ``UserError``), and a genuine bug still gets Python's traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.exc_info and msg.startswith("Trial ") and " failed " in msg:
+            return False
+        return not (msg.startswith("Trial ") and msg.endswith(" failed with value None."))
+
+
+@contextlib.contextmanager
+def _no_failed_trial_logs() -> Iterator[None]:
+    handlers = logging.getLogger("optuna").handlers + logging.getLogger().handlers
+    f = _DropRaisedTrialErrors()
+    for h in handlers:
+        h.addFilter(f)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(f)
 
 
 def best_trial(study: Any) -> Any:
@@ -338,6 +365,29 @@ def best_trial(study: Any) -> Any:
     return study.best_trial
 
 
+def discard_if_empty(db: Path, made: list[Path]) -> None:
+    """Remove a SQLite storage this run created (and the folders made for it) if it holds no trial.
+
+    A run that fails before its first trial leaves nothing behind; any trial, even a failed one,
+    keeps the file, so an interrupted study can still be resumed.
+    """
+    import sqlite3
+
+    if db.exists():
+        try:
+            with contextlib.closing(sqlite3.connect(db)) as con:
+                has_trials = con.execute("SELECT COUNT(*) FROM trials").fetchone()[0] > 0
+        except sqlite3.Error:
+            has_trials = False  # no schema yet: a half-initialised file
+        if has_trials:
+            return
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(str(db) + suffix).unlink(missing_ok=True)
+    for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: something else lives there now
+            d.rmdir()
+
+
 def summary_lines(storage: str, objective: str) -> list[str]:
     """One line per study in ``storage``: completed trials and best value."""
     import optuna
@@ -346,10 +396,17 @@ def summary_lines(storage: str, objective: str) -> list[str]:
     st = open_storage(storage)
     out = []
     view = _where(_sa_url(storage)) if "://" in storage else storage  # never print a password
-    for name in optuna.get_all_study_names(st):
-        study = optuna.load_study(study_name=name, storage=st)
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        best = f"{min(t.value for t in done):.4f}" if done else "-"
+    for summary in optuna.get_all_study_summaries(st, include_best_trial=False):
+        # a shared storage holds other studies too: empty, failed-only, multi-objective, running
+        name = summary.study_name
+        try:
+            study = optuna.load_study(study_name=name, storage=st)
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            values = [t.values[0] for t in done if t.values and len(t.values) == 1]
+            best = f"{min(values):.4f}" if values else "-"
+        except Exception as e:  # a line of the summary never fails a run whose outputs are written
+            out.append(f"optuna study {name}: cannot be summarised ({_first_line(e)})")
+            continue
         out.append(f"optuna study {name}: {len(done)} completed trials, best {objective} on selection "
                    f"{best}; view: optuna-dashboard {view}")
     return out

@@ -8,15 +8,17 @@ from typing import Any
 
 from torch import nn
 
+from .cache import usable_cache_dir
 from .config import RunConfig
 from .errors import UserError
 from .io_utils import sha256_file
 from .models import build_model, load_checkpoint
+from .models.registry import ZOO
 from .plan import Plan
 from .pruning import apply_masks, plan_masks
 from .workbench import Workbench
 
-__all__ = ["config_from_plan", "check_checkpoint_hash", "model_from_plan", "workbench_for_plan", "apply_plan"]
+__all__ = ["config_from_plan", "is_code_spec", "check_plan_model", "check_checkpoint_hash", "model_from_plan", "workbench_for_plan", "apply_plan"]
 
 
 def config_from_plan(plan: Plan) -> dict[str, Any]:
@@ -39,6 +41,26 @@ def config_from_plan(plan: Plan) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def is_code_spec(name: str) -> bool:
+    """``package.module:factory`` (imports and runs code), as opposed to a zoo or torchvision name."""
+    return ":" in name and not name.startswith("torchvision:") and name not in ZOO
+
+
+def check_plan_model(plan: Plan, cfg_model: str, cli_model: str | None, trust: bool) -> None:
+    """Refuse to import a ``package.module:factory`` that only the plan file names.
+
+    A received plan is data: importing code must be the caller's choice (``--model`` with the
+    same spec, or ``--trust-plan-model``). Runs before anything is built or imported.
+    """
+    src_model = plan.source.get("model") if plan.source else None
+    if trust or cfg_model != src_model or not isinstance(src_model, str) or not is_code_spec(src_model):
+        return
+    if cli_model == src_model:
+        return
+    raise UserError(f"the plan's model {src_model!r} is code (package.module:factory) that the plan alone cannot "
+                    f"make rr_alloc import: pass --model {src_model} if you trust it (or --trust-plan-model)")
+
+
 def check_checkpoint_hash(plan: Plan) -> None:
     """The plan's checkpoint still exists and has the recorded SHA-256."""
     ck, want = plan.source.get("checkpoint"), plan.source.get("checkpoint_sha256")
@@ -54,7 +76,7 @@ def model_from_plan(plan: Plan, cfg: RunConfig) -> nn.Module:
     """The plan's dense model (checkpoint hash checked), without loading any data."""
     if cfg.checkpoint == plan.source.get("checkpoint"):
         check_checkpoint_hash(plan)
-    model = build_model(cfg.model, cfg.num_classes, cfg.pretrained, cache_dir=cfg.cache_dir)
+    model = build_model(cfg.model, cfg.num_classes, cfg.pretrained, cache_dir=str(usable_cache_dir(cfg.cache_dir)))
     if cfg.checkpoint:
         load_checkpoint(model, cfg.checkpoint)
     model = model.eval()

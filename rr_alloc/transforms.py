@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,7 +34,20 @@ class TransformSpec:
         d = dict(d)
         for k in ("mean", "std"):
             if k in d and d[k] is not None:
-                d[k] = tuple(float(v) for v in d[k])
+                v = d[k]
+                try:
+                    d[k] = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else None
+                except (TypeError, ValueError):
+                    d[k] = None
+                if not d[k] or not all(math.isfinite(x) and (k == "mean" or x > 0) for x in d[k]):
+                    raise UserError(f"transform {k} must be a list of finite numbers{'' if k == 'mean' else ' > 0'}, "
+                                    f"got {v!r}: e.g. {k}: [0.5, 0.5, 0.5]")
+        for k in ("resize", "crop"):
+            v = d.get(k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise UserError(f"transform {k} must be a whole number of pixels >= 1, got {v!r}")
+        if not isinstance(d.get("grayscale", False), bool):
+            raise UserError(f"transform grayscale must be true or false, got {d['grayscale']!r}")
         return cls(**d)
 
     def build(self):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .allocators import AllocationProblem, Needs, allocator_class, get_allocator
-from .cache import ProfileCache, default_cache_dir, fingerprint_model, fingerprint_tensor
+from .cache import ProfileCache, fingerprint_model, fingerprint_tensor, usable_cache_dir
 from .config import RunConfig, resolve_device
 from .data import Splits, load_splits
 from .errors import UserError
@@ -60,7 +60,7 @@ class Workbench:
     """Build once from a ``RunConfig``; then allocate, prune, repair and verify plans."""
 
     def __init__(self, cfg: RunConfig, progress: bool = True) -> None:
-        self.cfg = cfg
+        self.cfg = cfg.validate()
         self.progress = progress
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -68,7 +68,7 @@ class Workbench:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.grid = validate_grid(cfg.grid, cfg.s_max)
-        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        self.cache_dir = usable_cache_dir(cfg.cache_dir)
         self.dense = build_model(cfg.model, cfg.num_classes, cfg.pretrained, cache_dir=str(self.cache_dir))
         if cfg.checkpoint:
             load_checkpoint(self.dense, cfg.checkpoint, map_location="cpu")

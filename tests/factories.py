@@ -68,3 +68,12 @@ def vgg11_bn_small(num_classes: int = 10) -> nn.Module:
     model.classifier = nn.Sequential(nn.Linear(512, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 64),
                                      nn.ReLU(True), nn.Dropout(), nn.Linear(64, num_classes))
     return model
+
+
+def raises(num_classes: int = 10) -> nn.Module:
+    """A factory that fails (a missing file, a bad config ...), with a multi-line message."""
+    raise RuntimeError("weights file missing\nsecond line")
+
+
+def returns_none(num_classes: int = 10):
+    return None

@@ -336,3 +336,329 @@ def test_defect18_torchvision_family_sweep(tmp_path, capsys, tiny_imagefolder, n
     plan = json.loads(out.read_text())
     assert plan["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert plan["verify"]["reference"]  # the plan and its reference were both verified
+
+
+# ---- defect 2: a plan file alone never makes rr_alloc import code ---------------------------------------
+
+_EVIL = '''import os, pathlib
+pathlib.Path(os.environ["RR_EVIL_MARKER"]).touch()  # importing this module is the attack
+
+
+def factory(num_classes=10):
+    pathlib.Path(os.environ["RR_EVIL_MARKER"] + ".called").touch()
+    raise SystemExit("called")
+'''
+
+
+@pytest.fixture(scope="module")
+def factory_plan(tmp_path_factory) -> Path:
+    """A small plan made with --model factories:tiny_digits_cnn (the spec tests then replace)."""
+    out = tmp_path_factory.mktemp("fplan") / "plan.json"
+    assert main(["search", "--budget", "0.8", "--model", "factories:tiny_digits_cnn", "--calib-size", "64",
+                 "--selection-size", "32", "--no-verify", "--out", str(out)]) == 0
+    return out
+
+
+def _with_model(plan: Path, model: str, dest: Path) -> Path:
+    import json
+
+    d = json.loads(plan.read_text())
+    d["source"]["model"] = model
+    dest.write_text(json.dumps(d))
+    return dest
+
+
+def _replay(cmd: str, plan: Path, out: Path, *extra: str) -> list[str]:
+    if cmd == "verify":
+        return ["verify", "--plan", str(plan), *extra]
+    if cmd == "apply":
+        return ["apply", "--plan", str(plan), "--out", str(out), *extra]
+    return ["export", "--plan", str(plan), "--format", cmd.split(":")[1], "--out", str(out), *extra]
+
+
+EXPORT_FORMATS = ["masks", "torch-pruning", "csv", "markdown", "torch-prune", "nni", "nni-v2", "sparseml",
+                  "llm-compressor"]
+REPLAY_CMDS = ["verify", "apply"] + [f"export:{f}" for f in EXPORT_FORMATS]
+
+
+@pytest.mark.parametrize("spec", ["evil_plan_mod:factory", "tempfile:mkdtemp", "this:x", "os:system"])
+@pytest.mark.parametrize("cmd", REPLAY_CMDS)
+def test_defect2_plan_model_code_is_refused(tmp_path, capsys, monkeypatch, factory_plan, spec, cmd):
+    import sys
+    import tempfile
+
+    marker = tmp_path / "executed"
+    (tmp_path / "evil_plan_mod.py").write_text(_EVIL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("RR_EVIL_MARKER", str(marker))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmpdirs"))  # where mkdtemp would create a folder
+    (tmp_path / "tmpdirs").mkdir()
+    had_this = "this" in sys.modules
+    plan = _with_model(factory_plan, spec, tmp_path / "plan.json")
+    out = tmp_path / "out" / "result"
+    err = _one_error(capsys, main(_replay(cmd, plan, out)))
+    assert spec in err and "--trust-plan-model" in err and "--model" in err
+    assert not out.exists() and not out.parent.exists()
+    assert not marker.exists() and not Path(str(marker) + ".called").exists()  # nothing imported or called
+    assert "evil_plan_mod" not in sys.modules and ("this" in sys.modules) == had_this
+    assert not list((tmp_path / "tmpdirs").iterdir())
+
+
+@pytest.mark.parametrize("how", ["cli-model", "trust-flag"])
+def test_defect2_plan_model_code_runs_when_the_caller_says_so(tmp_path, capsys, factory_plan, how):
+    extra = (["--model", "factories:tiny_digits_cnn"] if how == "cli-model" else ["--trust-plan-model"])
+    out = tmp_path / "masks.pt"
+    assert main(_replay("export:masks", factory_plan, out, *extra)) == 0, capsys.readouterr().err
+    assert out.exists()
+
+
+@pytest.mark.parametrize("model", ["digits_resnet", "torchvision:resnet18", "resnet18"])
+def test_defect2_zoo_and_torchvision_names_need_no_trust(tmp_path, capsys, model):
+    from rr_alloc.plan import Plan
+    from rr_alloc.replay import check_plan_model
+
+    plan = _simple_plan(model=model)
+    check_plan_model(plan, model, None, False)  # no error: these names import no user code
+    with pytest.raises(Exception, match="trust-plan-model"):
+        check_plan_model(_simple_plan(model="pkg.mod:f"), "pkg.mod:f", None, False)
+    check_plan_model(_simple_plan(model="pkg.mod:f"), "pkg.mod:f", "pkg.mod:f", False)
+    check_plan_model(_simple_plan(model="pkg.mod:f"), "digits_resnet", "digits_resnet", False)  # overridden
+
+
+# ---- defect 12: a factory that needs arguments, raises or returns a non-module is one line ---------------
+
+@pytest.mark.parametrize("spec,what", [("os:system", "TypeError"), ("factories:raises", "weights file missing"),
+                                       ("factories:returns_none", "NoneType"), ("os:getcwd", "str|TypeError"),
+                                       ("factories:ToyNotThere", "no attribute")])
+@pytest.mark.parametrize("num_classes", [None, "10"])
+def test_defect12_bad_factory_is_one_line(tmp_path, capsys, spec, what, num_classes):
+    extra = [] if num_classes is None else ["--num-classes", num_classes]
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--model", spec, *extra)
+    assert spec in err and any(w in err for w in what.split("|")), err
+
+
+# ---- defect 13: every export format checks the plan's layers and checkpoint hash ------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint_plan(tmp_path_factory) -> tuple[Path, Path]:
+    """A plan made from a checkpoint file (the digits model's own weights)."""
+    from rr_alloc.models import build_model
+
+    d = tmp_path_factory.mktemp("ckplan")
+    ck = d / "ck.pt"
+    torch.save(build_model("digits_resnet", cache_dir=os.environ["RR_ALLOC_CACHE"]).state_dict(), ck)
+    out = d / "plan.json"
+    assert main(["search", "--budget", "0.8", "--checkpoint", str(ck), "--calib-size", "64",
+                 "--selection-size", "32", "--no-verify", "--out", str(out)]) == 0
+    return out, ck
+
+
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+@pytest.mark.parametrize("tamper", ["unknown-layer", "wrong-shape", "checkpoint-changed"])
+def test_defect13_every_export_checks_layers_and_checkpoint(tmp_path, capsys, checkpoint_plan, fmt, tamper):
+    import json
+    import shutil
+
+    plan_path, ck0 = checkpoint_plan
+    ck = tmp_path / "ck.pt"
+    shutil.copy(ck0, ck)
+    d = json.loads(plan_path.read_text())
+    d["source"]["checkpoint"] = str(ck)
+    if tamper == "unknown-layer":
+        d["layers"][0]["name"] = "no_such_layer"
+    elif tamper == "wrong-shape":
+        d["layers"][0]["shape"] = [1, 2, 3, 4]
+    else:
+        sd = torch.load(ck, weights_only=True)
+        k = next(iter(sd))
+        sd[k] = sd[k] + 1
+        torch.save(sd, ck)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(d))
+    out = tmp_path / "out" / "exported"
+    err = _one_error(capsys, main(["export", "--plan", str(plan), "--format", fmt, "--out", str(out)]))
+    assert {"unknown-layer": "no_such_layer", "wrong-shape": "shape", "checkpoint-changed": "SHA-256"}[tamper] in err
+    assert not out.exists() and not out.parent.exists()
+
+
+# ---- defect 5: unwritable outputs are refused before any work; DIR/ means DIR/plan.json -----------------
+
+def _unwritable(tmp_path: Path, where: str) -> Path:
+    """An output path that cannot be written: under a file, or under /proc."""
+    if where == "under-file":
+        f = tmp_path / "a_file"
+        f.write_text("x")
+        return f / "sub" / "result"
+    return Path("/proc") / "rr_alloc_test" / "result"
+
+
+@pytest.mark.parametrize("where", ["under-file", "under-proc", "existing-dir"])
+@pytest.mark.parametrize("cmd", ["search", "apply", "export", "compare"])
+def test_defect5_unwritable_output_fails_before_work(tmp_path, capsys, checkpoint_plan, cmd, where):
+    if where == "existing-dir":
+        if cmd == "search":
+            pytest.skip("search writes DIR/plan.json into an existing folder (tested below)")
+        target = tmp_path / "exists"
+        target.mkdir()
+        if cmd == "compare":  # an output folder that is a file
+            target = tmp_path / "exists_file"
+            target.write_text("x")
+    else:
+        target = _unwritable(tmp_path, where)
+    before = sorted(tmp_path.rglob("*"))
+    argv = {"search": ["search", "--budget", "0.9", "--out", str(target)],
+            "apply": ["apply", "--plan", str(checkpoint_plan[0]), "--out", str(target)],
+            "export": ["export", "--plan", str(checkpoint_plan[0]), "--format", "csv", "--out", str(target)],
+            "compare": ["compare", "--budgets", "0.9", "--allocators", "uniform", "--out-dir", str(target)]}[cmd]
+    code = main(argv)
+    out = capsys.readouterr()
+    assert out.out == ""  # refused before any work
+    err = out.err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert ("--out-dir" if cmd == "compare" else "--out") in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing created, probes removed
+
+
+@pytest.mark.parametrize("where", ["under-file", "under-proc"])
+def test_defect5_unwritable_cache_fails_before_work(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.setenv("RR_ALLOC_CACHE", str(_unwritable(tmp_path, where)))
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9")
+    assert "RR_ALLOC_CACHE" in err
+
+
+@pytest.mark.parametrize("how", ["existing-dir", "trailing-slash"])
+def test_defect5_search_out_folder_means_plan_json(tmp_path, capsys, how):
+    d = tmp_path / "run"
+    if how == "existing-dir":
+        d.mkdir()
+    arg = str(d) + ("/" if how == "trailing-slash" else "")
+    assert main(["search", "--budget", "0.9", "--no-verify", "--calib-size", "64", "--selection-size", "32",
+                 "--out", arg]) == 0, capsys.readouterr().err
+    assert (d / "plan.json").is_file() and (d / "profile.csv").is_file()
+
+
+# ---- defect 9: numbers out of range are one line, named by their flag -----------------------------------
+
+@pytest.mark.parametrize("args,flag", [(["--batch-size", "0"], "--batch-size"), (["--batch-size", "-1"], "--batch-size"),
+                                       (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"),
+                                       (["--grid", "nan", "0.99"], "--grid"), (["--grid", "0.5", "inf"], "--grid"),
+                                       (["--s-max", "nan"], "--s-max"), (["--calib-size", "0"], "--calib-size"),
+                                       (["--seed", "-1"], "--seed"), (["--num-classes", "0"], "--num-classes")])
+def test_defect9_bad_numbers_are_one_line(tmp_path, capsys, args, flag):
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", *args)
+    assert flag in err
+
+
+# ---- defects 7, 14, 8, 15: the Optuna path --------------------------------------------------------------
+
+_OPTUNA = ["--allocator", "optuna", "--calib-size", "64", "--selection-size", "32", "--no-verify"]
+
+
+@pytest.mark.parametrize("args", [["--n-trials", "-1"], ["--timeout", "-1"], ["--n-trials", "0"],
+                                  ["--n-trials", "0", "--timeout", "nan"]])
+def test_defect7_bad_trial_counts_leave_nothing(tmp_path, capsys, args):
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", *_OPTUNA, *args)
+    assert "--n-trials" in err or "--timeout" in err
+    assert not (tmp_path / "out").exists()  # no half-initialised optuna.db, no empty folder
+
+
+def test_defect7_zero_trials_writes_the_best_trial(tmp_path, capsys):
+    import json
+
+    import optuna
+
+    out = tmp_path / "run" / "plan.json"
+    assert main(["search", "--budget", "0.9", *_OPTUNA, "--n-trials", "2", "--out", str(out)]) == 0
+    storage = f"sqlite:///{out.parent / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    n = len(optuna.load_study(study_name=name, storage=storage).trials)
+    first = json.loads(out.read_text())
+    out.unlink()
+    assert main(["search", "--budget", "0.9", *_OPTUNA, "--n-trials", "0", "--out", str(out)]) == 0
+    assert len(optuna.load_study(study_name=name, storage=storage).trials) == n  # no trial added
+    assert json.loads(out.read_text())["layers"] == first["layers"]  # the study's best trial
+
+
+@pytest.mark.parametrize("args,what", [(["--repair", "bogus"], "bogus"), (["--reference", "bogus"], "bogus"),
+                                       (["--calib-size", "100000"], "exceed"), (["--checkpoint", "missing.pt"], "missing.pt"),
+                                       (["--model", "no_such_model"], "no_such_model"), (["--storage", "x.txt"], "x.txt")])
+def test_defect14_bad_input_with_optuna_leaves_no_folder(tmp_path, capsys, args, what):
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", *_OPTUNA, "--n-trials", "1", *args)
+    assert what in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_defect8_summary_survives_other_studies(tmp_path, capsys):
+    import optuna
+
+    out = tmp_path / "run" / "plan.json"
+    out.parent.mkdir()
+    storage = f"sqlite:///{out.parent / 'optuna.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(storage=storage, study_name="empty")
+    s = optuna.create_study(storage=storage, study_name="failed")
+    s.tell(s.ask(), state=optuna.trial.TrialState.FAIL)
+    s = optuna.create_study(storage=storage, study_name="multi", directions=["minimize", "minimize"])
+    s.tell(s.ask(), [1.0, 2.0])
+    optuna.create_study(storage=storage, study_name="running").ask()
+    code = main(["search", "--budget", "0.9", *_OPTUNA, "--n-trials", "1", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert code == 0 and "Traceback" not in cap.err, cap.err
+    lines = [l for l in cap.out.splitlines() if l.startswith("optuna study") and "completed trials" in l]
+    assert len(lines) == 5 and all(f"study {n}:" in cap.out for n in ("empty", "failed", "multi", "running"))
+
+
+def test_defect15_ctrl_c_in_a_trial_is_one_line(tmp_path, capsys, monkeypatch):
+    import rr_alloc.allocators.search as search_mod
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_mod, "round_to_budget", interrupt)
+    code = main(["search", "--budget", "0.9", *_OPTUNA, "--n-trials", "3", "--out", str(tmp_path / "r" / "plan.json")])
+    err = capsys.readouterr().err
+    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and "%|" not in l]  # minus progress bars
+    assert code == 130 and lines == ["error: interrupted"], err
+    assert not (tmp_path / "r" / "plan.json").exists()
+
+
+# ---- defect 10: config and plan values are type-checked; the config's out: key is honoured ---------------
+
+@pytest.mark.parametrize("line,key", [("calib_size: abc", "calib_size"), ("grid: abc", "grid"), ("device: 5", "device"),
+                                      ("seed: [1, 2]", "seed"), ("batch_size: 1.5", "batch_size"),
+                                      ("pretrained: 'yes'", "pretrained"), ("include: [1, 2]", "include"),
+                                      ("transform: [1, 2]", "transform"), ("model: ''", "model"),
+                                      ("s_max: .inf", "s_max"), ("n_trials: -3", "n_trials"),
+                                      ("transform: {mean: abc}", "transform mean"),
+                                      ("transform: {mean: [0.5], std: [0]}", "transform std"),
+                                      ("transform: {resize: big}", "transform resize")])
+def test_defect10_config_values_are_type_checked(tmp_path, capsys, line, key):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(line + "\n")
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--config", str(cfg))
+    assert err.startswith(f"error: {key} ")
+
+
+@pytest.mark.parametrize("field,value", [("calib_size", "abc"), ("seed", [1, 2]), ("batch_size", 0),
+                                         ("eval_size", "all")])
+@pytest.mark.parametrize("cmd", ["verify", "apply", "export:csv"])
+def test_defect10_plan_values_are_type_checked(tmp_path, capsys, checkpoint_plan, field, value, cmd):
+    import json
+
+    d = json.loads(checkpoint_plan[0].read_text())
+    if field == "batch_size":
+        d["source"][field] = value
+    else:
+        d["source"]["data"][field] = value
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(d))
+    out = tmp_path / "out" / "result"
+    err = _one_error(capsys, main(_replay(cmd, plan, out)))
+    assert field in err and not out.parent.exists()
+
+
+def test_defect10_config_out_key_is_used(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"out: {tmp_path / 'from_config'}/\ncalib_size: 64\nselection_size: 32\n")
+    assert main(["search", "--budget", "0.9", "--no-verify", "--config", str(cfg)]) == 0, capsys.readouterr().err
+    assert (tmp_path / "from_config" / "plan.json").is_file()

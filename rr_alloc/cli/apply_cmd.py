@@ -11,11 +11,11 @@ import torch
 from ..errors import UserError
 from ..evaluate import compare_logits, logits_of
 from ..export import FORMAT_HELP, export_plan, exporter, reconstruction_note
-from ..io_utils import atomic_path
+from ..io_utils import atomic_path, check_writable
 from ..plan import Plan
-from ..replay import config_from_plan, model_from_plan, workbench_for_plan
+from ..replay import model_from_plan, workbench_for_plan
 from ..repair.persist import save_pruned
-from .flags import add_run_flags, config_from_args
+from .flags import add_plan_flags, add_run_flags, config_for_plan
 
 __all__ = ["register"]
 
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Rebuild the dense model and data from the plan's source block (the "
                                    "checkpoint's SHA-256 must match), prune by the plan, repair, check the "
                                    "per-layer sparsity, evaluate, and save a plain state_dict.")
-    a.add_argument("--plan", required=True, help="plan JSON written by search")
+    add_plan_flags(a)
     a.add_argument("--out", required=True, help="output file (.pt)")
     a.add_argument("--format", choices=["state_dict", "torchscript"], default="state_dict",
                    help="state_dict (default) or a TorchScript module")
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "torch-pruning (channel ratios; see the unit conversion in the file), "
                                    "llm-compressor and sparseml (recipe YAML), nni / nni-v2 (config_list JSON), "
                                    "masks (per-layer boolean masks, .pt), csv, markdown.")
-    e.add_argument("--plan", required=True, help="plan JSON written by search")
+    add_plan_flags(e)
     e.add_argument("--format", required=True, help=FORMAT_HELP)
     e.add_argument("--out", required=True, help="output file")
     add_run_flags(e)
@@ -45,8 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    check_writable(args.out, "--out")  # before any work, not after it
     plan = Plan.load(args.plan)
-    cfg = config_from_args(args, base=config_from_plan(plan))
+    cfg = config_for_plan(args, plan)
     wb = workbench_for_plan(plan, cfg)
     nm = wb.nm
     model, report = wb.repaired_model(wb.pattern_masks() if nm else plan.counts, cfg.repair, nm=nm)
@@ -92,10 +93,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_writable(args.out, "--out")
     plan = Plan.load(args.plan)
     ex = exporter(args.format)
-    cfg = config_from_args(args, base=config_from_plan(plan)) if ex.needs_model else None
-    model = model_from_plan(plan, cfg) if ex.needs_model else None
+    # every format, not only those that read the model: the README promises that an export checks the
+    # plan against its model (layers and shapes) and its checkpoint (SHA-256)
+    cfg = config_for_plan(args, plan)
+    model = model_from_plan(plan, cfg)
 
     def obs_masks() -> dict:
         wb = workbench_for_plan(plan, cfg)

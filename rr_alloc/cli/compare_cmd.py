@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..allocators import ALLOCATORS, allocator_class
 from ..errors import UserError
+from ..io_utils import check_writable
 from ..repair import RepairPipeline
 from ..report import save_figure, write_frame_csv
 from ..workbench import Workbench
@@ -44,6 +45,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for r in repairs:
         RepairPipeline.parse(r)
     out_dir = Path(args.out_dir or Path("runs") / f"compare_{cfg.model.replace(':', '_')}")
+    check_writable(out_dir, "--out-dir", is_dir=True)  # before any work, not after it
     wb = Workbench(cfg, progress=True)
     print(f"compare: {cfg.model}, budgets {args.budgets}, allocators {allocators}, repairs {repairs}, "
           f"split {args.split} ({wb.split(args.split).n} images)", flush=True)

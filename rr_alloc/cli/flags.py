@@ -12,8 +12,11 @@ from typing import Any
 
 from ..config import RunConfig, load_config_file
 from ..errors import UserError
+from ..plan import Plan
+from ..replay import check_plan_model, config_from_plan
 
-__all__ = ["Parser", "add_run_flags", "config_from_args", "parse_budget", "default_out", "EMBEDDED_NOTE"]
+__all__ = ["Parser", "add_run_flags", "add_plan_flags", "config_from_args", "config_for_plan", "parse_budget",
+           "default_out", "EMBEDDED_NOTE"]
 
 EMBEDDED_NOTE = ("This ran the embedded default (a 7-layer residual CNN trained on scikit-learn's bundled "
                  "digits). Point rr_alloc at a real model with e.g.\n  python -m rr_alloc search --budget 0.9 "
@@ -95,6 +98,14 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="search objective on the selection split (default kl, label-free)")
 
 
+def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    """``--plan`` and the trust flag of the commands that rebuild a plan's model."""
+    p.add_argument("--plan", required=True, help="plan JSON written by search")
+    p.add_argument("--trust-plan-model", action="store_true",
+                   help="import and run the plan's package.module:factory model (refused by default: a plan "
+                        "file alone never makes rr_alloc run code; --model with the same spec also allows it)")
+
+
 _RUN_KEYS = ("model", "checkpoint", "num_classes", "pretrained", "dataset", "train_data", "test_data",
              "calib_size", "selection_size", "eval_size", "batch_size", "seed", "device", "threads", "cache", "cache_dir",
              "grid", "s_max", "include", "exclude", "allocator", "reference", "unit", "layer_weights", "repair",
@@ -112,7 +123,14 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
         v = getattr(args, k, None)
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, list) else v
-    return RunConfig(**kw)
+    return RunConfig(**kw).validate()
+
+
+def config_for_plan(args: argparse.Namespace, plan: Plan) -> RunConfig:
+    """The run config of a command that replays ``plan``; refuses plan-named code before any import."""
+    cfg = config_from_args(args, base=config_from_plan(plan))
+    check_plan_model(plan, cfg.model, getattr(args, "model", None), bool(getattr(args, "trust_plan_model", False)))
+    return cfg
 
 
 def default_out(cfg: RunConfig, budget: float | None) -> Path:

@@ -13,15 +13,17 @@ from ..allocators import ALLOCATORS, allocator_class
 from ..config import RunConfig
 from ..errors import UserError
 from ..evaluate import Metrics, wilson_interval
+from ..io_utils import check_writable
 from ..models import list_models
-from ..optuna_storage import StudySettings, check_storage, summary_lines
+from ..optuna_storage import StudySettings, check_storage, discard_if_empty, summary_lines
 from ..plan import Plan
-from ..replay import config_from_plan, workbench_for_plan
-from ..repair import CHANNEL_METHODS, PRESETS, RECONSTRUCT_METHODS, SITE_KINDS
+from ..replay import workbench_for_plan
+from ..repair import CHANNEL_METHODS, PRESETS, RECONSTRUCT_METHODS, SITE_KINDS, RepairPipeline
 from ..report import layer_table, plot_rr_curves, write_profile_csv
 from ..run import search
 from ..workbench import Workbench
-from .flags import EMBEDDED_NOTE, add_run_flags, config_from_args, default_out, parse_budget
+from .flags import (EMBEDDED_NOTE, add_plan_flags, add_run_flags, config_for_plan, config_from_args, default_out,
+                    parse_budget)
 
 __all__ = ["register", "metrics_row", "run_search"]
 
@@ -41,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     v = sub.add_parser("verify", help="re-run a plan's verification: prune, repair, evaluate",
                        description="Rebuild model and data from a plan's source block and verify it.")
-    v.add_argument("--plan", required=True, help="plan JSON written by search")
+    add_plan_flags(v)
     v.add_argument("--split", choices=["test", "selection"], default="test", help="split to evaluate on")
     add_run_flags(v)
     v.set_defaults(handler=cmd_verify)
@@ -61,17 +63,38 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if (args.budget is None) == (cfg.pattern is None):
         raise UserError("pass --budget B (a fraction in (0, 1)) or --pattern N:M, exactly one of them")
-    out = Path(args.out) if args.out else default_out(cfg, args.budget)
-    if out.is_dir() or str(args.out or "").endswith(("/", "\\")):
+    out_arg = args.out or cfg.out  # the flag, else the config file's out: key
+    out = Path(out_arg) if out_arg else default_out(cfg, args.budget)
+    if out.is_dir() or str(out_arg or "").endswith(("/", "\\")):
         out = out / "plan.json"
+    check_writable(out, "--out")  # before any work, not after it
+    # names that are otherwise only parsed inside the work (in an Optuna trial, after the profile)
+    allocator_class(cfg.allocator)
+    if not cfg.pattern:
+        allocator_class(cfg.reference_allocator)
+    RepairPipeline.parse(cfg.repair)
+    made: list[Path] = []
+    db: Path | None = None
     if cfg.allocator == "optuna" and not cfg.pattern:  # bad settings or an unreachable server fail before any work
         StudySettings(cfg.n_trials, cfg.timeout, cfg.total_trials, cfg.heartbeat_interval, cfg.grace_period,
                       cfg.max_retry)
         if not cfg.storage:
+            path = (out.parent / "optuna.db").resolve()
+            if cfg.n_trials == 0 and not path.exists():
+                raise UserError(f"--n-trials 0 writes the plan from a stored study's best trial, but {path} does "
+                                "not exist yet: run with --n-trials > 0 first (or pass --storage)")
+            made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
             out.parent.mkdir(parents=True, exist_ok=True)
-            cfg = cfg.updated(storage=f"sqlite:///{(out.parent / 'optuna.db').resolve()}")
-        check_storage(cfg.storage)
-    run_search(cfg, args.budget, out, verify=args.verify)
+            db = None if path.exists() else path  # only a storage this run creates is ever removed
+            cfg = cfg.updated(storage=f"sqlite:///{path}")
+    try:
+        if cfg.allocator == "optuna" and not cfg.pattern:
+            check_storage(cfg.storage)
+        run_search(cfg, args.budget, out, verify=args.verify)
+    except BaseException:  # bad input found later, or Ctrl-C: no empty storage or folder stays behind
+        if db is not None:
+            discard_if_empty(db, made)
+        raise
     return 0
 
 
@@ -126,7 +149,7 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
 
 def cmd_verify(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
-    cfg = config_from_args(args, base=config_from_plan(plan))
+    cfg = config_for_plan(args, plan)
     wb = workbench_for_plan(plan, cfg)
     nm = wb.nm
     m = wb.verify(wb.pattern_masks() if nm else plan.counts, cfg.repair, split=args.split, nm=nm)

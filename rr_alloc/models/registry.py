@@ -68,7 +68,8 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     try:
         fn = getattr(mod, attr)
     except AttributeError:
-        raise UserError(f"module {mod_name!r} has no attribute {attr!r}: pass --model package.module:factory")
+        raise UserError(f"--model {spec}: module {mod_name!r} has no attribute {attr!r}: "
+                        "pass --model package.module:factory")
     if not callable(fn):
         raise UserError(f"{spec} is not callable: pass a function or class that returns an nn.Module")
     return fn
@@ -113,7 +114,14 @@ def build_model(name: str, num_classes: int | None = None, pretrained: bool = Fa
             kw["num_classes"] = num_classes
         return torchvision.models.get_model(tv, weights="DEFAULT" if pretrained else None, **kw)
     fn = _import_factory(name)
-    model = fn() if num_classes is None else fn(num_classes=num_classes)
+    call = f"{name}()" if num_classes is None else f"{name}(num_classes={num_classes})"
+    try:
+        model = fn() if num_classes is None else fn(num_classes=num_classes)
+    except Exception as e:  # the user's code: its failure is bad input, reported in one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"--model {call} failed ({type(e).__name__}: {first}): pass a factory that takes no "
+                        "required arguments (num_classes optional) and returns an nn.Module") from None
     if not isinstance(model, nn.Module):
-        raise UserError(f"{name} returned {type(model).__name__}, not an nn.Module: return the model")
+        raise UserError(f"--model {call} returned {type(model).__name__}, not an nn.Module: "
+                        "pass a factory that returns the model")
     return model
