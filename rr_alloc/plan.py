@@ -43,6 +43,7 @@ from torch import nn
 
 from .errors import UserError
 from .io_utils import write_text_atomic
+from .plan_schema import schema_errors
 from .pruning import parse_pattern
 from .version import __version__
 
@@ -230,6 +231,9 @@ class Plan:
             if d["version"] == 1:
                 raise UserError(f"{where} has an N:M pattern: that needs plan version 2")
             parse_pattern(pattern)
+        errors = schema_errors(d)  # every other field, against the published schema (docs/plan.schema.json)
+        if errors:
+            raise UserError(f"{where}: {errors[0]} (see docs/plan.schema.json): regenerate it with `rr_alloc search`")
         return cls(layers, budget, str(d["allocator"]), str(d["repair"]), budget_unit, mask_rule, pattern,
                    achieved, d.get("source", {}), d.get("calibration", {}),
                    d.get("profile", {}), d.get("verify", {}), d.get("tool", {}), d.get("created", ""))
@@ -240,9 +244,21 @@ class Plan:
         if not p.is_file():
             raise UserError(f"plan {p} does not exist: pass the JSON written by `rr_alloc search --out`")
         try:
-            d = json.loads(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"plan {p} is not UTF-8 text (byte {e.start}): pass the JSON written by `rr_alloc search`")
+        except OSError as e:
+            raise UserError(f"cannot read plan {p} ({e.strerror}): check the path and its permissions")
+
+        def no_nan(token: str) -> None:  # bare NaN / Infinity are not JSON
+            raise ValueError(f"{token} is not a JSON number")
+
+        try:
+            d = json.loads(text, parse_constant=no_nan)
         except json.JSONDecodeError as e:
             raise UserError(f"plan {p} is not valid JSON (line {e.lineno}): regenerate it")
+        except ValueError as e:
+            raise UserError(f"plan {p} is not valid JSON ({e}): regenerate it")
         return cls.from_dict(d, where=f"plan {p}")
 
     def check_model(self, model: nn.Module) -> None:

@@ -250,7 +250,7 @@ def summarise_reconstruct(sc, test, alloc, best, out: Path, args) -> str:
              f"Command: `python studies/repair_ablation.py --reconstruct{' --quick' if args.quick else ''}`  ",
              f"Machine: {machine()}.", "",
              "## Screen: damping x {lsq, obs}, global magnitude at 0.9, seed 0, selection split", "",
-             "Each pipeline is the re-fit followed by the channel-wise default `" + AFTER + "`. "
+             "Each pipeline is the re-fit followed by the channel-wise pipeline `" + AFTER + "`. "
              "Ranked by mean selection KL over the models (label-free); top-1 beside it.", ""]
     piv = sc.pivot_table(index="repair", columns="model", values=["top1", "kl"])
     piv.columns = [f"{m} {v}" for v, m in piv.columns]
@@ -278,7 +278,8 @@ def summarise_reconstruct(sc, test, alloc, best, out: Path, args) -> str:
     wide.columns = [f"{a} {b}" for a, b in wide.columns]
     order = [r for r in ["bn", AFTER, best["lsq"], best["obs"]] if r in wide.index]
     lines += [wide.reindex(order).to_markdown(), "",
-              "Rows `bn` and the default come from `stage2.csv` (same seeds, same 10,000 test images).", "",
+              f"Rows `bn` and `{AFTER}` (the channel-wise pipeline) come from `stage2.csv` (same seeds, same "
+              "10,000 test images).", "",
               "## Allocation for the re-fit: rr-greedy on the lsq profile vs global magnitude, at 0.9", "",
               f"Both verified under `{best['lsq']}`; paired by calibration seed (test top-1 points).", ""]
     t = alloc[alloc.split == "test"]

@@ -102,3 +102,47 @@ def test_failed_write_keeps_old_plan(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_text() == good and Plan.load(path).to_dict() == _plan().to_dict()
     assert sorted(x.name for x in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_published_schema_is_the_declared_one():
+    """docs/plan.schema.json is generated from rr_alloc.plan_schema (the one source)."""
+    from pathlib import Path
+
+    from rr_alloc.plan_schema import PLAN_SCHEMA
+
+    published = Path(__file__).resolve().parents[1] / "docs" / "plan.schema.json"
+    assert json.loads(published.read_text()) == PLAN_SCHEMA, \
+        "regenerate it: python -m rr_alloc.plan_schema > docs/plan.schema.json"
+
+
+def test_written_plans_validate_against_the_published_schema(tmp_path):
+    import jsonschema
+    from pathlib import Path
+
+    published = json.loads((Path(__file__).resolve().parents[1] / "docs" / "plan.schema.json").read_text())
+    d = json.loads(_plan().save(tmp_path / "p.json").read_text())
+    jsonschema.Draft202012Validator(published).validate(d)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.update(source="notadict"), "source: 'notadict' is not of type 'object'"),
+    (lambda d: d.update(achieved_sparsity="abc"), "achieved_sparsity"),
+    (lambda d: d["source"]["data"].update(calib_size="abc"), "source.data.calib_size"),
+    (lambda d: d["source"].update(checkpoint_sha256="xyz"), "source.checkpoint_sha256"),
+    (lambda d: d["verify"].update(top1="high"), "verify.top1"),
+    (lambda d: d["layers"][0].update(name=""), "layers\\[0\\].name"),
+])
+def test_every_field_is_checked_against_the_schema(mutate, message):
+    with pytest.raises(UserError, match=message):
+        Plan.from_dict(_broken(mutate))
+
+
+def test_non_utf8_and_nan_plans_are_one_line_errors(tmp_path):
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes('{"schema": "rr_alloc.plan", "allocator": "caf\u00e9"}'.encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        Plan.load(bad)
+    nan = tmp_path / "nan.json"
+    nan.write_text(json.dumps(_plan().to_dict()).replace('"budget": 0.1026', '"budget": NaN'))
+    with pytest.raises(UserError, match="NaN is not a JSON number"):
+        Plan.load(nan)

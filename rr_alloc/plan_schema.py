@@ -1,0 +1,93 @@
+"""The plan's JSON Schema: the one declared source of what a plan file may hold.
+
+``Plan.from_dict`` validates every plan against it (after its own friendlier checks of the
+core fields); ``docs/plan.schema.json`` is this schema, written by
+``python -m rr_alloc.plan_schema > docs/plan.schema.json`` (a test checks the two match), so
+downstream tools can validate plans without rr_alloc.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["PLAN_SCHEMA", "schema_errors"]
+
+# one line of text: no control characters, no Unicode line or paragraph separators
+_TEXT = {"type": "string", "pattern": "^[^\\u0000-\\u001f\\u007f\\u2028\\u2029]*$"}
+_OPT_TEXT = {"anyOf": [_TEXT, {"type": "null"}]}
+_FRACTION = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
+_OPT_NUMBER = {"type": ["number", "null"]}
+_METRICS = {"type": "object", "properties": {
+    "split": _TEXT, "n": {"type": "integer", "minimum": 0}, "repair": _TEXT,
+    "top1": _OPT_NUMBER, "agreement": _OPT_NUMBER, "kl": _OPT_NUMBER, "dense_top1": _OPT_NUMBER,
+    "achieved_sparsity": _OPT_NUMBER, "allocator": _TEXT}}
+
+PLAN_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "rr_alloc per-layer sparsity plan",
+    "description": "Per-layer pruned counts and everything needed to rebuild and verify them. sparsity = "
+                   "n_pruned / n_weights (fraction of each layer's weights). Version 2 adds mask_rule 'obs' "
+                   "(masks chosen by the repair, reproduced only by rr_alloc) and N:M patterns.",
+    "type": "object",
+    "required": ["schema", "version", "unit", "budget", "allocator", "repair", "layers"],
+    "properties": {
+        "schema": {"const": "rr_alloc.plan"},
+        "version": {"enum": [1, 2]},
+        "unit": {"const": "weight_fraction"},
+        "mask_rule": {"enum": ["magnitude", "obs"]},
+        "pattern": {"type": "string", "pattern": "^[0-9]+:[0-9]+$"},
+        "budget": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        "budget_unit": {"enum": ["weights", "flops"]},
+        "achieved_sparsity": {"anyOf": [_FRACTION, {"type": "null"}]},
+        "allocator": _TEXT,
+        "repair": _TEXT,
+        "layers": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "sparsity", "n_weights", "shape"],
+            "properties": {
+                "name": {**_TEXT, "minLength": 1},
+                "sparsity": _FRACTION,
+                "n_pruned": {"type": "integer", "minimum": 0},
+                "n_weights": {"type": "integer", "minimum": 1},
+                "shape": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1}}}}},
+        "source": {"type": "object", "properties": {
+            "model": _TEXT, "num_classes": {"type": ["integer", "null"], "minimum": 1},
+            "pretrained": {"type": "boolean"}, "checkpoint": _OPT_TEXT,
+            "checkpoint_sha256": {"anyOf": [{"type": "string", "pattern": "^[0-9a-f]{64}$"}, {"type": "null"}]},
+            "model_fingerprint": _OPT_TEXT,
+            "include": {"type": "array", "items": _TEXT}, "exclude": {"type": "array", "items": _TEXT},
+            "batch_size": {"type": "integer", "minimum": 1},
+            "data": {"type": "object", "properties": {
+                "kind": _TEXT, "train": _OPT_TEXT, "test": _OPT_TEXT,
+                "transform": {"type": ["object", "null"]},
+                "calib_size": {"type": "integer", "minimum": 1},
+                "selection_size": {"type": "integer", "minimum": 0},
+                "eval_size": {"type": ["integer", "null"], "minimum": 1},
+                "seed": {"type": "integer"}, "download": {"type": "boolean"}}}}},
+        "calibration": {"type": "object", "properties": {
+            "size": {"type": "integer", "minimum": 0}, "selection_size": {"type": "integer", "minimum": 0},
+            "seed": {"type": "integer"}}},
+        "profile": {"type": "object", "properties": {
+            "grid": {"type": "array", "items": _FRACTION}, "s_max": _FRACTION}},
+        "verify": {**_METRICS, "properties": {**_METRICS["properties"], "reference": _METRICS}},
+        "tool": {"type": "object", "properties": {"name": _TEXT, "version": _TEXT}},
+        "created": {"type": "string"},
+    },
+}
+
+
+def schema_errors(doc: Any) -> list[str]:
+    """``path: message`` of each way ``doc`` breaks ``PLAN_SCHEMA`` (empty when it is valid)."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(PLAN_SCHEMA)
+    out = []
+    for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
+        path = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p)
+                       for i, p in enumerate(e.absolute_path)) or "(top level)"
+        out.append(f"{path}: {e.message.splitlines()[0][:200]}")
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(PLAN_SCHEMA, indent=2))
