@@ -57,7 +57,7 @@ class RunConfig:
     pattern: str | None = None           # "N:M" semi-structured masks instead of a budget (e.g. "2:4")
     layer_weights: str = "uniform"       # RR objective weights: uniform | sensitivity
     # repair / verification
-    repair: str = DEFAULT_REPAIR         # obs>bn>naive@block+logits: studies/repair_ablation.py (selection split)
+    repair: str = DEFAULT_REPAIR         # bn>naive@block+logits: studies/repair_ablation.py (selection split)
     # optuna
     n_trials: int = 30
     timeout: float | None = None
