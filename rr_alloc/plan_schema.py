@@ -68,7 +68,8 @@ PLAN_SCHEMA: dict[str, Any] = {
             "size": {"type": "integer", "minimum": 0}, "selection_size": {"type": "integer", "minimum": 0},
             "seed": {"type": "integer"}}},
         "profile": {"type": "object", "properties": {
-            "grid": {"type": "array", "items": _FRACTION}, "s_max": _FRACTION}},
+            # a non-finite value is written as null (never bare NaN): still a readable plan
+            "grid": {"type": "array", "items": {"anyOf": [_FRACTION, {"type": "null"}]}}, "s_max": _FRACTION}},
         "verify": {**_METRICS, "properties": {**_METRICS["properties"], "reference": _METRICS}},
         "tool": {"type": "object", "properties": {"name": _TEXT, "version": _TEXT}},
         "created": {"type": "string"},

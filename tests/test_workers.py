@@ -274,9 +274,10 @@ def test_n_trials_zero_on_missing_study_is_one_line_error(tmp_path, capsys):
     assert main(["search", "--budget", "0.8", "--allocator", "optuna", "--n-trials", "0", "--model",
                  "factories:tiny_digits_cnn", "--calib-size", "64", "--selection-size", "64", "--no-verify",
                  "--out", str(out)]) == 2
-    err = capsys.readouterr().err.splitlines()[-1]  # after the profile's progress bar
-    assert err.startswith("error: no Optuna study") and "--n-trials > 0" in err
-    assert not out.exists()
+    err = capsys.readouterr().err.strip()
+    # refused before any work (defect 7): the one line, no progress bar, no output left
+    assert err.startswith("error: --n-trials 0") and "\n" not in err and "--n-trials > 0" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_study_name_keyed_on_content_not_paths():
