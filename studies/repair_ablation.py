@@ -212,7 +212,7 @@ def run_reconstruct(args, models, out: Path, log) -> None:
                     write_frame_csv(pd.DataFrame(test), out / "reconstruct_test.csv")
                     log(f"test {model} seed {seed} {pr:<11} {pipe:<40} test top1 {100 * ms['test'].top1:5.1f} "
                         f"({time.perf_counter() - t0:.1f}s)")
-            for plan in ("global", "rr-greedy"):
+            for plan in (() if args.no_alloc else ("global", "rr-greedy")):
                 t0 = time.perf_counter()
                 counts = wb.allocate(plan, 0.9)
                 ms = wb.verify_splits(counts, best["lsq"], ("selection", "test"))
@@ -309,6 +309,7 @@ def main() -> None:
                     help="run the reconstruction (lsq / obs) study instead (see the module docstring)")
     ap.add_argument("--prunings", nargs="+", choices=list(PRUNINGS), help="--reconstruct: prunings of stage 2")
     ap.add_argument("--reuse-screen", help="--reconstruct: take the damping screen from this CSV (skip it)")
+    ap.add_argument("--no-alloc", action="store_true", help="--reconstruct: skip the rr-greedy vs global part")
     ap.add_argument("--merge-reconstruct", nargs="+", metavar="DIR",
                     help="summarise the --reconstruct CSVs of these folders into --out")
     ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "repair_ablation"))
