@@ -21,7 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_import_contracts_hold():
     """No import cycle, no upward import, the library never imports the CLI (pyproject.toml contracts)."""
-    r = subprocess.run(["lint-imports", "--config", str(ROOT / "pyproject.toml")], capture_output=True, text=True,
+    # through the interpreter, not the lint-imports script: a fresh environment may not have it on PATH yet
+    code = ("import sys; from importlinter.cli import lint_imports; "
+            f"sys.exit(lint_imports(config_filename={str(ROOT / 'pyproject.toml')!r}, no_cache=True))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "0 broken" in r.stdout
