@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, machine, model_config, run_main, shared_dir
+from common import ROOT, machine, model_config, peak_rss_mb, run_main, shared_dir
 
 from rr_alloc.data import Batches
 from rr_alloc.io_utils import write_text_atomic
@@ -141,27 +141,11 @@ def peak_memory(model_name: str, calib: int, batch_size: int) -> tuple[float, fl
     is the profile's own and not an earlier one (decoding, imports); where that reset is not allowed the
     process-lifetime peak is reported instead.
     """
-    code = f"""
-import resource, sys, torch
-sys.path.insert(0, {str(ROOT / 'studies')!r})
-from common import model_config
-from rr_alloc.workbench import Workbench
-from rr_alloc.profile import profile_rr
-wb = Workbench(model_config({model_name!r}, calib_size={calib}, selection_size=0, eval_size=16,
-               batch_size={batch_size}, cache=False), progress=False)
-def status(key):
-    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))
-base = status('VmRSS:')
-try:
-    open('/proc/self/clear_refs', 'w').write('5')
-except OSError:
-    pass
-profile_rr(wb.dense, wb.splits.calib, {GRID!r})
-print(status('VmHWM:') / 1024, base / 1024)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    peak, base = map(float, out.stdout.split())
-    return peak, base
+    setup = (f"from common import model_config\nfrom rr_alloc.workbench import Workbench\n"
+             f"from rr_alloc.profile import profile_rr\n"
+             f"wb = Workbench(model_config({model_name!r}, calib_size={calib}, selection_size=0, eval_size=16, "
+             f"batch_size={batch_size}, cache=False), progress=False)\n")
+    return peak_rss_mb(setup, f"profile_rr(wb.dense, wb.splits.calib, {GRID!r})\n")
 
 
 def cache_cost(model_name: str) -> dict:

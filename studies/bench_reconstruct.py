@@ -24,14 +24,13 @@ import cProfile
 import io
 import json
 import pstats
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import ROOT, machine, model_config, run_main, shared_dir
+from common import ROOT, machine, model_config, peak_rss_mb, run_main, shared_dir
 from bench_profile import GRID, dense_pass, median_time
 
 from rr_alloc.data import Batches
@@ -70,24 +69,8 @@ def breakdown(wb: Workbench, batches: Batches, masks: dict) -> str:
 
 def peak_memory(model_name: str, calib: int, method: str) -> tuple[float, float]:
     """(peak RSS during the reconstruction, RSS just before it), MB, in a fresh process."""
-    code = f"""
-import sys
-sys.path.insert(0, {str(ROOT / 'studies')!r})
-from bench_reconstruct import setup, run_reconstruct
-wb, batches, masks = setup({model_name!r}, 256)
-def status(key):
-    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))
-base = status('VmRSS:')
-try:
-    open('/proc/self/clear_refs', 'w').write('5')
-except OSError:
-    pass
-run_reconstruct(wb, batches, masks, {method!r})
-print(status('VmHWM:') / 1024, base / 1024)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    peak, base = map(float, out.stdout.split()[-2:])
-    return peak, base
+    setup = f"from bench_reconstruct import setup, run_reconstruct\nwb, batches, masks = setup({model_name!r}, 256)\n"
+    return peak_rss_mb(setup, f"run_reconstruct(wb, batches, masks, {method!r})\n")
 
 
 def main() -> None:

@@ -73,3 +73,30 @@ def machine() -> str:
 
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def peak_rss_mb(setup: str, work: str) -> tuple[float, float]:
+    """(peak RSS during ``work``, RSS just before it), MB, measured in a fresh Python process.
+
+    ``setup`` and ``work`` are code lines (``studies/`` is importable). The kernel's high-water mark is
+    reset right before ``work`` (``/proc/self/clear_refs``), so the peak is the work's own, not an
+    earlier one (decoding, imports); where that reset is not allowed the process-lifetime peak is reported.
+    """
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / 'studies')!r})
+        def status(key):
+            return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))
+        """) + textwrap.dedent(setup) + textwrap.dedent("""
+        base = status('VmRSS:')
+        try:
+            open('/proc/self/clear_refs', 'w').write('5')
+        except OSError:
+            pass
+        """) + textwrap.dedent(work) + "\nprint(status('VmHWM:') / 1024, base / 1024)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak, base = map(float, out.stdout.split()[-2:])
+    return peak, base
