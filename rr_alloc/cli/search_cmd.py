@@ -17,6 +17,7 @@ from ..io_utils import check_writable
 from ..models import list_models
 from ..optuna_storage import StudySettings, check_storage, discard_if_empty, summary_lines
 from ..plan import Plan
+from ..pruning import parse_pattern
 from ..replay import workbench_for_plan
 from ..repair import CHANNEL_METHODS, PRESETS, RECONSTRUCT_METHODS, SITE_KINDS, RepairPipeline
 from ..report import layer_table, plot_rr_curves, write_profile_csv
@@ -63,6 +64,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if (args.budget is None) == (cfg.pattern is None):
         raise UserError("pass --budget B (a fraction in (0, 1)) or --pattern N:M, exactly one of them")
+    if cfg.pattern:
+        parse_pattern(cfg.pattern)  # a malformed pattern fails before any model or data is loaded
     out_arg = args.out or cfg.out  # the flag, else the config file's out: key
     out = Path(out_arg) if out_arg else default_out(cfg, args.budget)
     if out.is_dir() or str(out_arg or "").endswith(("/", "\\")):
