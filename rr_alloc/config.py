@@ -39,6 +39,7 @@ class RunConfig:
     download: bool = False
     calib_size: int | None = None        # images; None: 1024 (512 for the 1,400-image digits pool)
     selection_size: int | None = None    # images; None: as calib_size
+    validation_size: int = 0             # training images after selection: a searched plan must beat global there
     eval_size: int | None = None         # test images for reporting; None = all
     batch_size: int = 256
     seed: int = 0                        # calibration/selection draw
@@ -68,6 +69,10 @@ class RunConfig:
     heartbeat_interval: int = 60         # s; RDB storages: a killed worker's trial fails after the grace period
     grace_period: int | None = None      # s; None: Optuna's default, twice the heartbeat interval
     max_retry: int = 2                   # re-runs of a killed worker's trial
+    optimizer: str = "evo"               # evo | cmaes | tpe-mix (studies/allocation_comparison.py --search)
+    guidance: str = "rr"                 # evo: rr (RR-profile move probabilities) | none
+    screen_size: int | None = None       # evo: selection images of the screen; None: a quarter of the split
+    search_step: float = 0.05            # evo: block move, as a fraction of the smaller layer
     # execution
     device: str = "auto"
     threads: int | None = None
@@ -81,7 +86,7 @@ class RunConfig:
         calib = self.calib_size if self.calib_size is not None else (512 if small else 1024)
         sel = self.selection_size if self.selection_size is not None else (512 if small else 1024)
         return DataSpec(kind=self.dataset, train=self.train_data, test=self.test_data, transform=tf,
-                        calib_size=calib, selection_size=sel,
+                        calib_size=calib, selection_size=sel, validation_size=self.validation_size,
                         eval_size=self.eval_size, seed=self.seed, download=self.download)
 
     @property
@@ -154,14 +159,16 @@ _RULES: dict[str, tuple[Any, bool]] = {
     "model": (_str, False), "checkpoint": (_str, True), "num_classes": (_int(1), True),
     "pretrained": (_bool, False), "dataset": (_str, False), "train_data": (_str, True), "test_data": (_str, True),
     "transform": (_mapping, True), "download": (_bool, False), "calib_size": (_int(1), True),
-    "selection_size": (_int(0), True), "eval_size": (_int(1), True), "batch_size": (_int(1), False),
+    "selection_size": (_int(0), True), "validation_size": (_int(0), False), "eval_size": (_int(1), True), "batch_size": (_int(1), False),
     "seed": (_int(0), False), "grid": (_grid, False), "s_max": (_real(0.0, 1.0), False),
     "include": (_strs, False), "exclude": (_strs, False), "lam": (_str, False), "profile_repair": (_str, False),
     "allocator": (_str, False), "reference": (_str, True), "unit": (_str, False), "pattern": (_str, True),
     "layer_weights": (_str, False), "repair": (_str, False), "n_trials": (_int(0), False),
     "timeout": (_real(0.0), True), "storage": (_str, True), "objective": (_str, False),
     "study_name": (_str, True), "total_trials": (_int(1), True), "heartbeat_interval": (_int(1), False),
-    "grace_period": (_int(1), True), "max_retry": (_int(0), False), "device": (_str, False),
+    "grace_period": (_int(1), True), "max_retry": (_int(0), False),
+    "optimizer": (_str, False), "guidance": (_str, False), "screen_size": (_int(1), True),
+    "search_step": (_real(0.0, 1.0), False), "device": (_str, False),
     "threads": (_int(1), True), "out": (_str, True), "cache": (_bool, False), "cache_dir": (_str, True),
 }
 

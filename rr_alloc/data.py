@@ -65,6 +65,7 @@ class DataSpec:
     transform: TransformSpec | None = None
     calib_size: int = 1024
     selection_size: int = 1024
+    validation_size: int = 0
     eval_size: int | None = None  # None: the whole test set
     seed: int = 0
     download: bool = False
@@ -105,7 +106,11 @@ class Batches:
 
 @dataclass
 class Splits:
-    """Calibration and selection (both from training images) and test (reporting only)."""
+    """Calibration, selection and validation (all from training images, disjoint) and test (reporting only).
+
+    Validation images are drawn after the selection images from the same permutation, so adding them
+    leaves calibration and selection as they were.
+    """
 
     calib: Batches
     selection: Batches
@@ -114,6 +119,8 @@ class Splits:
     selection_indices: list[int] = field(default_factory=list)
     test_indices: list[int] = field(default_factory=list)
     description: str = ""
+    validation: Batches | None = None
+    validation_indices: list[int] = field(default_factory=list)
 
 
 def _require_dir(path: str | None, what: str, flag: str) -> Path:
@@ -181,14 +188,19 @@ def _materialise(ds, indices: np.ndarray, desc: str, flag: str = "--train-data")
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
 
 
-def _draw(n_pool: int, calib: int, selection: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    if calib < 1 or selection < 0:
-        raise UserError(f"calibration size must be >= 1 and selection size >= 0, got {calib}/{selection}")
-    if calib + selection > n_pool:
-        raise UserError(f"calibration ({calib}) + selection ({selection}) images exceed the {n_pool} "
-                        f"training images of {what}: lower --calib-size/--selection-size")
+def _draw(n_pool: int, calib: int, selection: int, seed: int, what: str,
+          validation: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint calibration, selection and validation indices: consecutive slices of one seeded permutation."""
+    if calib < 1 or selection < 0 or validation < 0:
+        raise UserError(f"calibration size must be >= 1, selection and validation sizes >= 0, "
+                        f"got {calib}/{selection}/{validation}")
+    if calib + selection + validation > n_pool:
+        raise UserError(f"calibration ({calib}) + selection ({selection}) + validation ({validation}) images "
+                        f"exceed the {n_pool} training images of {what}: lower --calib-size/--selection-size/"
+                        "--validation-size")
     perm = np.random.default_rng(seed).permutation(n_pool)
-    return np.sort(perm[:calib]), np.sort(perm[calib:calib + selection])
+    end = calib + selection
+    return np.sort(perm[:calib]), np.sort(perm[calib:end]), np.sort(perm[end:end + validation])
 
 
 def _eval_indices(n: int, eval_size: int | None) -> np.ndarray:
@@ -206,19 +218,24 @@ def load_splits(spec: DataSpec, batch_size: int = 256) -> Splits:
     if spec.kind == "digits":
         x, y = digits_arrays()
         pool, test = digits_split_indices(len(x))
-        c, s = _draw(len(pool), spec.calib_size, spec.selection_size, spec.seed, "the digits training pool")
-        ci, si = pool[c], pool[s]
+        c, s, v = _draw(len(pool), spec.calib_size, spec.selection_size, spec.seed, "the digits training pool",
+                        spec.validation_size)
+        ci, si, vi = pool[c], pool[s], pool[v]
         ti = test[_eval_indices(len(test), spec.eval_size)]
         return Splits(Batches(x[ci], y[ci], batch_size), Batches(x[si], y[si], batch_size),
                       Batches(x[ti], y[ti], batch_size), ci.tolist(), si.tolist(), ti.tolist(),
-                      f"sklearn digits: {len(pool)} train pool / {len(test)} test")
+                      f"sklearn digits: {len(pool)} train pool / {len(test)} test",
+                      Batches(x[vi], y[vi], batch_size), vi.tolist())
     tf = (spec.transform or TransformSpec()).build()
     train_ds, test_ds = _torchvision_sets(spec, tf)
-    c, s = _draw(len(train_ds), spec.calib_size, spec.selection_size, spec.seed, spec.train or spec.kind)
+    c, s, v = _draw(len(train_ds), spec.calib_size, spec.selection_size, spec.seed, spec.train or spec.kind,
+                    spec.validation_size)
     t = _eval_indices(len(test_ds), spec.eval_size)
     cx, cy = _materialise(train_ds, c, "calibration")
     sx, sy = _materialise(train_ds, s, "selection")
+    vx, vy = _materialise(train_ds, v, "validation")
     tx, ty = _materialise(test_ds, t, "test", "--test-data")
     return Splits(Batches(cx, cy, batch_size), Batches(sx, sy, batch_size), Batches(tx, ty, batch_size),
                   c.tolist(), s.tolist(), t.tolist(),
-                  f"{spec.kind}: {len(train_ds)} train / {len(test_ds)} test")
+                  f"{spec.kind}: {len(train_ds)} train / {len(test_ds)} test",
+                  Batches(vx, vy, batch_size), v.tolist())

@@ -38,7 +38,7 @@ from .cache import fingerprint_model, fingerprint_tensor
 from .errors import UserError
 
 __all__ = ["StudySettings", "check_storage", "open_storage", "open_study", "optimize", "study_name_for_workbench",
-           "worker_id", "summary_lines", "JOURNAL_SUFFIXES"]
+           "worker_id", "summary_lines", "JOURNAL_SUFFIXES", "quiet", "best_trial"]
 
 JOURNAL_SUFFIXES = (".log", ".journal")
 _SCHEMA_TRIES = 8          # fresh-database races resolve in one or two retries; 8 covers many workers
@@ -158,9 +158,9 @@ def open_storage(storage: str | None, settings: StudySettings | None = None):
     kw: dict[str, Any] = {"engine_kwargs": _engine_kwargs(url)}
     if settings is not None:
         kw.update(heartbeat_interval=settings.heartbeat_interval, grace_period=settings.grace_period,
-                  heartbeat_stale_trial_callback=_quiet(lambda: optuna.storages.RetryHeartbeatStaleTrialCallback(
+                  heartbeat_stale_trial_callback=quiet(lambda: optuna.storages.RetryHeartbeatStaleTrialCallback(
                       max_retry=settings.max_retry)))
-    return _with_schema_lock(url, lambda: _quiet(lambda: optuna.storages.RDBStorage(storage, **kw)))
+    return _with_schema_lock(url, lambda: quiet(lambda: optuna.storages.RDBStorage(storage, **kw)))
 
 
 def _ping(url) -> None:
@@ -218,12 +218,13 @@ def _with_schema_lock(url, make: Callable[[], Any]) -> Any:
             lock_engine.dispose()
 
 
-def _quiet(fn: Callable[[], Any]) -> Any:
+def quiet(fn: Callable[[], Any]) -> Any:
     """Heartbeats are 'experimental' in Optuna: keep its warning out of every worker's output."""
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message=".*sigma0.*deprecated", category=FutureWarning)
         return fn()
 
 
@@ -241,7 +242,10 @@ def study_name_for_workbench(wb: Any, budget: float) -> str:
     parts = {"model": fingerprint_model(wb.dense), "calib": fingerprint_tensor(wb.splits.calib.x),
              "selection": fingerprint_tensor(wb.splits.selection.x), "budget": float(budget),
              "repair": cfg.repair, "objective": cfg.objective, "unit": cfg.unit,
-             "layers": [l.name for l in wb.layers], "s_max": cfg.s_max, "layer_weights": cfg.layer_weights}
+             "layers": [l.name for l in wb.layers], "s_max": cfg.s_max, "layer_weights": cfg.layer_weights,
+             "optimizer": cfg.optimizer}
+    if cfg.optimizer == "evo":  # the sampler's moves and the screen change what a trial means
+        parts.update(guidance=cfg.guidance, search_step=cfg.search_step, screen_size=cfg.screen_size)
     return "rr_alloc-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -306,8 +310,12 @@ def _surplus(study: Any, number: int, total: int) -> bool:
     return ahead >= total
 
 
-def optimize(study: Any, objective: Callable[[Any], float], settings: StudySettings) -> None:
-    """Add up to ``n_trials`` trials from this process; stop at ``total_trials`` completed in the study."""
+def optimize(study: Any, objective: Callable[[Any], float], settings: StudySettings,
+             callbacks: list[Callable[[Any, Any], None]] | None = None) -> None:
+    """Add up to ``n_trials`` trials from this process; stop at ``total_trials`` completed in the study.
+
+    ``callbacks``: Optuna trial callbacks ``(study, frozen_trial)``, e.g. a progress bar.
+    """
     import optuna
     from optuna.trial import TrialState
 
@@ -325,10 +333,10 @@ def optimize(study: Any, objective: Callable[[Any], float], settings: StudySetti
             raise optuna.TrialPruned(f"the study holds --total-trials {total}")
         return objective(trial)
 
-    callbacks = [optuna.study.MaxTrialsCallback(total, states=(TrialState.COMPLETE,))] if total else None
+    stops = [optuna.study.MaxTrialsCallback(total, states=(TrialState.COMPLETE,))] if total else []
     with _no_failed_trial_logs():
-        _quiet(lambda: study.optimize(run, n_trials=settings.n_trials, timeout=settings.timeout,
-                                      callbacks=callbacks, gc_after_trial=False))
+        quiet(lambda: study.optimize(run, n_trials=settings.n_trials, timeout=settings.timeout,
+                                     callbacks=stops + list(callbacks or []), gc_after_trial=False))
 
 
 class _DropRaisedTrialErrors(logging.Filter):

@@ -121,6 +121,7 @@ class Plan:
     calibration: dict[str, Any] = field(default_factory=dict)
     profile: dict[str, Any] = field(default_factory=dict)
     verify: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)  # provenance of a searched plan (optimiser, scores, fallback)
     tool: dict[str, Any] = field(default_factory=dict)
     created: str = ""
 
@@ -158,7 +159,7 @@ class Plan:
                 "allocator": self.allocator, "repair": self.repair,
                 "layers": [l.to_dict() for l in self.layers],
                 "source": self.source, "calibration": self.calibration, "profile": self.profile,
-                "verify": self.verify, "tool": self.tool or {"name": "rr_alloc", "version": __version__},
+                "verify": self.verify, **({"search": self.search} if self.search else {}), "tool": self.tool or {"name": "rr_alloc", "version": __version__},
                 "created": self.created}
 
     def save(self, path: str | Path) -> Path:
@@ -236,7 +237,8 @@ class Plan:
             raise UserError(f"{where}: {errors[0]} (see docs/plan.schema.json): regenerate it with `rr_alloc search`")
         return cls(layers, budget, str(d["allocator"]), str(d["repair"]), budget_unit, mask_rule, pattern,
                    achieved, d.get("source", {}), d.get("calibration", {}),
-                   d.get("profile", {}), d.get("verify", {}), d.get("tool", {}), d.get("created", ""))
+                   d.get("profile", {}), d.get("verify", {}), search=d.get("search", {}), tool=d.get("tool", {}),
+                   created=d.get("created", ""))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

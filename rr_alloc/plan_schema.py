@@ -62,15 +62,21 @@ PLAN_SCHEMA: dict[str, Any] = {
                 "transform": {"type": ["object", "null"]},
                 "calib_size": {"type": "integer", "minimum": 1},
                 "selection_size": {"type": "integer", "minimum": 0},
+                "validation_size": {"type": "integer", "minimum": 0},
                 "eval_size": {"type": ["integer", "null"], "minimum": 1},
                 "seed": {"type": "integer"}, "download": {"type": "boolean"}}}}},
         "calibration": {"type": "object", "properties": {
             "size": {"type": "integer", "minimum": 0}, "selection_size": {"type": "integer", "minimum": 0},
-            "seed": {"type": "integer"}}},
+            "validation_size": {"type": "integer", "minimum": 0}, "seed": {"type": "integer"}}},
         "profile": {"type": "object", "properties": {
             # a non-finite value is written as null (never bare NaN): still a readable plan
             "grid": {"type": "array", "items": {"anyOf": [_FRACTION, {"type": "null"}]}}, "s_max": _FRACTION}},
         "verify": {**_METRICS, "properties": {**_METRICS["properties"], "reference": _METRICS}},
+        "search": {"type": "object", "description": "provenance of a searched plan: optimiser, trials, best "
+                   "selection and validation scores, global magnitude's scores, whether the fallback fired",
+                   "properties": {"optimizer": _TEXT, "trials": {"type": "integer", "minimum": 0},
+                                  "fallback": {"type": ["boolean", "null"]},
+                                  "validation_size": {"type": "integer", "minimum": 0}}},
         "tool": {"type": "object", "properties": {"name": _TEXT, "version": _TEXT}},
         "created": {"type": "string"},
     },

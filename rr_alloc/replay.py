@@ -31,6 +31,7 @@ def config_from_plan(plan: Plan) -> dict[str, Any]:
           "pretrained": bool(src.get("pretrained", False)), "dataset": data.get("kind"),
           "train_data": data.get("train"), "test_data": data.get("test"), "transform": data.get("transform"),
           "calib_size": data.get("calib_size"), "selection_size": data.get("selection_size"),
+          "validation_size": data.get("validation_size", 0),
           "eval_size": data.get("eval_size"), "seed": data.get("seed", 0), "download": data.get("download", False),
           "include": tuple(src.get("include", ())), "exclude": tuple(src.get("exclude", ())),
           "batch_size": src.get("batch_size", 256), "repair": plan.repair, "unit": plan.budget_unit,

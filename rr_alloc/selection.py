@@ -1,33 +1,129 @@
-"""End-to-end scores of a plan on the selection split: what search allocators minimise."""
+"""End-to-end scores of a plan on held-out training images: what search allocators minimise.
+
+A candidate is pruned and repaired (the run's pipeline, on the calibration split) and scored per image
+against the dense model: KL to the dense logits (label-free), disagreement, or top-1 error. Per-image
+losses let a search *screen* a candidate on the first images of the selection split before paying for
+the rest, and let the validation check pair two plans image by image.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .errors import UserError
 
-__all__ = ["OBJECTIVES", "make_objective"]
+__all__ = ["OBJECTIVES", "make_objective", "SelectionScorer", "per_image_losses", "Screened", "paired_upper_bound"]
 
 OBJECTIVES = ("kl", "agreement", "top1")
 
 
-def make_objective(wb: Any, repair: str, objective: str = "kl") -> Callable[[np.ndarray], float]:
+def per_image_losses(logits: torch.Tensor, labels: torch.Tensor, dense_logits: torch.Tensor,
+                     objective: str) -> np.ndarray:
+    """Loss of each image: KL(p_dense || p_model), 1 - agreement with the dense top-1, or 1 - correct."""
+    if objective == "kl":
+        logp_d = F.log_softmax(dense_logits.double(), 1)
+        logp = F.log_softmax(logits.double(), 1)
+        return (logp_d.exp() * (logp_d - logp)).sum(1).numpy()
+    pred = logits.argmax(1)
+    ref = dense_logits.argmax(1) if objective == "agreement" else labels
+    return (pred != ref).double().numpy()
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A candidate's score: ``screen`` on the first ``n_screen`` images; ``full`` on all (None: stopped early)."""
+
+    screen: float
+    full: float | None
+    n_screen: int
+    n_full: int
+
+
+def paired_upper_bound(diff: np.ndarray, conf: float = 0.95) -> float:
+    """One-sided upper confidence bound of the mean of paired per-image differences (Student t)."""
+    from scipy import stats
+
+    d = np.asarray(diff, float)
+    if len(d) < 2:
+        return float("inf")
+    return float(d.mean() + stats.t.ppf(conf, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+
+
+class SelectionScorer:
+    """Scores per-layer pruned counts (in ``wb.layers`` order) on the selection split.
+
+    ``screen_size`` images (the first of the split, the same for every candidate) give a cheap score;
+    ``score(counts, beat=x)`` stops after them when the screen does not beat ``x``.
+    """
+
+    def __init__(self, wb: Any, repair: str, objective: str = "kl", screen_size: int | None = None) -> None:
+        if objective not in OBJECTIVES:
+            raise UserError(f"unknown --objective {objective!r}: use {', '.join(OBJECTIVES)}")
+        if wb.splits.selection.n == 0:
+            raise UserError("a search allocator needs a selection split: pass --selection-size > 0")
+        self.wb, self.repair, self.objective = wb, repair, objective
+        self.names = [l.name for l in wb.layers]
+        n = wb.splits.selection.n
+        self.screen_size = min(n, screen_size if screen_size else max(1, n // 4))
+        self.evaluations = 0
+
+    def _counts(self, counts: Any) -> dict[str, int]:
+        if isinstance(counts, dict):
+            return {k: int(v) for k, v in counts.items()}
+        return dict(zip(self.names, (int(k) for k in counts)))
+
+    def losses(self, model: torch.nn.Module, split: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Per-image losses of a (pruned, repaired) model on images ``start:stop`` of ``split``."""
+        wb = self.wb
+        data = wb.split(split)
+        dense, labels = wb.dense_logits(split)
+        stop = data.n if stop is None else stop
+        bs = data.batch_size
+        outs = []
+        was = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                for i in range(start, stop, bs):
+                    outs.append(model(data.x[i:min(i + bs, stop)].to(wb.device)).float().cpu())
+        finally:
+            model.train(was)
+        logits = torch.cat(outs) if outs else torch.empty(0, dense.shape[1])
+        return per_image_losses(logits, labels[start:stop], dense[start:stop], self.objective)
+
+    def model(self, counts: Any) -> torch.nn.Module:
+        model, _ = self.wb.repaired_model(self._counts(counts), self.repair)
+        return model
+
+    def score(self, counts: Any, beat: float | None = None) -> Screened:
+        """Screen on the first ``screen_size`` images; the full score only when the screen is below ``beat``."""
+        self.evaluations += 1
+        model = self.model(counts)
+        m = self.screen_size
+        head = self.losses(model, "selection", 0, m)
+        n = self.wb.splits.selection.n
+        if beat is not None and float(head.mean()) >= beat:
+            return Screened(float(head.mean()), None, m, n)
+        rest = self.losses(model, "selection", m) if m < n else np.empty(0)
+        return Screened(float(head.mean()), float(np.concatenate([head, rest]).mean()), m, n)
+
+    def __call__(self, counts: Any) -> float:
+        """Full-fidelity loss (every selection image)."""
+        return self.score(counts).full
+
+
+def make_objective(wb: Any, repair: str, objective: str = "kl",
+                   screen_size: int | None = None) -> Callable[[np.ndarray], float]:
     """Loss of per-layer counts (in ``wb.layers`` order) on the selection split.
 
     ``kl``: mean KL to the dense logits (label-free); ``agreement``: 1 - top-1 agreement with
     the dense model; ``top1``: 1 - top-1 (needs labels). The plan is pruned and repaired with
-    ``repair`` on the calibration split, as ``verify`` does.
+    ``repair`` on the calibration split, as ``verify`` does. The returned callable is a
+    ``SelectionScorer`` (its ``score`` screens).
     """
-    if objective not in OBJECTIVES:
-        raise UserError(f"unknown --objective {objective!r}: use {', '.join(OBJECTIVES)}")
-    if wb.splits.selection.n == 0:
-        raise UserError("a search allocator needs a selection split: pass --selection-size > 0")
-    names = [l.name for l in wb.layers]
-
-    def evaluate(counts: np.ndarray) -> float:
-        m = wb.verify(dict(zip(names, (int(k) for k in counts))), repair, split="selection")
-        return {"kl": m.kl, "agreement": 1.0 - m.agreement, "top1": 1.0 - m.top1}[objective]
-
-    return evaluate
+    return SelectionScorer(wb, repair, objective, screen_size)

@@ -33,7 +33,7 @@ from .pruning import apply_masks, masks_for_plan, nm_masks, parse_pattern
 from .repair import DenseSiteCache, RepairPipeline, run_repair
 from .optuna_storage import study_name_for_workbench
 from .repair.reconstruct import DEFAULT_DAMP
-from .selection import make_objective
+from .selection import SelectionScorer, make_objective, paired_upper_bound
 from .sensitivity import output_sensitivity
 
 __all__ = ["Workbench", "layer_macs"]
@@ -87,6 +87,8 @@ class Workbench:
         self._macs: np.ndarray | None = None
         self._sensitivity: np.ndarray | None = None
         self._allocations: dict[tuple, dict[str, int]] = {}
+        self.search_info: dict[float, dict[str, Any]] = {}  # budget -> provenance of the last search there
+        self.last_study: Any = None
 
     # ----------------------------------------------------------------- basics
     def _check_forward(self) -> None:
@@ -103,6 +105,10 @@ class Workbench:
                             f"{int(labels.max())}: pass --num-classes or the matching model")
 
     def split(self, name: str):
+        if name == "validation":
+            if self.splits.validation is None or self.splits.validation.n == 0:
+                raise UserError("this run has no validation split: pass --validation-size > 0")
+            return self.splits.validation
         return {"calib": self.splits.calib, "selection": self.splits.selection, "test": self.splits.test}[name]
 
     def dense_logits(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,19 +209,90 @@ class Workbench:
             return dict(self._allocations[memo_key])
         cls = allocator_class(allocator)
         extra: dict[str, Any] = {}
+        scorer = bar = None
         if cls.needs.evaluate:
-            extra["evaluate"] = make_objective(self, self.cfg.repair, self.cfg.objective)
+            scorer = make_objective(self, self.cfg.repair, self.cfg.objective, self.cfg.screen_size)
+            extra["evaluate"] = scorer
             name = self.cfg.study_name or study_name_for_workbench(self, budget)
+            bar, callbacks = self._search_progress()
             extra["options"] = {"n_trials": self.cfg.n_trials, "timeout": self.cfg.timeout,
                                 "storage": self.cfg.storage, "study_name": name,
                                 "total_trials": self.cfg.total_trials, "heartbeat_interval": self.cfg.heartbeat_interval,
-                                "grace_period": self.cfg.grace_period, "max_retry": self.cfg.max_retry}
+                                "grace_period": self.cfg.grace_period, "max_retry": self.cfg.max_retry,
+                                "optimizer": self.cfg.optimizer, "guidance": self.cfg.guidance,
+                                "search_step": self.cfg.search_step, "callbacks": callbacks}
         t0 = time.perf_counter()
-        k = get_allocator(allocator, **kwargs).allocate(self.problem(budget, cls.needs, layer_weights, **extra))
+        alloc = get_allocator(allocator, **kwargs)
+        try:
+            k = alloc.allocate(self.problem(budget, cls.needs, layer_weights, **extra))
+        finally:
+            if bar is not None:
+                bar.close()
         counts = {l.name: int(v) for l, v in zip(self.layers, k)}
+        if cls.needs.evaluate:
+            counts = self._validate_search(counts, budget, alloc, scorer, time.perf_counter() - t0)
         self.timings[f"allocate:{allocator}"] = time.perf_counter() - t0
         if not cls.needs.evaluate:  # search allocators depend on their storage: never memoised
             self._allocations[memo_key] = dict(counts)
+        return counts
+
+    def _search_progress(self) -> tuple[Any, list]:
+        """A progress bar of the search (trials, best score so far), as an Optuna callback."""
+        if not self.progress:
+            return None, []
+        from optuna.trial import TrialState
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.cfg.n_trials or None, desc="search", unit="trial", leave=False)
+
+        def update(study: Any, trial: Any) -> None:
+            bar.update(1)
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if done:
+                bar.set_postfix_str(f"best {self.cfg.objective} {min(t.value for t in done):.4f}")
+        return bar, [update]
+
+    def _validate_search(self, counts: dict[str, int], budget: float, alloc: Any, scorer: SelectionScorer,
+                         seconds: float) -> dict[str, int]:
+        """Keep a searched plan only when it beats global magnitude on the validation split.
+
+        The paired per-image loss difference (search - global) must have a one-sided 95% upper bound below 0;
+        otherwise global magnitude is returned. Without a validation split the plan is kept, unchecked.
+        The provenance goes to ``search_info[budget]`` (and into the plan).
+        """
+        from optuna.trial import TrialState
+
+        study = getattr(alloc, "study", None)
+        self.last_study = study
+        trials = study.get_trials(deepcopy=False) if study is not None else []
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        glob = self.allocate("global", budget)
+        anchor = next((t for t in done if t.user_attrs.get("counts") == [glob[n] for n in scorer.names]), None)
+        best = min(done, key=lambda t: t.value) if done else None
+        info: dict[str, Any] = {
+            "optimizer": self.cfg.optimizer, "guidance": self.cfg.guidance if self.cfg.optimizer == "evo" else None,
+            "objective": self.cfg.objective, "trials": len(trials), "complete": len(done),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "screen_size": scorer.screen_size if self.cfg.optimizer == "evo" else None,
+            "study_name": study.study_name if study is not None else None,
+            "best_selection": best.value if best else None,
+            "global_selection": anchor.value if anchor else scorer(glob),
+            "selection_size": self.splits.selection.n, "seconds": round(seconds, 1)}
+        val = self.splits.validation
+        if val is None or val.n == 0:
+            info.update(validation_size=0, fallback=None)
+        elif counts == glob:
+            info.update(validation_size=val.n, fallback=False, note="the search's best plan is global magnitude")
+        else:
+            mine = scorer.losses(scorer.model(counts), "validation")
+            ref = scorer.losses(scorer.model(glob), "validation")
+            bound = paired_upper_bound(mine - ref)
+            fallback = not bound < 0
+            info.update(validation_size=val.n, validation=float(mine.mean()), global_validation=float(ref.mean()),
+                        validation_diff=float((mine - ref).mean()), validation_bound=bound, fallback=fallback)
+            if fallback:
+                counts = dict(glob)
+        self.search_info[float(budget)] = info
         return counts
 
     # ------------------------------------------------------- prune / verify
@@ -295,7 +372,9 @@ class Workbench:
             achieved_sparsity=self.achieved(counts) if self.cfg.unit == "flops" else None,
             source=self.source(),
             calibration={"size": self.splits.calib.n, "selection_size": self.splits.selection.n,
+                         "validation_size": self.splits.validation.n if self.splits.validation else 0,
                          "seed": self.cfg.seed},
+            search=dict(self.search_info.get(float(budget), {})) if allocator == "optuna" else {},
             profile={"grid": [float(g) for g in self.grid], "s_max": self.cfg.s_max, "lambda": self.cfg.lam,
                      "layer_weights": self.cfg.layer_weights,
                      **{k: v for k, v in prof.items() if k in ("profile_repair", "n_images")}},

@@ -17,6 +17,11 @@ objective on the selection split.
     python studies/allocation_comparison.py --merge studies/results/allocation_comparison/results_resnet{32,20}.csv
 
 Outputs (studies/results/allocation_comparison/): results.csv, summary.md, allocation_comparison.png.
+
+The end-to-end search (optimiser x RR guidance, then the winner across models and budgets) is
+``--search``; see studies/allocation_search.py for what it runs and writes:
+
+    python studies/allocation_comparison.py --search
 """
 
 from __future__ import annotations
@@ -191,9 +196,24 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", help="summarise these results CSVs instead of running")
     ap.add_argument("--merge-log", nargs="+", default=[],
                     help="also recover rows from logs of runs stopped before writing their CSV")
-    ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "allocation_comparison"))
+    ap.add_argument("--out", default=None, help="output folder (default studies/results/allocation_comparison, "
+                    "or allocation_search with --search)")
+    s = ap.add_argument_group("end-to-end search (--search)")
+    s.add_argument("--search", action="store_true", help="run the search study (studies/allocation_search.py)")
+    s.add_argument("--search-trials", type=int, default=150, help="trials (evaluations) per search")
+    s.add_argument("--search-trials-b", type=int, default=100, help="trials per search in (B) (the configs' default)")
+    s.add_argument("--search-selection", type=int, default=2048, help="selection images that score candidates")
+    s.add_argument("--search-validation", type=int, default=2048, help="validation images of the fallback check")
+    s.add_argument("--search-phases", default="AB", help="A (optimiser x guidance), B (winner elsewhere) or AB")
+    s.add_argument("--summarise", action="store_true", help="--search: rebuild the summary from the CSVs")
     args = ap.parse_args()
     shared_dir(args.shared)
+    if args.search:
+        import allocation_search
+
+        allocation_search.main(args, machine(), " ".join(["python", "studies/allocation_comparison.py", *sys.argv[1:]]))
+        return
+    args.out = args.out or str(ROOT / "studies" / "results" / "allocation_comparison")
     t0 = time.perf_counter()
     models, budgets, seeds, overrides = args.models, tuple(args.budgets), args.seeds, {}
     args.calib = args.selection = 1024

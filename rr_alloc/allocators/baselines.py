@@ -12,7 +12,7 @@ import torch
 
 from .base import AllocationProblem, Allocator, Needs, register, solve_clipped_scale
 
-__all__ = ["Uniform", "GlobalMagnitude", "LAMP", "ERK", "lamp_scores", "erk_raw_density"]
+__all__ = ["Uniform", "GlobalMagnitude", "LAMP", "ERK", "lamp_scores", "erk_raw_density", "threshold_sparsities"]
 
 
 @register
@@ -35,38 +35,49 @@ class _ScoreThreshold(Allocator):
     def scores(self, w: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
 
+    def sorted_scores(self, problem: AllocationProblem) -> list[np.ndarray]:
+        """Each layer's scores, ascending (float64)."""
+        return [np.sort(self.scores(problem.weights[l.name]).astype(np.float64)) for l in problem.layers]
+
     def sparsities(self, problem: AllocationProblem) -> np.ndarray:
-        sorted_scores = [np.sort(self.scores(problem.weights[l.name]).astype(np.float64))
-                         for l in problem.layers]
-        n = problem.n.astype(float)
+        return threshold_sparsities(problem, self.sorted_scores(problem))
 
-        def raw(t: float) -> np.ndarray:
-            return np.array([np.searchsorted(sc, t, side="right") for sc in sorted_scores]) / n
 
-        c = problem.cost
+def threshold_sparsities(problem: AllocationProblem, sorted_scores: list[np.ndarray]) -> np.ndarray:
+    """Sparsities of one global threshold over per-weight scores (each layer's array sorted ascending).
 
-        def total(t: float) -> float:
-            return float(c @ np.clip(raw(t), problem.lower, problem.upper))
+    A layer's sparsity is the share of its scores below the threshold, clipped to its bounds; the threshold
+    is the exact score at which the clipped total meets the budget (weights tied there split the remainder).
+    """
+    n = problem.n.astype(float)
 
-        # bisection over the sorted union of scores: exact threshold between two scores
-        allv = np.unique(np.concatenate(sorted_scores))
-        lo, hi = 0, len(allv) - 1
-        if total(allv[0]) >= problem.target:
-            hi = 0
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if total(allv[mid]) < problem.target:
-                lo = mid + 1
-            else:
-                hi = mid
-        t_hi = allv[hi]
-        t_lo = allv[hi - 1] if hi > 0 else -np.inf
-        s_hi = np.clip(raw(t_hi), problem.lower, problem.upper)
-        s_lo = np.clip(raw(t_lo), problem.lower, problem.upper) if hi > 0 else problem.lower.copy()
-        # weights tied at the threshold score: take the needed share of them (rounding decides which)
-        gap_hi, gap_lo = c @ s_hi, c @ s_lo
-        a = 0.0 if gap_hi == gap_lo else (problem.target - gap_lo) / (gap_hi - gap_lo)
-        return s_lo + np.clip(a, 0, 1) * (s_hi - s_lo)
+    def raw(t: float) -> np.ndarray:
+        return np.array([np.searchsorted(sc, t, side="right") for sc in sorted_scores]) / n
+
+    c = problem.cost
+
+    def total(t: float) -> float:
+        return float(c @ np.clip(raw(t), problem.lower, problem.upper))
+
+    # bisection over the sorted union of scores: exact threshold between two scores
+    allv = np.unique(np.concatenate(sorted_scores))
+    lo, hi = 0, len(allv) - 1
+    if total(allv[0]) >= problem.target:
+        hi = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if total(allv[mid]) < problem.target:
+            lo = mid + 1
+        else:
+            hi = mid
+    t_hi = allv[hi]
+    t_lo = allv[hi - 1] if hi > 0 else -np.inf
+    s_hi = np.clip(raw(t_hi), problem.lower, problem.upper)
+    s_lo = np.clip(raw(t_lo), problem.lower, problem.upper) if hi > 0 else problem.lower.copy()
+    # weights tied at the threshold score: take the needed share of them (rounding decides which)
+    gap_hi, gap_lo = c @ s_hi, c @ s_lo
+    a = 0.0 if gap_hi == gap_lo else (problem.target - gap_lo) / (gap_hi - gap_lo)
+    return s_lo + np.clip(a, 0, 1) * (s_hi - s_lo)
 
 
 @register

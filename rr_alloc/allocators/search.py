@@ -1,21 +1,23 @@
-"""Optuna allocator: end-to-end search over a low-dimensional family of plans.
+"""Optuna allocator: end-to-end search for per-layer sparsities, every candidate an Optuna trial.
 
-Family (all projected onto the budget): per-layer log-densities are a
-weighted mix of *anchor* plans (global magnitude, LAMP, ERK, uniform, RR
-greedy, RR exact) plus one offset per depth tercile of the network:
+Three optimisers (``options["optimizer"]``), all started at plans users already have:
 
-    log d_l = sum_k w_k log d_l^(k) / sum_k w_k + delta_{stage(l)} + t,
+- ``evo`` (default): an EvoPress-style (1 + 1) evolutionary search over per-layer pruned counts, started
+  at global magnitude. A child is its parent after 1-3 block moves (``anchored.block_moves``: the budget
+  stays exact); with ``guidance="rr"`` the layers that give and take pruned weights are drawn from the RR
+  profile's marginal repaired distortion at the parent (``anchored.rr_move_probabilities``), re-read for
+  every child. The parent is the storage's best full-fidelity (COMPLETE) trial, so a resumed run or
+  another worker continues from it. A child is *screened* on the first selection images and scored on
+  the whole split only when the screen beats its parent's screen; otherwise it is recorded as PRUNED, so
+  scores of different fidelities never mix.
+- ``cmaes``: Optuna's CMA-ES over per-layer log-multipliers of the magnitude scores
+  (``anchored.multiplier_counts``), ``x0 = 0`` (global magnitude), every trial at full fidelity.
+- ``tpe-mix``: TPE over mixes of six anchor plans plus three depth offsets (version 0.1's family).
 
-where ``t`` is solved so the plan meets the budget exactly (densities clip to
-the per-layer bounds). Every anchor is a member (one-hot ``w``, zero
-offsets) and is enqueued first, so the search starts from the plans users
-already have and can only improve on them on its objective.
-
-The objective is measured end to end: prune, repair (the run's pipeline) on the
-calibration split, evaluate on the held-out *selection* split of training
-images -- label-free by default (mean KL to the dense model's logits). The
-test split is never touched. Studies persist in any Optuna storage (SQLite by
-default) and resume: rerunning with the same storage adds ``n_trials``.
+The score is measured end to end: prune, repair (the run's pipeline) on the calibration split, loss on
+the held-out *selection* split of training images (label-free KL by default). The test split is never
+touched. Studies persist in any Optuna storage (SQLite by default) and resume: rerunning with the same
+storage adds ``n_trials``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import logging
 import numpy as np
 
 from .. import optuna_storage as ost
+from ..errors import UserError
+from .anchored import block_moves, count_bounds, multiplier_counts, rr_move_probabilities
 from .base import AllocationProblem, Allocator, Needs, get_allocator, register, round_to_budget, solve_increasing
 
-__all__ = ["OptunaSearch", "ANCHORS", "project_log_density"]
+__all__ = ["OptunaSearch", "EvoSampler", "ANCHORS", "OPTIMIZERS", "GUIDANCE", "project_log_density"]
 
 ANCHORS = ("global", "lamp", "erk", "uniform", "rr-greedy", "rr-exact")
 _FLOOR = 1e-4  # density floor inside logs (a 0.9999-sparse layer)
@@ -51,15 +55,93 @@ def _stages(L: int) -> np.ndarray:
     return np.minimum(np.arange(L) * 3 // max(L, 1), 2)
 
 
+OPTIMIZERS = ("evo", "cmaes", "tpe-mix")
+GUIDANCE = ("rr", "none")
+_ALPHA_RANGE = 3.0   # |log-multiplier| bound of the CMA-ES space (a factor of 20 on a layer's magnitudes)
+_SIGMA0 = 0.25       # CMA-ES initial step: a layer's magnitudes scaled by ~1.3 moves its sparsity a few points
+_MOVES = (1, 2, 3)   # block moves per child, and their probabilities: mostly small steps, as in EvoPress
+_MOVE_P = (0.5, 0.3, 0.2)
+
+
+def _param(name: str, prefix: str) -> str:
+    return f"{prefix}:{name}"
+
+
+class EvoSampler:
+    """Optuna sampler of the evolutionary search: a child of the best COMPLETE trial (see the module doc).
+
+    Written against Optuna's sampler interface (``infer_relative_search_space`` / ``sample_relative``), so it
+    runs under ``study.optimize`` with any storage and any number of workers. The child's parent number and
+    screen score are stored on the trial (``parent``, ``parent_screen``) for the objective to screen with.
+    """
+
+    def __init__(self, problem: AllocationProblem, anchor: np.ndarray, seed: int, step: float,
+                 guided: bool) -> None:
+        import optuna
+
+        self.problem, self.anchor, self.step, self.guided = problem, np.asarray(anchor, np.int64), step, guided
+        self.rng = np.random.default_rng(seed)
+        kmin, kmax = count_bounds(problem)
+        self.space = {_param(n, "k"): optuna.distributions.IntDistribution(int(lo), int(hi))
+                      for n, lo, hi in zip(problem.names, kmin, kmax)}
+        self._fallback = optuna.samplers.RandomSampler(seed=seed)
+
+    # -- optuna.samplers.BaseSampler interface
+    def infer_relative_search_space(self, study, trial) -> dict:
+        return self.space
+
+    def sample_relative(self, study, trial, search_space) -> dict:
+        from optuna.trial import TrialState
+
+        if "fixed_params" in trial.system_attrs:  # an enqueued plan (the anchor): scored as given
+            return {}
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        parent = min(done, key=lambda t: t.value) if done else None
+        k0 = self.anchor if parent is None else np.array([parent.params[p] for p in self.space], np.int64)
+        seen = {tuple(t.params.get(p) for p in self.space) for t in study.get_trials(deepcopy=False)}
+        for _ in range(20):  # a child already scored (any state) teaches nothing: draw again
+            child = self.child(k0)
+            if tuple(int(v) for v in child) not in seen:
+                break
+        if parent is not None:
+            study._storage.set_trial_user_attr(trial._trial_id, "parent", parent.number)
+            if "screen" in parent.user_attrs:
+                study._storage.set_trial_user_attr(trial._trial_id, "parent_screen", parent.user_attrs["screen"])
+        return {p: int(v) for p, v in zip(self.space, child)}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        pass
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+    def reseed_rng(self) -> None:
+        self.rng = np.random.default_rng()
+        self._fallback.reseed_rng()
+
+    def child(self, k: np.ndarray) -> np.ndarray:
+        """``k`` after 1-3 block moves, drawn by the RR profile (guided) or uniformly."""
+        p_donor = p_recv = None
+        if self.guided:
+            p_donor, p_recv = rr_move_probabilities(self.problem, k)
+        n_moves = int(self.rng.choice(_MOVES, p=_MOVE_P))
+        return block_moves(self.problem, k, self.step, n_moves, self.rng, p_donor, p_recv)
+
+
 @register
 class OptunaSearch(Allocator):
     name = "optuna"
     needs = Needs(weights=True, profile=True, evaluate=True)
-    description = "Optuna (TPE) over mixes of the baseline and RR plans, scored end to end on the selection split"
+    description = ("end-to-end search started at global magnitude (evo: block moves guided by RR; cmaes; "
+                   "tpe-mix), scored on the selection split")
 
     def __init__(self, n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
-                 study_name: str | None = None) -> None:
+                 study_name: str | None = None, optimizer: str | None = None) -> None:
         self.n_trials, self.timeout, self.storage, self.study_name = n_trials, timeout, storage, study_name
+        self.optimizer = optimizer
         self.study = None
 
     def anchors(self, problem: AllocationProblem) -> dict[str, np.ndarray]:
@@ -73,11 +155,83 @@ class OptunaSearch(Allocator):
         import optuna
 
         opts = problem.options
+        optimizer = self.optimizer or opts.get("optimizer") or "evo"
+        if optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown --optimizer {optimizer!r}: use {', '.join(OPTIMIZERS)}")
+        guidance = opts.get("guidance") or "rr"
+        if guidance not in GUIDANCE:
+            raise UserError(f"unknown --guidance {guidance!r}: use {' or '.join(GUIDANCE)}")
         settings = ost.StudySettings.from_options(
             {**opts, "n_trials": self.n_trials if self.n_trials is not None else int(opts.get("n_trials", 30)),
              "timeout": self.timeout if self.timeout is not None else opts.get("timeout")})
         storage = ost.open_storage(self.storage or opts.get("storage"), settings)
         name = self.study_name or opts.get("study_name") or "rr_alloc"
+        space = {"evo": self._evo, "cmaes": self._cmaes, "tpe-mix": self._tpe_mix}[optimizer]
+        make_sampler, enqueue, objective = space(problem, guidance == "rr", float(opts.get("search_step", 0.05)))
+        optuna.logging.set_verbosity(logging.WARNING)
+        study, _ = ost.open_study(name, storage, make_sampler, problem.seed, enqueue,
+                                  load_only=settings.n_trials == 0)
+        ost.optimize(study, objective, settings, callbacks=opts.get("callbacks"))
+        self.study = study
+        best = ost.best_trial(study)
+        return np.asarray(best.user_attrs["counts"], float) / problem.n
+
+    # ------------------------------------------------------------ optimisers
+    @staticmethod
+    def _record(trial, counts: np.ndarray) -> None:
+        trial.set_user_attr("counts", [int(k) for k in counts])
+
+    def _evo(self, problem: AllocationProblem, guided: bool, step: float):
+        import optuna
+
+        anchor = get_allocator("global").allocate(problem)
+        names = [_param(n, "k") for n in problem.names]
+        score = getattr(problem.evaluate, "score", None)
+
+        def objective(trial: "optuna.Trial") -> float:
+            kmin, kmax = count_bounds(problem)
+            counts = np.array([trial.suggest_int(p, int(lo), int(hi)) for p, lo, hi in zip(names, kmin, kmax)])
+            self._record(trial, counts)
+            if score is None:  # a plain callable: no screening
+                return float(problem.evaluate(counts))
+            r = score(counts, beat=trial.user_attrs.get("parent_screen"))
+            trial.set_user_attr("screen", r.screen)
+            if r.full is None:
+                raise optuna.TrialPruned(f"screen {r.screen:.4f} on {r.n_screen} images did not beat the parent")
+            return r.full
+
+        def enqueue(study: "optuna.Study") -> None:
+            study.enqueue_trial({p: int(k) for p, k in zip(names, anchor)})
+
+        return (lambda seed: EvoSampler(problem, anchor, seed, step, guided)), enqueue, objective
+
+    def _cmaes(self, problem: AllocationProblem, guided: bool, step: float):
+        import optuna
+
+        sorted_abs = get_allocator("global").sorted_scores(problem)
+        names = [_param(n, "a") for n in problem.names]
+
+        def objective(trial: "optuna.Trial") -> float:
+            alpha = np.array([trial.suggest_float(p, -_ALPHA_RANGE, _ALPHA_RANGE) for p in names])
+            counts = multiplier_counts(problem, sorted_abs, alpha)
+            self._record(trial, counts)
+            return float(problem.evaluate(counts))
+
+        def enqueue(study: "optuna.Study") -> None:
+            study.enqueue_trial({p: 0.0 for p in names})
+
+        def sampler(seed: int):
+            # sigma0 is deprecated from Optuna 4.9 (derived from the bounds instead), but the anchor needs a step
+            # much smaller than the +-3 bounds: keep it, without the warning, while Optuna accepts it
+            return ost.quiet(lambda: optuna.samplers.CmaEsSampler(
+                x0={p: 0.0 for p in names}, sigma0=_SIGMA0, seed=seed, n_startup_trials=1,
+                warn_independent_sampling=False))
+
+        return sampler, enqueue, objective
+
+    def _tpe_mix(self, problem: AllocationProblem, guided: bool, step: float):
+        import optuna
+
         anchors = self.anchors(problem)
         A = np.stack([anchors[k] for k in ANCHORS])  # (K, L)
         stages = _stages(len(problem.layers))
@@ -92,10 +246,10 @@ class OptunaSearch(Allocator):
             params = {f"w_{k}": trial.suggest_float(f"w_{k}", 0.0, 1.0) for k in ANCHORS}
             params.update({f"stage{j}": trial.suggest_float(f"stage{j}", -1.5, 1.5) for j in range(3)})
             counts = round_to_budget(problem, plan_of(params))
-            trial.set_user_attr("counts", [int(k) for k in counts])
+            self._record(trial, counts)
             return float(problem.evaluate(counts))
 
-        def enqueue_anchors(study: "optuna.Study") -> None:  # warm start: every anchor plan, exactly
+        def enqueue(study: "optuna.Study") -> None:  # warm start: every anchor plan, exactly
             for k in ANCHORS:
                 params = {f"w_{j}": float(j == k) for j in ANCHORS}
                 params.update({f"stage{j}": 0.0 for j in range(3)})
@@ -106,10 +260,4 @@ class OptunaSearch(Allocator):
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(len(ANCHORS) + 2, 8),
                                               constant_liar=True)
 
-        optuna.logging.set_verbosity(logging.WARNING)
-        study, _ = ost.open_study(name, storage, sampler, problem.seed, enqueue_anchors,
-                                  load_only=settings.n_trials == 0)
-        ost.optimize(study, objective, settings)
-        self.study = study
-        best = ost.best_trial(study)
-        return np.asarray(best.user_attrs["counts"], float) / problem.n
+        return sampler, enqueue, objective

@@ -96,6 +96,19 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--max-retry", type=int, help="re-runs of a killed worker's trial (default 2)")
     o.add_argument("--objective", choices=["kl", "agreement", "top1"],
                    help="search objective on the selection split (default kl, label-free)")
+    o.add_argument("--optimizer", choices=["evo", "cmaes", "tpe-mix"],
+                   help="search of --allocator optuna: evo (block moves from global magnitude, default), cmaes "
+                        "(per-layer magnitude multipliers started at global magnitude) or tpe-mix (mixes of "
+                        "the baseline plans)")
+    o.add_argument("--guidance", choices=["rr", "none"],
+                   help="evo: draw moves by the RR profile's marginal repaired distortion (rr, default) or "
+                        "uniformly (none)")
+    o.add_argument("--screen-size", type=int, help="evo: selection images a candidate is screened on before its "
+                   "full score (default a quarter of the selection split)")
+    o.add_argument("--search-step", type=float, help="evo: a move shifts this fraction of the smaller layer's "
+                   "weights (default 0.05)")
+    o.add_argument("--validation-size", type=int, help="training images held out from calibration and selection: "
+                   "a searched plan is kept only when it beats global magnitude there (default 0: no check)")
 
 
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
@@ -111,7 +124,7 @@ _RUN_KEYS = ("model", "checkpoint", "num_classes", "pretrained", "dataset", "tra
              "grid", "s_max", "include", "exclude", "allocator", "reference", "unit", "layer_weights", "repair",
              "profile_repair", "pattern",
              "n_trials", "timeout", "storage", "objective", "study_name", "total_trials", "heartbeat_interval",
-             "grace_period", "max_retry")
+             "grace_period", "max_retry", "validation_size", "optimizer", "guidance", "screen_size", "search_step")
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:

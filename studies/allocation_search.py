@@ -1,0 +1,274 @@
+"""Does an end-to-end search beat global magnitude? (the ``--search`` part of allocation_comparison.py)
+
+The search (``--allocator optuna``) runs with the channel-wise default repair in the loop on CIFAR
+ResNet-20/32 (``shared/`` weights and data), scored by mean KL to the dense logits on a selection split of
+training images; every searched plan is then checked against global magnitude on a disjoint validation
+split of training images (the fallback rule of the tool) and reported on the test split.
+
+(A) optimiser x RR guidance on ResNet-20 at 0.9: evo with RR guidance, evo without, CMA-ES; the same
+    calibration seeds and number of evaluations (trials) each.
+(B) the winner of (A) -- the lowest mean *validation* KL, never the test split -- on ResNet-32 at 0.9 and
+    ResNet-20 at 0.8 and 0.95 (ResNet-20 at 0.9 is (A)'s cells).
+
+Each cell rescores global magnitude under the same repair (a check against the committed rows of
+allocation_comparison.py, whose uniform/LAMP/ERK rows give the best baseline: same calibration images).
+
+    python studies/allocation_comparison.py --search                 # (A) then (B)
+    python studies/allocation_comparison.py --search --quick         # smoke run, separate folder
+    python studies/allocation_comparison.py --search --summarise     # rebuild summary from the CSVs
+
+Outputs (studies/results/allocation_search/): cells.csv (one row per cell x plan x split), trials.csv
+(every trial: state, selection KL, screen KL), summary.md, search_progress.png, run.log.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from common import ROOT, model_config, t_interval
+
+from rr_alloc.io_utils import write_text_atomic
+from rr_alloc.repair import CHANNEL_REPAIR
+from rr_alloc.report import save_figure, write_frame_csv
+from rr_alloc.workbench import Workbench
+
+OUT = ROOT / "studies" / "results" / "allocation_search"
+BASELINE_CSV = ROOT / "studies" / "results" / "allocation_comparison" / "results.csv"
+VARIANTS_A = (("evo", "rr"), ("evo", "none"), ("cmaes", "none"))
+CELLS_B = (("resnet32", 0.9), ("resnet20", 0.95), ("resnet20", 0.8))
+
+
+def variant(optimizer: str, guidance: str) -> str:
+    return f"{optimizer}-{guidance}" if optimizer == "evo" else optimizer
+
+
+def run_cell(model: str, budget: float, optimizer: str, guidance: str, seed: int, settings: dict[str, Any],
+             log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    """One search; rows for the searched plan, global magnitude and the returned plan on every split."""
+    cfg = model_config(model, seed=seed, repair=CHANNEL_REPAIR, allocator="optuna", optimizer=optimizer,
+                       guidance=guidance, n_trials=settings["trials"], selection_size=settings["selection"],
+                       validation_size=settings["validation"], **settings.get("overrides", {}))
+    wb = Workbench(cfg, progress=False)
+    wb.profile()  # cached across cells: not part of the search's time
+    t0 = time.perf_counter()
+    returned = wb.allocate("optuna", budget)
+    seconds = time.perf_counter() - t0
+    info = wb.search_info[float(budget)]
+    study = wb.last_study
+    best = min((t for t in study.get_trials(deepcopy=False) if t.value is not None), key=lambda t: t.value)
+    searched = dict(zip([l.name for l in wb.layers], best.user_attrs["counts"]))
+    glob = wb.allocate("global", budget)
+    key = {"model": model, "budget": budget, "variant": variant(optimizer, guidance), "optimizer": optimizer,
+           "guidance": guidance, "seed": seed, "trials": info["trials"], "pruned": info["pruned"],
+           "fallback": info.get("fallback"), "search_seconds": seconds,
+           "validation_bound": info.get("validation_bound")}
+    rows = []
+    for plan, counts in (("search", searched), ("global", glob)):
+        for split, m in wb.verify_splits(counts, CHANNEL_REPAIR, ("selection", "validation", "test")).items():
+            rows.append({**key, "plan": plan, "split": split, "n": m.n, "top1": m.top1, "agreement": m.agreement,
+                         "kl": m.kl, "achieved_sparsity": wb.achieved(counts)})
+    chosen = "global" if info.get("fallback") else "search"
+    rows += [{**r, "plan": "returned"} for r in rows if r["plan"] == chosen]
+    trials = [{**{k: key[k] for k in ("model", "budget", "variant", "seed")}, "number": t.number,
+               "state": t.state.name, "kl": t.value, "screen": t.user_attrs.get("screen")}
+              for t in study.get_trials(deepcopy=False)]
+    test = {r["plan"]: r for r in rows if r["split"] == "test"}
+    log(f"{model} b={budget} {variant(optimizer, guidance):<8} seed {seed}: {info['trials']} trials "
+        f"({info['pruned']} screened out) in {seconds / 60:.1f} min; selection KL {info['best_selection']:.3f} "
+        f"(global {info['global_selection']:.3f}); fallback {info.get('fallback')}; test top-1 search "
+        f"{100 * test['search']['top1']:.1f} global {100 * test['global']['top1']:.1f}")
+    return rows, trials
+
+
+def run(settings: dict[str, Any], seeds: list[int], out: Path, log: Callable[[str], None],
+        phases: str = "AB") -> None:
+    """(A) then (B), appending to ``cells.csv``/``trials.csv`` after every cell (a stopped run keeps its cells)."""
+    cells_csv, trials_csv = out / "cells.csv", out / "trials.csv"
+    rows = pd.read_csv(cells_csv).to_dict("records") if cells_csv.exists() else []
+    trials = pd.read_csv(trials_csv).to_dict("records") if trials_csv.exists() else []
+    done = {(r["model"], r["budget"], r["variant"], r["seed"]) for r in rows}
+
+    def cell(model: str, budget: float, opt: str, guid: str) -> None:
+        for seed in seeds:
+            if (model, budget, variant(opt, guid), seed) in done:
+                continue
+            r, t = run_cell(model, budget, opt, guid, seed, settings, log)
+            rows.extend(r)
+            trials.extend(t)
+            write_frame_csv(pd.DataFrame(rows), cells_csv)
+            write_frame_csv(pd.DataFrame(trials), trials_csv)
+
+    if "A" in phases:
+        for opt, guid in VARIANTS_A:
+            cell("resnet20", 0.9, opt, guid)
+    if "B" in phases:
+        opt, guid = winner(pd.DataFrame(rows))
+        log(f"(B) winner of (A) by mean validation KL: {variant(opt, guid)}")
+        settings = {**settings, "trials": settings["trials_b"]}
+        for model, budget in CELLS_B:
+            cell(model, budget, opt, guid)
+
+
+def winner(df: pd.DataFrame) -> tuple[str, str]:
+    """The (A) variant with the lowest mean validation KL of its searched plans (training images only)."""
+    a = df[(df.model == "resnet20") & (df.budget == 0.9) & (df.plan == "search") & (df.split == "validation")]
+    best = a.groupby(["optimizer", "guidance"]).kl.mean().idxmin()
+    return str(best[0]), str(best[1])
+
+
+# ----------------------------------------------------------------- summary
+def _paired(a: pd.Series, b: pd.Series, scale: float = 1.0) -> str:
+    d = (a - b).dropna() * scale
+    if not len(d):
+        return ""
+    m, h, _ = t_interval(d.values)
+    return f"{m:+.2f} ± {h:.2f}" if not np.isnan(h) else f"{m:+.2f}"
+
+
+def _pivot(df: pd.DataFrame, plan: str, split: str, metric: str) -> pd.Series:
+    return df[(df.plan == plan) & (df.split == split)].set_index("seed")[metric]
+
+
+def baselines(model: str, budget: float) -> pd.DataFrame:
+    """Committed test top-1 (%) of the baselines under the channel-wise repair, by seed."""
+    if not BASELINE_CSV.exists():
+        return pd.DataFrame()
+    b = pd.read_csv(BASELINE_CSV)
+    b = b[(b.model == model) & (b.budget == budget) & (b.repair == CHANNEL_REPAIR) & (b.split == "test")
+          & b.allocator.isin(["uniform", "global", "lamp", "erk"])]
+    return b.pivot_table(index="seed", columns="allocator", values="top1") * 100
+
+
+def summarise(out: Path, settings: dict[str, Any], command: str, machine: str, quick: bool) -> str:
+    df = pd.read_csv(out / "cells.csv")
+    trials = pd.read_csv(out / "trials.csv")
+    lines = [f"# Allocation search{' (QUICK SMOKE RUN: not a result)' if quick else ''}", "",
+             f"Command: `{command}`  ", f"Machine: {machine}.", "",
+             f"Repair in the loop and for every number here: `{CHANNEL_REPAIR}` (channel-wise default). "
+             f"Calibration {settings['calib']} / selection {settings['selection']} / validation "
+             f"{settings['validation']} training images per calibration seed (disjoint, one permutation); test = "
+             f"{int(df[df.split == 'test'].n.iloc[0])} CIFAR-10 test images, reporting only. "
+             f"{settings['trials']} trials (evaluations) per search in (A), {settings['trials_b']} (the configs' "
+             "default) in (B); evo screens each child on the first "
+             "quarter of the selection split. Intervals: 95% t over seeds, paired by seed.", ""]
+    a = df[(df.model == "resnet20") & (df.budget == 0.9)]
+    if len(a):
+        lines += ["## (A) Optimiser x RR guidance, ResNet-20 at 0.9", "",
+                  "Selection / validation: mean KL to the dense logits of the searched plan (lower is better) and "
+                  "its paired difference to global magnitude. Test: top-1 (%) of the searched plan minus global "
+                  "magnitude, and of the *returned* plan (global magnitude when the validation check fails).", ""]
+        rows = []
+        for v, g in a.groupby("variant", sort=False):
+            row = {"variant": v, "seeds": g.seed.nunique()}
+            for split in ("selection", "validation"):
+                s = _pivot(g, "search", split, "kl")
+                row[f"{split} KL"] = f"{s.mean():.3f}"
+                row[f"{split} KL - global"] = _paired(s, _pivot(g, "global", split, "kl"))
+            row["test top-1 search - global"] = _paired(_pivot(g, "search", "test", "top1"),
+                                                        _pivot(g, "global", "test", "top1"), 100)
+            row["test top-1 returned - global"] = _paired(_pivot(g, "returned", "test", "top1"),
+                                                          _pivot(g, "global", "test", "top1"), 100)
+            cells = g.drop_duplicates("seed")
+            row["fallback fired"] = f"{int(cells.fallback.astype(bool).sum())}/{len(cells)}"
+            row["min / search"] = f"{cells.search_seconds.mean() / 60:.1f}"
+            row["screened out"] = f"{cells.pruned.mean():.0f}/{cells.trials.mean():.0f}"
+            rows.append(row)
+        lines += [pd.DataFrame(rows).to_markdown(index=False), ""]
+        ev = a[a.optimizer == "evo"]
+        if set(ev.guidance) >= {"rr", "none"}:
+            g_on, g_off = ev[ev.guidance == "rr"], ev[ev.guidance == "none"]
+            lines += ["### RR-guidance ablation (evo, same seeds and evaluations)", "",
+                      "RR guidance minus none, paired by seed: selection KL "
+                      f"{_paired(_pivot(g_on, 'search', 'selection', 'kl'), _pivot(g_off, 'search', 'selection', 'kl'))}"
+                      ", validation KL "
+                      f"{_paired(_pivot(g_on, 'search', 'validation', 'kl'), _pivot(g_off, 'search', 'validation', 'kl'))}"
+                      ", test top-1 "
+                      f"{_paired(_pivot(g_on, 'search', 'test', 'top1'), _pivot(g_off, 'search', 'test', 'top1'), 100)}"
+                      " points (negative KL: guidance helps).", ""]
+    rows = []
+    for (model, budget, v), g in df.groupby(["model", "budget", "variant"], sort=False):
+        base = baselines(model, budget)
+        glob = _pivot(g, "global", "test", "top1") * 100
+        ret = _pivot(g, "returned", "test", "top1") * 100
+        srch = _pivot(g, "search", "test", "top1") * 100
+        row = {"model": model, "budget": f"{budget:g}", "variant": v, "seeds": len(glob),
+               "global (rerun)": f"{glob.mean():.1f}", "search": f"{srch.mean():.1f}", "returned": f"{ret.mean():.1f}",
+               "returned - global": _paired(ret, glob), "search - global": _paired(srch, glob)}
+        if len(base):
+            others = [c for c in ("uniform", "lamp", "erk") if c in base]
+            best = max(others + ["global"], key=lambda c: (glob if c == "global" else base[c]).mean())
+            ref = glob if best == "global" else base[best]
+            row["best baseline"] = f"{best} {ref.mean():.1f}"
+            row["returned - best baseline"] = _paired(ret, ref)
+            if "global" in base:
+                row["global rerun = committed"] = bool(np.allclose(glob.sort_index().values,
+                                                                   base["global"].reindex(glob.index).values))
+        cells = g.drop_duplicates("seed")
+        row["fallback fired"] = f"{int(cells.fallback.astype(bool).sum())}/{len(cells)}"
+        rows.append(row)
+    lines += ["## Test top-1 (%) by model and budget: the search against the baselines", "",
+              "`search`: the searched plan; `returned`: what the tool returns (global magnitude when the "
+              "validation check fails). Margins paired by seed, mean ± 95% half-width. Best baseline: the "
+              "highest mean test top-1 of uniform / global / LAMP / ERK under the same repair (committed rows of "
+              "allocation_comparison.py; global rerun here).", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    plot_progress(trials, df, out / "search_progress.png")
+    lines += ["![search progress](search_progress.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_progress(trials: pd.DataFrame, df: pd.DataFrame, path: Path) -> None:
+    """Best selection KL so far against trials, one line per cell, global magnitude's KL dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(trials.groupby(["model", "budget"], sort=False))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    colors = {}
+    for ax, ((model, budget), t) in zip(axes[0], groups):
+        for (v, seed), g in t.groupby(["variant", "seed"], sort=False):
+            g = g.sort_values("number")
+            best = g.kl.where(g.state == "COMPLETE").cummin().ffill()
+            c = colors.setdefault(v, f"C{len(colors)}")
+            ax.plot(g.number + 1, best, color=c, alpha=0.8, label=v if seed == g.seed.min() else None)
+        glob = df[(df.model == model) & (df.budget == budget) & (df.plan == "global") & (df.split == "selection")]
+        for kl in glob.drop_duplicates("seed").kl:
+            ax.axhline(kl, color="k", ls="--", lw=0.7)
+        ax.set(title=f"{model} at {budget:g} (dashed: global magnitude)", xlabel="trial",
+               ylabel="best selection KL so far")
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def main(args: Any, machine: str, command: str) -> None:
+    out = Path(args.out) if args.out else OUT
+    settings = {"trials": args.search_trials, "trials_b": args.search_trials_b, "calib": 1024, "selection": args.search_selection,
+                "validation": args.search_validation}
+    seeds = args.seeds
+    if args.quick:
+        out = out.with_name(out.name + "_quick")
+        settings.update(trials=6, trials_b=6, calib=256, selection=256, validation=256,
+                        overrides={"calib_size": 256, "eval_size": 500})
+        seeds = seeds[:2]
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.summarise:
+        log_path = out / "run.log"
+
+        def log(msg: str) -> None:
+            print(msg, flush=True)
+            with open(log_path, "a") as f:
+                f.write(msg + "\n")
+
+        run(settings, seeds, out, log, args.search_phases)
+    write_text_atomic(out / "summary.md", summarise(out, settings, command, machine, args.quick))
+    print((out / "summary.md").read_text())
