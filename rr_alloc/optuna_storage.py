@@ -224,7 +224,7 @@ def quiet(fn: Callable[[], Any]) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.filterwarnings("ignore", message=".*sigma0.*deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*`(x0|sigma0)` has been deprecated", category=FutureWarning)
         return fn()
 
 

@@ -12,7 +12,8 @@ from .io_utils import atomic_path, write_text_atomic
 from .plan import Plan
 from .profile import RRProfile
 
-__all__ = ["layer_table", "write_profile_csv", "plot_rr_curves", "save_figure", "write_frame_csv"]
+__all__ = ["layer_table", "write_profile_csv", "plot_rr_curves", "save_figure", "write_frame_csv", "search_lines",
+           "plot_search_progress"]
 
 
 def layer_table(plan: Plan, profile: RRProfile | None = None,
@@ -76,3 +77,55 @@ def plot_rr_curves(profile: RRProfile, path: str | Path, plan_sparsity: dict[str
     out = save_figure(fig, path)
     plt.close(fig)
     return out
+
+
+def search_lines(info: dict) -> list[str]:
+    """What a search did, for the terminal: trials, scores against global magnitude, the validation check."""
+    if not info:
+        return []
+    opt = info.get("optimizer")
+    if info.get("guidance"):
+        opt += f" (guidance {info['guidance']}, screen {info.get('screen_size')} images)"
+    lines = [f"search: {opt}, {info.get('trials')} trials ({info.get('pruned', 0)} screened out) in "
+             f"{info.get('seconds', 0):.0f}s; {info.get('objective')} on {info.get('selection_size')} selection "
+             f"images: best {info.get('best_selection', float('nan')):.4f}, global magnitude "
+             f"{info.get('global_selection', float('nan')):.4f}"]
+    if info.get("fallback") is None:
+        lines.append("validation: none (--validation-size 0): the searched plan is returned unchecked")
+    elif "validation" in info:
+        verdict = ("fallback: global magnitude returned (the search did not beat it on validation images)"
+                   if info["fallback"] else "searched plan kept (beats global magnitude on validation images)")
+        lines.append(f"validation ({info['validation_size']} images): {info['validation']:.4f} vs global "
+                     f"{info['global_validation']:.4f}, paired difference {info['validation_diff']:+.4f} "
+                     f"(one-sided 95% bound {info['validation_bound']:+.4f}); {verdict}")
+    else:
+        lines.append(f"validation ({info['validation_size']} images): fallback False ({info.get('note', '')})")
+    return lines
+
+
+def plot_search_progress(trials: Sequence, global_value: float | None, path: str | Path, title: str = "") -> Path:
+    """Each trial's score and the best so far (COMPLETE trials), against global magnitude's score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    done = sorted((t.number, t.value) for t in trials if t.value is not None)
+    if done:
+        x, y = np.array(done, dtype=float).T
+        ax.scatter(x + 1, y, s=8, alpha=0.5, label="full-fidelity trials")
+        ax.step(x + 1, np.minimum.accumulate(y), where="post", color="C1", label="best so far")
+    screened = [t.number for t in trials if t.value is None and t.user_attrs.get("screen") is not None]
+    if screened:
+        ax.plot(np.array(screened) + 1, np.full(len(screened), np.nan))  # keeps the x range honest
+        ax.text(0.99, 0.98, f"{len(screened)} screened out", transform=ax.transAxes, ha="right", va="top",
+                fontsize=8)
+    if global_value is not None:
+        ax.axhline(global_value, color="k", ls="--", lw=0.8, label="global magnitude")
+    ax.set(xlabel="trial", ylabel="selection loss", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return Path(path)

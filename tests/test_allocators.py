@@ -198,7 +198,7 @@ def test_optuna_anchor_plans_are_members_of_the_family(toy_problem_parts):
     """Each warm-start trial reproduces its anchor plan (to rounding), so search can only improve on them."""
     prof, weights = toy_problem_parts
     pb = _problem(prof, weights, 0.9, evaluate=_fake_eval)
-    pb.options["n_trials"] = 6
+    pb.options.update(n_trials=6, optimizer="tpe-mix")
     alloc = get_allocator("optuna")
     alloc.allocate(pb)
     from rr_alloc.allocators.search import ANCHORS

@@ -58,7 +58,7 @@ def _stages(L: int) -> np.ndarray:
 OPTIMIZERS = ("evo", "cmaes", "tpe-mix")
 GUIDANCE = ("rr", "none")
 _ALPHA_RANGE = 3.0   # |log-multiplier| bound of the CMA-ES space (a factor of 20 on a layer's magnitudes)
-_SIGMA0 = 0.25       # CMA-ES initial step: a layer's magnitudes scaled by ~1.3 moves its sparsity a few points
+_SIGMA0 = 0.2        # CMA-ES initial step: a layer's magnitudes scaled by ~1.2 moves its sparsity several points
 _MOVES = (1, 2, 3)   # block moves per child, and their probabilities: mostly small steps, as in EvoPress
 _MOVE_P = (0.5, 0.3, 0.2)
 
@@ -81,6 +81,7 @@ class EvoSampler:
 
         self.problem, self.anchor, self.step, self.guided = problem, np.asarray(anchor, np.int64), step, guided
         self.rng = np.random.default_rng(seed)
+        self.parent_screen: dict[int, float] = {}
         kmin, kmax = count_bounds(problem)
         self.space = {_param(n, "k"): optuna.distributions.IntDistribution(int(lo), int(hi))
                       for n, lo, hi in zip(problem.names, kmin, kmax)}
@@ -106,7 +107,11 @@ class EvoSampler:
         if parent is not None:
             study._storage.set_trial_user_attr(trial._trial_id, "parent", parent.number)
             if "screen" in parent.user_attrs:
-                study._storage.set_trial_user_attr(trial._trial_id, "parent_screen", parent.user_attrs["screen"])
+                screen = parent.user_attrs["screen"]
+                study._storage.set_trial_user_attr(trial._trial_id, "parent_screen", screen)
+                # the running Trial's user_attrs are cached before this call: the objective (same process)
+                # reads the parent's screen here
+                self.parent_screen[trial._trial_id] = screen
         return {p: int(v) for p, v in zip(self.space, child)}
 
     def sample_independent(self, study, trial, param_name, param_distribution):
@@ -194,7 +199,7 @@ class OptunaSearch(Allocator):
             self._record(trial, counts)
             if score is None:  # a plain callable: no screening
                 return float(problem.evaluate(counts))
-            r = score(counts, beat=trial.user_attrs.get("parent_screen"))
+            r = score(counts, beat=getattr(trial.study.sampler, "parent_screen", {}).pop(trial._trial_id, None))
             trial.set_user_attr("screen", r.screen)
             if r.full is None:
                 raise optuna.TrialPruned(f"screen {r.screen:.4f} on {r.n_screen} images did not beat the parent")
@@ -221,8 +226,8 @@ class OptunaSearch(Allocator):
             study.enqueue_trial({p: 0.0 for p in names})
 
         def sampler(seed: int):
-            # sigma0 is deprecated from Optuna 4.9 (derived from the bounds instead), but the anchor needs a step
-            # much smaller than the +-3 bounds: keep it, without the warning, while Optuna accepts it
+            # x0 and sigma0 are deprecated from Optuna 4.9 (to be removed in 6, which pyproject excludes), but the
+            # search must start at the anchor with a step much smaller than the +-3 bounds: keep them, quietly
             return ost.quiet(lambda: optuna.samplers.CmaEsSampler(
                 x0={p: 0.0 for p in names}, sigma0=_SIGMA0, seed=seed, n_startup_trials=1,
                 warn_independent_sampling=False))

@@ -20,7 +20,7 @@ from ..plan import Plan
 from ..pruning import parse_pattern
 from ..replay import workbench_for_plan
 from ..repair import CHANNEL_METHODS, PRESETS, RECONSTRUCT_METHODS, SITE_KINDS, RepairPipeline
-from ..report import layer_table, plot_rr_curves, write_profile_csv
+from ..report import layer_table, plot_rr_curves, plot_search_progress, search_lines, write_profile_csv
 from ..run import search
 from ..workbench import Workbench
 from .flags import (EMBEDDED_NOTE, add_plan_flags, add_run_flags, config_for_plan, config_from_args, default_out,
@@ -109,7 +109,8 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     wb = Workbench(cfg, progress=True)
     n_w = sum(l.n_weights for l in wb.layers)
     print(f"model {cfg.model}: {len(wb.layers)} prunable layers, {n_w:,} weights; device {wb.device}")
-    print(f"data {wb.splits.description}; calibration {wb.splits.calib.n} + selection {wb.splits.selection.n} "
+    val = f" + validation {wb.splits.validation.n}" if wb.splits.validation is not None and wb.splits.validation.n else ""
+    print(f"data {wb.splits.description}; calibration {wb.splits.calib.n} + selection {wb.splits.selection.n}{val} "
           f"training images (seed {cfg.seed}, disjoint); test {wb.splits.test.n} images (reporting only)")
     dense = wb.dense_metrics("test")
     print(f"dense top-1 on test: {100 * dense.top1:.2f}%", flush=True)
@@ -141,7 +142,13 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
         print(f"\nverification: prune -> {cfg.repair} on {wb.splits.calib.n} calibration images -> "
               f"test split ({v['n']} images)")
         print(pd.DataFrame(rows).to_string(index=False))
-    print(f"\nwrote {out} (plan), {extra[0].name}, {extra[1].name} in {out.parent}  "
+    if plan.search:
+        print("\n" + "\n".join(search_lines(plan.search)))
+        if wb.last_study is not None:
+            extra.append(plot_search_progress(
+                wb.last_study.get_trials(deepcopy=False), plan.search.get("global_selection"),
+                out.with_name("search_progress.png"), f"{cfg.model}: {plan.search['optimizer']} at {plan.budget:g}"))
+    print(f"\nwrote {out} (plan), {', '.join(p.name for p in extra)} in {out.parent}  "
           f"[{time.perf_counter() - t0:.1f}s]")
     if cfg.allocator == "optuna" and not cfg.pattern:
         print("\n".join(summary_lines(cfg.storage, cfg.objective)))

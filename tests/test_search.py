@@ -1,0 +1,238 @@
+"""The end-to-end search: anchored spaces, the evolutionary sampler, screening, resume, validation fallback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rr_alloc.allocators import AllocationProblem, get_allocator
+from rr_alloc.allocators.anchored import block_moves, count_bounds, multiplier_counts, rr_move_probabilities
+from rr_alloc.cli import main
+from rr_alloc.config import RunConfig
+from rr_alloc.profile import profile_rr
+from rr_alloc.selection import Screened, paired_upper_bound
+from rr_alloc.workbench import Workbench
+
+GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+
+
+@pytest.fixture
+def parts(toy, toy_batches):
+    prof = profile_rr(toy, toy_batches, GRID)
+    weights = {l.name: toy.get_submodule(l.name).weight.detach() for l in prof.layers}
+    return prof, weights
+
+
+def _problem(prof, weights, budget=0.9, unit="weights", evaluate=None, **options):
+    macs = np.array([64.0, 64.0, 16.0, 1.0]) if unit == "flops" else None
+    return AllocationProblem(prof.layers, budget, None, None, unit=unit, macs_per_weight=macs, weights=weights,
+                             profile=prof, evaluate=evaluate, seed=0, options={"n_trials": 20, **options})
+
+
+def _loss(counts):  # a smooth end-to-end stand-in: prefers pruning the big layers
+    c = np.asarray(counts, float)
+    return float(np.sum((c / np.array([1.0, 2.0, 4.0, 8.0])) ** 2))
+
+
+class ScreeningLoss:
+    """A scorer with ``score(counts, beat)``, as SelectionScorer: screen = loss + a fixed per-plan wobble."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[np.ndarray, float | None]] = []
+
+    def __call__(self, counts):
+        return _loss(counts)
+
+    def score(self, counts, beat=None):
+        self.calls.append((np.asarray(counts).copy(), beat))
+        full = _loss(counts)
+        screen = full * (1.0 + 0.01 * (int(np.sum(counts)) % 3))
+        if beat is not None and screen >= beat:
+            return Screened(screen, None, 1, 4)
+        return Screened(screen, full, 1, 4)
+
+
+# ------------------------------------------------------------ anchored spaces
+def test_multipliers_at_zero_are_global_magnitude_exactly(parts):
+    prof, weights = parts
+    for unit in ("weights", "flops"):
+        for budget in (0.5, 0.9, 0.97):
+            pb = _problem(prof, weights, budget, unit)
+            glob = get_allocator("global")
+            got = multiplier_counts(pb, glob.sorted_scores(pb), np.zeros(len(pb.layers)))
+            assert np.array_equal(got, glob.allocate(pb))
+            # a common shift of every multiplier is absorbed by the threshold
+            shifted = multiplier_counts(pb, glob.sorted_scores(pb), np.full(len(pb.layers), 0.7))
+            assert np.array_equal(shifted, got)
+
+
+def test_block_moves_keep_budget_and_bounds(parts):
+    prof, weights = parts
+    rng = np.random.default_rng(0)
+    for unit in ("weights", "flops"):
+        pb = _problem(prof, weights, 0.9, unit)
+        k = get_allocator("global").allocate(pb)
+        kmin, kmax = count_bounds(pb)
+        a = pb.cost / pb.n
+        for _ in range(200):
+            k = block_moves(pb, k, float(rng.uniform(0.01, 0.5)), int(rng.integers(1, 4)), rng)
+            assert np.all(k >= kmin) and np.all(k <= kmax)
+            if unit == "weights":
+                assert int(k.sum()) == round(0.9 * int(pb.n.sum()))
+            else:  # MACs within one weight of the cheapest layer
+                assert abs(float(a @ k) - pb.target) <= a.max()
+
+
+def test_rr_guidance_prefers_cheap_receivers(parts):
+    prof, weights = parts
+    pb = _problem(prof, weights)
+    k = get_allocator("global").allocate(pb)
+    p_donor, p_recv = rr_move_probabilities(pb, k)
+    assert np.isclose(p_donor.sum(), 1) and np.isclose(p_recv.sum(), 1) and np.all(p_recv > 0)
+    grid, curve = prof.curve("d_res")
+    s = k / pb.n
+    seg = np.clip(np.searchsorted(grid, s, side="right") - 1, 0, len(grid) - 2)
+    rows = np.arange(len(s))
+    marginal = (curve[rows, seg + 1] - curve[rows, seg]) / (grid[seg + 1] - grid[seg]) / pb.n
+    assert np.argmax(p_recv) == np.argmin(marginal) and np.argmax(p_donor) == np.argmax(marginal)
+
+
+# --------------------------------------------------------------- optimisers
+@pytest.mark.parametrize("optimizer", ["evo", "cmaes", "tpe-mix"])
+def test_every_candidate_meets_budget_and_anchor_is_global(parts, optimizer):
+    prof, weights = parts
+    seen = []
+    pb = _problem(prof, weights, evaluate=lambda c: seen.append(np.asarray(c).copy()) or _loss(c), optimizer=optimizer)
+    alloc = get_allocator("optuna")
+    k = alloc.allocate(pb)
+    target = round(0.9 * int(pb.n.sum()))
+    kmin, kmax = count_bounds(pb)
+    assert len(seen) == 20 and int(k.sum()) == target
+    assert all(int(c.sum()) == target and np.all(c >= kmin) and np.all(c <= kmax) for c in seen)
+    if optimizer != "tpe-mix":  # the first (enqueued) trial is global magnitude itself
+        assert np.array_equal(seen[0], get_allocator("global").allocate(pb))
+    assert _loss(k) <= _loss(seen[0])  # never worse than the anchor on its own objective
+
+
+@pytest.mark.parametrize("optimizer", ["evo", "cmaes"])
+def test_same_seed_same_plan(parts, optimizer):
+    prof, weights = parts
+    plans = [get_allocator("optuna").allocate(_problem(prof, weights, evaluate=_loss, optimizer=optimizer))
+             for _ in range(2)]
+    assert np.array_equal(*plans)
+
+
+@pytest.mark.parametrize("guidance", ["rr", "none"])
+def test_evo_improves_and_screens(parts, guidance):
+    """Children are screened against their parent's screen; screened-out children are PRUNED, never parents."""
+    from optuna.trial import TrialState
+
+    prof, weights = parts
+    scorer = ScreeningLoss()
+    pb = _problem(prof, weights, evaluate=scorer, optimizer="evo", guidance=guidance)
+    pb.options["n_trials"] = 40
+    alloc = get_allocator("optuna")
+    k = alloc.allocate(pb)
+    trials = alloc.study.trials
+    assert scorer.calls[0][1] is None  # the anchor is scored in full
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and all(t.value is None and "screen" in t.user_attrs for t in pruned)
+    for t in trials[1:]:  # every child's parent was a COMPLETE trial and it was screened against that parent
+        parent = trials[t.user_attrs["parent"]]
+        assert parent.state == TrialState.COMPLETE and t.user_attrs["parent_screen"] == parent.user_attrs["screen"]
+    assert _loss(k) == min(t.value for t in done) < _loss(get_allocator("global").allocate(pb))
+
+
+def test_study_resumes_30_plus_10(tmp_path):
+    import optuna
+
+    out = tmp_path / "plan.json"
+    storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
+    args = ["search", "--budget", "0.8", "--allocator", "optuna", "--out", str(out), "--no-verify",
+            "--calib-size", "64", "--selection-size", "64", "--storage", storage]
+    assert main(args + ["--n-trials", "30"]) == 0
+    assert main(args + ["--n-trials", "10"]) == 0
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    assert len(trials) == 40 and [t.number for t in trials] == list(range(40))
+    enqueued = [t for t in trials if "fixed_params" in t.system_attrs]
+    assert len(enqueued) == 1  # the anchor, once: the resumed run continues from the stored best
+    resumed_parents = [t.user_attrs.get("parent") for t in trials[30:]]
+    assert all(p is not None for p in resumed_parents)
+    plan = json.loads(out.read_text())
+    assert plan["search"]["optimizer"] == "evo" and plan["search"]["trials"] == 40
+
+
+# -------------------------------------------------------------- validation
+def test_paired_upper_bound():
+    assert paired_upper_bound(np.full(50, -1.0) + np.linspace(-0.01, 0.01, 50)) < 0
+    assert paired_upper_bound(np.linspace(-1, 1, 50)) > 0
+    assert paired_upper_bound(np.array([-1.0])) == float("inf")
+
+
+def _workbench(**kw) -> Workbench:
+    cfg = RunConfig(calib_size=128, selection_size=128, validation_size=128, n_trials=6, allocator="optuna", **kw)
+    return Workbench(cfg, progress=False)
+
+
+def test_validation_split_is_disjoint_and_leaves_other_splits():
+    wb = _workbench()
+    base = Workbench(RunConfig(calib_size=128, selection_size=128), progress=False)
+    s = wb.splits
+    assert s.calib_indices == base.splits.calib_indices and s.selection_indices == base.splits.selection_indices
+    assert len(s.validation_indices) == 128
+    assert not set(s.validation_indices) & (set(s.calib_indices) | set(s.selection_indices))
+
+
+class _Study:
+    study_name, trials = "fake", []
+
+    def get_trials(self, deepcopy=False, states=None):
+        return []
+
+
+class _Searched:
+    study = _Study()
+
+
+def test_fallback_returns_global_when_search_does_not_beat_it():
+    wb = _workbench()
+    scorer = wb_scorer(wb)
+    glob = wb.allocate("global", 0.9)
+    bad = wb.allocate("uniform", 0.9)  # worse than global on this model at 0.9
+    got = wb._validate_search(dict(bad), 0.9, _Searched(), scorer, 1.0)
+    info = wb.search_info[0.9]
+    assert got == glob and info["fallback"] is True and info["validation_bound"] >= 0
+    assert info["validation_size"] == 128
+    # the same check keeps a plan that is better on the validation images
+    got = wb._validate_search(dict(glob), 0.9, _Searched(), scorer, 1.0)
+    assert got == glob and wb.search_info[0.9]["fallback"] is False
+
+
+def wb_scorer(wb):
+    from rr_alloc.selection import make_objective
+
+    return make_objective(wb, wb.cfg.repair)
+
+
+def test_search_plan_records_provenance_and_verify_rebuilds_validation(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["search", "--budget", "0.9", "--allocator", "optuna", "--n-trials", "8", "--out", str(out),
+                 "--calib-size", "128", "--selection-size", "128", "--validation-size", "64"]) == 0
+    plan = json.loads(out.read_text())
+    s = plan["search"]
+    assert {"optimizer", "trials", "best_selection", "global_selection", "fallback", "validation_size"} <= set(s)
+    assert s["validation_size"] == 64 and plan["source"]["data"]["validation_size"] == 64
+    assert (out.parent / "search_progress.png").is_file()
+    assert "validation (64 images)" in capsys.readouterr().out
+    assert main(["verify", "--plan", str(out)]) == 0
+
+
+def test_bad_search_flags_are_one_line_errors(capsys):
+    assert main(["search", "--budget", "0.9", "--allocator", "optuna", "--search-step", "1.5"]) == 2
+    assert "search_step" in capsys.readouterr().err
+    assert main(["search", "--budget", "0.9", "--allocator", "optuna", "--validation-size", "5000"]) == 2
+    assert "--validation-size" in capsys.readouterr().err
