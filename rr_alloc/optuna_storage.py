@@ -15,8 +15,8 @@ Everything the Optuna allocator needs to run safely next to other workers:
   seed (a single worker on a fresh study is reproducible), every joining or resuming worker a fresh one,
   and TPE's ``constant_liar`` keeps concurrent workers away from each other's running trials.
 - ``optimize``: ``n_trials`` is what this process adds; ``total_trials`` stops every worker once the study
-  holds that many completed trials (``MaxTrialsCallback``), exactly: a trial that would exceed it is
-  pruned before it samples anything.
+  holds that many evaluated trials (completed, or screened out by the evolutionary search), exactly: a
+  trial that would exceed it is pruned before it samples anything.
 """
 
 from __future__ import annotations
@@ -297,22 +297,39 @@ def open_study(name: str, storage: Any, make_sampler: Callable[[int], Any], base
     return study, created
 
 
-def _surplus(study: Any, number: int, total: int) -> bool:
-    """Would trial ``number`` take the study past ``total`` completed trials?
+def evaluated(trial: Any) -> bool:
+    """A trial that scored a candidate: COMPLETE, or PRUNED by the search's screen (it carries ``screen``).
 
-    Counts completed trials and the running trials started before this one (lower number), so of two
+    Trials a worker pruned because the study was full carry no score and do not count.
+    """
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.PRUNED and "screen" in trial.user_attrs)
+
+
+def n_evaluated(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return sum(evaluated(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def _surplus(study: Any, number: int, total: int) -> bool:
+    """Would trial ``number`` take the study past ``total`` evaluated trials?
+
+    Counts evaluated trials and the running trials started before this one (lower number), so of two
     workers racing for the last slot exactly one goes ahead.
     """
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    ahead = sum(t.state == TrialState.COMPLETE or t.number < number for t in trials)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    ahead = sum(evaluated(t) or (t.state == TrialState.RUNNING and t.number < number) for t in trials)
     return ahead >= total
 
 
 def optimize(study: Any, objective: Callable[[Any], float], settings: StudySettings,
              callbacks: list[Callable[[Any, Any], None]] | None = None) -> None:
-    """Add up to ``n_trials`` trials from this process; stop at ``total_trials`` completed in the study.
+    """Add up to ``n_trials`` trials from this process; stop at ``total_trials`` evaluated in the study
+    (completed, or screened out by the evolutionary search: each scored a candidate).
 
     ``callbacks``: Optuna trial callbacks ``(study, frozen_trial)``, e.g. a progress bar.
     """
@@ -322,7 +339,7 @@ def optimize(study: Any, objective: Callable[[Any], float], settings: StudySetti
     total = settings.total_trials
     if settings.n_trials == 0:
         return
-    if total is not None and len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= total:
+    if total is not None and n_evaluated(study) >= total:
         return
     wid = worker_id()
 
@@ -333,7 +350,11 @@ def optimize(study: Any, objective: Callable[[Any], float], settings: StudySetti
             raise optuna.TrialPruned(f"the study holds --total-trials {total}")
         return objective(trial)
 
-    stops = [optuna.study.MaxTrialsCallback(total, states=(TrialState.COMPLETE,))] if total else []
+    def stop_when_full(study: Any, trial: Any) -> None:
+        if n_evaluated(study) >= total:
+            study.stop()
+
+    stops = [stop_when_full] if total else []
     with _no_failed_trial_logs():
         quiet(lambda: study.optimize(run, n_trials=settings.n_trials, timeout=settings.timeout,
                                      callbacks=stops + list(callbacks or []), gc_after_trial=False))

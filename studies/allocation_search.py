@@ -23,6 +23,7 @@ Outputs (studies/results/allocation_search/): cells.csv (one row per cell x plan
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +34,7 @@ import pandas as pd
 from common import ROOT, model_config, t_interval
 
 from rr_alloc.io_utils import write_text_atomic
-from rr_alloc.repair import CHANNEL_REPAIR
+from rr_alloc.repair import CHANNEL_REPAIR, RECONSTRUCT_REPAIR
 from rr_alloc.report import save_figure, write_frame_csv
 from rr_alloc.workbench import Workbench
 
@@ -53,7 +54,7 @@ def run_cell(model: str, budget: float, optimizer: str, guidance: str, seed: int
     cfg = model_config(model, seed=seed, repair=CHANNEL_REPAIR, allocator="optuna", optimizer=optimizer,
                        guidance=guidance, n_trials=settings["trials"], selection_size=settings["selection"],
                        validation_size=settings["validation"], **settings.get("overrides", {}))
-    wb = Workbench(cfg, progress=False)
+    wb = Workbench(cfg, progress=True)  # the search's progress bar goes to the log
     wb.profile()  # cached across cells: not part of the search's time
     t0 = time.perf_counter()
     returned = wb.allocate("optuna", budget)
@@ -70,14 +71,22 @@ def run_cell(model: str, budget: float, optimizer: str, guidance: str, seed: int
     rows = []
     for plan, counts in (("search", searched), ("global", glob)):
         for split, m in wb.verify_splits(counts, CHANNEL_REPAIR, ("selection", "validation", "test")).items():
-            rows.append({**key, "plan": plan, "split": split, "n": m.n, "top1": m.top1, "agreement": m.agreement,
-                         "kl": m.kl, "achieved_sparsity": wb.achieved(counts)})
+            rows.append({**key, "plan": plan, "repair": CHANNEL_REPAIR, "split": split, "n": m.n, "top1": m.top1,
+                         "agreement": m.agreement, "kl": m.kl, "achieved_sparsity": wb.achieved(counts),
+                         "counts": json.dumps([int(counts[l.name]) for l in wb.layers])})
     chosen = "global" if info.get("fallback") else "search"
     rows += [{**r, "plan": "returned"} for r in rows if r["plan"] == chosen]
+    if settings.get("transfer", True) and searched != glob:
+        # does a plan searched under the channel-wise repair carry over to the reconstruction repair?
+        for plan, counts in (("search", searched), ("global", glob)):
+            for split, m in wb.verify_splits(counts, RECONSTRUCT_REPAIR, ("validation", "test")).items():
+                rows.append({**key, "plan": plan, "repair": RECONSTRUCT_REPAIR, "split": split, "n": m.n,
+                             "top1": m.top1, "agreement": m.agreement, "kl": m.kl,
+                             "achieved_sparsity": wb.achieved(counts)})
     trials = [{**{k: key[k] for k in ("model", "budget", "variant", "seed")}, "number": t.number,
                "state": t.state.name, "kl": t.value, "screen": t.user_attrs.get("screen")}
               for t in study.get_trials(deepcopy=False)]
-    test = {r["plan"]: r for r in rows if r["split"] == "test"}
+    test = {r["plan"]: r for r in rows if r["split"] == "test" and r["repair"] == CHANNEL_REPAIR}
     log(f"{model} b={budget} {variant(optimizer, guidance):<8} seed {seed}: {info['trials']} trials "
         f"({info['pruned']} screened out) in {seconds / 60:.1f} min; selection KL {info['best_selection']:.3f} "
         f"(global {info['global_selection']:.3f}); fallback {info.get('fallback')}; test top-1 search "
@@ -145,7 +154,9 @@ def baselines(model: str, budget: float) -> pd.DataFrame:
 
 
 def summarise(out: Path, settings: dict[str, Any], command: str, machine: str, quick: bool) -> str:
-    df = pd.read_csv(out / "cells.csv")
+    every = pd.read_csv(out / "cells.csv")
+    df = every[every.repair == CHANNEL_REPAIR]
+    transfer = every[every.repair == RECONSTRUCT_REPAIR]
     trials = pd.read_csv(out / "trials.csv")
     lines = [f"# Allocation search{' (QUICK SMOKE RUN: not a result)' if quick else ''}", "",
              f"Command: `{command}`  ", f"Machine: {machine}.", "",
@@ -216,6 +227,21 @@ def summarise(out: Path, settings: dict[str, Any], command: str, machine: str, q
               "validation check fails). Margins paired by seed, mean ± 95% half-width. Best baseline: the "
               "highest mean test top-1 of uniform / global / LAMP / ERK under the same repair (committed rows of "
               "allocation_comparison.py; global rerun here).", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    if len(transfer):
+        rows = []
+        for (model, budget, v), g in transfer.groupby(["model", "budget", "variant"], sort=False):
+            row = {"model": model, "budget": f"{budget:g}", "variant": v, "seeds": g.seed.nunique()}
+            for split in ("validation", "test"):
+                row[f"{split} KL search - global"] = _paired(_pivot(g, "search", split, "kl"),
+                                                             _pivot(g, "global", split, "kl"))
+                row[f"{split} top-1 search - global"] = _paired(_pivot(g, "search", split, "top1"),
+                                                                _pivot(g, "global", split, "top1"), 100)
+            row["global test top-1"] = f"{100 * _pivot(g, 'global', 'test', 'top1').mean():.1f}"
+            rows.append(row)
+        lines += [f"## Transfer: the same plans verified under the reconstruction repair `{RECONSTRUCT_REPAIR}`", "",
+                  "The plans searched with the channel-wise repair in the loop, and global magnitude, each verified "
+                  "under the configs' reconstruction repair (seeds whose searched plan differs from "
+                  "global magnitude).", "", pd.DataFrame(rows).to_markdown(index=False), ""]
     plot_progress(trials, df, out / "search_progress.png")
     lines += ["![search progress](search_progress.png)", ""]
     return "\n".join(lines)

@@ -609,12 +609,12 @@ def test_defect8_summary_survives_other_studies(tmp_path, capsys):
 
 
 def test_defect15_ctrl_c_in_a_trial_is_one_line(tmp_path, capsys, monkeypatch):
-    import rr_alloc.allocators.search as search_mod
+    from rr_alloc.selection import SelectionScorer
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(search_mod, "round_to_budget", interrupt)
+    monkeypatch.setattr(SelectionScorer, "score", interrupt)  # inside the first trial's evaluation
     code = main(["search", "--budget", "0.9", *_OPTUNA, "--n-trials", "3", "--out", str(tmp_path / "r" / "plan.json")])
     err = capsys.readouterr().err
     lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and "%|" not in l]  # minus progress bars

@@ -100,8 +100,8 @@ class EvoSampler:
         parent = min(done, key=lambda t: t.value) if done else None
         k0 = self.anchor if parent is None else np.array([parent.params[p] for p in self.space], np.int64)
         seen = {tuple(t.params.get(p) for p in self.space) for t in study.get_trials(deepcopy=False)}
-        for _ in range(20):  # a child already scored (any state) teaches nothing: draw again
-            child = self.child(k0)
+        for attempt in range(40):  # a child already in the study teaches nothing: draw again, wider each time
+            child = self.child(k0, extra_moves=attempt // 10)
             if tuple(int(v) for v in child) not in seen:
                 break
         if parent is not None:
@@ -127,12 +127,12 @@ class EvoSampler:
         self.rng = np.random.default_rng()
         self._fallback.reseed_rng()
 
-    def child(self, k: np.ndarray) -> np.ndarray:
-        """``k`` after 1-3 block moves, drawn by the RR profile (guided) or uniformly."""
+    def child(self, k: np.ndarray, extra_moves: int = 0) -> np.ndarray:
+        """``k`` after 1-3 (+ ``extra_moves``) block moves, drawn by the RR profile (guided) or uniformly."""
         p_donor = p_recv = None
         if self.guided:
             p_donor, p_recv = rr_move_probabilities(self.problem, k)
-        n_moves = int(self.rng.choice(_MOVES, p=_MOVE_P))
+        n_moves = int(self.rng.choice(_MOVES, p=_MOVE_P)) + extra_moves
         return block_moves(self.problem, k, self.step, n_moves, self.rng, p_donor, p_recv)
 
 

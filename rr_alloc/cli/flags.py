@@ -88,7 +88,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--study-name", help="Optuna study name (default: keyed on the model, image and settings "
                    "fingerprints, so workers anywhere with the same inputs share it)")
     o.add_argument("--total-trials", type=int, help="stop every worker once the study holds this many "
-                   "completed trials")
+                   "evaluated trials (completed, or screened out by evo)")
     o.add_argument("--heartbeat-interval", type=int, help="seconds between a running trial's heartbeats "
                    "(database storages; default 60)")
     o.add_argument("--grace-period", type=int, help="seconds without a heartbeat after which a trial is failed "
