@@ -205,6 +205,8 @@ def main() -> None:
     s.add_argument("--search-selection", type=int, default=2048, help="selection images that score candidates")
     s.add_argument("--search-validation", type=int, default=2048, help="validation images of the fallback check")
     s.add_argument("--search-phases", default="AB", help="A (optimiser x guidance), B (winner elsewhere) or AB")
+    s.add_argument("--search-no-transfer", action="store_true",
+                   help="skip verifying the searched plans under the reconstruction repair (about 1 min a cell)")
     s.add_argument("--summarise", action="store_true", help="--search: rebuild the summary from the CSVs")
     args = ap.parse_args()
     shared_dir(args.shared)

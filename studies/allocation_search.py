@@ -76,7 +76,7 @@ def run_cell(model: str, budget: float, optimizer: str, guidance: str, seed: int
                          "counts": json.dumps([int(counts[l.name]) for l in wb.layers])})
     chosen = "global" if info.get("fallback") else "search"
     rows += [{**r, "plan": "returned"} for r in rows if r["plan"] == chosen]
-    if settings.get("transfer", True) and searched != glob:
+    if settings["transfer"] and searched != glob:
         # does a plan searched under the channel-wise repair carry over to the reconstruction repair?
         for plan, counts in (("search", searched), ("global", glob)):
             for split, m in wb.verify_splits(counts, RECONSTRUCT_REPAIR, ("validation", "test")).items():
@@ -240,8 +240,8 @@ def summarise(out: Path, settings: dict[str, Any], command: str, machine: str, q
             rows.append(row)
         lines += [f"## Transfer: the same plans verified under the reconstruction repair `{RECONSTRUCT_REPAIR}`", "",
                   "The plans searched with the channel-wise repair in the loop, and global magnitude, each verified "
-                  "under the configs' reconstruction repair (seeds whose searched plan differs from "
-                  "global magnitude).", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+                  "under the configs' reconstruction repair (the cells run with the check on, and only seeds "
+                  "whose searched plan differs from global magnitude).", "", pd.DataFrame(rows).to_markdown(index=False), ""]
     plot_progress(trials, df, out / "search_progress.png")
     lines += ["![search progress](search_progress.png)", ""]
     return "\n".join(lines)
@@ -278,7 +278,8 @@ def plot_progress(trials: pd.DataFrame, df: pd.DataFrame, path: Path) -> None:
 
 def main(args: Any, machine: str, command: str) -> None:
     out = Path(args.out) if args.out else OUT
-    settings = {"trials": args.search_trials, "trials_b": args.search_trials_b, "calib": 1024, "selection": args.search_selection,
+    settings = {"trials": args.search_trials, "trials_b": args.search_trials_b, "calib": 1024,
+                "transfer": not args.search_no_transfer, "selection": args.search_selection,
                 "validation": args.search_validation}
     seeds = args.seeds
     if args.quick:

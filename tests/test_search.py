@@ -236,3 +236,24 @@ def test_bad_search_flags_are_one_line_errors(capsys):
     assert "search_step" in capsys.readouterr().err
     assert main(["search", "--budget", "0.9", "--allocator", "optuna", "--validation-size", "5000"]) == 2
     assert "--validation-size" in capsys.readouterr().err
+
+
+def test_compare_includes_the_search_when_asked(tmp_path, capsys):
+    import pandas as pd
+
+    assert main(["compare", "--budgets", "0.9", "--allocators", "global", "optuna", "--n-trials", "5",
+                 "--out-dir", str(tmp_path), "--calib-size", "96", "--selection-size", "64",
+                 "--validation-size", "64"]) == 0
+    df = pd.read_csv(tmp_path / "compare.csv")
+    assert list(df.allocator) == ["global", "optuna"] and df.search_fallback.notna().sum() == 1
+    assert "search: evo" in capsys.readouterr().out
+
+
+def test_search_flops_budget_and_bounds(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["search", "--budget", "0.8", "--unit", "flops", "--allocator", "optuna", "--n-trials", "6",
+                 "--s-max", "0.95", "--out", str(out), "--no-verify", "--calib-size", "96",
+                 "--selection-size", "64"]) == 0
+    plan = json.loads(out.read_text())
+    assert all(l["sparsity"] <= 0.95 + 1e-9 for l in plan["layers"])
+    assert abs(plan["achieved_sparsity"] - 0.8) < 1e-3

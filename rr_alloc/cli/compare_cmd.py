@@ -12,7 +12,7 @@ from ..allocators import ALLOCATORS, allocator_class
 from ..errors import UserError
 from ..io_utils import check_writable
 from ..repair import RepairPipeline
-from ..report import save_figure, write_frame_csv
+from ..report import save_figure, search_lines, write_frame_csv
 from ..workbench import Workbench
 from .flags import add_run_flags, config_from_args
 
@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Profile once, allocate each budget with each allocator, verify every plan "
                                    "with the same repair pipeline(s), print one table and write CSV + figure.")
     c.add_argument("--budgets", type=float, nargs="+", required=True, help="global sparsities in (0, 1)")
-    c.add_argument("--allocators", nargs="+", help="allocators (default: all but optuna)")
+    c.add_argument("--allocators", nargs="+", help="allocators (default: all but optuna; name optuna to include "
+                   "the end-to-end search, with the run's --optimizer, --n-trials and --validation-size)")
     c.add_argument("--repairs", nargs="+", help="repair pipelines to verify with (default: the run's --repair)")
     c.add_argument("--split", choices=["test", "selection"], default="test",
                    help="split to report on (test: reporting only; selection: for making choices)")
@@ -58,11 +59,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
             for l in wb.layers:
                 per_layer.append({"budget": b, "allocator": a, "layer": l.name,
                                   "sparsity": counts[l.name] / l.n_weights})
+            search = wb.search_info.get(float(b), {}) if allocator_class(a).needs.evaluate else {}
+            if search:
+                print("  " + "\n  ".join(search_lines(search)), flush=True)
             for r in repairs:
                 m = wb.verify(counts, r, split=args.split)
                 rows.append({"budget": b, "allocator": a, "repair": r, "top1": m.top1, "agreement": m.agreement,
                              "kl": m.kl, "achieved_sparsity": achieved, "unit": cfg.unit, "split": args.split,
-                             "n": m.n, "seconds": round(time.perf_counter() - t0, 2)})
+                             "n": m.n, "seconds": round(time.perf_counter() - t0, 2),
+                             "search_fallback": search.get("fallback") if search else None})
                 print(f"  budget {b:g} {a:<10} {r:<24} top1 {100 * m.top1:5.1f}  agreement "
                       f"{100 * m.agreement:5.1f}  kl {m.kl:.3f}", flush=True)
     df = pd.DataFrame(rows)
