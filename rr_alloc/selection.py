@@ -57,8 +57,9 @@ def paired_upper_bound(diff: np.ndarray, conf: float = 0.95) -> float:
 class SelectionScorer:
     """Scores per-layer pruned counts (in ``wb.layers`` order) on the selection split.
 
-    ``screen_size`` images (the first of the split, the same for every candidate) give a cheap score;
-    ``score(counts, beat=x)`` stops after them when the screen does not beat ``x``.
+    ``screen_size`` images (a seeded random subset of the split, the same for every candidate: the split is
+    stored in index order, which groups classes in an ImageFolder) give a cheap score; ``score(counts,
+    beat=x)`` stops after them when the screen is worse than ``x``.
     """
 
     def __init__(self, wb: Any, repair: str, objective: str = "kl", screen_size: int | None = None) -> None:
@@ -70,6 +71,9 @@ class SelectionScorer:
         self.names = [l.name for l in wb.layers]
         n = wb.splits.selection.n
         self.screen_size = min(n, screen_size if screen_size else max(1, n // 4))
+        order = np.random.default_rng(int(getattr(wb.cfg, "seed", 0))).permutation(n)
+        self.screen_idx = np.sort(order[:self.screen_size])
+        self.rest_idx = np.sort(order[self.screen_size:])
         self.evaluations = 0
 
     def _counts(self, counts: Any) -> dict[str, int]:
@@ -77,46 +81,50 @@ class SelectionScorer:
             return {k: int(v) for k, v in counts.items()}
         return dict(zip(self.names, (int(k) for k in counts)))
 
-    def losses(self, model: torch.nn.Module, split: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Per-image losses of a (pruned, repaired) model on images ``start:stop`` of ``split``."""
+    def losses(self, model: torch.nn.Module, split: str, idx: np.ndarray | None = None) -> np.ndarray:
+        """Per-image losses of a (pruned, repaired) model on ``split`` (the images ``idx``, default all)."""
         wb = self.wb
         data = wb.split(split)
         dense, labels = wb.dense_logits(split)
-        stop = data.n if stop is None else stop
+        if idx is not None:
+            t = torch.as_tensor(idx, dtype=torch.long)
+            x, dense, labels = data.x[t], dense[t], labels[t]
+        else:
+            x = data.x
         bs = data.batch_size
         outs = []
         was = model.training
         model.eval()
         try:
             with torch.inference_mode():
-                for i in range(start, stop, bs):
-                    outs.append(model(data.x[i:min(i + bs, stop)].to(wb.device)).float().cpu())
+                for i in range(0, len(x), bs):
+                    outs.append(model(x[i:i + bs].to(wb.device)).float().cpu())
         finally:
             model.train(was)
         logits = torch.cat(outs) if outs else torch.empty(0, dense.shape[1])
-        return per_image_losses(logits, labels[start:stop], dense[start:stop], self.objective)
+        return per_image_losses(logits, labels, dense, self.objective)
 
     def model(self, counts: Any) -> torch.nn.Module:
         model, _ = self.wb.repaired_model(self._counts(counts), self.repair)
         return model
 
     def score(self, counts: Any, beat: float | None = None) -> Screened:
-        """Screen on the first ``screen_size`` images; the full score only when the screen is below ``beat``."""
+        """Screen on ``screen_size`` images; the full score unless the screen is worse than ``beat``.
+
+        A tie goes on to the full score (0/1 objectives tie often; a strict test would stall the search).
+        """
         self.evaluations += 1
         model = self.model(counts)
-        m = self.screen_size
-        head = self.losses(model, "selection", 0, m)
+        head = self.losses(model, "selection", self.screen_idx)
         n = self.wb.splits.selection.n
-        if beat is not None and float(head.mean()) >= beat:
-            return Screened(float(head.mean()), None, m, n)
-        rest = self.losses(model, "selection", m) if m < n else np.empty(0)
-        return Screened(float(head.mean()), float(np.concatenate([head, rest]).mean()), m, n)
+        if beat is not None and float(head.mean()) > beat:
+            return Screened(float(head.mean()), None, len(head), n)
+        rest = self.losses(model, "selection", self.rest_idx) if len(self.rest_idx) else np.empty(0)
+        return Screened(float(head.mean()), float(np.concatenate([head, rest]).mean()), len(head), n)
 
     def __call__(self, counts: Any) -> float:
         """Full-fidelity loss (every selection image)."""
         return self.score(counts).full
-
-
 def make_objective(wb: Any, repair: str, objective: str = "kl",
                    screen_size: int | None = None) -> Callable[[np.ndarray], float]:
     """Loss of per-layer counts (in ``wb.layers`` order) on the selection split.

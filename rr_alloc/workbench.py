@@ -31,7 +31,7 @@ from .plan import LayerPlan, Plan
 from .profile import RRProfile, profile_rr, validate_grid
 from .pruning import apply_masks, masks_for_plan, nm_masks, parse_pattern
 from .repair import DenseSiteCache, RepairPipeline, run_repair
-from .optuna_storage import study_name_for_workbench
+from .optuna_storage import evaluated, study_name_for_workbench
 from .repair.reconstruct import DEFAULT_DAMP
 from .selection import SelectionScorer, make_objective, paired_upper_bound
 from .sensitivity import output_sensitivity
@@ -264,7 +264,7 @@ class Workbench:
 
         study = getattr(alloc, "study", None)
         self.last_study = study
-        trials = study.get_trials(deepcopy=False) if study is not None else []
+        trials = [t for t in study.get_trials(deepcopy=False) if evaluated(t)] if study is not None else []
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         glob = self.allocate("global", budget)
         anchor = next((t for t in done if t.user_attrs.get("counts") == [glob[n] for n in scorer.names]), None)
@@ -272,7 +272,7 @@ class Workbench:
         info: dict[str, Any] = {
             "optimizer": self.cfg.optimizer, "guidance": self.cfg.guidance if self.cfg.optimizer == "evo" else None,
             "objective": self.cfg.objective, "trials": len(trials), "complete": len(done),
-            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "pruned": len(trials) - len(done),  # screened out by evo (trials stopped by --total-trials not counted)
             "screen_size": scorer.screen_size if self.cfg.optimizer == "evo" else None,
             "study_name": study.study_name if study is not None else None,
             "best_selection": best.value if best else None,

@@ -102,25 +102,25 @@ def run(settings: dict[str, Any], seeds: list[int], out: Path, log: Callable[[st
     trials = pd.read_csv(trials_csv).to_dict("records") if trials_csv.exists() else []
     done = {(r["model"], r["budget"], r["variant"], r["seed"]) for r in rows}
 
-    def cell(model: str, budget: float, opt: str, guid: str) -> None:
-        for seed in seeds:
-            if (model, budget, variant(opt, guid), seed) in done:
-                continue
-            r, t = run_cell(model, budget, opt, guid, seed, settings, log)
-            rows.extend(r)
-            trials.extend(t)
-            write_frame_csv(pd.DataFrame(rows), cells_csv)
-            write_frame_csv(pd.DataFrame(trials), trials_csv)
+    def cell(model: str, budget: float, opt: str, guid: str, seed: int, settings: dict[str, Any]) -> None:
+        if (model, budget, variant(opt, guid), seed) in done:
+            return
+        r, t = run_cell(model, budget, opt, guid, seed, settings, log)
+        rows.extend(r)
+        trials.extend(t)
+        write_frame_csv(pd.DataFrame(rows), cells_csv)
+        write_frame_csv(pd.DataFrame(trials), trials_csv)
 
     if "A" in phases:
         for opt, guid in VARIANTS_A:
-            cell("resnet20", 0.9, opt, guid)
+            for seed in seeds:
+                cell("resnet20", 0.9, opt, guid, seed, settings)
     if "B" in phases:
         opt, guid = winner(pd.DataFrame(rows))
         log(f"(B) winner of (A) by mean validation KL: {variant(opt, guid)}")
-        settings = {**settings, "trials": settings["trials_b"]}
-        for model, budget in CELLS_B:
-            cell(model, budget, opt, guid)
+        for seed in seeds:  # seed by seed, so a run stopped early has every cell at its first seeds
+            for model, budget in CELLS_B:
+                cell(model, budget, opt, guid, seed, {**settings, "trials": settings["trials_b"]})
 
 
 def winner(df: pd.DataFrame) -> tuple[str, str]:

@@ -62,7 +62,7 @@ def phases(wb: Workbench, counts: dict, repeats: int) -> dict[str, float]:
     scorer = make_objective(wb, CHANNEL_REPAIR)
     model = scorer.model(counts)
     t_sel = median_time(lambda: scorer.losses(model, "selection"), repeats)
-    t_screen = median_time(lambda: scorer.losses(model, "selection", 0, scorer.screen_size), repeats)
+    t_screen = median_time(lambda: scorer.losses(model, "selection", scorer.screen_idx), repeats)
     t_f = median_time(lambda: dense_pass(wb.dense, wb.splits.calib), repeats)
     return {"T_f": t_f, "copy_masks": t_copy, "bn_recalibration": t_bn, "channel_repair": t_all - t_copy - t_bn,
             "selection_forward": t_sel, "screen_forward": t_screen}
