@@ -79,6 +79,8 @@ class Workbench:
         self.splits: Splits = load_splits(self.data_spec, cfg.batch_size)
         if self.splits.calib.n == 0:
             raise UserError("the calibration split is empty: raise --calib-size")
+        if cfg.validation_size == 1:
+            raise UserError("--validation-size 1 cannot bound a mean difference: pass 0 (no check) or >= 2")
         self._check_forward()
         self.timings["load"] = time.perf_counter() - t0
         self._dense_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

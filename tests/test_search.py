@@ -48,7 +48,7 @@ class ScreeningLoss:
     def score(self, counts, beat=None):
         self.calls.append((np.asarray(counts).copy(), beat))
         full = _loss(counts)
-        screen = full * (1.0 + 0.01 * (int(np.sum(counts)) % 3))
+        screen = full * (1.0 + 0.02 * (int(counts[0]) % 5))  # a per-plan wobble: screen and full can disagree
         if beat is not None and screen >= beat:
             return Screened(screen, None, 1, 4)
         return Screened(screen, full, 1, 4)
@@ -81,8 +81,10 @@ def test_block_moves_keep_budget_and_bounds(parts):
             assert np.all(k >= kmin) and np.all(k <= kmax)
             if unit == "weights":
                 assert int(k.sum()) == round(0.9 * int(pb.n.sum()))
-            else:  # MACs within one weight of the cheapest layer
-                assert abs(float(a @ k) - pb.target) <= a.max()
+            else:  # MACs within one weight of the cheapest layer that can still move the right way
+                err = pb.target - float(a @ k)
+                room = (k < kmax) if err > 0 else (k > kmin)
+                assert abs(err) <= a[room].min()
 
 
 def test_rr_guidance_prefers_cheap_receivers(parts):
@@ -207,9 +209,13 @@ def test_fallback_returns_global_when_search_does_not_beat_it():
     info = wb.search_info[0.9]
     assert got == glob and info["fallback"] is True and info["validation_bound"] >= 0
     assert info["validation_size"] == 128
-    # the same check keeps a plan that is better on the validation images
+    # the same check keeps a plan that is better on the validation images (here: global magnitude, scored
+    # against a worse reference standing in for "global")
+    monkey = wb.allocate
+    wb.allocate = lambda name, budget, **kw: dict(bad) if name == "global" else monkey(name, budget, **kw)
     got = wb._validate_search(dict(glob), 0.9, _Searched(), scorer, 1.0)
-    assert got == glob and wb.search_info[0.9]["fallback"] is False
+    info = wb.search_info[0.9]
+    assert got == glob and info["fallback"] is False and info["validation_bound"] < 0
 
 
 def wb_scorer(wb):
@@ -229,6 +235,22 @@ def test_search_plan_records_provenance_and_verify_rebuilds_validation(tmp_path,
     assert (out.parent / "search_progress.png").is_file()
     assert "validation (64 images)" in capsys.readouterr().out
     assert main(["verify", "--plan", str(out)]) == 0
+    from rr_alloc.plan import Plan
+    from rr_alloc.replay import config_from_plan
+
+    rebuilt = Workbench(RunConfig(**config_from_plan(Plan.load(out))), progress=False).splits
+    first = Workbench(RunConfig(calib_size=128, selection_size=128, validation_size=64), progress=False).splits
+    for split in ("calib", "selection", "validation"):
+        assert getattr(rebuilt, f"{split}_indices") == getattr(first, f"{split}_indices")
+
+
+def test_explicit_study_name_refuses_another_budget(tmp_path, capsys):
+    storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
+    args = ["search", "--allocator", "optuna", "--n-trials", "2", "--no-verify", "--calib-size", "64",
+            "--selection-size", "64", "--storage", storage, "--study-name", "mine"]
+    assert main([*args, "--budget", "0.8", "--out", str(tmp_path / "a.json")]) == 0
+    assert main([*args, "--budget", "0.9", "--out", str(tmp_path / "b.json")]) == 2
+    assert "searches budget 0.8" in capsys.readouterr().err and not (tmp_path / "b.json").exists()
 
 
 def test_bad_search_flags_are_one_line_errors(capsys):
@@ -236,6 +258,8 @@ def test_bad_search_flags_are_one_line_errors(capsys):
     assert "search_step" in capsys.readouterr().err
     assert main(["search", "--budget", "0.9", "--allocator", "optuna", "--validation-size", "5000"]) == 2
     assert "--validation-size" in capsys.readouterr().err
+    assert main(["search", "--budget", "0.9", "--allocator", "optuna", "--validation-size", "1"]) == 2
+    assert "--validation-size 1" in capsys.readouterr().err
 
 
 def test_compare_includes_the_search_when_asked(tmp_path, capsys):

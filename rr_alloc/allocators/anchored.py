@@ -51,12 +51,10 @@ def fix_cost(problem: AllocationProblem, k: np.ndarray) -> np.ndarray:
     kmin, kmax = count_bounds(problem)
     a = problem.cost / problem.n  # MACs per pruned weight
     k = k.copy()
-    for i in np.argsort(a):
-        err = problem.target - float(a @ k)
-        step = int(np.clip(round(err / a[i]), kmin[i] - k[i], kmax[i] - k[i]))
-        k[i] += step
-        if abs(problem.target - float(a @ k)) <= a[i]:
-            break
+    for _ in range(2):  # the second sweep lets a cheap layer take back what a coarse one overshot
+        for i in np.argsort(a):
+            err = problem.target - float(a @ k)
+            k[i] += int(np.clip(round(err / a[i]), kmin[i] - k[i], kmax[i] - k[i]))
     return k
 
 

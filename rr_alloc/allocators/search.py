@@ -67,6 +67,24 @@ def _param(name: str, prefix: str) -> str:
     return f"{prefix}:{name}"
 
 
+def _check_study_matches(study, created: bool, meta: dict) -> None:
+    """Record what a new study searches; refuse to add trials of another budget/optimizer/model to it.
+
+    The default study name is keyed on these settings; an explicit ``--study-name`` reused elsewhere is not.
+    """
+    if created:
+        for k, v in meta.items():
+            study.set_user_attr(k, v)
+        return
+    stored = study.user_attrs
+    for k, v in meta.items():
+        if k in stored and stored[k] != v:
+            shown = "other layers" if k == "layers" else f"{k} {stored[k]!r}"
+            raise UserError(f"Optuna study {study.study_name} searches {shown}, this run {k} "
+                            f"{'(these layers)' if k == 'layers' else repr(v)}: pass another --study-name, or none "
+                            "(the default name is keyed on the settings)")
+
+
 class EvoSampler:
     """Optuna sampler of the evolutionary search: a child of the best COMPLETE trial (see the module doc).
 
@@ -174,8 +192,10 @@ class OptunaSearch(Allocator):
         space = {"evo": self._evo, "cmaes": self._cmaes, "tpe-mix": self._tpe_mix}[optimizer]
         make_sampler, enqueue, objective = space(problem, guidance == "rr", float(opts.get("search_step", 0.05)))
         optuna.logging.set_verbosity(logging.WARNING)
-        study, _ = ost.open_study(name, storage, make_sampler, problem.seed, enqueue,
-                                  load_only=settings.n_trials == 0)
+        study, created = ost.open_study(name, storage, make_sampler, problem.seed, enqueue,
+                                        load_only=settings.n_trials == 0)
+        _check_study_matches(study, created, {"budget": float(problem.budget), "unit": problem.unit,
+                                              "optimizer": optimizer, "layers": list(problem.names)})
         ost.optimize(study, objective, settings, callbacks=opts.get("callbacks"))
         self.study = study
         best = ost.best_trial(study)
