@@ -207,6 +207,8 @@ def main() -> None:
     s.add_argument("--search-phases", default="AB", help="A (optimiser x guidance), B (winner elsewhere) or AB")
     s.add_argument("--search-no-transfer", action="store_true",
                    help="skip verifying the searched plans under the reconstruction repair (about 1 min a cell)")
+    s.add_argument("--search-transfer-only", metavar="VARIANT",
+                   help="only verify the finished cells of VARIANT (e.g. evo-rr) under the reconstruction repair")
     s.add_argument("--summarise", action="store_true", help="--search: rebuild the summary from the CSVs")
     args = ap.parse_args()
     shared_dir(args.shared)

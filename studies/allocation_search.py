@@ -77,12 +77,7 @@ def run_cell(model: str, budget: float, optimizer: str, guidance: str, seed: int
     chosen = "global" if info.get("fallback") else "search"
     rows += [{**r, "plan": "returned"} for r in rows if r["plan"] == chosen]
     if settings["transfer"] and searched != glob:
-        # does a plan searched under the channel-wise repair carry over to the reconstruction repair?
-        for plan, counts in (("search", searched), ("global", glob)):
-            for split, m in wb.verify_splits(counts, RECONSTRUCT_REPAIR, ("validation", "test")).items():
-                rows.append({**key, "plan": plan, "repair": RECONSTRUCT_REPAIR, "split": split, "n": m.n,
-                             "top1": m.top1, "agreement": m.agreement, "kl": m.kl,
-                             "achieved_sparsity": wb.achieved(counts)})
+        rows += transfer_rows(wb, key, searched, glob)
     trials = [{**{k: key[k] for k in ("model", "budget", "variant", "seed")}, "number": t.number,
                "state": t.state.name, "kl": t.value, "screen": t.user_attrs.get("screen")}
               for t in study.get_trials(deepcopy=False)]
@@ -92,6 +87,41 @@ def run_cell(model: str, budget: float, optimizer: str, guidance: str, seed: int
         f"(global {info['global_selection']:.3f}); fallback {info.get('fallback')}; test top-1 search "
         f"{100 * test['search']['top1']:.1f} global {100 * test['global']['top1']:.1f}")
     return rows, trials
+
+
+def transfer_rows(wb: Workbench, key: dict, searched: dict, glob: dict) -> list[dict]:
+    """Does a plan searched under the channel-wise repair carry over to the reconstruction repair?"""
+    rows = []
+    for plan, counts in (("search", searched), ("global", glob)):
+        for split, m in wb.verify_splits(counts, RECONSTRUCT_REPAIR, ("validation", "test")).items():
+            rows.append({**key, "plan": plan, "repair": RECONSTRUCT_REPAIR, "split": split, "n": m.n,
+                         "top1": m.top1, "agreement": m.agreement, "kl": m.kl, "achieved_sparsity": wb.achieved(counts)})
+    return rows
+
+
+def run_transfer(settings: dict[str, Any], out: Path, log: Callable[[str], None], only: str | None) -> None:
+    """Add the transfer rows to the finished cells of ``cells.csv`` that lack them (optionally one variant)."""
+    cells_csv = out / "cells.csv"
+    df = pd.read_csv(cells_csv)
+    have = set(map(tuple, df[df.repair == RECONSTRUCT_REPAIR][["model", "budget", "variant", "seed"]].values))
+    chan = df[(df.repair == CHANNEL_REPAIR) & (df.split == "test") & df.plan.isin(["search", "global"])]
+    rows = df.to_dict("records")
+    for (model, budget, v, seed), g in chan.groupby(["model", "budget", "variant", "seed"], sort=False):
+        if (model, budget, v, seed) in have or (only and v != only):
+            continue
+        counts = {p: json.loads(g[g.plan == p].counts.iloc[0]) for p in ("search", "global")}
+        if counts["search"] == counts["global"]:
+            continue
+        cfg = model_config(model, seed=int(seed), repair=CHANNEL_REPAIR, selection_size=settings["selection"],
+                           validation_size=settings["validation"], **settings.get("overrides", {}))
+        wb = Workbench(cfg, progress=False)
+        names = [l.name for l in wb.layers]
+        plans = {p: dict(zip(names, c)) for p, c in counts.items()}
+        key = g.iloc[0][["model", "budget", "variant", "optimizer", "guidance", "seed", "trials", "pruned",
+                         "fallback", "search_seconds", "validation_bound"]].to_dict()
+        rows += transfer_rows(wb, key, plans["search"], plans["global"])
+        write_frame_csv(pd.DataFrame(rows), cells_csv)
+        log(f"transfer {model} b={budget} {v} seed {seed} done")
 
 
 def run(settings: dict[str, Any], seeds: list[int], out: Path, log: Callable[[str], None],
@@ -296,6 +326,9 @@ def main(args: Any, machine: str, command: str) -> None:
             with open(log_path, "a") as f:
                 f.write(msg + "\n")
 
-        run(settings, seeds, out, log, args.search_phases)
+        if args.search_transfer_only:
+            run_transfer(settings, out, log, args.search_transfer_only)
+        else:
+            run(settings, seeds, out, log, args.search_phases)
     write_text_atomic(out / "summary.md", summarise(out, settings, command, machine, args.quick))
     print((out / "summary.md").read_text())
