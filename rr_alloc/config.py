@@ -73,6 +73,7 @@ class RunConfig:
     guidance: str = "rr"                 # evo: rr (RR-profile move probabilities) | none
     screen_size: int | None = None       # evo: selection images of the screen; None: a quarter of the split
     search_step: float = 0.05            # evo: block move, as a fraction of the smaller layer
+    search_repair: str | None = None     # repair in the search loop; None: the run's repair
     # execution
     device: str = "auto"
     threads: int | None = None
@@ -95,6 +96,11 @@ class RunConfig:
         if self.reference:
             return self.reference
         return "global" if self.allocator != "global" else "rr-greedy"
+
+    @property
+    def loop_repair(self) -> str:
+        """The repair that scores search candidates (``search_repair``, else the run's ``repair``)."""
+        return self.search_repair or self.repair
 
     def validate(self) -> "RunConfig":
         """Check every field's type and range; a bad one is a one-line ``UserError`` naming the key.
@@ -168,7 +174,7 @@ _RULES: dict[str, tuple[Any, bool]] = {
     "study_name": (_str, True), "total_trials": (_int(1), True), "heartbeat_interval": (_int(1), False),
     "grace_period": (_int(1), True), "max_retry": (_int(0), False),
     "optimizer": (_str, False), "guidance": (_str, False), "screen_size": (_int(1), True),
-    "search_step": (_real(0.0, 1.0), False), "device": (_str, False),
+    "search_step": (_real(0.0, 1.0), False), "search_repair": (_str, True), "device": (_str, False),
     "threads": (_int(1), True), "out": (_str, True), "cache": (_bool, False), "cache_dir": (_str, True),
 }
 

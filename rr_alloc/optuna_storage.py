@@ -241,7 +241,7 @@ def study_name_for_workbench(wb: Any, budget: float) -> str:
     cfg = wb.cfg
     parts = {"model": fingerprint_model(wb.dense), "calib": fingerprint_tensor(wb.splits.calib.x),
              "selection": fingerprint_tensor(wb.splits.selection.x), "budget": float(budget),
-             "repair": cfg.repair, "objective": cfg.objective, "unit": cfg.unit,
+             "repair": cfg.search_repair or cfg.repair, "objective": cfg.objective, "unit": cfg.unit,
              "layers": [l.name for l in wb.layers], "s_max": cfg.s_max, "layer_weights": cfg.layer_weights,
              "optimizer": cfg.optimizer}
     if cfg.optimizer == "evo":  # the sampler's moves and the screen change what a trial means

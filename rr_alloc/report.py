@@ -87,8 +87,8 @@ def search_lines(info: dict) -> list[str]:
     if info.get("guidance"):
         opt += f" (guidance {info['guidance']}, screen {info.get('screen_size')} images)"
     lines = [f"search: {opt}, {info.get('trials')} trials ({info.get('pruned', 0)} screened out) in "
-             f"{info.get('seconds', 0):.0f}s; {info.get('objective')} on {info.get('selection_size')} selection "
-             f"images: best {info.get('best_selection', float('nan')):.4f}, global magnitude "
+             f"{info.get('seconds', 0):.0f}s; {info.get('objective')} after {info.get('repair')} on "
+             f"{info.get('selection_size')} selection images: best {info.get('best_selection', float('nan')):.4f}, global magnitude "
              f"{info.get('global_selection', float('nan')):.4f}"]
     if info.get("fallback") is None:
         lines.append("validation: none (--validation-size 0): the searched plan is returned unchecked")

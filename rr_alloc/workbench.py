@@ -213,7 +213,7 @@ class Workbench:
         extra: dict[str, Any] = {}
         scorer = bar = None
         if cls.needs.evaluate:
-            scorer = make_objective(self, self.cfg.repair, self.cfg.objective, self.cfg.screen_size)
+            scorer = make_objective(self, self.cfg.loop_repair, self.cfg.objective, self.cfg.screen_size)
             extra["evaluate"] = scorer
             name = self.cfg.study_name or study_name_for_workbench(self, budget)
             bar, callbacks = self._search_progress()
@@ -273,7 +273,7 @@ class Workbench:
         best = min(done, key=lambda t: t.value) if done else None
         info: dict[str, Any] = {
             "optimizer": self.cfg.optimizer, "guidance": self.cfg.guidance if self.cfg.optimizer == "evo" else None,
-            "objective": self.cfg.objective, "trials": len(trials), "complete": len(done),
+            "objective": self.cfg.objective, "repair": self.cfg.loop_repair, "trials": len(trials), "complete": len(done),
             "pruned": len(trials) - len(done),  # screened out by evo (trials stopped by --total-trials not counted)
             "screen_size": scorer.screen_size if self.cfg.optimizer == "evo" else None,
             "study_name": study.study_name if study is not None else None,

@@ -281,3 +281,12 @@ def test_search_flops_budget_and_bounds(tmp_path):
     plan = json.loads(out.read_text())
     assert all(l["sparsity"] <= 0.95 + 1e-9 for l in plan["layers"])
     assert abs(plan["achieved_sparsity"] - 0.8) < 1e-3
+
+
+def test_search_repair_scores_candidates_and_repair_verifies(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["search", "--budget", "0.9", "--allocator", "optuna", "--n-trials", "4", "--out", str(out),
+                 "--calib-size", "96", "--selection-size", "64", "--repair", "bn", "--search-repair",
+                 "bn>naive@block+logits"]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["repair"] == "bn" and plan["search"]["repair"] == "bn>naive@block+logits"

@@ -296,7 +296,7 @@ def test_study_name_keyed_on_content_not_paths():
     def wb(calib, train_path, seed=0):
         cfg = SimpleNamespace(repair="bn", objective="kl", unit="weights", s_max=0.99, layer_weights="uniform",
                               train_data=train_path, seed=seed, optimizer="evo", guidance="rr", search_step=0.05,
-                              screen_size=None)
+                              screen_size=None, search_repair=None)
         splits = SimpleNamespace(calib=SimpleNamespace(x=calib), selection=SimpleNamespace(x=x[:4]))
         return SimpleNamespace(cfg=cfg, dense=model, splits=splits, layers=[SimpleNamespace(name="0")],
                                data_spec=SimpleNamespace(to_dict=lambda: {"train": train_path}))

@@ -107,6 +107,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    "full score (default a quarter of the selection split)")
     o.add_argument("--search-step", type=float, help="evo: a move shifts this fraction of the smaller layer's "
                    "weights (default 0.05)")
+    o.add_argument("--search-repair", help="repair that scores search candidates (default: --repair); e.g. the fast "
+                   "channel-wise bn>naive@block+logits while --repair obs>... verifies the plan")
     o.add_argument("--validation-size", type=int, help="training images held out from calibration and selection: "
                    "a searched plan is kept only when it beats global magnitude there (default 0: no check)")
 
@@ -124,7 +126,7 @@ _RUN_KEYS = ("model", "checkpoint", "num_classes", "pretrained", "dataset", "tra
              "grid", "s_max", "include", "exclude", "allocator", "reference", "unit", "layer_weights", "repair",
              "profile_repair", "pattern",
              "n_trials", "timeout", "storage", "objective", "study_name", "total_trials", "heartbeat_interval",
-             "grace_period", "max_retry", "validation_size", "optimizer", "guidance", "screen_size", "search_step")
+             "grace_period", "max_retry", "validation_size", "optimizer", "guidance", "screen_size", "search_step", "search_repair")
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:

@@ -76,6 +76,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not cfg.pattern:
         allocator_class(cfg.reference_allocator)
     RepairPipeline.parse(cfg.repair)
+    RepairPipeline.parse(cfg.loop_repair)
     made: list[Path] = []
     db: Path | None = None
     if cfg.allocator == "optuna" and not cfg.pattern:  # bad settings or an unreachable server fail before any work
