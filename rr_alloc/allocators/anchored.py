@@ -18,18 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import AllocationProblem, round_to_budget
+from .base import AllocationProblem, count_bounds, round_to_budget
 from .baselines import threshold_sparsities
 
 __all__ = ["multiplier_counts", "count_bounds", "block_moves", "rr_move_probabilities", "fix_cost"]
-
-
-def count_bounds(problem: AllocationProblem) -> tuple[np.ndarray, np.ndarray]:
-    """Smallest and largest pruned count of each layer within its sparsity bounds."""
-    n = problem.n
-    kmin = np.ceil(problem.lower * n - 1e-9).astype(np.int64)
-    kmax = np.floor(problem.upper * n + 1e-9).astype(np.int64)
-    return kmin, kmax
 
 
 def multiplier_counts(problem: AllocationProblem, sorted_abs: list[np.ndarray], alpha: np.ndarray) -> np.ndarray:

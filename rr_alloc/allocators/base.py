@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..layers import LayerInfo
 
 __all__ = ["AllocationProblem", "Allocator", "Needs", "ALLOCATORS", "register", "get_allocator", "allocator_class",
-           "round_to_budget", "solve_increasing", "solve_clipped_scale", "BUDGET_UNITS"]
+           "round_to_budget", "count_bounds", "solve_increasing", "solve_clipped_scale", "BUDGET_UNITS"]
 
 BUDGET_UNITS = ("weights", "flops")
 
@@ -115,6 +115,14 @@ class AllocationProblem:
         return float(self.cost @ s / self.cost.sum())
 
 
+def count_bounds(problem: AllocationProblem) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest pruned count of each layer within its sparsity bounds."""
+    n = problem.n
+    kmin = np.ceil(problem.lower * n - 1e-9).astype(np.int64)
+    kmax = np.floor(problem.upper * n + 1e-9).astype(np.int64)
+    return kmin, kmax
+
+
 def round_to_budget(problem: AllocationProblem, s: np.ndarray) -> np.ndarray:
     """Integer pruned counts from continuous sparsities, meeting the budget.
 
@@ -124,8 +132,7 @@ def round_to_budget(problem: AllocationProblem, s: np.ndarray) -> np.ndarray:
     """
     n = problem.n
     s = np.clip(np.asarray(s, float), problem.lower, problem.upper)
-    kmin = np.ceil(problem.lower * n - 1e-9).astype(np.int64)
-    kmax = np.floor(problem.upper * n + 1e-9).astype(np.int64)
+    kmin, kmax = count_bounds(problem)
     if problem.unit == "flops":
         return np.clip(np.round(s * n).astype(np.int64), kmin, kmax)
     exact = s * n

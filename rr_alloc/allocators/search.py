@@ -114,10 +114,11 @@ class EvoSampler:
 
         if "fixed_params" in trial.system_attrs:  # an enqueued plan (the anchor): scored as given
             return {}
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
         parent = min(done, key=lambda t: t.value) if done else None
         k0 = self.anchor if parent is None else np.array([parent.params[p] for p in self.space], np.int64)
-        seen = {tuple(t.params.get(p) for p in self.space) for t in study.get_trials(deepcopy=False)}
+        seen = {tuple(t.params.get(p) for p in self.space) for t in trials}
         for attempt in range(40):  # a child already in the study teaches nothing: draw again, wider each time
             child = self.child(k0, extra_moves=attempt // 10)
             if tuple(int(v) for v in child) not in seen:
@@ -212,9 +213,9 @@ class OptunaSearch(Allocator):
         anchor = get_allocator("global").allocate(problem)
         names = [_param(n, "k") for n in problem.names]
         score = getattr(problem.evaluate, "score", None)
+        kmin, kmax = count_bounds(problem)
 
         def objective(trial: "optuna.Trial") -> float:
-            kmin, kmax = count_bounds(problem)
             counts = np.array([trial.suggest_int(p, int(lo), int(hi)) for p, lo, hi in zip(names, kmin, kmax)])
             self._record(trial, counts)
             if score is None:  # a plain callable: no screening
