@@ -204,7 +204,9 @@ def main() -> None:
     s.add_argument("--search-trials-b", type=int, default=100, help="trials per search in (B) (the configs' default)")
     s.add_argument("--search-selection", type=int, default=2048, help="selection images that score candidates")
     s.add_argument("--search-validation", type=int, default=2048, help="validation images of the fallback check")
-    s.add_argument("--search-phases", default="AB", help="A (optimiser x guidance), B (winner elsewhere) or AB")
+    s.add_argument("--search-selection-c", type=int, default=4096, help="(C): the larger selection split")
+    s.add_argument("--search-phases", default="AB",
+                   help="any of A (optimiser x guidance), B (winner elsewhere), C (winner on a larger selection split)")
     s.add_argument("--search-no-transfer", action="store_true",
                    help="skip verifying the searched plans under the reconstruction repair (about 1 min a cell)")
     s.add_argument("--search-transfer-only", metavar="VARIANT",

@@ -9,11 +9,16 @@ split of training images (the fallback rule of the tool) and reported on the tes
     calibration seeds and number of evaluations (trials) each.
 (B) the winner of (A) -- the lowest mean *validation* KL, never the test split -- on ResNet-32 at 0.9 and
     ResNet-20 at 0.8 and 0.95 (ResNet-20 at 0.9 is (A)'s cells).
+(C) the winner of (A) scored on a larger selection split (``--search-selection-c``, default 4096 images;
+    the issue's pilot gained most with it) on ResNet-20 and ResNet-32 at 0.9, with (A)'s and (B)'s numbers
+    of evaluations. The validation split is drawn after the selection split, so its images differ from
+    (A)/(B)'s; every margin is paired with global magnitude on the cell's own splits.
 
 Each cell rescores global magnitude under the same repair (a check against the committed rows of
 allocation_comparison.py, whose uniform/LAMP/ERK rows give the best baseline: same calibration images).
 
     python studies/allocation_comparison.py --search                 # (A) then (B)
+    python studies/allocation_comparison.py --search --search-phases C   # (C), after (A)
     python studies/allocation_comparison.py --search --quick         # smoke run, separate folder
     python studies/allocation_comparison.py --search --summarise     # rebuild summary from the CSVs
 
@@ -42,15 +47,19 @@ OUT = ROOT / "studies" / "results" / "allocation_search"
 BASELINE_CSV = ROOT / "studies" / "results" / "allocation_comparison" / "results.csv"
 VARIANTS_A = (("evo", "rr"), ("evo", "none"), ("cmaes", "none"))
 CELLS_B = (("resnet32", 0.9), ("resnet20", 0.95), ("resnet20", 0.8))
+CELLS_C = (("resnet20", 0.9), ("resnet32", 0.9))
 
 
-def variant(optimizer: str, guidance: str) -> str:
-    return f"{optimizer}-{guidance}" if optimizer == "evo" else optimizer
+def variant(optimizer: str, guidance: str, selection: int | None = None) -> str:
+    """The cell's label: ``evo-rr``, ``cmaes``; ``evo-rr-sel4096`` when (C) scores on another selection size."""
+    name = f"{optimizer}-{guidance}" if optimizer == "evo" else optimizer
+    return f"{name}-sel{selection}" if selection else name
 
 
 def run_cell(model: str, budget: float, optimizer: str, guidance: str, seed: int, settings: dict[str, Any],
-             log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+             log: Callable[[str], None], label: str | None = None) -> tuple[list[dict], list[dict]]:
     """One search; rows for the searched plan, global magnitude and the returned plan on every split."""
+    label = label or variant(optimizer, guidance)
     cfg = model_config(model, seed=seed, repair=CHANNEL_REPAIR, allocator="optuna", optimizer=optimizer,
                        guidance=guidance, n_trials=settings["trials"], selection_size=settings["selection"],
                        validation_size=settings["validation"], **settings.get("overrides", {}))
@@ -64,8 +73,8 @@ def run_cell(model: str, budget: float, optimizer: str, guidance: str, seed: int
     best = min((t for t in study.get_trials(deepcopy=False) if t.value is not None), key=lambda t: t.value)
     searched = dict(zip([l.name for l in wb.layers], best.user_attrs["counts"]))
     glob = wb.allocate("global", budget)
-    key = {"model": model, "budget": budget, "variant": variant(optimizer, guidance), "optimizer": optimizer,
-           "guidance": guidance, "seed": seed, "trials": info["trials"], "pruned": info["pruned"],
+    key = {"model": model, "budget": budget, "variant": label, "optimizer": optimizer, "guidance": guidance,
+           "seed": seed, "selection_size": settings["selection"], "trials": info["trials"], "pruned": info["pruned"],
            "fallback": info.get("fallback"), "search_seconds": seconds,
            "validation_bound": info.get("validation_bound")}
     rows = []
@@ -82,7 +91,7 @@ def run_cell(model: str, budget: float, optimizer: str, guidance: str, seed: int
                "state": t.state.name, "kl": t.value, "screen": t.user_attrs.get("screen")}
               for t in study.get_trials(deepcopy=False)]
     test = {r["plan"]: r for r in rows if r["split"] == "test" and r["repair"] == CHANNEL_REPAIR}
-    log(f"{model} b={budget} {variant(optimizer, guidance):<8} seed {seed}: {info['trials']} trials "
+    log(f"{model} b={budget} {label:<8} seed {seed}: {info['trials']} trials "
         f"({info['pruned']} screened out) in {seconds / 60:.1f} min; selection KL {info['best_selection']:.3f} "
         f"(global {info['global_selection']:.3f}); fallback {info.get('fallback')}; test top-1 search "
         f"{100 * test['search']['top1']:.1f} global {100 * test['global']['top1']:.1f}")
@@ -112,7 +121,9 @@ def run_transfer(settings: dict[str, Any], out: Path, log: Callable[[str], None]
         counts = {p: json.loads(g[g.plan == p].counts.iloc[0]) for p in ("search", "global")}
         if counts["search"] == counts["global"]:
             continue
-        cfg = model_config(model, seed=int(seed), repair=CHANNEL_REPAIR, selection_size=settings["selection"],
+        sel = g.selection_size.iloc[0] if "selection_size" in g else np.nan  # older rows: the run's setting
+        sel = settings["selection"] if pd.isna(sel) else int(sel)
+        cfg = model_config(model, seed=int(seed), repair=CHANNEL_REPAIR, selection_size=sel,
                            validation_size=settings["validation"], **settings.get("overrides", {}))
         wb = Workbench(cfg, progress=False)
         names = [l.name for l in wb.layers]
@@ -132,10 +143,11 @@ def run(settings: dict[str, Any], seeds: list[int], out: Path, log: Callable[[st
     trials = pd.read_csv(trials_csv).to_dict("records") if trials_csv.exists() else []
     done = {(r["model"], r["budget"], r["variant"], r["seed"]) for r in rows}
 
-    def cell(model: str, budget: float, opt: str, guid: str, seed: int, settings: dict[str, Any]) -> None:
-        if (model, budget, variant(opt, guid), seed) in done:
+    def cell(model: str, budget: float, opt: str, guid: str, seed: int, settings: dict[str, Any],
+             label: str | None = None) -> None:
+        if (model, budget, label or variant(opt, guid), seed) in done:
             return
-        r, t = run_cell(model, budget, opt, guid, seed, settings, log)
+        r, t = run_cell(model, budget, opt, guid, seed, settings, log, label)
         rows.extend(r)
         trials.extend(t)
         write_frame_csv(pd.DataFrame(rows), cells_csv)
@@ -151,6 +163,15 @@ def run(settings: dict[str, Any], seeds: list[int], out: Path, log: Callable[[st
         for seed in seeds:  # seed by seed, so a run stopped early has every cell at its first seeds
             for model, budget in CELLS_B:
                 cell(model, budget, opt, guid, seed, {**settings, "trials": settings["trials_b"]})
+    if "C" in phases:
+        opt, guid = winner(pd.DataFrame(rows))
+        sel = settings["selection_c"]
+        log(f"(C) {variant(opt, guid)} scored on {sel} selection images")
+        for model, budget in CELLS_C:  # ResNet-20's three seeds first: the cheaper cells give the first interval
+            trials_c = settings["trials"] if model == "resnet20" else settings["trials_b"]
+            for seed in seeds:
+                cell(model, budget, opt, guid, seed, {**settings, "trials": trials_c, "selection": sel},
+                     variant(opt, guid, sel))
 
 
 def winner(df: pd.DataFrame) -> tuple[str, str]:
@@ -204,9 +225,9 @@ def summarise(out: Path, settings: dict[str, Any], command: str, machine: str, q
              f"{settings['validation']} training images per calibration seed (disjoint, one permutation); test = "
              f"{int(df[df.split == 'test'].n.iloc[0])} CIFAR-10 test images, reporting only. "
              f"{settings['trials']} trials (evaluations) per search in (A), {settings['trials_b']} (the configs' "
-             "default) in (B); evo screens each child on the first "
+             "default) in (B); evo screens each child on a seeded random "
              "quarter of the selection split. Intervals: 95% t over seeds, paired by seed.", ""]
-    a = df[(df.model == "resnet20") & (df.budget == 0.9)]
+    a = df[(df.model == "resnet20") & (df.budget == 0.9) & ~df.variant.str.contains("-sel")]
     if len(a):
         lines += ["## (A) Optimiser x RR guidance, ResNet-20 at 0.9", "",
                   "Selection / validation: mean KL to the dense logits of the searched plan (lower is better) and "
@@ -240,6 +261,7 @@ def summarise(out: Path, settings: dict[str, Any], command: str, machine: str, q
                       ", test top-1 "
                       f"{_paired(_pivot(g_on, 'search', 'test', 'top1'), _pivot(g_off, 'search', 'test', 'top1'), 100)}"
                       " points (negative KL: guidance helps).", ""]
+    lines += _section_c(df)
     rows = []
     for (model, budget, v), g in df.groupby(["model", "budget", "variant"], sort=False):
         base = baselines(model, budget)
@@ -286,6 +308,36 @@ def summarise(out: Path, settings: dict[str, Any], command: str, machine: str, q
     return "\n".join(lines)
 
 
+def _section_c(df: pd.DataFrame) -> list[str]:
+    """(C): the same search scored on a larger selection split, against itself on the smaller one."""
+    c = df[df.variant.str.contains("-sel")]
+    if not len(c):
+        return []
+    rows = []
+    for (model, budget, v), g in c.groupby(["model", "budget", "variant"], sort=False):
+        small = df[(df.model == model) & (df.budget == budget) & (df.variant == v.rsplit("-sel", 1)[0])]
+        row = {"model": model, "budget": f"{budget:g}", "variant": v, "seeds": g.seed.nunique(),
+               "selection images": int(g.selection_size.iloc[0])}
+        for split in ("selection", "validation"):
+            row[f"{split} KL - global"] = _paired(_pivot(g, "search", split, "kl"), _pivot(g, "global", split, "kl"))
+        row["test KL - global"] = _paired(_pivot(g, "search", "test", "kl"), _pivot(g, "global", "test", "kl"))
+        row["test top-1 search - global"] = _paired(_pivot(g, "search", "test", "top1"),
+                                                    _pivot(g, "global", "test", "top1"), 100)
+        row["test top-1 returned - global"] = _paired(_pivot(g, "returned", "test", "top1"),
+                                                      _pivot(g, "global", "test", "top1"), 100)
+        row["test top-1 search - (A)/(B) search"] = _paired(_pivot(g, "search", "test", "top1"),
+                                                                 _pivot(small, "search", "test", "top1"), 100)
+        cells = g.drop_duplicates("seed")
+        row["fallback fired"] = f"{int(cells.fallback.astype(bool).sum())}/{len(cells)}"
+        row["min / search"] = f"{cells.search_seconds.mean() / 60:.1f}"
+        rows.append(row)
+    return ["## (C) A larger selection split", "",
+            "The winner of (A) scored on more selection images (the validation split, drawn after it, holds other "
+            "images than in (A)/(B); every margin is paired with global magnitude on the cell's own splits, and "
+            "with the same search on the smaller split on the shared test images).", "",
+            pd.DataFrame(rows).to_markdown(index=False), ""]
+
+
 def plot_progress(trials: pd.DataFrame, df: pd.DataFrame, path: Path) -> None:
     """Best selection KL so far against trials, one line per cell, global magnitude's KL dashed."""
     import matplotlib
@@ -319,11 +371,11 @@ def main(args: Any, machine: str, command: str) -> None:
     out = Path(args.out) if args.out else OUT
     settings = {"trials": args.search_trials, "trials_b": args.search_trials_b, "calib": 1024,
                 "transfer": not args.search_no_transfer, "selection": args.search_selection,
-                "validation": args.search_validation}
+                "validation": args.search_validation, "selection_c": args.search_selection_c}
     seeds = args.seeds
     if args.quick:
         out = out.with_name(out.name + "_quick")
-        settings.update(trials=6, trials_b=6, calib=256, selection=256, validation=256,
+        settings.update(trials=6, trials_b=6, calib=256, selection=256, validation=256, selection_c=512,
                         overrides={"calib_size": 256, "eval_size": 500})
         seeds = seeds[:2]
     out.mkdir(parents=True, exist_ok=True)
