@@ -65,7 +65,7 @@ class RunConfig:
     storage: str | None = None
     objective: str = "kl"                # kl | agreement | top1 (selection split)
     study_name: str | None = None        # None: keyed on the model, image and settings fingerprints
-    total_trials: int | None = None      # stop every worker once the study holds this many completed trials
+    total_trials: int | None = None      # stop every worker once the study holds this many evaluated (complete or screened-out) trials
     heartbeat_interval: int = 60         # s; RDB storages: a killed worker's trial fails after the grace period
     grace_period: int | None = None      # s; None: Optuna's default, twice the heartbeat interval
     max_retry: int = 2                   # re-runs of a killed worker's trial

@@ -2,7 +2,7 @@
 
 A candidate is pruned and repaired (the run's pipeline, on the calibration split) and scored per image
 against the dense model: KL to the dense logits (label-free), disagreement, or top-1 error. Per-image
-losses let a search *screen* a candidate on the first images of the selection split before paying for
+losses let a search *screen* a candidate on a seeded random subset of the selection split before paying for
 the rest, and let the validation check pair two plans image by image.
 """
 
@@ -36,7 +36,7 @@ def per_image_losses(logits: torch.Tensor, labels: torch.Tensor, dense_logits: t
 
 @dataclass(frozen=True)
 class Screened:
-    """A candidate's score: ``screen`` on the first ``n_screen`` images; ``full`` on all (None: stopped early)."""
+    """A candidate's score: ``screen`` on ``n_screen`` images; ``full`` on all (None: stopped early)."""
 
     screen: float
     full: float | None

@@ -139,7 +139,7 @@ def main() -> None:
               "staged channel-wise repair, which depends on it) and one forward over the selection images; each is "
               "close to a dense forward of its images (`T_f` per 1024), so at equal fidelity the floor is about "
               "`(2 x calib + selection) / 1024 x T_f` and version 0.1 was already near it. The search gains its rate "
-              "by screening: a child that does not beat its parent on the first quarter of the selection images "
+              "by screening: a child that does not beat its parent on a seeded random quarter of the selection images "
               "skips the rest.", ""]
     out = Path(args.out)
     write_text_atomic(out / "bench_search.json", json.dumps(rows, indent=2) + "\n")

@@ -49,7 +49,7 @@ class ScreeningLoss:
         self.calls.append((np.asarray(counts).copy(), beat))
         full = _loss(counts)
         screen = full * (1.0 + 0.02 * (int(counts[0]) % 5))  # a per-plan wobble: screen and full can disagree
-        if beat is not None and screen >= beat:
+        if beat is not None and screen > beat:  # ties go on, as in SelectionScorer
             return Screened(screen, None, 1, 4)
         return Screened(screen, full, 1, 4)
 
@@ -124,6 +124,19 @@ def test_same_seed_same_plan(parts, optimizer):
     plans = [get_allocator("optuna").allocate(_problem(prof, weights, evaluate=_loss, optimizer=optimizer))
              for _ in range(2)]
     assert np.array_equal(*plans)
+
+
+def test_cmaes_first_generation_steps_sigma0_in_alpha_units(parts):
+    """Optuna's CMA-ES works on [0, 1]-scaled parameters: its first step must still be _SIGMA0 in log-multipliers."""
+    from rr_alloc.allocators.search import _SIGMA0
+
+    prof, weights = parts
+    alloc = get_allocator("optuna")
+    alloc.allocate(_problem(prof, weights, evaluate=_loss, optimizer="cmaes"))
+    trials = alloc.study.trials
+    assert all(v == 0.0 for v in trials[0].params.values())  # the enqueued anchor
+    first = np.array([list(t.params.values()) for t in trials[1:9]])  # popsize 4 + 3 ln 4 = 8 for 4 layers
+    assert 0.4 * _SIGMA0 < first.std() < 2.0 * _SIGMA0
 
 
 @pytest.mark.parametrize("guidance", ["rr", "none"])

@@ -7,11 +7,12 @@ Three optimisers (``options["optimizer"]``), all started at plans users already 
   stays exact); with ``guidance="rr"`` the layers that give and take pruned weights are drawn from the RR
   profile's marginal repaired distortion at the parent (``anchored.rr_move_probabilities``), re-read for
   every child. The parent is the storage's best full-fidelity (COMPLETE) trial, so a resumed run or
-  another worker continues from it. A child is *screened* on the first selection images and scored on
-  the whole split only when the screen beats its parent's screen; otherwise it is recorded as PRUNED, so
-  scores of different fidelities never mix.
+  another worker continues from it. A child is *screened* on a seeded random subset of the selection
+  images and scored on the whole split unless the screen is worse than its parent's (ties go on);
+  otherwise it is recorded as PRUNED, so scores of different fidelities never mix.
 - ``cmaes``: Optuna's CMA-ES over per-layer log-multipliers of the magnitude scores
-  (``anchored.multiplier_counts``), ``x0 = 0`` (global magnitude), every trial at full fidelity.
+  (``anchored.multiplier_counts``), ``x0 = 0`` (global magnitude), every trial at full fidelity. RR
+  guidance is evo's only: ``cmaes`` and ``tpe-mix`` ignore ``guidance``.
 - ``tpe-mix``: TPE over mixes of six anchor plans plus three depth offsets (version 0.1's family).
 
 The score is measured end to end: prune, repair (the run's pipeline) on the calibration split, loss on
@@ -58,7 +59,8 @@ def _stages(L: int) -> np.ndarray:
 OPTIMIZERS = ("evo", "cmaes", "tpe-mix")
 GUIDANCE = ("rr", "none")
 _ALPHA_RANGE = 3.0   # |log-multiplier| bound of the CMA-ES space (a factor of 20 on a layer's magnitudes)
-_SIGMA0 = 0.2        # CMA-ES initial step: a layer's magnitudes scaled by ~1.2 moves its sparsity several points
+_SIGMA0 = 0.2        # CMA-ES initial step in alpha units: a layer's magnitudes scaled by ~e^0.2 = 1.2 moves its
+                     # sparsity several points (Optuna's CMA-ES works on [0, 1]-scaled parameters: see sampler)
 _MOVES = (1, 2, 3)   # block moves per child, and their probabilities: mostly small steps, as in EvoPress
 _MOVE_P = (0.5, 0.3, 0.2)
 
@@ -249,8 +251,9 @@ class OptunaSearch(Allocator):
         def sampler(seed: int):
             # x0 and sigma0 are deprecated from Optuna 4.9 (to be removed in 6, which pyproject excludes), but the
             # search must start at the anchor with a step much smaller than the +-3 bounds: keep them, quietly
+            # Optuna rescales every parameter to [0, 1] before CMA-ES sees it, and takes sigma0 in those units
             return ost.quiet(lambda: optuna.samplers.CmaEsSampler(
-                x0={p: 0.0 for p in names}, sigma0=_SIGMA0, seed=seed, n_startup_trials=1,
+                x0={p: 0.0 for p in names}, sigma0=_SIGMA0 / (2 * _ALPHA_RANGE), seed=seed, n_startup_trials=1,
                 warn_independent_sampling=False))
 
         return sampler, enqueue, objective
