@@ -238,6 +238,11 @@ def has_heartbeat(storage: Any) -> bool:
 def study_name_for_workbench(wb: Any, budget: float) -> str:
     """A study name keyed on content (model weights, calibration and selection images, settings), never on
     paths: workers whose data sit under other mount points share the study; any change starts a new one."""
+    return "rr_alloc-" + study_key_for_workbench(wb, budget)
+
+
+def study_key_for_workbench(wb: Any, budget: float) -> str:
+    """A hash of everything that decides what a trial's score means (the default study name's suffix)."""
     cfg = wb.cfg
     parts = {"model": fingerprint_model(wb.dense), "calib": fingerprint_tensor(wb.splits.calib.x),
              "selection": fingerprint_tensor(wb.splits.selection.x), "budget": float(budget),
@@ -246,7 +251,7 @@ def study_name_for_workbench(wb: Any, budget: float) -> str:
              "optimizer": cfg.optimizer}
     if cfg.optimizer == "evo":  # the sampler's moves and the screen change what a trial means
         parts.update(guidance=cfg.guidance, search_step=cfg.search_step, screen_size=cfg.screen_size)
-    return "rr_alloc-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def worker_seed(base_seed: int, created: bool) -> int:

@@ -31,7 +31,7 @@ from .plan import LayerPlan, Plan
 from .profile import RRProfile, profile_rr, validate_grid
 from .pruning import apply_masks, masks_for_plan, nm_masks, parse_pattern
 from .repair import DenseSiteCache, RepairPipeline, run_repair
-from .optuna_storage import evaluated, study_name_for_workbench
+from .optuna_storage import evaluated, study_key_for_workbench
 from .repair.reconstruct import DEFAULT_DAMP
 from .selection import SelectionScorer, make_objective, paired_upper_bound
 from .sensitivity import output_sensitivity
@@ -215,10 +215,11 @@ class Workbench:
         if cls.needs.evaluate:
             scorer = make_objective(self, self.cfg.loop_repair, self.cfg.objective, self.cfg.screen_size)
             extra["evaluate"] = scorer
-            name = self.cfg.study_name or study_name_for_workbench(self, budget)
+            key = study_key_for_workbench(self, budget)
+            name = self.cfg.study_name or f"rr_alloc-{key}"
             bar, callbacks = self._search_progress()
             extra["options"] = {"n_trials": self.cfg.n_trials, "timeout": self.cfg.timeout,
-                                "storage": self.cfg.storage, "study_name": name,
+                                "storage": self.cfg.storage, "study_name": name, "study_key": key,
                                 "total_trials": self.cfg.total_trials, "heartbeat_interval": self.cfg.heartbeat_interval,
                                 "grace_period": self.cfg.grace_period, "max_retry": self.cfg.max_retry,
                                 "optimizer": self.cfg.optimizer, "guidance": self.cfg.guidance,

@@ -264,6 +264,10 @@ def test_explicit_study_name_refuses_another_budget(tmp_path, capsys):
     assert main([*args, "--budget", "0.8", "--out", str(tmp_path / "a.json")]) == 0
     assert main([*args, "--budget", "0.9", "--out", str(tmp_path / "b.json")]) == 2
     assert "searches budget 0.8" in capsys.readouterr().err and not (tmp_path / "b.json").exists()
+    # the same budget on other calibration images: scores on another scale, refused too
+    assert main([*args, "--budget", "0.8", "--seed", "1", "--out", str(tmp_path / "c.json")]) == 2
+    assert "other settings" in capsys.readouterr().err and not (tmp_path / "c.json").exists()
+    assert main([*args, "--budget", "0.8", "--out", str(tmp_path / "d.json")]) == 0  # same settings: resumes
 
 
 def test_bad_search_flags_are_one_line_errors(capsys):

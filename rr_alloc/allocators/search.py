@@ -73,6 +73,8 @@ def _check_study_matches(study, created: bool, meta: dict) -> None:
     """Record what a new study searches; refuse to add trials of another budget/optimizer/model to it.
 
     The default study name is keyed on these settings; an explicit ``--study-name`` reused elsewhere is not.
+    ``settings`` (when the caller has it) is the hash of everything else that gives a trial's score its
+    meaning (model weights, calibration and selection images, repair, objective, evo's moves and screen).
     """
     if created:
         for k, v in meta.items():
@@ -81,6 +83,10 @@ def _check_study_matches(study, created: bool, meta: dict) -> None:
     stored = study.user_attrs
     for k, v in meta.items():
         if k in stored and stored[k] != v:
+            if k == "settings":
+                raise UserError(f"Optuna study {study.study_name} was made with other settings (model weights, "
+                                "calibration or selection images, repair, objective or search options) than this run: "
+                                "pass another --study-name, or none (the default name is keyed on the settings)")
             shown = "other layers" if k == "layers" else f"{k} {stored[k]!r}"
             raise UserError(f"Optuna study {study.study_name} searches {shown}, this run {k} "
                             f"{'(these layers)' if k == 'layers' else repr(v)}: pass another --study-name, or none "
@@ -197,8 +203,11 @@ class OptunaSearch(Allocator):
         optuna.logging.set_verbosity(logging.WARNING)
         study, created = ost.open_study(name, storage, make_sampler, problem.seed, enqueue,
                                         load_only=settings.n_trials == 0)
-        _check_study_matches(study, created, {"budget": float(problem.budget), "unit": problem.unit,
-                                              "optimizer": optimizer, "layers": list(problem.names)})
+        meta = {"budget": float(problem.budget), "unit": problem.unit, "optimizer": optimizer,
+                "layers": list(problem.names)}
+        if opts.get("study_key"):
+            meta["settings"] = opts["study_key"]
+        _check_study_matches(study, created, meta)
         ost.optimize(study, objective, settings, callbacks=opts.get("callbacks"))
         self.study = study
         best = ost.best_trial(study)
