@@ -23,7 +23,8 @@ allocation_comparison.py, whose uniform/LAMP/ERK rows give the best baseline: sa
     python studies/allocation_comparison.py --search --summarise     # rebuild summary from the CSVs
 
 Outputs (studies/results/allocation_search/): cells.csv (one row per cell x plan x split), trials.csv
-(every trial: state, selection KL, screen KL), summary.md, search_progress.png, run.log.
+(every trial: state, selection KL, screen KL), summary.md, search_progress.png, run.log; a notes.md there
+(how the run was stopped and resumed) is appended to the summary verbatim.
 """
 
 from __future__ import annotations
@@ -305,6 +306,9 @@ def summarise(out: Path, settings: dict[str, Any], command: str, machine: str, q
                   "whose searched plan differs from global magnitude).", "", pd.DataFrame(rows).to_markdown(index=False), ""]
     plot_progress(trials, df, out / "search_progress.png")
     lines += ["![search progress](search_progress.png)", ""]
+    notes = out / "notes.md"  # what ran and what did not, written by whoever ran the study (kept verbatim)
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
     return "\n".join(lines)
 
 
