@@ -204,6 +204,20 @@ def _pivot(df: pd.DataFrame, plan: str, split: str, metric: str) -> pd.Series:
     return df[(df.plan == plan) & (df.split == split)].set_index("seed")[metric]
 
 
+def _test_margins(g: pd.DataFrame) -> dict[str, str]:
+    """Test top-1 of the searched and the returned plan minus global magnitude, paired by seed."""
+    glob = _pivot(g, "global", "test", "top1")
+    return {f"test top-1 {plan} - global": _paired(_pivot(g, plan, "test", "top1"), glob, 100)
+            for plan in ("search", "returned")}
+
+
+def _search_cost(g: pd.DataFrame) -> dict[str, str]:
+    """How often the validation check fell back, and the mean minutes per search."""
+    cells = g.drop_duplicates("seed")
+    return {"fallback fired": f"{int(cells.fallback.astype(bool).sum())}/{len(cells)}",
+            "min / search": f"{cells.search_seconds.mean() / 60:.1f}"}
+
+
 def baselines(model: str, budget: float) -> pd.DataFrame:
     """Committed test top-1 (%) of the baselines under the channel-wise repair, by seed."""
     if not BASELINE_CSV.exists():
@@ -241,13 +255,9 @@ def summarise(out: Path, settings: dict[str, Any], command: str, machine: str, q
                 s = _pivot(g, "search", split, "kl")
                 row[f"{split} KL"] = f"{s.mean():.3f}"
                 row[f"{split} KL - global"] = _paired(s, _pivot(g, "global", split, "kl"))
-            row["test top-1 search - global"] = _paired(_pivot(g, "search", "test", "top1"),
-                                                        _pivot(g, "global", "test", "top1"), 100)
-            row["test top-1 returned - global"] = _paired(_pivot(g, "returned", "test", "top1"),
-                                                          _pivot(g, "global", "test", "top1"), 100)
+            row.update(_test_margins(g))
+            row.update(_search_cost(g))
             cells = g.drop_duplicates("seed")
-            row["fallback fired"] = f"{int(cells.fallback.astype(bool).sum())}/{len(cells)}"
-            row["min / search"] = f"{cells.search_seconds.mean() / 60:.1f}"
             row["screened out"] = f"{cells.pruned.mean():.0f}/{cells.trials.mean():.0f}"
             rows.append(row)
         lines += [pd.DataFrame(rows).to_markdown(index=False), ""]
@@ -325,15 +335,10 @@ def _section_c(df: pd.DataFrame) -> list[str]:
         for split in ("selection", "validation"):
             row[f"{split} KL - global"] = _paired(_pivot(g, "search", split, "kl"), _pivot(g, "global", split, "kl"))
         row["test KL - global"] = _paired(_pivot(g, "search", "test", "kl"), _pivot(g, "global", "test", "kl"))
-        row["test top-1 search - global"] = _paired(_pivot(g, "search", "test", "top1"),
-                                                    _pivot(g, "global", "test", "top1"), 100)
-        row["test top-1 returned - global"] = _paired(_pivot(g, "returned", "test", "top1"),
-                                                      _pivot(g, "global", "test", "top1"), 100)
+        row.update(_test_margins(g))
         row["test top-1 search - (A)/(B) search"] = _paired(_pivot(g, "search", "test", "top1"),
-                                                                 _pivot(small, "search", "test", "top1"), 100)
-        cells = g.drop_duplicates("seed")
-        row["fallback fired"] = f"{int(cells.fallback.astype(bool).sum())}/{len(cells)}"
-        row["min / search"] = f"{cells.search_seconds.mean() / 60:.1f}"
+                                                            _pivot(small, "search", "test", "top1"), 100)
+        row.update(_search_cost(g))
         rows.append(row)
     return ["## (C) A larger selection split", "",
             "The winner of (A) scored on more selection images (the validation split, drawn after it, holds other "
