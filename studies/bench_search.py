@@ -8,8 +8,8 @@ For CIFAR ResNet-20/32 with the channel-wise default repair in the loop, 1024 ca
   forward over the selection split; ``T_f`` is one dense forward over the calibration split;
 - candidates per minute of: version 0.1's evaluation (``Workbench.verify`` on the selection split),
   a full-fidelity candidate of the scorer (``SelectionScorer``, per-image losses under inference mode),
-  and a screened-out candidate (repair + a quarter of the selection split); whole searches are quoted from
-  the search study's cells (their rate mixes screened-out and full candidates).
+  and a screened-out candidate (repair + a quarter of the selection split). Whole searches' rates (a mix of
+  screened-out and full candidates) are the ``candidates / min`` column of the search study's summary.
 
 Every rate is measured in this one run (interleaved repeats), so the ratios hold on a noisy machine.
 
@@ -67,29 +67,12 @@ def phases(wb: Workbench, counts: dict, repeats: int) -> dict[str, float]:
             "selection_forward": t_sel, "screen_forward": t_screen}
 
 
-def search_rates(cells_csv: Path, model: str) -> dict[str, str]:
-    """Candidates per minute of the committed study's searches (``allocation_search/cells.csv``), per variant."""
-    if not cells_csv.exists():
-        return {}
-    import pandas as pd
-
-    df = pd.read_csv(cells_csv)
-    df = df[df.model == model].drop_duplicates(["budget", "variant", "seed"])
-    out = {}
-    for v, g in df.groupby("variant", sort=False):
-        rate = 60 * g.trials / g.search_seconds
-        out[v] = f"{rate.mean():.1f} ({len(g)} searches, {g.pruned.sum() / g.trials.sum():.0%} screened out)"
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--selection", type=int, default=2048)
-    ap.add_argument("--study", default=str(ROOT / "studies" / "results" / "allocation_search"),
-                    help="folder of the search study whose whole-search rates are quoted")
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet32"])
     ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "bench_search"))
     args = ap.parse_args()
@@ -107,8 +90,7 @@ def main() -> None:
         t_scr = median_time(lambda: scorer.score(counts, beat=-1.0), args.repeats)  # always screened out
         row = {"model": name, "calib": wb.splits.calib.n, "selection": wb.splits.selection.n,
                "screen": scorer.screen_size, "threads": torch.get_num_threads(), **ph,
-               "per_min_v01": 60 / t_v01, "per_min_full": 60 / t_full, "per_min_screened_out": 60 / t_scr,
-               "study_searches": search_rates(Path(args.study) / "cells.csv", name)}
+               "per_min_v01": 60 / t_v01, "per_min_full": 60 / t_full, "per_min_screened_out": 60 / t_scr}
         rows.append(row)
         print(json.dumps(row), flush=True)
     lines = ["# Search benchmark: candidates per minute", "",
@@ -122,11 +104,8 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['calib']} / {r['selection']} / {r['screen']} | {r['per_min_v01']:.1f} | "
                      f"{r['per_min_full']:.1f} | {r['per_min_screened_out']:.1f} | "
                      f"{r['per_min_screened_out'] / r['per_min_v01']:.2f} |")
-    lines += ["", "Whole searches of the committed study (`studies/results/allocation_search/cells.csv`: trials / "
-              "search seconds, validation check excluded; measured there, not in this run):", ""]
-    for r in rows:
-        for v, text in r["study_searches"].items():
-            lines.append(f"- {r['model']} {v}: {text} candidates per minute")
+    lines += ["", "Whole searches (a mix of screened-out and full candidates): the `candidates / min` column of "
+              "[the search study](../allocation_search/summary.md), measured there.", ""]
     lines += ["", "## Where one full-fidelity candidate's time goes (seconds)", "",
               "| model | dense forward T_f | copy + masks | BN recalibration | channel repair | selection forward | "
               "screen forward | sum / T_f |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
