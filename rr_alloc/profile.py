@@ -34,8 +34,9 @@ from .errors import UserError
 from .hooks import forward_hooks
 from .layers import LayerInfo, prunable_layers
 from .pruning import magnitude_order, n_pruned
-from .repair.reconstruct import (DEFAULT_DAMP, GramStats, bias_targets, damping, input_patches, lsq_residuals,
-                                 unsupported_reason)
+from .repair.reconstruct import bias_targets
+from .repair.refit import (DEFAULT_DAMP, GramStats, damping, input_patches, keep_rows, lsq_residuals,
+                           unsupported_reason, weight_rows)
 from .stats import as_bcx, distortions
 
 __all__ = ["DEFAULT_GRID", "RRProfile", "profile_rr", "removed_weight_stack", "probe_weights", "GramMoments",
@@ -286,20 +287,15 @@ def profile_rr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
 def _lsq_d_res(layer: nn.Module, gram: GramStats, grid: Sequence[float], damp: float, v_d_sum: float) -> np.ndarray:
     """``D_res`` under the least-squares re-fit at each grid sparsity (magnitude masks, dense inputs)."""
     H = gram.H
-    w = layer.weight.detach().flatten(1).double()
-    d = w.shape[1]
-    if gram.with_const:
-        b = layer.bias.detach().double() if layer.bias is not None else w.new_zeros(w.shape[0])
-        w = torch.cat([w, b[:, None]], 1)
+    w = weight_rows(layer, gram.with_const)
+    d = layer.weight[0].numel()
     lam = damping(H, damp, d)
     order = magnitude_order(layer.weight)
     out = np.zeros(len(grid))
     for j, s in enumerate(grid):
         keep = torch.ones(layer.weight.numel(), dtype=torch.bool, device=w.device)
         keep[order[:n_pruned(s, keep.numel())]] = False
-        keep = keep.view(w.shape[0], d)
-        if gram.with_const:
-            keep = torch.cat([keep, keep.new_ones(w.shape[0], 1)], 1)
+        keep = keep_rows(keep.view(w.shape[0], d), gram.with_const)
         e = lsq_residuals(H, w, keep, lam).sum().clamp_min(0.0)
         out[j] = float(e) / gram.n / max(v_d_sum, 1e-300)
     return out

@@ -1,4 +1,11 @@
-"""Training-free repair: BN recalibration and channel-wise corrections (LW, naive, ASR)."""
+"""Training-free repair: BN recalibration, channel-wise corrections (LW, naive, ASR) and re-fits (lsq, obs).
+
+Modules: ``pipeline`` (text form, ``run_repair``), ``steps`` (the registry of
+step kinds), ``channel`` (the ``bn`` and channel-wise kinds), ``reconstruct``
+(the ``lsq``/``obs`` kind), ``refit`` (its arithmetic), ``propagate`` (tracing
+and the passes over the calibration set), ``sites``, ``affine``, ``bn``,
+``persist``.
+"""
 
 from .affine import ChannelAffine, affine_modules, attach_output_affine, fold_correction
 from .bn import recalibrate_bn

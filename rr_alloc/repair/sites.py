@@ -10,7 +10,8 @@ Site kinds:
   forward was innermost at that moment, so blocks whose ``forward`` branches
   on data or arguments count too, and no architecture name table is needed.
   Without an example batch (or when that forward fails) each module is traced
-  with ``torch.fx`` instead, children kept as leaves (untraceable ones are missed);
+  with ``torch.fx`` (``propagate.trace``) instead, children kept as leaves
+  (untraceable ones are missed);
 - ``logits``: the classifier output, the module that produces the model's output.
 
 Missing kinds: a pipeline step asks for several kinds (``naive@block+logits``);
@@ -34,8 +35,9 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import UserError
 from ..hooks import forward_hooks
+from .propagate import trace
 
-__all__ = ["Site", "SITE_KINDS", "discover_sites", "forward_order", "missing_note"]
+__all__ = ["Site", "SITE_KINDS", "discover_sites", "forward_order", "missing_note", "conv_consumers"]
 
 SITE_KINDS = ("conv", "bn", "block", "logits")
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -53,22 +55,6 @@ class Site:
     consumer_bn: str | None = None  # conv sites: the BatchNorm that alone consumes the output
 
 
-class _ChildrenAsLeaves(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return True
-
-
-class _StandardLeaves(fx.Tracer):
-    pass
-
-
-def _trace(module: nn.Module, tracer: fx.Tracer) -> fx.Graph | None:
-    try:
-        return tracer.trace(module)
-    except Exception:  # untraceable control flow: that module contributes no graph facts
-        return None
-
-
 def _has_tensor_add(graph: fx.Graph) -> bool:
     for node in graph.nodes:
         is_add = (node.op == "call_function" and node.target in _ADDS) or \
@@ -83,7 +69,7 @@ def _residual_blocks_fx(model: nn.Module) -> list[str]:
     for name, m in model.named_modules():
         if not name or isinstance(m, _CONTAINERS) or not any(True for _ in m.children()):
             continue
-        g = _trace(m, _ChildrenAsLeaves())
+        g = trace(m, children_as_leaves=True).graph  # an untraceable module contributes no graph facts
         if g is not None and _has_tensor_add(g):
             names.append(name)
     return names
@@ -159,7 +145,7 @@ def _residual_blocks(model: nn.Module, example: torch.Tensor | None = None) -> l
     return _residual_blocks_fx(model)
 
 
-def _conv_consumers(graph: fx.Graph | None, model: nn.Module) -> dict[str, str]:
+def conv_consumers(graph: fx.Graph | None, model: nn.Module) -> dict[str, str]:
     """conv name -> BatchNorm name, where that BatchNorm is the conv output's only user."""
     if graph is None:
         return {}
@@ -199,8 +185,8 @@ def discover_sites(model: nn.Module, kinds: tuple[str, ...] | list[str], example
     unknown = [k for k in kinds if k not in SITE_KINDS]
     if unknown:
         raise UserError(f"unknown repair site {unknown[0]!r}: use one of {', '.join(SITE_KINDS)}")
-    graph = _trace(model, _StandardLeaves()) if {"conv", "logits"} & set(kinds) else None
-    consumers = _conv_consumers(graph, model) if "conv" in kinds else {}
+    graph = trace(model).graph if {"conv", "logits"} & set(kinds) else None
+    consumers = conv_consumers(graph, model) if "conv" in kinds else {}
     blocks = set(_residual_blocks(model, example)) if "block" in kinds else set()
     logits = _logits_module(graph, model) if "logits" in kinds else None
     sites: list[Site] = []

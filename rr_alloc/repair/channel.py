@@ -1,0 +1,191 @@
+"""Steps that act through per-channel statistics: BatchNorm recalibration and channel-wise repair at sites.
+
+A channel step is ``METHOD@SITE[+SITE...][:noshift][:lam=RULE]`` with METHOD
+in ``lw``, ``naive``, ``asr`` and SITE in ``conv``, ``bn``, ``block``,
+``logits``. Corrections are computed sequentially in forward order: each
+site's pruned statistics are measured after all upstream corrections, in one
+node-by-node pass where the model traces (``propagate.StagedRunner``), else
+one partial forward per site. The dense targets come from a
+``DenseSiteCache``, computed once per calibration set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..stats import LAMBDA_RULES, ChannelMoments, repair_gamma
+from .affine import fold_correction
+from .bn import recalibrate_bn
+from .propagate import CacheTooLarge, StagedRunner, site_moments
+from .sites import SITE_KINDS, Site, discover_sites, forward_order, missing_note
+from .steps import RepairReport, StepContext, StepKind, register
+
+__all__ = ["RepairStep", "CHANNEL_METHODS", "DenseSiteCache", "BnRecalibration", "ChannelRepair"]
+
+CHANNEL_METHODS = ("lw", "naive", "asr")
+
+
+@dataclass(frozen=True)
+class RepairStep:
+    """One step: ``bn`` recalibration, or a channel-wise method at sites."""
+
+    method: str
+    sites: tuple[str, ...] = ()
+    mean_shift: bool = True
+    lam: str | float = "mean"
+
+    def __str__(self) -> str:
+        if self.method == "bn":
+            return "bn"
+        s = f"{self.method}@{'+'.join(self.sites)}"
+        if not self.mean_shift:
+            s += ":noshift"
+        if self.method == "asr" and self.lam != "mean":
+            s += f":lam={self.lam}"
+        return s
+
+
+class DenseSiteCache:
+    """Dense-model site statistics and forward order, computed once per calibration set.
+
+    The dense model never changes, so every plan verified against it (each
+    Optuna trial, each allocator of a comparison) reuses one dense pass.
+    """
+
+    def __init__(self, dense: nn.Module, batches, device: torch.device | str = "cpu") -> None:
+        self.dense, self.batches, self.device = dense, batches, device
+        self._sites: dict[tuple[str, ...], list[Site]] = {}
+        self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.notes: list[str] = []  # one line per step whose site kinds the model partly lacks
+
+    def sites(self, kinds: tuple[str, ...]) -> list[Site]:
+        """Sites of ``kinds`` in forward order; kinds the model lacks are skipped, said once in one line."""
+        if kinds not in self._sites:
+            x0 = next(iter(self.batches))[0][:2].to(self.device)
+            missing: list[str] = []
+            found = discover_sites(self.dense, kinds, example=x0, missing=missing)
+            if missing:
+                self.notes.append(missing_note(kinds, missing))
+                print(f"note: {self.notes[-1]}", flush=True)
+            self._sites[kinds] = forward_order(self.dense, found, x0)
+        return self._sites[kinds]
+
+    def moments(self, sites: list[Site]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        todo = [s for s in sites if s.name not in self._moments]
+        if todo:
+            for name, m in site_moments(self.dense, todo, self.batches, self.device).items():
+                self._moments[name] = (m.mean, m.var)
+        return {s.name: self._moments[s.name] for s in sites}
+
+
+@register
+class BnRecalibration(StepKind):
+    """``bn``: re-estimate every BatchNorm's running statistics (one calibration pass)."""
+
+    methods = ("bn",)
+    usage = "bn"
+    usage_rank = 0
+
+    def owns(self, step) -> bool:
+        return isinstance(step, RepairStep) and step.method == "bn"
+
+    def parse(self, part: str, text: str) -> RepairStep | None:
+        return RepairStep("bn") if part == "bn" else None
+
+    def apply(self, step: RepairStep, pruned: nn.Module, ctx: StepContext) -> None:
+        recalibrate_bn(pruned, ctx.batches, ctx.device)
+        ctx.report.calib_passes += 1
+
+
+def _parse_options(opts: list[str], part: str) -> tuple[bool, str | float]:
+    shift, lam = True, "mean"
+    for o in opts:
+        if o == "noshift":
+            shift = False
+        elif o == "shift":
+            shift = True
+        elif o.startswith("lam="):
+            v = o[4:]
+            try:
+                lam = float(v)
+            except ValueError:
+                if v not in LAMBDA_RULES:
+                    raise UserError(f"unknown lambda rule {v!r}: use {', '.join(LAMBDA_RULES)} or a number")
+                lam = v
+        else:
+            raise UserError(f"unknown repair option {o!r} in {part!r}: use noshift or lam=RULE")
+    return shift, lam
+
+
+class _SiteCorrection:
+    """Folds one step's correction at a site from its pruned moments; counts the sites done."""
+
+    def __init__(self, pruned: nn.Module, step: RepairStep, targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 report: RepairReport) -> None:
+        self.pruned, self.step, self.targets, self.report = pruned, step, targets, report
+        self.count = 0
+
+    def __call__(self, site: Site, m: ChannelMoments) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold the correction; return the scale and shift the site's own output now carries."""
+        step = self.step
+        mu_p, v_p = m.mean, m.var
+        mu_d, v_d = self.targets[site.name]
+        gamma = repair_gamma(v_d, v_p, step.method, step.lam)
+        shift = (mu_d if step.mean_shift else mu_p) - gamma * mu_p
+        placement = fold_correction(self.pruned, site.name, site.kind, gamma.float(), shift.float(),
+                                    site.consumer_bn, site.channel_dim)
+        self.report.corrections.append({"site": site.name, "kind": site.kind, "placement": placement,
+                                        "step": str(step)})
+        self.count += 1
+        if placement == "folded-into-next-bn":  # the site's own output carries only the scale
+            return gamma.float(), torch.zeros_like(shift).float()
+        return gamma.float(), shift.float()
+
+
+@register
+class ChannelRepair(StepKind):
+    """``lw``/``naive``/``asr`` at sites: per-channel scale and shift towards the dense statistics."""
+
+    methods = CHANNEL_METHODS
+    usage = f"METHOD@SITES with METHOD in {', '.join(CHANNEL_METHODS)}"
+    usage_rank = 2
+
+    def owns(self, step) -> bool:
+        return isinstance(step, RepairStep) and step.method != "bn"
+
+    def parse(self, part: str, text: str) -> RepairStep | None:
+        head, *opts = part.split(":")
+        method, _, sites_s = head.partition("@")
+        if method not in CHANNEL_METHODS:
+            return None
+        sites = tuple(s for s in sites_s.split("+") if s)
+        if not sites or any(s not in SITE_KINDS for s in sites):
+            raise UserError(f"repair step {part!r} needs sites from {', '.join(SITE_KINDS)} "
+                            f"after '@' (e.g. {method}@block+logits)")
+        return RepairStep(method, sites, *_parse_options(opts, part))
+
+    def apply(self, step: RepairStep, pruned: nn.Module, ctx: StepContext) -> None:
+        if ctx.cache is None:
+            if ctx.dense is None:
+                raise ValueError("channel-wise repair needs the dense model or a DenseSiteCache")
+            ctx.cache = DenseSiteCache(ctx.dense, ctx.batches, ctx.device)
+        sites = ctx.cache.sites(tuple(step.sites))
+        correct = _SiteCorrection(pruned, step, ctx.cache.moments(sites), ctx.report)
+        if ctx.staged:
+            runner, _ = StagedRunner.build(pruned, sites, ctx.max_cache_bytes)
+            if runner is not None:
+                try:
+                    runner.run(ctx.batches, sites, ctx.device, correct)
+                    ctx.report.calib_passes += 1
+                    return
+                except CacheTooLarge:
+                    ctx.report.calib_passes += 1  # the sites corrected so far stay; the rest recompute
+        # one partial forward per site, each ending right after its site
+        for site in sites[correct.count:]:
+            m = site_moments(pruned, [site], ctx.batches, ctx.device, stop_after=site.name)[site.name]
+            correct(site, m)
+            ctx.report.calib_passes += 1

@@ -1,0 +1,299 @@
+"""Propagating calibration batches through a model for the repair steps.
+
+Two ways to reach every repair site or layer with its statistics complete:
+
+- **Node by node** (``StagedRunner`` for channel-wise sites, ``Lockstep`` for
+  the dense/pruned pair of a reconstruction): the model is traced with
+  ``torch.fx`` (the sites or layers kept as leaves) and run one node at a time
+  for all calibration batches at once. At a site, its statistics are complete;
+  the step changes the model (and, for channel sites, the cached site output)
+  and the run continues downstream. Upstream nodes are never recomputed, so a
+  whole step costs about one forward (two for the dense/pruned pair). Values
+  are freed after their last user has run: the cache holds the live
+  activations of the calibration set at one cut through the network.
+- **Partial passes** (``site_moments`` with ``stop_after``, ``layer_inputs``):
+  one forward per site or layer that ends right after it (``StopForward``),
+  for models ``torch.fx`` cannot trace or whose cache would exceed its cap
+  (``CacheTooLarge``).
+
+``trace`` is the one place a model is traced: it returns ``None`` and why
+when ``torch.fx`` cannot follow the forward, and every caller falls back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Iterator, NamedTuple, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..hooks import forward_hooks
+from ..stats import ChannelMoments, as_bcx
+
+if TYPE_CHECKING:
+    from .sites import Site
+
+__all__ = ["Traced", "trace", "StopForward", "CacheTooLarge", "cache_bytes", "StagedRunner", "Lockstep",
+           "site_moments", "layer_inputs", "call_order"]
+
+Batches = Iterable[tuple[torch.Tensor, Any]]
+Env = dict[fx.Node, Any]
+
+
+class Traced(NamedTuple):
+    """A module traced by ``torch.fx`` (``gm``), or ``None`` with the reason in ``why``."""
+
+    gm: fx.GraphModule | None
+    why: str = ""
+
+    @property
+    def graph(self) -> fx.Graph | None:
+        return self.gm.graph if self.gm is not None else None
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: Collection[str], children_as_leaves: bool) -> None:
+        super().__init__()
+        self.leaves, self.children_as_leaves = leaves, children_as_leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return self.children_as_leaves or qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def trace(module: nn.Module, leaves: Collection[str] = (), children_as_leaves: bool = False) -> Traced:
+    """Trace ``module`` with the named submodules (or all children) kept as leaves; ``gm=None`` on failure."""
+    try:
+        graph = _Tracer(set(leaves), children_as_leaves).trace(module)
+        return Traced(fx.GraphModule(module, graph))
+    except Exception as e:  # data-dependent control flow and the like: callers fall back, never crash
+        first = (str(e).strip().splitlines() or [""])[0]
+        return Traced(None, f"{type(e).__name__}: {first}" if first else type(e).__name__)
+
+
+class StopForward(Exception):
+    """Raised by a hook once the module of interest has been seen: ends that forward early."""
+
+
+class CacheTooLarge(Exception):
+    """The cached activations would exceed the memory limit: use partial passes."""
+
+
+def cache_bytes(envs: Iterable[Env]) -> int:
+    """Bytes held by the tensors of node-by-node environments."""
+    return sum(v.numel() * v.element_size() for env in envs for v in env.values() if isinstance(v, torch.Tensor))
+
+
+def _check_cache(envs: Iterable[Env], max_bytes: float) -> None:
+    total = cache_bytes(envs)
+    if total > max_bytes:
+        raise CacheTooLarge(f"{total / 1e9:.1f} GB of cached activations")
+
+
+class _NodeSequence:
+    """A traced model's nodes in order, where each named leaf is called and when each value dies."""
+
+    def __init__(self, gm: fx.GraphModule, names: Collection[str]) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.calls = [n.target for n in self.nodes if n.op == "call_module" and n.target in names]
+        self.at = {n.target: i for i, n in enumerate(self.nodes) if n.op == "call_module" and n.target in names}
+        last_use: dict[fx.Node, int] = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                last_use[a] = i
+        self.frees: dict[int, list[fx.Node]] = {}  # node index -> values no longer needed after it
+        for n, i in last_use.items():
+            self.frees.setdefault(i, []).append(n)
+
+    def envs(self, inputs: list[torch.Tensor]) -> list[Env]:
+        """One environment per batch, holding the batch as the graph's input."""
+        placeholder = next(n for n in self.nodes if n.op == "placeholder")
+        return [{placeholder: x} for x in inputs]
+
+    def advance(self, interp: fx.Interpreter, env: Env, start: int, stop: int, keep: fx.Node | None = None) -> None:
+        """Run ``nodes[start:stop]`` on one batch's ``env``, freeing values (except ``keep``) after their last use."""
+        for i in range(start, stop):
+            node = self.nodes[i]
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                break
+            interp.env = env
+            env[node] = interp.run_node(node)
+            for dead in self.frees.get(i, ()):
+                if dead is not keep:
+                    env.pop(dead, None)
+
+
+class StagedRunner:
+    """Run ``model`` node by node over all batches, pausing at each channel site to correct it."""
+
+    def __init__(self, model: nn.Module, sites: list[Site], max_cache_bytes: float = 4e9) -> None:
+        names = {s.name for s in sites}
+        t = trace(model, names)
+        if t.gm is None:
+            raise ValueError(f"torch.fx cannot trace the model ({t.why})")
+        self.seq = _NodeSequence(t.gm, names)
+        if sorted(self.seq.calls) != sorted(names):  # a site called twice, or inlined: not a clean cut
+            raise ValueError("sites are not single call_module nodes")
+        self.max_cache_bytes = max_cache_bytes
+
+    @classmethod
+    def build(cls, model: nn.Module, sites: list[Site], max_cache_bytes: float = 4e9
+              ) -> tuple[StagedRunner | None, str]:
+        """The runner, or ``None`` and why the model cannot run node by node."""
+        try:
+            return cls(model, sites, max_cache_bytes), ""
+        except ValueError as e:
+            return None, str(e)
+
+    @torch.no_grad()
+    def run(self, batches: Batches, sites: list[Site], device: torch.device | str,
+            correct: Callable[[Site, ChannelMoments], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """For each site in forward order: moments -> ``correct`` (folds, returns scale/shift) -> patch."""
+        r = self.seq
+        interp = fx.Interpreter(r.gm)
+        envs = r.envs([x.to(device) for x, _ in batches])
+        pos = 0
+        was = r.gm.training
+        r.gm.eval()
+        try:
+            for site in sorted(sites, key=lambda s: r.at[s.name]):
+                stop = r.at[site.name]
+                node = r.nodes[stop]
+                mom = ChannelMoments()
+                for env in envs:
+                    r.advance(interp, env, pos, stop + 1, keep=node)
+                    mom.add_batch(as_bcx(env[node].float(), site.channel_dim))
+                _check_cache(envs, self.max_cache_bytes)
+                scale, shift = correct(site, mom)
+                for env in envs:
+                    y = env[node]
+                    shape = [1] * y.dim()
+                    shape[site.channel_dim] = -1
+                    env[node] = y * scale.to(y).view(shape) + shift.to(y).view(shape)
+                pos = stop + 1
+        finally:
+            r.gm.train(was)
+
+
+def _first_arg(node: fx.Node) -> fx.Node:
+    a = node.args[0]
+    if not isinstance(a, fx.Node):
+        raise ValueError(f"layer {node.target} is not called on a tensor")
+    return a
+
+
+class Lockstep:
+    """Run the dense and the pruned graph node by node over all batches, pausing before each layer."""
+
+    def __init__(self, dense: nn.Module, pruned: nn.Module, layers: Sequence[str]) -> None:
+        names = set(layers)
+        td, tp = trace(dense, names), trace(pruned, names)
+        if td.gm is None or tp.gm is None:
+            raise ValueError(f"torch.fx cannot trace the model ({td.why or tp.why})")
+        self.d, self.p = _NodeSequence(td.gm, names), _NodeSequence(tp.gm, names)
+        if [n.name for n in self.d.nodes] != [n.name for n in self.p.nodes]:
+            raise ValueError("dense and pruned graphs differ")
+        if len(self.d.calls) != len(set(self.d.calls)):
+            raise ValueError("a layer is called more than once")
+
+    @classmethod
+    def build(cls, dense: nn.Module, pruned: nn.Module, layers: Sequence[str]) -> tuple[Lockstep | None, str]:
+        """The runner, or ``None`` and why the pair cannot run node by node."""
+        try:
+            return cls(dense, pruned, layers), ""
+        except ValueError as e:
+            return None, str(e)
+
+    def layers(self, batches: Batches, layers: Sequence[str], device: torch.device | str, max_cache_bytes: float
+               ) -> Iterator[tuple[str, Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Per layer in graph order: its name and its ``(pruned input, dense input)`` per batch.
+
+        Consume each layer's pairs, and change that layer, before asking for the next layer.
+        The pairs raise ``CacheTooLarge`` after the last batch when the cache exceeds the cap.
+        """
+        d, p = self.d, self.p
+        id_, ip = fx.Interpreter(d.gm), fx.Interpreter(p.gm)
+        inputs = [x.to(device) for x, _ in batches]  # one pass over the batches: both graphs see the same images
+        env_d, env_p = d.envs(inputs), p.envs(inputs)
+        del inputs  # each input is freed once both graphs are past it
+        pos = 0
+        for name in sorted(layers, key=lambda n: d.at[n]):
+            stop = d.at[name]
+
+            def pairs(start: int = pos, stop: int = stop) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                arg_d, arg_p = _first_arg(d.nodes[stop]), _first_arg(p.nodes[stop])
+                for ed, ep in zip(env_d, env_p):
+                    d.advance(id_, ed, start, stop)
+                    p.advance(ip, ep, start, stop)
+                    yield ep[arg_p], ed[arg_d]
+                _check_cache(env_d + env_p, max_cache_bytes)
+
+            yield name, pairs()
+            pos = stop
+
+
+@torch.no_grad()
+def site_moments(model: nn.Module, sites: list[Site], batches: Batches, device: torch.device | str = "cpu",
+                 stop_after: str | None = None) -> dict[str, ChannelMoments]:
+    """Per-channel moments of each site's output over ``batches`` (hooks removed on exit).
+
+    With ``stop_after``, each forward ends as soon as that site's output is seen.
+    """
+    acc = {s.name: ChannelMoments() for s in sites}
+    dims = {s.name: s.channel_dim for s in sites}
+
+    def make(name: str):
+        def hook(mod: nn.Module, inp: Any, out: Any) -> None:
+            acc[name].add_batch(as_bcx(out.float(), dims[name]))
+            if name == stop_after:
+                raise StopForward
+        return hook
+
+    with forward_hooks(model, {s.name: make(s.name) for s in sites}):
+        for x, _ in batches:
+            try:
+                model(x.to(device))
+            except StopForward:
+                pass
+    return acc
+
+
+def _layer_input(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The input of ``model.<name>`` on ``x``; the forward stops right there."""
+    got: list[torch.Tensor] = []
+
+    def hook(mod: nn.Module, inp: Any) -> None:
+        got.append(inp[0])
+        raise StopForward
+
+    with forward_hooks(model, {name: hook}, pre=True, eval_mode=False):
+        try:
+            model(x)
+        except StopForward:
+            pass
+    return got[0]
+
+
+def layer_inputs(pruned: nn.Module, dense: nn.Module, name: str, batches: Batches, device: torch.device | str
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch, ``(pruned input, dense input)`` of layer ``name``: two partial forwards each."""
+    for x, _ in batches:
+        x = x.to(device)
+        yield _layer_input(pruned, name, x), _layer_input(dense, name, x)
+
+
+def call_order(model: nn.Module, names: Sequence[str], batches: Batches, device: torch.device | str) -> list[str]:
+    """``names`` in the order their modules are first called on two images (never-called ones left out)."""
+    order: dict[str, int] = {}
+
+    def make(name: str):
+        def hook(mod: nn.Module, inp: Any) -> None:  # a pre-hook's return value would replace the input
+            order.setdefault(name, len(order))
+        return hook
+
+    with forward_hooks(model, {n: make(n) for n in names}, pre=True):
+        model(next(iter(batches))[0][:2].to(device))
+    return sorted((n for n in names if n in order), key=order.__getitem__)

@@ -1,0 +1,285 @@
+"""The arithmetic of the least-squares re-fit: Gram matrices, damping, kept-weight solves, OBS masks.
+
+A layer's input patches are the rows of ``X``; with a bias, a constant column
+is appended (``[X 1]``), in closed form from the column sums rather than by
+copying every batch. Per output row, the kept weights ``K`` solve
+
+    (H_KK + lambda I) w_K = rhs_K,   lambda = damp * mean(diag H) over the weight columns,
+
+in float64. ``reconstruct.py`` feeds these the pruned network's inputs and the
+dense layer's outputs; the RR profile (``profile.py``) uses the same Gram
+matrix of the dense inputs for the closed-form residual (``lsq_residuals``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DEFAULT_DAMP", "DEFAULT_OBS_BLOCK", "MAX_SOLVE_FLOPS", "unsupported_reason", "input_patches",
+           "output_rows", "GramStats", "weight_rows", "keep_rows", "damping", "solve_kept", "obs_select",
+           "nm_column_order", "lsq_residuals"]
+
+DEFAULT_DAMP = 0.01
+DEFAULT_OBS_BLOCK = 128
+# The exact re-fit factorises one (d+1)^2 system per output row: rows * d^3 / 3 flops. Layers above this
+# (ImageNet-sized convs: 512 rows x 4608 inputs is 1.6e13) are skipped with a reason instead of running for
+# hours; every CIFAR ResNet layer is far below it (64 x 577^3 / 3 = 4e9).
+MAX_SOLVE_FLOPS = 5e10
+# rows solved per batched factorisation: bounds each (rows, d, d) float64 stack (the system and its
+# Cholesky factor) to about 64 MB, so the solves add little to the activations' peak memory
+SOLVE_BYTES = 64 * 2**20
+
+
+def unsupported_reason(layer: nn.Module) -> str | None:
+    """Why ``layer`` cannot be reconstructed, or ``None``."""
+    w = getattr(layer, "weight", None)
+    if w is not None and w.dim() >= 2:
+        rows, d = w.shape[0], w[0].numel() + 1
+        if rows * d ** 3 / 3 > MAX_SOLVE_FLOPS:
+            return (f"the exact per-row re-fit would cost {rows * d ** 3 / 3:.1e} flops ({rows} rows x {d} inputs), "
+                    f"above {MAX_SOLVE_FLOPS:.0e}")
+    if isinstance(layer, nn.Linear):
+        return None
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            return f"grouped convolution (groups={layer.groups}): per-group Gram matrices are not implemented"
+        if layer.padding_mode != "zeros":
+            return f"padding_mode={layer.padding_mode!r}: patches are extracted with zero padding"
+        if isinstance(layer.padding, str):
+            return f"padding={layer.padding!r}: pass explicit padding"
+        return None
+    return f"{type(layer).__name__} is not a Conv2d or Linear"
+
+
+def input_patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows of input patches ``(positions, d)`` whose product with ``weight.flatten(1).T`` is the output.
+
+    Conv patches come from strided views and one copy (``F.unfold`` plus the transpose costs
+    about 3.5x more on CPU); column order (channel, kh, kw) matches ``weight.flatten(1)``.
+    """
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    v = xp.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # (B, C, Ho, Wo, span_h, span_w)
+    if dh > 1 or dw > 1:
+        v = v[..., ::dh, ::dw]
+    return v.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+
+
+def output_rows(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """A layer output as rows ``(positions, C_out)`` in the order of ``input_patches``."""
+    if isinstance(layer, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+class GramStats:
+    """Streaming statistics of one layer's least-squares problem (float64 accumulators).
+
+    ``H = X^T X`` of the input patch rows ``X`` (pruned network) and ``R = X^T Y`` with the target
+    outputs ``Y`` (the dense layer on the dense input), plus column sums and the count, so the
+    constant (bias) column is appended in closed form rather than by copying every batch.
+    Using ``X^T Y`` instead of the cross Gram ``X_p^T X_d`` costs ``d * C_out`` instead of ``d^2``
+    per row.
+    """
+
+    def __init__(self, with_const: bool) -> None:
+        self.with_const = with_const
+        self.n = 0
+        self._h: torch.Tensor | None = None
+        self._r: torch.Tensor | None = None
+        self._sx: torch.Tensor | None = None
+        self._sy: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Add patch rows ``x`` (positions, d) and targets ``y`` (positions, C_out); ``y=None``: ``H`` only."""
+        h = (x.T @ x).double()  # one GEMM per batch in the activations' dtype, summed in float64
+        sx = x.sum(0).double()  # float32 sums are pairwise (accurate); casting every row costs 3x
+        r = (x.T @ y).double() if y is not None else None
+        sy = y.sum(0).double() if y is not None else None
+        if self._h is None:
+            self._h, self._sx, self._r, self._sy = h, sx, r, sy
+        else:
+            self._h += h
+            self._sx += sx
+            if r is not None:
+                self._r += r
+                self._sy += sy
+        self.n += x.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        """``[X 1]^T [X 1]`` (or ``X^T X`` without the constant column)."""
+        if not self.with_const:
+            return self._h
+        d = self._h.shape[0]
+        out = self._h.new_empty(d + 1, d + 1)
+        out[:d, :d] = self._h
+        out[:d, d] = out[d, :d] = self._sx
+        out[d, d] = float(self.n)
+        return out
+
+    @property
+    def R(self) -> torch.Tensor:
+        """``[X 1]^T Y`` (or ``X^T Y``)."""
+        return torch.cat([self._r, self._sy[None]], 0) if self.with_const else self._r
+
+
+def weight_rows(layer: nn.Module, with_const: bool) -> torch.Tensor:
+    """``layer``'s weights as float64 rows ``(C_out, d)``, with its bias (0 when none) as a last column."""
+    w = layer.weight.detach().flatten(1).double()
+    if not with_const:
+        return w
+    b = layer.bias.detach().double() if layer.bias is not None else w.new_zeros(w.shape[0])
+    return torch.cat([w, b[:, None]], 1)
+
+
+def keep_rows(keep: torch.Tensor, with_const: bool) -> torch.Tensor:
+    """Per-row kept columns ``(C_out, d)``, with the constant column (always kept) appended."""
+    return torch.cat([keep, keep.new_ones(keep.shape[0], 1)], 1) if with_const else keep
+
+
+def damping(H: torch.Tensor, damp: float, n_weight_cols: int) -> float:
+    """``damp`` times the mean diagonal of the weight columns (the constant column is left out)."""
+    return float(damp * torch.diagonal(H)[:n_weight_cols].mean())
+
+
+def solve_kept(H: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per row ``i``: ``x_K = (H_KK + lam I)^-1 rhs_i,K`` with ``K = keep[i]``, zeros elsewhere.
+
+    Batched over rows by masking: ``A_i = M (H + lam I) M + (I - M)`` is ``H_KK + lam I`` on the kept
+    block and the identity on the pruned one. Cholesky first; rows whose block is singular are
+    solved by least squares (minimum-norm), so dead inputs never crash the solve.
+    """
+    rows, d = rhs.shape
+    out = torch.zeros_like(rhs, dtype=torch.float64)
+    Hl = H.double() + lam * torch.eye(d, dtype=torch.float64, device=H.device)
+    chunk = max(1, int(SOLVE_BYTES // (8 * d * d)))
+    for r0 in range(0, rows, chunk):
+        m = keep[r0:r0 + chunk].to(torch.float64)                      # (r, d)
+        A = Hl.expand(len(m), d, d).clone()                            # in place below: one (r, d, d) buffer
+        A.mul_(m[:, :, None]).mul_(m[:, None, :])
+        A.diagonal(dim1=1, dim2=2).add_(1.0 - m)
+        b = (m * rhs[r0:r0 + chunk].double()).unsqueeze(-1)
+        L, info = torch.linalg.cholesky_ex(A)
+        x = torch.cholesky_solve(b, L)
+        bad = info != 0
+        if bad.any():
+            x[bad] = torch.linalg.lstsq(A[bad].cpu(), b[bad].cpu(), driver="gelsd").solution.to(x)
+        out[r0:r0 + chunk] = x.squeeze(-1) * m
+        del A, L
+    return out
+
+
+def _inverse_factor(H: torch.Tensor, full: torch.Tensor, lam: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + lam I)^-1`` in ``full`` column order: row i is column i's OBS update."""
+    eye = torch.eye(len(full), dtype=torch.float64, device=full.device)
+    Hp = H[full][:, full].double() + lam * eye
+    L, info = torch.linalg.cholesky_ex(Hp)
+    if int(info) != 0:
+        Hp = Hp + 1e-8 * torch.diagonal(Hp).mean() * eye
+        L = torch.linalg.cholesky(Hp)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def _lowest_saliency(W1: torch.Tensor, diag: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` weights of a block with the lowest OBS saliency ``w^2 / [H^-1]_jj^2``."""
+    sal = (W1 ** 2 / diag[None, :] ** 2).flatten()
+    mask1 = torch.zeros(W1.numel(), dtype=torch.bool, device=W1.device)
+    if k > 0:
+        mask1[torch.sort(sal, stable=True).indices[:k]] = True
+    return mask1.view_as(W1)
+
+
+def _sweep_block(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor,
+                 nm: tuple[int, int] | None) -> torch.Tensor:
+    """Prune a block column by column (N:M groups chosen on the way), updating ``W1``; returns the errors."""
+    Err1 = torch.zeros_like(W1)
+    diag = torch.diagonal(Hinv1)
+    for i in range(W1.shape[1]):
+        if nm is not None and i % nm[1] == 0:
+            g = W1[:, i:i + nm[1]] ** 2 / diag[i:i + nm[1]][None, :] ** 2
+            idx = torch.sort(g, dim=1, stable=True).indices[:, :nm[1] - nm[0]]
+            mask1[:, i:i + nm[1]].scatter_(1, idx, True)
+        w = W1[:, i]
+        q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+        err = (w - q) / Hinv1[i, i]
+        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+        Err1[:, i] = err
+    return Err1
+
+
+def obs_select(W: torch.Tensor, H: torch.Tensor, lam: float, n_prune: int, n_cols: int,
+               nm: tuple[int, int] | None = None, block: int = DEFAULT_OBS_BLOCK,
+               perm: torch.Tensor | None = None) -> torch.Tensor:
+    """SparseGPT's sweep: the keep-mask over the first ``n_cols`` columns of ``W`` (rows x cols).
+
+    ``W`` (float64) is the layer's least-squares optimum with every weight kept; the loss of a
+    mask is ``(w - W) (H + lam I) (w - W)^T`` per row. Columns are visited in ``perm`` order in
+    blocks; within a block, the weights of lowest saliency ``w^2 / [H^-1]_jj`` (current,
+    updated ``w``) are pruned and their error is spread over the columns not yet visited.
+    Unstructured: block ``b`` prunes its share of ``n_prune`` (cumulative rounding), so the layer
+    count is exact. N:M (``nm = (n, m)``): per row, ``m - n`` of every ``m`` consecutive columns
+    in ``perm`` order are pruned. Columns past ``n_cols`` (the bias) are never pruned.
+    """
+    rows, d = W.shape
+    perm = torch.arange(n_cols, device=W.device) if perm is None else perm
+    full = torch.cat([perm, torch.arange(n_cols, d, device=W.device)])
+    Wp = W[:, full].clone()
+    Hinv = _inverse_factor(H, full, lam)
+    prune = torch.zeros(rows, n_cols, dtype=torch.bool, device=W.device)
+    total = rows * n_cols
+    if nm is not None:  # groups must not straddle blocks
+        block = max(nm[1], block - block % nm[1])
+    done = 0
+    for i1 in range(0, n_cols, block):
+        i2 = min(i1 + block, n_cols)
+        W1 = Wp[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if nm is None:
+            # this block's share of the layer's count, by cumulative rounding: exact in total
+            k = min(round(n_prune * (i2 * rows) / total) - done, W1.numel())
+            if i2 == n_cols:
+                k = n_prune - done
+            done += k
+            mask1 = _lowest_saliency(W1, torch.diagonal(Hinv1), k)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        Err1 = _sweep_block(W1, Hinv1, mask1, nm)
+        prune[:, i1:i2] = mask1
+        Wp[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    keep = torch.ones(rows, n_cols, dtype=torch.bool, device=W.device)
+    keep[:, perm] = ~prune
+    return keep
+
+
+def nm_column_order(layer: nn.Module, m: int) -> torch.Tensor | None:
+    """Column order in which groups of ``m`` input channels at one kernel position are consecutive."""
+    w = layer.weight
+    c_in = w.shape[1]
+    if c_in % m != 0:
+        return None
+    k = int(w[0, 0].numel())  # kernel positions (1 for Linear)
+    return torch.arange(c_in * k, device=w.device).view(c_in, k).T.reshape(-1)
+
+
+def lsq_residuals(H: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per-row residual energy of the ``lsq`` re-fit with dense inputs, in closed form.
+
+    ``H`` is the uncentred Gram matrix of the layer's input rows (constant column last when
+    ``w`` has a bias column), ``w`` the rows ``(C_out, d)``, ``keep`` the kept columns per row.
+    With pruned set ``P``, kept set ``K`` and ``A = H_KK + lam I``, the re-fit changes the kept
+    weights by ``delta = A^-1 H_KP w_P`` and leaves the error energy
+
+        w_P H_PP w_P^T - b^T A^-1 b - lam ||A^-1 b||^2,   b = H_KP w_P,
+
+    (the Schur complement with ``A``, minus the damping's share; ``lam = 0`` gives the plain Schur
+    complement). Summed over positions, not averaged.
+    """
+    wP = w.double() * (~keep).double()
+    b = wP @ H.double()                        # rows: (H w_P)^T; its kept part is H_KP w_P
+    delta = solve_kept(H, b, keep, lam)        # A^-1 b_K per row, zero on P
+    return (wP * b).sum(1) - (b * delta).sum(1) - lam * (delta * delta).sum(1)

@@ -1,0 +1,115 @@
+"""Repair step kinds: a registry of small classes, each parsing its text form and applying itself.
+
+A kind registers under the method names its text form starts with (``bn``;
+``lsq``, ``obs``; ``lw``, ``naive``, ``asr``). ``parse_step`` hands one
+``>``-separated part of ``--repair`` to the kind its method names, and
+``kind_of`` finds the kind of a parsed step to apply it with a ``StepContext``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .channel import DenseSiteCache
+
+__all__ = ["RepairReport", "StepContext", "StepKind", "STEP_KINDS", "register", "parse_step", "kind_of",
+           "step_kinds"]
+
+
+@dataclass
+class RepairReport:
+    pipeline: str
+    corrections: list[dict[str, str]] = field(default_factory=list)
+    calib_passes: float = 0
+    masks: dict[str, torch.Tensor] | None = None  # final keep-masks when a step chose them (obs)
+    reconstructed: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why reconstruction skipped it
+
+    @property
+    def affine_sites(self) -> list[str]:
+        return sorted({c["site"] for c in self.corrections if c["placement"] == "affine"})
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the pruned model; steps update ``cache``, ``masks`` and ``report``."""
+
+    batches: Any
+    report: RepairReport
+    dense: nn.Module | None = None
+    device: torch.device | str = "cpu"
+    cache: DenseSiteCache | None = None  # built by the first channel step that needs it, shared by later ones
+    masks: dict[str, torch.Tensor] | None = None  # keep-masks; a step that chooses masks replaces them
+    nm: tuple[int, int] | None = None  # the N:M pattern the masks follow
+    staged: bool = True  # node-by-node propagation where the model traces (propagate.py)
+    max_cache_bytes: float = 4e9  # cap on the activations a channel step caches
+
+
+class StepKind:
+    """One kind of step: the names it registers under, its text form and how it repairs a model."""
+
+    methods: ClassVar[tuple[str, ...]] = ()
+    usage: ClassVar[str] = ""  # how the unknown-step message lists this kind
+    usage_rank: ClassVar[int] = 0  # its place in that message
+    rewrites_weights: ClassVar[bool] = False  # re-pruning by magnitude alone would lose what it did
+
+    def owns(self, step: Any) -> bool:
+        """Whether ``step`` (a parsed step dataclass) is of this kind."""
+        raise NotImplementedError
+
+    def parse(self, part: str, text: str) -> Any | None:
+        """The frozen step of ``part`` (one step of ``text``), or ``None`` when ``part`` is not of this kind."""
+        raise NotImplementedError
+
+    def apply(self, step: Any, pruned: nn.Module, ctx: StepContext) -> None:
+        """Repair ``pruned`` in place with ``step``, recording what it did in ``ctx.report``."""
+        raise NotImplementedError
+
+    def chooses_masks(self, step: Any) -> bool:
+        """Whether ``step`` chooses the keep-masks itself (instead of the layer-local magnitude rule)."""
+        return False
+
+
+STEP_KINDS: dict[str, StepKind] = {}  # method name -> its kind
+
+
+def register(cls: type[StepKind]) -> type[StepKind]:
+    """Class decorator: register one instance of ``cls`` under each of its method names."""
+    kind = cls()
+    for m in cls.methods:
+        if m in STEP_KINDS:
+            raise ValueError(f"repair step method {m!r} is registered twice")
+        STEP_KINDS[m] = kind
+    return cls
+
+
+def step_kinds() -> list[StepKind]:
+    """The registered kinds, each once, in the order the unknown-step message lists them."""
+    return sorted({id(k): k for k in STEP_KINDS.values()}.values(), key=lambda k: k.usage_rank)
+
+
+def parse_step(part: str, text: str) -> Any:
+    """Parse one step ``part`` of ``--repair text``; one-line ``UserError`` when no kind takes it."""
+    kind = STEP_KINDS.get(part.split(":")[0].partition("@")[0])
+    step = kind.parse(part, text) if kind is not None else None
+    if step is None:
+        usages = [k.usage for k in step_kinds()]
+        listed = f"{', '.join(usages[:-1])} or {usages[-1]}" if len(usages) > 1 else "".join(usages)
+        raise UserError(f"unknown repair step {part!r} in --repair {text!r}: use {listed} "
+                        "(e.g. lsq>bn>naive@block+logits)")
+    return step
+
+
+def kind_of(step: Any) -> StepKind:
+    """The kind that applies ``step``."""
+    for kind in step_kinds():
+        if kind.owns(step):
+            return kind
+    raise ValueError(f"no registered repair step kind applies {step!r}")
