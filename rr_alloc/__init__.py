@@ -13,8 +13,8 @@ Importing the library imports no command-line code (``rr_alloc.cli`` is separate
 from .config import RunConfig
 from .errors import UserError
 from .plan import LayerPlan, Plan
-from .replay import apply_plan
 from .repair.persist import load_pruned, save_pruned
+from .replay import apply_plan
 from .run import search
 from .version import __version__
 

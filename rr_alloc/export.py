@@ -8,9 +8,10 @@ which prunes *output channels*; its conversion is stated below and in the file.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from .errors import UserError
 from .io_utils import write_text_atomic
-from .plan_schema import schema_errors
+from .plan_schema import Violation, schema_violations
 from .pruning import parse_pattern
 from .version import __version__
 
@@ -171,72 +171,22 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "plan") -> "Plan":
-        """Validate and build; one-line ``UserError`` naming the first problem."""
+        """Validate against the JSON Schema, then what a schema cannot express; one-line ``UserError``."""
         if not isinstance(d, dict):
             raise UserError(f"{where} is not a JSON object: pass a plan written by rr_alloc")
         _check_text(d, where, "")
-        if d.get("schema") != SCHEMA:
-            raise UserError(f"{where} is not an rr_alloc plan (schema {d.get('schema')!r}): "
-                            "pass a plan written by `rr_alloc search`")
-        if d.get("version") not in READ_VERSIONS:
-            raise UserError(f"{where} has plan schema version {d.get('version')!r}; this rr_alloc reads "
-                            f"versions {', '.join(map(str, READ_VERSIONS))}: regenerate it or upgrade rr_alloc")
-        mask_rule = d.get("mask_rule", "magnitude")
-        if mask_rule not in MASK_RULES or (d["version"] == 1 and mask_rule != "magnitude"):
-            raise UserError(f"{where} has mask_rule {mask_rule!r}: version-1 plans use magnitude masks, "
-                            f"version 2 one of {', '.join(MASK_RULES)}")
-        if d.get("unit") != UNIT:
-            raise UserError(f"{where} has unit {d.get('unit')!r}, expected {UNIT!r}")
-        for key in ("budget", "allocator", "repair", "layers"):
-            if key not in d:
-                raise UserError(f"{where} lacks the key {key!r}: regenerate it with `rr_alloc search`")
-        if not isinstance(d["layers"], list) or not d["layers"]:
-            raise UserError(f"{where} lists no layers: regenerate it with `rr_alloc search`")
-        layers, seen = [], set()
-        for i, l in enumerate(d["layers"]):
-            try:
-                name, n_w, shape = str(l["name"]), int(l["n_weights"]), tuple(int(v) for v in l["shape"])
-                sp = float(l["sparsity"])
-            except (KeyError, TypeError, ValueError):
-                raise UserError(f"{where}: layer entry {i} needs name, sparsity, n_weights and shape")
-            if name in seen:
-                raise UserError(f"{where}: layer {name} is listed twice")
-            seen.add(name)
-            if not 0.0 <= sp < 1.0:
-                raise UserError(f"{where}: layer {name} has sparsity {sp} outside [0, 1)")
-            prod = 1
-            for v in shape:
-                prod *= v
-            if prod != n_w:
-                raise UserError(f"{where}: layer {name} has n_weights {n_w} but shape {list(shape)}")
-            k = int(l["n_pruned"]) if "n_pruned" in l else int(round(sp * n_w))
-            if not 0 <= k < n_w or abs(k / n_w - sp) > 1.0 / n_w + 1e-9:
-                raise UserError(f"{where}: layer {name} has n_pruned {k} inconsistent with sparsity {sp}")
-            layers.append(LayerPlan(name, k, n_w, shape))
-        try:
-            budget = float(d["budget"])
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: budget {d['budget']!r} is not a number")
-        if not 0.0 < budget < 1.0:
-            raise UserError(f"{where}: budget {budget} outside (0, 1)")
-        budget_unit = d.get("budget_unit", "weights")
-        if budget_unit not in BUDGET_UNITS:
-            raise UserError(f"{where} has budget_unit {budget_unit!r}: use one of {', '.join(BUDGET_UNITS)}")
-        achieved = d.get("achieved_sparsity")
-        if achieved is not None and (isinstance(achieved, bool) or not isinstance(achieved, (int, float))
-                                     or not 0.0 <= achieved < 1.0):
-            raise UserError(f"{where}: achieved_sparsity {achieved!r} is not a fraction in [0, 1): "
-                            "regenerate it with `rr_alloc search`")
-        pattern = d.get("pattern")
+        violations = schema_violations(d)
+        if violations:
+            raise UserError(_explain(min(violations, key=_priority), d, where))
+        layers = _layers(d["layers"], where)
+        mask_rule, pattern = d.get("mask_rule", "magnitude"), d.get("pattern")
+        if d["version"] == 1 and (mask_rule != "magnitude" or pattern is not None):
+            raise UserError(f"{where} has mask_rule {mask_rule!r} or an N:M pattern: version-1 plans use "
+                            "magnitude masks; that needs plan version 2")
         if pattern is not None:
-            if d["version"] == 1:
-                raise UserError(f"{where} has an N:M pattern: that needs plan version 2")
             parse_pattern(pattern)
-        errors = schema_errors(d)  # every other field, against the published schema (docs/plan.schema.json)
-        if errors:
-            raise UserError(f"{where}: {errors[0]} (see docs/plan.schema.json): regenerate it with `rr_alloc search`")
-        return cls(layers, budget, str(d["allocator"]), str(d["repair"]), budget_unit, mask_rule, pattern,
-                   achieved, d.get("source", {}), d.get("calibration", {}),
+        return cls(layers, float(d["budget"]), str(d["allocator"]), str(d["repair"]), d.get("budget_unit", "weights"),
+                   mask_rule, pattern, d.get("achieved_sparsity"), d.get("source", {}), d.get("calibration", {}),
                    d.get("profile", {}), d.get("verify", {}), search=d.get("search", {}), tool=d.get("tool", {}),
                    created=d.get("created", ""))
 
@@ -274,3 +224,61 @@ class Plan:
             if tuple(m.weight.shape) != l.shape:
                 raise UserError(f"plan layer {l.name} has shape {list(l.shape)} but the model's is "
                                 f"{list(m.weight.shape)}: use the model the plan was made for")
+
+
+# the schema's top-level keys in the order their problems are reported (identity first, then the core fields)
+_ORDER = ("schema", "version", "mask_rule", "unit", "", "layers", "budget", "budget_unit", "achieved_sparsity")
+
+
+def _priority(v: Violation) -> tuple[int, list[str]]:
+    head = str(v.path[0]) if v.path else ""
+    return (_ORDER.index(head) if head in _ORDER else len(_ORDER), list(map(str, v.path)))
+
+
+def _explain(v: Violation, d: dict[str, Any], where: str) -> str:
+    """The schema violation in the words of the field it concerns, with the fix."""
+    head = v.path[0] if v.path else None
+    regen = "regenerate it with `rr_alloc search`"
+    if head == "schema":
+        return f"{where} is not an rr_alloc plan (schema {d.get('schema')!r}): pass a plan written by `rr_alloc search`"
+    if head == "version":
+        return (f"{where} has plan schema version {d.get('version')!r}; this rr_alloc reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}: regenerate it or upgrade rr_alloc")
+    if head == "unit":
+        return f"{where} has unit {d.get('unit')!r}, expected {UNIT!r}"
+    if head == "mask_rule":
+        return f"{where} has mask_rule {d.get('mask_rule')!r}: use one of {', '.join(MASK_RULES)}"
+    if head is None and v.rule == "required":
+        return f"{where} lacks the key {v.message.split(' is a required')[0]}: {regen}"
+    if v.path == ("layers",):
+        return f"{where} lists no layers: {regen}"
+    if head == "layers" and len(v.path) == 2:
+        return f"{where}: layer entry {v.path[1]} needs name, sparsity, n_weights and shape"
+    if head == "layers" and v.path[2] == "sparsity":
+        entry = d["layers"][v.path[1]]
+        return f"{where}: layer {entry.get('name')} has sparsity {entry.get('sparsity')!r} outside [0, 1)"
+    if head == "budget":
+        return f"{where}: budget {d.get('budget')!r} outside (0, 1): {regen}"
+    if head == "budget_unit":
+        return f"{where} has budget_unit {d.get('budget_unit')!r}: use one of {', '.join(BUDGET_UNITS)}"
+    if head == "achieved_sparsity":
+        return f"{where}: achieved_sparsity {d.get('achieved_sparsity')!r} is not a fraction in [0, 1): {regen}"
+    return f"{where}: {v} (see docs/plan.schema.json): {regen}"
+
+
+def _layers(entries: list[dict[str, Any]], where: str) -> list[LayerPlan]:
+    """The layer entries (schema-valid) checked for what the schema cannot say: unique names, a shape that
+    holds ``n_weights``, and ``n_pruned`` within one weight of ``sparsity * n_weights``."""
+    layers, seen = [], set()
+    for entry in entries:
+        name, n_w, shape, sp = entry["name"], entry["n_weights"], tuple(entry["shape"]), float(entry["sparsity"])
+        if name in seen:
+            raise UserError(f"{where}: layer {name} is listed twice")
+        seen.add(name)
+        if math.prod(shape) != n_w:
+            raise UserError(f"{where}: layer {name} has n_weights {n_w} but shape {list(shape)}")
+        k = entry["n_pruned"] if "n_pruned" in entry else int(round(sp * n_w))
+        if not k < n_w or abs(k / n_w - sp) > 1.0 / n_w + 1e-9:
+            raise UserError(f"{where}: layer {name} has n_pruned {k} inconsistent with sparsity {sp}")
+        layers.append(LayerPlan(name, k, n_w, shape))
+    return layers

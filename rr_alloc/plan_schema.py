@@ -9,9 +9,10 @@ downstream tools can validate plans without rr_alloc.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PLAN_SCHEMA", "schema_errors"]
+__all__ = ["PLAN_SCHEMA", "schema_errors", "schema_violations", "Violation"]
 
 # one line of text: no control characters, no Unicode line or paragraph separators
 _TEXT = {"type": "string", "pattern": "^[^\\u0000-\\u001f\\u007f\\u2028\\u2029]*$"}
@@ -83,17 +84,33 @@ PLAN_SCHEMA: dict[str, Any] = {
 }
 
 
-def schema_errors(doc: Any) -> list[str]:
-    """``path: message`` of each way ``doc`` breaks ``PLAN_SCHEMA`` (empty when it is valid)."""
+@dataclass(frozen=True)
+class Violation:
+    """One way a document breaks the schema: where (``path``), which rule (``rule``), and the message."""
+
+    path: tuple[str | int, ...]
+    rule: str
+    message: str
+
+    def __str__(self) -> str:
+        where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p)
+                        for i, p in enumerate(self.path)) or "(top level)"
+        return f"{where}: {self.message}"
+
+
+def schema_violations(doc: Any) -> list[Violation]:
+    """Every way ``doc`` breaks ``PLAN_SCHEMA``, ordered by path (empty when it is valid)."""
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(PLAN_SCHEMA)
-    out = []
-    for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
-        path = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p)
-                       for i, p in enumerate(e.absolute_path)) or "(top level)"
-        out.append(f"{path}: {e.message.splitlines()[0][:200]}")
-    return out
+    found = [Violation(tuple(e.absolute_path), str(e.validator), e.message.splitlines()[0][:200])
+             for e in validator.iter_errors(doc)]
+    return sorted(found, key=lambda v: list(map(str, v.path)))
+
+
+def schema_errors(doc: Any) -> list[str]:
+    """``path: message`` of each way ``doc`` breaks ``PLAN_SCHEMA`` (empty when it is valid)."""
+    return [str(v) for v in schema_violations(doc)]
 
 
 if __name__ == "__main__":

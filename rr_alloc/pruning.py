@@ -7,14 +7,15 @@ ties are broken by flat index (stable sort), the convention of
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import UserError
 
-__all__ = ["n_pruned", "magnitude_order", "magnitude_mask", "nm_mask", "nm_masks", "parse_pattern", "apply_masks",
+__all__ = ["Pruning", "n_pruned", "magnitude_order", "magnitude_mask", "nm_mask", "nm_masks", "parse_pattern", "apply_masks",
            "masks_for_plan", "plan_masks"]
 
 
@@ -72,6 +73,44 @@ def parse_pattern(text: str) -> tuple[int, int]:
     if not 0 < n < m:
         raise UserError(f"--pattern N:M needs 0 < N < M, got {text!r}: e.g. --pattern 2:4")
     return n, m
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """What a plan removes: layer-local magnitude ``counts``, an N:M pattern ``nm`` over ``layers``, or
+    explicit keep-``masks``. ``keep_masks`` turns any of them into masks; ``nm`` also tells mask-choosing
+    repair steps (``obs``) which pattern to keep."""
+
+    counts: Mapping[str, int] | None = None
+    nm: tuple[int, int] | None = None
+    layers: tuple[str, ...] = ()
+    masks: Mapping[str, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, value: "Pruning | Mapping[str, int] | Mapping[str, torch.Tensor]",
+           nm: tuple[int, int] | None = None) -> "Pruning":
+        """A ``Pruning`` from itself, per-layer counts, or keep-masks (``nm``: the pattern the masks follow)."""
+        if isinstance(value, Pruning):
+            return value
+        if value and isinstance(next(iter(value.values())), torch.Tensor):
+            return cls(masks=value, nm=nm)
+        return cls(counts={k: int(v) for k, v in value.items()})
+
+    def keep_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Keep-masks on ``model``'s layers (N:M layers whose inputs are not a multiple of M stay dense)."""
+        if self.masks is not None:
+            return dict(self.masks)
+        if self.counts is not None:
+            return masks_for_plan(model, self.counts)
+        return nm_masks(model, list(self.layers), *self.nm)
+
+    def pruned_counts(self, model: nn.Module) -> dict[str, int]:
+        """Pruned weights per layer (0 where an N:M layer stays dense)."""
+        if self.counts is not None:
+            return dict(self.counts)
+        masks = self.keep_masks(model)
+        names = self.layers or tuple(masks)
+        return {n: int((~masks[n]).sum()) if n in masks else 0 for n in names}
 
 
 def plan_masks(model: nn.Module, counts: Mapping[str, int], nm: tuple[int, int] | None = None

@@ -36,7 +36,7 @@ def search(cfg: RunConfig, budget: float | None = None, verify: bool = True, wor
     wb = workbench or Workbench(cfg, progress=progress)
     nm = wb.nm
     if nm is not None:
-        counts = wb.pattern_counts()
+        counts = wb.pruning().pruned_counts(wb.dense)
         budget = wb.problem(0.5).achieved(counts) if budget is None else budget
         allocator = f"{nm[0]}:{nm[1]}"
     else:
@@ -46,7 +46,7 @@ def search(cfg: RunConfig, budget: float | None = None, verify: bool = True, wor
         allocator = cfg.allocator
     verify_info: dict[str, Any] = {}
     if verify:
-        m = wb.verify(wb.pattern_masks() if nm else counts, cfg.repair, nm=nm)
+        m = wb.verify(wb.pruning(counts), cfg.repair)
         ref_name = "global" if nm else cfg.reference_allocator
         ref_counts = wb.allocate(ref_name, budget)
         ref = wb.verify(ref_counts, cfg.repair)

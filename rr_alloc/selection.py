@@ -8,8 +8,9 @@ the rest, and let the validation check pair two plans image by image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,23 +56,25 @@ def paired_upper_bound(diff: np.ndarray, conf: float = 0.95) -> float:
 
 
 class SelectionScorer:
-    """Scores per-layer pruned counts (in ``wb.layers`` order) on the selection split.
+    """Scores per-layer pruned counts (in the experiment's layer order) on the selection split.
 
     ``screen_size`` images (a seeded random subset of the split, the same for every candidate: the split is
     stored in index order, which groups classes in an ImageFolder) give a cheap score; ``score(counts,
     beat=x)`` stops after them when the screen is worse than ``x``.
     """
 
-    def __init__(self, wb: Any, repair: str, objective: str = "kl", screen_size: int | None = None) -> None:
+    def __init__(self, evaluator: Any, repair: str, objective: str = "kl", screen_size: int | None = None) -> None:
+        """``evaluator``: an ``Evaluator`` (its experiment's splits and dense logits, its prune and repair)."""
         if objective not in OBJECTIVES:
             raise UserError(f"unknown --objective {objective!r}: use {', '.join(OBJECTIVES)}")
-        if wb.splits.selection.n == 0:
+        exp = evaluator.experiment
+        if exp.splits.selection.n == 0:
             raise UserError("a search allocator needs a selection split: pass --selection-size > 0")
-        self.wb, self.repair, self.objective = wb, repair, objective
-        self.names = [l.name for l in wb.layers]
-        n = wb.splits.selection.n
+        self.evaluator, self.experiment, self.repair, self.objective = evaluator, exp, repair, objective
+        self.names = [layer.name for layer in exp.layers]
+        n = exp.splits.selection.n
         self.screen_size = min(n, screen_size if screen_size else max(1, n // 4))
-        order = np.random.default_rng(int(getattr(wb.cfg, "seed", 0))).permutation(n)
+        order = np.random.default_rng(int(exp.cfg.seed)).permutation(n)
         self.screen_idx = np.sort(order[:self.screen_size])
         self.rest_idx = np.sort(order[self.screen_size:])
         self.evaluations = 0
@@ -83,9 +86,9 @@ class SelectionScorer:
 
     def losses(self, model: torch.nn.Module, split: str, idx: np.ndarray | None = None) -> np.ndarray:
         """Per-image losses of a (pruned, repaired) model on ``split`` (the images ``idx``, default all)."""
-        wb = self.wb
-        data = wb.split(split)
-        dense, labels = wb.dense_logits(split)
+        exp = self.experiment
+        data = exp.split(split)
+        dense, labels = exp.dense_logits(split)
         if idx is not None:
             t = torch.as_tensor(idx, dtype=torch.long)
             x, dense, labels = data.x[t], dense[t], labels[t]
@@ -98,14 +101,14 @@ class SelectionScorer:
         try:
             with torch.inference_mode():
                 for i in range(0, len(x), bs):
-                    outs.append(model(x[i:i + bs].to(wb.device)).float().cpu())
+                    outs.append(model(x[i:i + bs].to(exp.device)).float().cpu())
         finally:
             model.train(was)
         logits = torch.cat(outs) if outs else torch.empty(0, dense.shape[1])
         return per_image_losses(logits, labels, dense, self.objective)
 
     def model(self, counts: Any) -> torch.nn.Module:
-        model, _ = self.wb.repaired_model(self._counts(counts), self.repair)
+        model, _ = self.evaluator.repaired_model(self._counts(counts), self.repair)
         return model
 
     def score(self, counts: Any, beat: float | None = None) -> Screened:
@@ -116,7 +119,7 @@ class SelectionScorer:
         self.evaluations += 1
         model = self.model(counts)
         head = self.losses(model, "selection", self.screen_idx)
-        n = self.wb.splits.selection.n
+        n = self.experiment.splits.selection.n
         if beat is not None and float(head.mean()) > beat:
             return Screened(float(head.mean()), None, len(head), n)
         rest = self.losses(model, "selection", self.rest_idx) if len(self.rest_idx) else np.empty(0)
@@ -125,13 +128,13 @@ class SelectionScorer:
     def __call__(self, counts: Any) -> float:
         """Full-fidelity loss (every selection image)."""
         return self.score(counts).full
-def make_objective(wb: Any, repair: str, objective: str = "kl",
+def make_objective(source: Any, repair: str, objective: str = "kl",
                    screen_size: int | None = None) -> Callable[[np.ndarray], float]:
-    """Loss of per-layer counts (in ``wb.layers`` order) on the selection split.
+    """Loss of per-layer counts (in layer order) on the selection split of an evaluator (or a workbench's).
 
     ``kl``: mean KL to the dense logits (label-free); ``agreement``: 1 - top-1 agreement with
     the dense model; ``top1``: 1 - top-1 (needs labels). The plan is pruned and repaired with
     ``repair`` on the calibration split, as ``verify`` does. The returned callable is a
     ``SelectionScorer`` (its ``score`` screens).
     """
-    return SelectionScorer(wb, repair, objective, screen_size)
+    return SelectionScorer(getattr(source, "evaluator", source), repair, objective, screen_size)

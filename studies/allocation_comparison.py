@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from common import ROOT, UserError, add_common_args, machine, model_config, run_main, shared_dir, t_interval
 
 from rr_alloc.io_utils import write_text_atomic
@@ -110,7 +109,7 @@ BASELINES = ("uniform", "global", "lamp", "erk")
 
 
 def goal_check(test: pd.DataFrame) -> list[str]:
-    """The issue's goal, per model/budget/repair: each RR allocator minus the best baseline, paired by seed."""
+    """The target margin, per model/budget/repair: each RR allocator minus the best baseline, paired by seed."""
     rows = []
     for (model, b, rep), t in test.groupby(["model", "budget", "repair"], sort=False):
         top = t.pivot_table(index="seed", columns="allocator", values="top1") * 100
@@ -126,7 +125,7 @@ def goal_check(test: pd.DataFrame) -> list[str]:
     return ["## Goal check: RR-driven allocators minus the best baseline (test top-1 points)", "",
             "Per model, budget and repair: the baseline (uniform, global, lamp, erk) with the best mean test "
             "top-1, and each other allocator's difference to it, paired by calibration seed (mean ± 95% "
-            "t-interval half-width). The goal was >= +3 at 0.9 and never negative beyond noise.", "",
+            "t-interval half-width). The study's goal: >= +3 at 0.9 and never negative beyond noise.", "",
             pd.DataFrame(rows).fillna("").to_markdown(index=False), ""]
 
 

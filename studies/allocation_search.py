@@ -10,7 +10,7 @@ split of training images (the fallback rule of the tool) and reported on the tes
 (B) the winner of (A) -- the lowest mean *validation* KL, never the test split -- on ResNet-32 at 0.9 and
     ResNet-20 at 0.8 and 0.95 (ResNet-20 at 0.9 is (A)'s cells).
 (C) the winner of (A) scored on a larger selection split (``--search-selection-c``, default 4096 images;
-    the issue's pilot gained most with it) on ResNet-20 and ResNet-32 at 0.9, with (A)'s and (B)'s numbers
+    a single-seed trial run gained most with it) on ResNet-20 and ResNet-32 at 0.9, with (A)'s and (B)'s numbers
     of evaluations. The validation split is drawn after the selection split, so its images differ from
     (A)/(B)'s; every margin is paired with global magnitude on the cell's own splits.
 
@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
-
 from common import ROOT, model_config, t_interval
 
 from rr_alloc.io_utils import write_text_atomic
@@ -67,7 +67,7 @@ def run_cell(model: str, budget: float, optimizer: str, guidance: str, seed: int
     wb = Workbench(cfg, progress=True)  # the search's progress bar goes to the log
     wb.profile()  # cached across cells: not part of the search's time
     t0 = time.perf_counter()
-    returned = wb.allocate("optuna", budget)
+    wb.allocate("optuna", budget)  # the returned plan is read from the provenance below
     seconds = time.perf_counter() - t0
     info = wb.search_info[float(budget)]
     study = wb.last_study

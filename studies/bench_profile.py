@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import ROOT, machine, model_config, peak_rss_mb, run_main, shared_dir
 
 from rr_alloc.data import Batches

@@ -25,13 +25,11 @@ import io
 import json
 import pstats
 import sys
-import time
 from pathlib import Path
 
 import torch
-
-from common import ROOT, machine, model_config, peak_rss_mb, run_main, shared_dir
 from bench_profile import GRID, dense_pass, median_time
+from common import ROOT, machine, model_config, peak_rss_mb, run_main, shared_dir
 
 from rr_alloc.data import Batches
 from rr_alloc.io_utils import write_text_atomic

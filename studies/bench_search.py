@@ -6,7 +6,7 @@ For CIFAR ResNet-20/32 with the channel-wise default repair in the loop, 1024 ca
 - phases of one candidate (median of ``--repeats``): copy + masks, BN recalibration (one calibration
   pass in train mode), the staged channel-wise repair (one calibration pass with statistics), the
   forward over the selection split; ``T_f`` is one dense forward over the calibration split;
-- candidates per minute of: version 0.1's evaluation (``Workbench.verify`` on the selection split),
+- candidates per minute of: the unscreened evaluation (``Workbench.verify`` on the whole selection split),
   a full-fidelity candidate of the scorer (``SelectionScorer``, per-image losses under inference mode),
   and a screened-out candidate (repair + a quarter of the selection split). Whole searches' rates (a mix of
   screened-out and full candidates) are the ``candidates / min`` column of the search study's summary.
@@ -25,9 +25,8 @@ import sys
 from pathlib import Path
 
 import torch
-
-from common import ROOT, machine, model_config, run_main, shared_dir
 from bench_profile import dense_pass, median_time
+from common import ROOT, machine, model_config, run_main, shared_dir
 
 from rr_alloc.io_utils import write_text_atomic
 from rr_alloc.pruning import apply_masks
@@ -49,11 +48,11 @@ def phases(wb: Workbench, counts: dict, repeats: int) -> dict[str, float]:
 
     def bn() -> None:
         copy_mask()
-        run_repair(state["m"], bn_only, wb.splits.calib, device=wb.device, cache=wb._site_cache, masks=masks)
+        run_repair(state["m"], bn_only, wb.splits.calib, device=wb.device, cache=wb.evaluator.site_cache, masks=masks)
 
     def bn_channel() -> None:
         bn()
-        run_repair(state["m"], channel, wb.splits.calib, device=wb.device, cache=wb._site_cache, masks=masks)
+        run_repair(state["m"], channel, wb.splits.calib, device=wb.device, cache=wb.evaluator.site_cache, masks=masks)
 
     t_copy = median_time(copy_mask, repeats)
     t_bn = median_time(bn, repeats) - t_copy
@@ -98,8 +97,8 @@ def main() -> None:
              f"Channel-wise default repair `{CHANNEL_REPAIR}` in the loop; the candidate is global magnitude at 0.9; "
              f"times are medians of {args.repeats}; rates and ratios measured in this run.", "",
              "## Candidates per minute", "",
-             "| model | calib / selection / screen | v0.1 verify | scorer, full | scorer, screened out | "
-             "screened out / v0.1 |", "|---|---|---:|---:|---:|---:|"]
+             "| model | calib / selection / screen | unscreened verify | scorer, full | scorer, screened out | "
+             "screened out / unscreened |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['calib']} / {r['selection']} / {r['screen']} | {r['per_min_v01']:.1f} | "
                      f"{r['per_min_full']:.1f} | {r['per_min_screened_out']:.1f} | "
@@ -117,7 +116,7 @@ def main() -> None:
     lines += ["", "A full-fidelity candidate is two passes over the calibration images (BN recalibration, then the "
               "staged channel-wise repair, which depends on it) and one forward over the selection images; each is "
               "close to a dense forward of its images (`T_f` per 1024), so at equal fidelity the floor is about "
-              "`(2 x calib + selection) / 1024 x T_f` and version 0.1 was already near it. The search gains its rate "
+              "`(2 x calib + selection) / 1024 x T_f` and the unscreened evaluation was already near it. The search gains its rate "
               "by screening: a child that does not beat its parent on a seeded random quarter of the selection images "
               "skips the rest.", ""]
     out = Path(args.out)

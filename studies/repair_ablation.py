@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from common import ROOT, UserError, add_common_args, machine, model_config, run_main, shared_dir, t_interval
 
 from rr_alloc.io_utils import write_text_atomic
+from rr_alloc.pruning import Pruning
 from rr_alloc.repair import CHANNEL_REPAIR
 from rr_alloc.report import save_figure, write_frame_csv
 from rr_alloc.workbench import Workbench
@@ -58,15 +58,11 @@ def stage1_pipelines() -> tuple[list[str], list[str]]:
     return pipes, excluded
 
 
-def pruning_of(wb: Workbench, name: str):
+def pruning_of(wb: Workbench, name: str) -> Pruning:
+    """``global@B``: global-magnitude counts at budget B; ``nm2:4``: the 2:4 pattern on every layer."""
     if name.startswith("global@"):
-        return wb.allocate("global", float(name.split("@")[1]))
-    return wb.nm_masks(2, 4)
-
-
-def nm_of(name: str) -> tuple[int, int] | None:
-    """The N:M pattern of a pruning name (mask-choosing repair steps keep it)."""
-    return (2, 4) if name == "nm2:4" else None
+        return Pruning(counts=wb.allocate("global", float(name.split("@")[1])))
+    return wb.evaluator.nm_pruning(2, 4)
 
 
 def run_stage(models, prunings, pipes, seeds, split, overrides, log) -> pd.DataFrame:
@@ -79,7 +75,7 @@ def run_stage(models, prunings, pipes, seeds, split, overrides, log) -> pd.DataF
                 pruning = pruning_of(wb, pr)
                 for pipe in pipes:
                     t0 = time.perf_counter()
-                    m = wb.verify(pruning, pipe, split=split, nm=nm_of(pr))
+                    m = wb.verify(pruning, pipe, split=split)
                     rows.append({"model": model, "seed": seed, "pruning": pr, "repair": pipe, "split": split,
                                  "n": m.n, "top1": m.top1, "agreement": m.agreement, "kl": m.kl,
                                  "dense_top1": dense.top1, "seconds": time.perf_counter() - t0})
@@ -154,7 +150,7 @@ def plot(s2: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-# ------------------------------------------------------------ reconstruction (issue: lsq / obs repair)
+# ------------------------------------------------------------ reconstruction (lsq / obs repair)
 DAMPS = (1e-3, 1e-2, 1e-1)
 AFTER = CHANNEL_REPAIR  # the channel-wise pipeline runs after the re-fit
 
@@ -206,7 +202,7 @@ def run_reconstruct(args, models, out: Path, log) -> None:
                 pruning = pruning_of(wb, pr)
                 for pipe in best.values():
                     t0 = time.perf_counter()
-                    ms = wb.verify_splits(pruning, pipe, ("selection", "test"), nm=nm_of(pr))
+                    ms = wb.verify_splits(pruning, pipe, ("selection", "test"))
                     test += _rows_for(model, seed, pr, pipe, "global" if pr != "nm2:4" else "nm", ms,
                                       time.perf_counter() - t0, dense)
                     write_frame_csv(pd.DataFrame(test), out / "reconstruct_test.csv")
@@ -337,7 +333,10 @@ def main() -> None:
         overrides = {"calib_size": 256, "selection_size": 256, "eval_size": 1000}
         args.calib, args.selection = 256, 256
         out = out.with_name(out.name + "_quick")
-    log = lambda msg: print(msg, flush=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
     if args.reuse_stage1 and (out / "stage1.csv").exists():
         s1 = pd.read_csv(out / "stage1.csv")
         if set(s1.repair) != set(pipes):

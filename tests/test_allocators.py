@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from rr_alloc.allocators import (ALLOCATORS, AllocationProblem, get_allocator, lamp_scores, objective,
-                                 round_to_budget)
+from rr_alloc.allocators import ALLOCATORS, AllocationProblem, get_allocator, lamp_scores, objective, round_to_budget
 from rr_alloc.allocators.rr import layer_curves
 from rr_alloc.errors import UserError
-from rr_alloc.layers import LayerInfo, prunable_layers
+from rr_alloc.layers import LayerInfo
 from rr_alloc.profile import RRProfile, profile_rr
 
 GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -30,8 +29,12 @@ def _problem(prof, weights, budget, lower=None, upper=None, unit="weights", eval
     macs = np.array([64.0, 64.0, 16.0, 1.0]) if unit == "flops" else None
     # Optuna: past its 6 enqueued anchors and 2 more random start-up trials, so sampled plans are checked too
     return AllocationProblem(prof.layers, budget, lower, upper, unit=unit, macs_per_weight=macs,
-                             weights=weights, profile=prof, evaluate=evaluate, seed=0,
-                             options={"n_trials": OPTUNA_TRIALS})
+                             weights=weights, profile=prof, evaluate=evaluate, seed=0)
+
+
+def _alloc(name, **kw):
+    """A registered allocator; the search with a short in-memory study."""
+    return get_allocator(name, n_trials=OPTUNA_TRIALS, **kw) if name == "optuna" else get_allocator(name, **kw)
 
 
 EVALUATED: list[np.ndarray] = []
@@ -48,7 +51,7 @@ def test_budget_met_to_one_weight_per_layer(name, budget, toy_problem_parts):
     prof, weights = toy_problem_parts
     pb = _problem(prof, weights, budget, evaluate=_fake_eval)
     EVALUATED.clear()
-    k = get_allocator(name).allocate(pb)
+    k = _alloc(name).allocate(pb)
     n = pb.n
     assert k.dtype.kind == "i" and np.all(k >= 0) and np.all(k <= np.floor(0.99 * n))
     assert int(k.sum()) == round(budget * int(n.sum()))  # exact for weight budgets
@@ -65,7 +68,7 @@ def test_bounds_respected(name, toy_problem_parts):
     upper = np.array([0.5, 0.95, 0.97, 0.8])
     pb = _problem(prof, weights, 0.85, lower, upper, evaluate=_fake_eval)
     EVALUATED.clear()
-    k = get_allocator(name).allocate(pb)
+    k = _alloc(name).allocate(pb)
     for cand in [k] + EVALUATED:
         s = cand / pb.n
         assert np.all(s >= lower - 1.0 / pb.n) and np.all(s <= upper + 1e-12)
@@ -76,7 +79,7 @@ def test_bounds_respected(name, toy_problem_parts):
 def test_flop_budget_within_one_weight_per_layer(name, toy_problem_parts):
     prof, weights = toy_problem_parts
     pb = _problem(prof, weights, 0.8, unit="flops", evaluate=_fake_eval)
-    k = get_allocator(name).allocate(pb)
+    k = _alloc(name).allocate(pb)
     a = pb.macs_per_weight
     # each layer is rounded to the nearest weight: at most half a weight's MACs per layer off the budget
     err = abs(float(a @ k) - 0.8 * float(a @ pb.n))
@@ -110,7 +113,10 @@ def _brute_force(pb: AllocationProblem) -> float:
         a, b_, va, vb = [], [], [], []
         for i, j in enumerate(choice):
             bs, vs = curves[i]
-            a.append(bs[j]); b_.append(bs[j + 1]); va.append(vs[j]); vb.append(vs[j + 1])
+            a.append(bs[j])
+            b_.append(bs[j + 1])
+            va.append(vs[j])
+            vb.append(vs[j + 1])
         a, b_, va, vb = map(np.array, (a, b_, va, vb))
         slope = (vb - va) / (b_ - a)
         res = linprog(slope, A_eq=c[None, :], b_eq=[pb.target], bounds=list(zip(a, b_)), method="highs")
@@ -163,7 +169,7 @@ def test_global_magnitude_is_one_threshold(toy_problem_parts):
     k = get_allocator("global").allocate(pb)
     allw = torch.cat([w.abs().flatten() for w in weights.values()])
     t = torch.sort(allw).values[int(k.sum()) - 1]
-    for (name, w), kk in zip(weights.items(), k):
+    for w, kk in zip(weights.values(), k):
         assert abs(int((w.abs() <= t).sum()) - kk) <= 1
 
 
@@ -177,8 +183,8 @@ def test_round_to_budget_largest_remainder():
 def test_same_seed_same_plan(toy_problem_parts):
     prof, weights = toy_problem_parts
     for name in ALLOCATORS:
-        a = get_allocator(name).allocate(_problem(prof, weights, 0.9, evaluate=_fake_eval))
-        b = get_allocator(name).allocate(_problem(prof, weights, 0.9, evaluate=_fake_eval))
+        a = _alloc(name).allocate(_problem(prof, weights, 0.9, evaluate=_fake_eval))
+        b = _alloc(name).allocate(_problem(prof, weights, 0.9, evaluate=_fake_eval))
         assert np.array_equal(a, b), name
 
 
@@ -187,8 +193,7 @@ def test_optuna_fixed_seed_reproduces_best_plan(toy_problem_parts):
     plans = []
     for _ in range(2):
         pb = _problem(prof, weights, 0.9, evaluate=_fake_eval)
-        pb.options["n_trials"] = 14  # past the enqueued anchors and the random start-up trials: TPE runs
-        alloc = get_allocator("optuna")
+        alloc = get_allocator("optuna", n_trials=14)
         plans.append(alloc.allocate(pb))
         assert len(alloc.study.trials) == 14
     assert np.array_equal(plans[0], plans[1])
@@ -197,11 +202,11 @@ def test_optuna_fixed_seed_reproduces_best_plan(toy_problem_parts):
 def test_optuna_anchor_plans_are_members_of_the_family(toy_problem_parts):
     """Each warm-start trial reproduces its anchor plan (to rounding), so search can only improve on them."""
     prof, weights = toy_problem_parts
+    from rr_alloc.allocators.search import ANCHORS, SearchOptions
+
     pb = _problem(prof, weights, 0.9, evaluate=_fake_eval)
-    pb.options.update(n_trials=6, optimizer="tpe-mix")
-    alloc = get_allocator("optuna")
+    alloc = get_allocator("optuna", options=SearchOptions(optimizer="tpe-mix"), n_trials=6)
     alloc.allocate(pb)
-    from rr_alloc.allocators.search import ANCHORS
 
     for trial, name in zip(alloc.study.trials, ANCHORS):
         want = get_allocator(name).allocate(pb)

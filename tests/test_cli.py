@@ -120,7 +120,9 @@ def test_unknown_model(tmp_path, capsys):
 
 def test_unknown_allocator_and_repair(tmp_path, capsys):
     assert "unknown allocator" in _bad(tmp_path, capsys, "--budget", "0.9", "--allocator", "magic")
-    assert "repair" in _bad(tmp_path, capsys, "--budget", "0.9", "--repair", "asr@nowhere")
+    err = _bad(tmp_path, capsys, "--budget", "0.9", "--repair", "asr@nowhere")
+    # names the bad step, the sites it may use and a correct example
+    assert "'asr@nowhere'" in err and "conv, bn, block, logits" in err and "asr@block+logits" in err
 
 
 def test_bad_config_file(tmp_path, capsys):

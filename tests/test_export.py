@@ -47,7 +47,7 @@ def test_torch_prune_export_gives_exact_counts(resnet20, tmp_path):
 
 
 def test_torch_pruning_export_runs_with_the_real_package(resnet20, tmp_path, capsys):
-    tp = pytest.importorskip("torch_pruning")
+    pytest.importorskip("torch_pruning")
     plan = _plan_for(resnet20, low=0.2, high=0.6)
     path = export_plan(plan, "torch-pruning", tmp_path / "tp_plan.py", model=resnet20)
     mod = runpy.run_path(str(path))
@@ -138,8 +138,8 @@ def test_masks_export_matches_plan(digits_plan, tmp_path):
 
 def test_apply_reload_gives_verified_top1(digits_plan, tmp_path, capsys):
     from rr_alloc import load_pruned
-    from rr_alloc.models.digits import DigitsResNet
     from rr_alloc.data import DataSpec, load_splits
+    from rr_alloc.models.digits import DigitsResNet
 
     out = tmp_path / "pruned.pt"
     assert main(["apply", "--plan", str(digits_plan), "--out", str(out)]) == 0

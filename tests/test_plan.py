@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from rr_alloc.errors import UserError
 from rr_alloc.plan import LayerPlan, Plan
@@ -116,8 +115,9 @@ def test_published_schema_is_the_declared_one():
 
 
 def test_written_plans_validate_against_the_published_schema(tmp_path):
-    import jsonschema
     from pathlib import Path
+
+    import jsonschema
 
     published = json.loads((Path(__file__).resolve().parents[1] / "docs" / "plan.schema.json").read_text())
     d = json.loads(_plan().save(tmp_path / "p.json").read_text())

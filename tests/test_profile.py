@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from rr_alloc.errors import UserError
 from rr_alloc.layers import prunable_layers
 from rr_alloc.profile import profile_rr, validate_grid
-from rr_alloc.errors import UserError
 from rr_alloc.pruning import magnitude_mask, n_pruned
 
 
@@ -37,10 +37,12 @@ def _brute_force(model: nn.Module, batches, grid, lam_rule="mean", mean_shift=Tr
                 keep = magnitude_mask(w, n_pruned(s, w.numel()))
                 if isinstance(mod, nn.Conv2d):
                     y_p = mod._conv_forward(x, w * keep, mod.bias)
-                    cd = lambda t: t.transpose(0, 1).reshape(t.shape[1], -1)
+                    def cd(t):
+                        return t.transpose(0, 1).reshape(t.shape[1], -1)
                 else:
                     y_p = nn.functional.linear(x, w * keep, mod.bias)
-                    cd = lambda t: t.reshape(-1, t.shape[-1]).T
+                    def cd(t):
+                        return t.reshape(-1, t.shape[-1]).T
                 yd, yp = cd(y_d), cd(y_p)
                 mu_d, mu_p = torch.mean(yd, 1, keepdim=True), torch.mean(yp, 1, keepdim=True)
                 v_d = torch.mean((yd - mu_d) ** 2, 1)

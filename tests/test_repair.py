@@ -11,8 +11,15 @@ from torch import nn
 from rr_alloc.errors import UserError
 from rr_alloc.layers import prunable_layers
 from rr_alloc.pruning import apply_masks, magnitude_mask, masks_for_plan, n_pruned, nm_mask
-from rr_alloc.repair import (RepairPipeline, affine_modules, discover_sites, fold_correction,
-                             recalibrate_bn, run_repair, site_moments)
+from rr_alloc.repair import (
+    RepairPipeline,
+    affine_modules,
+    discover_sites,
+    fold_correction,
+    recalibrate_bn,
+    run_repair,
+    site_moments,
+)
 from rr_alloc.stats import repair_gamma
 
 

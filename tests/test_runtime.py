@@ -3,15 +3,50 @@
 from rr_alloc import runtime
 
 
-def test_tune_malloc_idempotent_and_reports_state(monkeypatch):
-    monkeypatch.setattr(runtime, "_applied", None)
-    first = runtime.tune_malloc()
-    assert isinstance(first, bool)
-    assert runtime.tune_malloc() is first
+_PROBE = """
+import ctypes
+from rr_alloc.runtime import tune_malloc
+on = tune_malloc()
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(64 << 20)
+print(on, libc.mallinfo2().hblkhd - before >= 64 << 20)
+"""
+
+
+def _probe(**env: str) -> str:
+    """Whether tuning is on, and whether a 64 MB block was served by mmap, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                       env={**os.environ, **env}, check=True)
+    return r.stdout.strip()
+
+
+def test_tuned_malloc_keeps_large_blocks_on_the_heap():
+    """With tuning a 64 MB block comes from the heap (reused, no page faults per tensor); without it, from mmap."""
+    import ctypes
     import platform
 
-    if platform.libc_ver()[0] == "glibc":
-        assert first is True
+    import pytest
+
+    if platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("glibc 2.33+ only: the setting is a no-op elsewhere")
+    assert _probe() == "True False"
+    assert _probe(RR_ALLOC_MALLOC_TUNING="0") == "False True"
+
+
+def test_tune_malloc_idempotent(monkeypatch):
+    monkeypatch.setattr(runtime, "_applied", None)
+    first = runtime.tune_malloc()
+    assert runtime.tune_malloc() is first
 
 
 def test_tune_malloc_env_off(monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 
 from rr_alloc.allocators import AllocationProblem, get_allocator
 from rr_alloc.allocators.anchored import block_moves, count_bounds, multiplier_counts, rr_move_probabilities
+from rr_alloc.allocators.search import SearchOptions
 from rr_alloc.cli import main
 from rr_alloc.config import RunConfig
 from rr_alloc.profile import profile_rr
@@ -25,10 +26,15 @@ def parts(toy, toy_batches):
     return prof, weights
 
 
-def _problem(prof, weights, budget=0.9, unit="weights", evaluate=None, **options):
+def _problem(prof, weights, budget=0.9, unit="weights", evaluate=None):
     macs = np.array([64.0, 64.0, 16.0, 1.0]) if unit == "flops" else None
     return AllocationProblem(prof.layers, budget, None, None, unit=unit, macs_per_weight=macs, weights=weights,
-                             profile=prof, evaluate=evaluate, seed=0, options={"n_trials": 20, **options})
+                             profile=prof, evaluate=evaluate, seed=0)
+
+
+def _search(n_trials=20, **options):
+    """The search allocator with typed options (an in-memory study of ``n_trials``)."""
+    return get_allocator("optuna", options=SearchOptions(**options), n_trials=n_trials)
 
 
 def _loss(counts):  # a smooth end-to-end stand-in: prefers pruning the big layers
@@ -106,8 +112,8 @@ def test_rr_guidance_prefers_cheap_receivers(parts):
 def test_every_candidate_meets_budget_and_anchor_is_global(parts, optimizer):
     prof, weights = parts
     seen = []
-    pb = _problem(prof, weights, evaluate=lambda c: seen.append(np.asarray(c).copy()) or _loss(c), optimizer=optimizer)
-    alloc = get_allocator("optuna")
+    pb = _problem(prof, weights, evaluate=lambda c: seen.append(np.asarray(c).copy()) or _loss(c))
+    alloc = _search(optimizer=optimizer)
     k = alloc.allocate(pb)
     target = round(0.9 * int(pb.n.sum()))
     kmin, kmax = count_bounds(pb)
@@ -121,18 +127,17 @@ def test_every_candidate_meets_budget_and_anchor_is_global(parts, optimizer):
 @pytest.mark.parametrize("optimizer", ["evo", "cmaes"])
 def test_same_seed_same_plan(parts, optimizer):
     prof, weights = parts
-    plans = [get_allocator("optuna").allocate(_problem(prof, weights, evaluate=_loss, optimizer=optimizer))
-             for _ in range(2)]
+    plans = [_search(optimizer=optimizer).allocate(_problem(prof, weights, evaluate=_loss)) for _ in range(2)]
     assert np.array_equal(*plans)
 
 
 def test_cmaes_first_generation_steps_sigma0_in_alpha_units(parts):
-    """Optuna's CMA-ES works on [0, 1]-scaled parameters: its first step must still be _SIGMA0 in log-multipliers."""
-    from rr_alloc.allocators.search import _SIGMA0
+    """CMA-ES starts at global magnitude and its first generation steps SIGMA0 in log-multipliers."""
+    from rr_alloc.allocators.search import SIGMA0 as _SIGMA0
 
     prof, weights = parts
-    alloc = get_allocator("optuna")
-    alloc.allocate(_problem(prof, weights, evaluate=_loss, optimizer="cmaes"))
+    alloc = _search(optimizer="cmaes")
+    alloc.allocate(_problem(prof, weights, evaluate=_loss))
     trials = alloc.study.trials
     assert all(v == 0.0 for v in trials[0].params.values())  # the enqueued anchor
     first = np.array([list(t.params.values()) for t in trials[1:9]])  # popsize 4 + 3 ln 4 = 8 for 4 layers
@@ -146,9 +151,8 @@ def test_evo_improves_and_screens(parts, guidance):
 
     prof, weights = parts
     scorer = ScreeningLoss()
-    pb = _problem(prof, weights, evaluate=scorer, optimizer="evo", guidance=guidance)
-    pb.options["n_trials"] = 40
-    alloc = get_allocator("optuna")
+    pb = _problem(prof, weights, evaluate=scorer)
+    alloc = _search(n_trials=40, optimizer="evo", guidance=guidance)
     k = alloc.allocate(pb)
     trials = alloc.study.trials
     assert scorer.calls[0][1] is None  # the anchor is scored in full
@@ -209,24 +213,18 @@ class _Study:
         return []
 
 
-class _Searched:
-    study = _Study()
-
-
 def test_fallback_returns_global_when_search_does_not_beat_it():
     wb = _workbench()
     scorer = wb_scorer(wb)
     glob = wb.allocate("global", 0.9)
     bad = wb.allocate("uniform", 0.9)  # worse than global on this model at 0.9
-    got = wb._validate_search(dict(bad), 0.9, _Searched(), scorer, 1.0)
+    got = wb.search.validate(dict(bad), glob, 0.9, _Study(), scorer, 1.0)
     info = wb.search_info[0.9]
     assert got == glob and info["fallback"] is True and info["validation_bound"] >= 0
     assert info["validation_size"] == 128
     # the same check keeps a plan that is better on the validation images (here: global magnitude, scored
     # against a worse reference standing in for "global")
-    monkey = wb.allocate
-    wb.allocate = lambda name, budget, **kw: dict(bad) if name == "global" else monkey(name, budget, **kw)
-    got = wb._validate_search(dict(glob), 0.9, _Searched(), scorer, 1.0)
+    got = wb.search.validate(dict(glob), bad, 0.9, _Study(), scorer, 1.0)
     info = wb.search_info[0.9]
     assert got == glob and info["fallback"] is False and info["validation_bound"] < 0
 

@@ -106,7 +106,7 @@ def check_study(study, total: int) -> list:
     """Assertions every multi-worker run must meet; returns the completed trials."""
     from optuna.trial import TrialState
 
-    from rr_alloc.optuna_storage import evaluated
+    from rr_alloc.optuna_study import evaluated
 
     trials = study.get_trials()
     done = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -278,31 +278,30 @@ def test_n_trials_zero_on_missing_study_is_one_line_error(tmp_path, capsys):
                  "factories:tiny_digits_cnn", "--calib-size", "64", "--selection-size", "64", "--no-verify",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    # refused before any work (defect 7): the one line, no progress bar, no output left
+    # refused before any work: the one line, no progress bar, no output left
     assert err.startswith("error: --n-trials 0") and "\n" not in err and "--n-trials > 0" in err
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_study_name_keyed_on_content_not_paths():
     import torch
-
-    from rr_alloc.optuna_storage import study_name_for_workbench
     from factories import tiny_digits_cnn
+
+    from rr_alloc.config import RunConfig
+    from rr_alloc.search_runner import study_key
 
     torch.manual_seed(0)
     model = tiny_digits_cnn()
     x = torch.randn(8, 1, 8, 8)
 
     def wb(calib, train_path, seed=0):
-        cfg = SimpleNamespace(repair="bn", objective="kl", unit="weights", s_max=0.99, layer_weights="uniform",
-                              train_data=train_path, seed=seed, optimizer="evo", guidance="rr", search_step=0.05,
-                              screen_size=None, search_repair=None)
+        cfg = RunConfig(repair="bn", train_data=train_path, seed=seed)
         splits = SimpleNamespace(calib=SimpleNamespace(x=calib), selection=SimpleNamespace(x=x[:4]))
         return SimpleNamespace(cfg=cfg, dense=model, splits=splits, layers=[SimpleNamespace(name="0")],
                                data_spec=SimpleNamespace(to_dict=lambda: {"train": train_path}))
 
-    a = study_name_for_workbench(wb(x, "/mnt/a/train"), 0.9)
-    assert a == study_name_for_workbench(wb(x.clone(), "/data/elsewhere/train", seed=7), 0.9)
-    assert a != study_name_for_workbench(wb(x + 1, "/mnt/a/train"), 0.9)
-    assert a != study_name_for_workbench(wb(x, "/mnt/a/train"), 0.8)
-    assert re.fullmatch(r"rr_alloc-[0-9a-f]{16}", a)
+    a = study_key(wb(x, "/mnt/a/train"), 0.9)
+    assert a == study_key(wb(x.clone(), "/data/elsewhere/train", seed=7), 0.9)
+    assert a != study_key(wb(x + 1, "/mnt/a/train"), 0.9)
+    assert a != study_key(wb(x, "/mnt/a/train"), 0.8)
+    assert re.fullmatch(r"[0-9a-f]{16}", a)

@@ -1,6 +1,6 @@
 """Optuna allocator: end-to-end search for per-layer sparsities, every candidate an Optuna trial.
 
-Three optimisers (``options["optimizer"]``), all started at plans users already have:
+Three optimisers (``SearchOptions.optimizer``), all started at plans users already have:
 
 - ``evo`` (default): an EvoPress-style (1 + 1) evolutionary search over per-layer pruned counts, started
   at global magnitude. A child is its parent after 1-3 block moves (``anchored.block_moves``: the budget
@@ -13,26 +13,31 @@ Three optimisers (``options["optimizer"]``), all started at plans users already 
 - ``cmaes``: Optuna's CMA-ES over per-layer log-multipliers of the magnitude scores
   (``anchored.multiplier_counts``), ``x0 = 0`` (global magnitude), every trial at full fidelity. RR
   guidance is evo's only: ``cmaes`` and ``tpe-mix`` ignore ``guidance``.
-- ``tpe-mix``: TPE over mixes of six anchor plans plus three depth offsets (version 0.1's family).
+- ``tpe-mix``: TPE over mixes of six anchor plans plus three depth offsets.
 
 The score is measured end to end: prune, repair (the run's pipeline) on the calibration split, loss on
 the held-out *selection* split of training images (label-free KL by default). The test split is never
-touched. Studies persist in any Optuna storage (SQLite by default) and resume: rerunning with the same
-storage adds ``n_trials``.
+touched. ``OptunaSearch.space`` builds the sampler, warm start and objective of one optimiser (what a
+search runner puts on a persistent, shared study); ``allocate`` alone runs them on an in-memory study.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .. import optuna_storage as ost
+from .. import optuna_study as ost
 from ..errors import UserError
 from .anchored import block_moves, count_bounds, multiplier_counts, rr_move_probabilities
 from .base import AllocationProblem, Allocator, Needs, get_allocator, register, round_to_budget, solve_increasing
+from .samplers import ANCHOR, PARENT, CmaSampler, EvoSampler
 
-__all__ = ["OptunaSearch", "EvoSampler", "ANCHORS", "OPTIMIZERS", "GUIDANCE", "project_log_density"]
+__all__ = ["OptunaSearch", "SearchOptions", "SearchSpace", "ANCHORS", "OPTIMIZERS", "GUIDANCE", "SIGMA0",
+           "project_log_density", "trial_counts"]
 
 ANCHORS = ("global", "lamp", "erk", "uniform", "rr-greedy", "rr-exact")
 _FLOOR = 1e-4  # density floor inside logs (a 0.9999-sparse layer)
@@ -59,8 +64,8 @@ def _stages(L: int) -> np.ndarray:
 OPTIMIZERS = ("evo", "cmaes", "tpe-mix")
 GUIDANCE = ("rr", "none")
 _ALPHA_RANGE = 3.0   # |log-multiplier| bound of the CMA-ES space (a factor of 20 on a layer's magnitudes)
-_SIGMA0 = 0.2        # CMA-ES initial step in alpha units: a layer's magnitudes scaled by ~e^0.2 = 1.2 moves its
-                     # sparsity several points (Optuna's CMA-ES works on [0, 1]-scaled parameters: see sampler)
+SIGMA0 = 0.2         # CMA-ES initial step in alpha units: a layer's magnitudes scaled by ~e^0.2 = 1.2 moves its
+                     # sparsity several points
 _MOVES = (1, 2, 3)   # block moves per child, and their probabilities: mostly small steps, as in EvoPress
 _MOVE_P = (0.5, 0.3, 0.2)
 
@@ -69,98 +74,33 @@ def _param(name: str, prefix: str) -> str:
     return f"{prefix}:{name}"
 
 
-def _check_study_matches(study, created: bool, meta: dict) -> None:
-    """Record what a new study searches; refuse to add trials of another budget/optimizer/model to it.
-
-    The default study name is keyed on these settings; an explicit ``--study-name`` reused elsewhere is not.
-    ``settings`` (when the caller has it) is the hash of everything else that gives a trial's score its
-    meaning (model weights, calibration and selection images, repair, objective, evo's moves and screen).
-    """
-    if created:
-        for k, v in meta.items():
-            study.set_user_attr(k, v)
-        return
-    stored = study.user_attrs
-    for k, v in meta.items():
-        if k in stored and stored[k] != v:
-            if k == "settings":
-                raise UserError(f"Optuna study {study.study_name} was made with other settings (model weights, "
-                                "calibration or selection images, repair, objective or search options) than this run: "
-                                "pass another --study-name, or none (the default name is keyed on the settings)")
-            shown = "other layers" if k == "layers" else f"{k} {stored[k]!r}"
-            raise UserError(f"Optuna study {study.study_name} searches {shown}, this run {k} "
-                            f"{'(these layers)' if k == 'layers' else repr(v)}: pass another --study-name, or none "
-                            "(the default name is keyed on the settings)")
+def trial_counts(trial: Any) -> list[int]:
+    """The per-layer pruned counts a trial scored (recorded by every optimiser's objective)."""
+    return list(trial.user_attrs["counts"])
 
 
-class EvoSampler:
-    """Optuna sampler of the evolutionary search: a child of the best COMPLETE trial (see the module doc).
+@dataclass(frozen=True)
+class SearchOptions:
+    """What to search: the optimiser, evo's RR guidance and its block-move step (a fraction of a layer)."""
 
-    Written against Optuna's sampler interface (``infer_relative_search_space`` / ``sample_relative``), so it
-    runs under ``study.optimize`` with any storage and any number of workers. The child's parent number and
-    screen score are stored on the trial (``parent``, ``parent_screen``) for the objective to screen with.
-    """
+    optimizer: str = "evo"
+    guidance: str = "rr"
+    step: float = 0.05
 
-    def __init__(self, problem: AllocationProblem, anchor: np.ndarray, seed: int, step: float,
-                 guided: bool) -> None:
-        import optuna
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown --optimizer {self.optimizer!r}: use {', '.join(OPTIMIZERS)}")
+        if self.guidance not in GUIDANCE:
+            raise UserError(f"unknown --guidance {self.guidance!r}: use {' or '.join(GUIDANCE)}")
 
-        self.problem, self.anchor, self.step, self.guided = problem, np.asarray(anchor, np.int64), step, guided
-        self.rng = np.random.default_rng(seed)
-        self.parent_screen: dict[int, float] = {}
-        kmin, kmax = count_bounds(problem)
-        self.space = {_param(n, "k"): optuna.distributions.IntDistribution(int(lo), int(hi))
-                      for n, lo, hi in zip(problem.names, kmin, kmax)}
-        self._fallback = optuna.samplers.RandomSampler(seed=seed)
 
-    # -- optuna.samplers.BaseSampler interface
-    def infer_relative_search_space(self, study, trial) -> dict:
-        return self.space
+@dataclass(frozen=True)
+class SearchSpace:
+    """One optimiser on one problem: its sampler (given a seed), the warm-start trials and the objective."""
 
-    def sample_relative(self, study, trial, search_space) -> dict:
-        from optuna.trial import TrialState
-
-        if "fixed_params" in trial.system_attrs:  # an enqueued plan (the anchor): scored as given
-            return {}
-        trials = study.get_trials(deepcopy=False)
-        done = [t for t in trials if t.state == TrialState.COMPLETE]
-        parent = min(done, key=lambda t: t.value) if done else None
-        k0 = self.anchor if parent is None else np.array([parent.params[p] for p in self.space], np.int64)
-        seen = {tuple(t.params.get(p) for p in self.space) for t in trials}
-        for attempt in range(40):  # a child already in the study teaches nothing: draw again, wider each time
-            child = self.child(k0, extra_moves=attempt // 10)
-            if tuple(int(v) for v in child) not in seen:
-                break
-        if parent is not None:
-            study._storage.set_trial_user_attr(trial._trial_id, "parent", parent.number)
-            if "screen" in parent.user_attrs:
-                screen = parent.user_attrs["screen"]
-                study._storage.set_trial_user_attr(trial._trial_id, "parent_screen", screen)
-                # the running Trial's user_attrs are cached before this call: the objective (same process)
-                # reads the parent's screen here
-                self.parent_screen[trial._trial_id] = screen
-        return {p: int(v) for p, v in zip(self.space, child)}
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study, trial) -> None:
-        pass
-
-    def after_trial(self, study, trial, state, values) -> None:
-        pass
-
-    def reseed_rng(self) -> None:
-        self.rng = np.random.default_rng()
-        self._fallback.reseed_rng()
-
-    def child(self, k: np.ndarray, extra_moves: int = 0) -> np.ndarray:
-        """``k`` after 1-3 (+ ``extra_moves``) block moves, drawn by the RR profile (guided) or uniformly."""
-        p_donor = p_recv = None
-        if self.guided:
-            p_donor, p_recv = rr_move_probabilities(self.problem, k)
-        n_moves = int(self.rng.choice(_MOVES, p=_MOVE_P)) + extra_moves
-        return block_moves(self.problem, k, self.step, n_moves, self.rng, p_donor, p_recv)
+    make_sampler: Callable[[int], Any]
+    enqueue: Callable[[Any], None]
+    objective: Callable[[Any], float]
 
 
 @register
@@ -170,10 +110,10 @@ class OptunaSearch(Allocator):
     description = ("end-to-end search started at global magnitude (evo: block moves guided by RR; cmaes; "
                    "tpe-mix), scored on the selection split")
 
-    def __init__(self, n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
-                 study_name: str | None = None, optimizer: str | None = None) -> None:
-        self.n_trials, self.timeout, self.storage, self.study_name = n_trials, timeout, storage, study_name
-        self.optimizer = optimizer
+    def __init__(self, options: SearchOptions | None = None, n_trials: int = 30,
+                 timeout: float | None = None) -> None:
+        self.options = options or SearchOptions()
+        self.n_trials, self.timeout = n_trials, timeout
         self.study = None
 
     def anchors(self, problem: AllocationProblem) -> dict[str, np.ndarray]:
@@ -183,66 +123,66 @@ class OptunaSearch(Allocator):
             out[name] = np.log(np.maximum(1.0 - s, _FLOOR))
         return out
 
+    def space(self, problem: AllocationProblem) -> SearchSpace:
+        """The sampler, warm start and objective of the configured optimiser on ``problem``."""
+        build = {"evo": self._evo, "cmaes": self._cmaes, "tpe-mix": self._tpe_mix}[self.options.optimizer]
+        return build(problem, self.options.guidance == "rr", self.options.step)
+
     def sparsities(self, problem: AllocationProblem) -> np.ndarray:
+        """Run the search on an in-memory study (a search runner uses ``space`` on a persistent one)."""
         import optuna
 
-        opts = problem.options
-        optimizer = self.optimizer or opts.get("optimizer") or "evo"
-        if optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown --optimizer {optimizer!r}: use {', '.join(OPTIMIZERS)}")
-        guidance = opts.get("guidance") or "rr"
-        if guidance not in GUIDANCE:
-            raise UserError(f"unknown --guidance {guidance!r}: use {' or '.join(GUIDANCE)}")
-        settings = ost.StudySettings.from_options(
-            {**opts, "n_trials": self.n_trials if self.n_trials is not None else int(opts.get("n_trials", 30)),
-             "timeout": self.timeout if self.timeout is not None else opts.get("timeout")})
-        storage = ost.open_storage(self.storage or opts.get("storage"), settings)
-        name = self.study_name or opts.get("study_name") or "rr_alloc"
-        space = {"evo": self._evo, "cmaes": self._cmaes, "tpe-mix": self._tpe_mix}[optimizer]
-        make_sampler, enqueue, objective = space(problem, guidance == "rr", float(opts.get("search_step", 0.05)))
+        missing = self.needs.missing(problem)
+        if missing:
+            raise UserError(f"allocator {self.name!r} needs {missing}, which this run does not provide")
+        space = self.space(problem)
         optuna.logging.set_verbosity(logging.WARNING)
-        study, created = ost.open_study(name, storage, make_sampler, problem.seed, enqueue,
-                                        load_only=settings.n_trials == 0)
-        meta = {"budget": float(problem.budget), "unit": problem.unit, "optimizer": optimizer,
-                "layers": list(problem.names)}
-        if opts.get("study_key"):
-            meta["settings"] = opts["study_key"]
-        _check_study_matches(study, created, meta)
-        ost.optimize(study, objective, settings, callbacks=opts.get("callbacks"))
+        study, _ = ost.open_study("rr_alloc", optuna.storages.InMemoryStorage(), space.make_sampler, problem.seed,
+                                  space.enqueue, log=lambda s: None)
+        ost.optimize(study, space.objective, ost.StudySettings(self.n_trials, self.timeout))
         self.study = study
-        best = ost.best_trial(study)
-        return np.asarray(best.user_attrs["counts"], float) / problem.n
+        return np.asarray(trial_counts(ost.best_trial(study)), float) / problem.n
 
     # ------------------------------------------------------------ optimisers
     @staticmethod
     def _record(trial, counts: np.ndarray) -> None:
         trial.set_user_attr("counts", [int(k) for k in counts])
 
-    def _evo(self, problem: AllocationProblem, guided: bool, step: float):
+    def _evo(self, problem: AllocationProblem, guided: bool, step: float) -> SearchSpace:
         import optuna
 
         anchor = get_allocator("global").allocate(problem)
         names = [_param(n, "k") for n in problem.names]
         score = getattr(problem.evaluate, "score", None)
         kmin, kmax = count_bounds(problem)
+        space = {p: optuna.distributions.IntDistribution(int(lo), int(hi)) for p, lo, hi in zip(names, kmin, kmax)}
+
+        def child(k: np.ndarray, rng: np.random.Generator, extra_moves: int) -> np.ndarray:
+            """``k`` after 1-3 (+ ``extra_moves``) block moves, drawn by the RR profile (guided) or uniformly."""
+            p_donor, p_recv = rr_move_probabilities(problem, k) if guided else (None, None)
+            n_moves = int(rng.choice(_MOVES, p=_MOVE_P)) + extra_moves
+            return block_moves(problem, k, step, n_moves, rng, p_donor, p_recv)
 
         def objective(trial: "optuna.Trial") -> float:
+            parent = trial.suggest_int(PARENT, -1, 2**31 - 1)
             counts = np.array([trial.suggest_int(p, int(lo), int(hi)) for p, lo, hi in zip(names, kmin, kmax)])
             self._record(trial, counts)
+            beat = _parent_screen(trial, parent)
             if score is None:  # a plain callable: no screening
                 return float(problem.evaluate(counts))
-            r = score(counts, beat=getattr(trial.study.sampler, "parent_screen", {}).pop(trial._trial_id, None))
+            r = score(counts, beat=beat)
             trial.set_user_attr("screen", r.screen)
             if r.full is None:
                 raise optuna.TrialPruned(f"screen {r.screen:.4f} on {r.n_screen} images did not beat the parent")
             return r.full
 
         def enqueue(study: "optuna.Study") -> None:
-            study.enqueue_trial({p: int(k) for p, k in zip(names, anchor)})
+            study.enqueue_trial({PARENT: -1, **{p: int(k) for p, k in zip(names, anchor)}},
+                                user_attrs={ANCHOR: "global"})
 
-        return (lambda seed: EvoSampler(problem, anchor, seed, step, guided)), enqueue, objective
+        return SearchSpace(lambda seed: EvoSampler(space, anchor, child, seed), enqueue, objective)
 
-    def _cmaes(self, problem: AllocationProblem, guided: bool, step: float):
+    def _cmaes(self, problem: AllocationProblem, guided: bool, step: float) -> SearchSpace:
         import optuna
 
         sorted_abs = get_allocator("global").sorted_scores(problem)
@@ -255,19 +195,15 @@ class OptunaSearch(Allocator):
             return float(problem.evaluate(counts))
 
         def enqueue(study: "optuna.Study") -> None:
-            study.enqueue_trial({p: 0.0 for p in names})
+            study.enqueue_trial({p: 0.0 for p in names}, user_attrs={ANCHOR: "global"})
 
-        def sampler(seed: int):
-            # x0 and sigma0 are deprecated from Optuna 4.9 (to be removed in 6, which pyproject excludes), but the
-            # search must start at the anchor with a step much smaller than the +-3 bounds: keep them, quietly
-            # Optuna rescales every parameter to [0, 1] before CMA-ES sees it, and takes sigma0 in those units
-            return ost.quiet(lambda: optuna.samplers.CmaEsSampler(
-                x0={p: 0.0 for p in names}, sigma0=_SIGMA0 / (2 * _ALPHA_RANGE), seed=seed, n_startup_trials=1,
-                warn_independent_sampling=False))
+        def sampler(seed: int) -> CmaSampler:
+            # started at the anchor (alpha = 0) with a step much smaller than the +-3 bounds
+            return CmaSampler(names, np.zeros(len(names)), SIGMA0, (-_ALPHA_RANGE, _ALPHA_RANGE), seed)
 
-        return sampler, enqueue, objective
+        return SearchSpace(sampler, enqueue, objective)
 
-    def _tpe_mix(self, problem: AllocationProblem, guided: bool, step: float):
+    def _tpe_mix(self, problem: AllocationProblem, guided: bool, step: float) -> SearchSpace:
         import optuna
 
         anchors = self.anchors(problem)
@@ -291,11 +227,25 @@ class OptunaSearch(Allocator):
             for k in ANCHORS:
                 params = {f"w_{j}": float(j == k) for j in ANCHORS}
                 params.update({f"stage{j}": 0.0 for j in range(3)})
-                study.enqueue_trial(params)
+                study.enqueue_trial(params, user_attrs={ANCHOR: k})
 
         def sampler(seed: int) -> "optuna.samplers.BaseSampler":
             # constant_liar: concurrent workers treat each other's running trials as bad, so they spread out
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(len(ANCHORS) + 2, 8),
                                               constant_liar=True)
 
-        return sampler, enqueue, objective
+        return SearchSpace(sampler, enqueue, objective)
+
+
+def _parent_screen(trial: Any, parent: int) -> float | None:
+    """The parent's screen score (None without a parent or a screen), recorded on the child's trial."""
+    if parent < 0:
+        return None
+    trial.set_user_attr("parent", parent)
+    trials = trial.study.get_trials(deepcopy=False)
+    found = trials[parent] if parent < len(trials) and trials[parent].number == parent else \
+        next(t for t in trials if t.number == parent)
+    screen = found.user_attrs.get("screen")
+    if screen is not None:
+        trial.set_user_attr("parent_screen", screen)
+    return screen

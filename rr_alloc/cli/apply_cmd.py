@@ -8,13 +8,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..errors import UserError
 from ..evaluate import compare_logits, logits_of
 from ..export import FORMAT_HELP, export_plan, exporter, reconstruction_note
 from ..io_utils import atomic_path, check_writable
 from ..plan import Plan
-from ..replay import model_from_plan, workbench_for_plan
 from ..repair.persist import save_pruned
+from ..replay import model_from_plan, workbench_for_plan
 from .flags import add_plan_flags, add_run_flags, config_for_plan
 
 __all__ = ["register"]
@@ -49,8 +48,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     cfg = config_for_plan(args, plan)
     wb = workbench_for_plan(plan, cfg)
-    nm = wb.nm
-    model, report = wb.repaired_model(wb.pattern_masks() if nm else plan.counts, cfg.repair, nm=nm)
+    model, report = wb.repaired_model(wb.pruning(plan.counts), cfg.repair)
     rows, ok = [], True
     for l in plan.layers:
         zeros = int((model.get_submodule(l.name).weight == 0).sum())
@@ -103,7 +101,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     def obs_masks() -> dict:
         wb = workbench_for_plan(plan, cfg)
-        _, report = wb.repaired_model(wb.pattern_masks() if wb.nm else plan.counts, cfg.repair, nm=wb.nm)
+        _, report = wb.repaired_model(wb.pruning(plan.counts), cfg.repair)
         return report.masks
 
     path = export_plan(plan, args.format, args.out, model=model,

@@ -6,7 +6,7 @@ Bad input ends with one ``error:`` line and exit code 2 (``UserError``).
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import UserError
 from ..runtime import tune_malloc

@@ -15,16 +15,25 @@ from ..errors import UserError
 from ..evaluate import Metrics, wilson_interval
 from ..io_utils import check_writable
 from ..models import list_models
-from ..optuna_storage import StudySettings, check_storage, discard_if_empty, summary_lines
+from ..optuna_storage import check_storage, discard_if_empty
+from ..optuna_study import StudySettings, summary_lines
 from ..plan import Plan
 from ..pruning import parse_pattern
-from ..replay import workbench_for_plan
 from ..repair import CHANNEL_METHODS, PRESETS, RECONSTRUCT_METHODS, SITE_KINDS, RepairPipeline
+from ..replay import workbench_for_plan
 from ..report import layer_table, plot_rr_curves, plot_search_progress, search_lines, write_profile_csv
 from ..run import search
+from ..search_runner import heartbeat
 from ..workbench import Workbench
-from .flags import (EMBEDDED_NOTE, add_plan_flags, add_run_flags, config_for_plan, config_from_args, default_out,
-                    parse_budget)
+from .flags import (
+    EMBEDDED_NOTE,
+    add_plan_flags,
+    add_run_flags,
+    config_for_plan,
+    config_from_args,
+    default_out,
+    parse_budget,
+)
 
 __all__ = ["register", "metrics_row", "run_search"]
 
@@ -80,8 +89,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     made: list[Path] = []
     db: Path | None = None
     if cfg.allocator == "optuna" and not cfg.pattern:  # bad settings or an unreachable server fail before any work
-        StudySettings(cfg.n_trials, cfg.timeout, cfg.total_trials, cfg.heartbeat_interval, cfg.grace_period,
-                      cfg.max_retry)
+        StudySettings(cfg.n_trials, cfg.timeout, cfg.total_trials)
+        heartbeat(cfg)
         if not cfg.storage:
             path = (out.parent / "optuna.db").resolve()
             if cfg.n_trials == 0 and not path.exists():
@@ -108,7 +117,7 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     what = f"pattern {cfg.pattern}" if cfg.pattern else f"budget {budget:g} ({cfg.unit}), allocator {cfg.allocator}"
     print(f"rr_alloc search: {what}, repair {cfg.repair}", flush=True)
     wb = Workbench(cfg, progress=True)
-    n_w = sum(l.n_weights for l in wb.layers)
+    n_w = sum(layer.n_weights for layer in wb.layers)
     print(f"model {cfg.model}: {len(wb.layers)} prunable layers, {n_w:,} weights; device {wb.device}")
     val = f" + validation {wb.splits.validation.n}" if wb.splits.validation is not None and wb.splits.validation.n else ""
     print(f"data {wb.splits.description}; calibration {wb.splits.calib.n} + selection {wb.splits.selection.n}{val} "
@@ -162,8 +171,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     cfg = config_for_plan(args, plan)
     wb = workbench_for_plan(plan, cfg)
-    nm = wb.nm
-    m = wb.verify(wb.pattern_masks() if nm else plan.counts, cfg.repair, split=args.split, nm=nm)
+    m = wb.verify(wb.pruning(plan.counts), cfg.repair, split=args.split)
     dense = wb.dense_metrics(args.split)
     print(f"plan {args.plan}: {plan.allocator} at budget {plan.budget:g}, achieved {plan.achieved_sparsity:.4f}")
     print(f"verification: prune -> {cfg.repair} -> {args.split} split ({m.n} images)")

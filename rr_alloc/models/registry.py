@@ -10,15 +10,15 @@ A model is named by
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
 from ..errors import UserError
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 from .cifar_resnet import CIFAR_DEPTHS, cifar_resnet
 from .digits import DigitsResNet, pretrained_digits_resnet
-from ..transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 
 __all__ = ["ZooEntry", "ZOO", "build_model", "list_models", "default_transform"]
 

@@ -1,5 +1,5 @@
-"""Regression tests for issue 12's defects: each bad input ends with one ``error:`` line, exit 2,
-no traceback and no file left behind; generated files never run plan strings as code."""
+"""Bad input and hostile files: each ends with one ``error:`` line, exit 2, no traceback and no file left
+behind; generated files never run plan strings as code; outputs keep the permissions a plain open() gives."""
 
 from __future__ import annotations
 
@@ -31,14 +31,14 @@ def _bad_search(tmp_path: Path, capsys, *args: str) -> str:
     return err
 
 
-# ---- defect 16: output files keep the permissions a plain open() would give ----------------------------
+# ---- output files keep the permissions a plain open() would give ----------------------------
 
 def _mode(p: Path) -> int:
     return stat.S_IMODE(p.stat().st_mode)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
-def test_defect16_new_files_follow_umask(tmp_path, umask):
+def test_new_files_follow_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
         out = tmp_path / "run" / "plan.json"
@@ -56,7 +56,7 @@ def test_defect16_new_files_follow_umask(tmp_path, umask):
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o664])
-def test_defect16_overwritten_file_keeps_its_mode(tmp_path, mode):
+def test_overwritten_file_keeps_its_mode(tmp_path, mode):
     out = tmp_path / "plan.json"
     out.write_text("{}")
     out.chmod(mode)
@@ -69,7 +69,7 @@ def test_defect16_overwritten_file_keeps_its_mode(tmp_path, mode):
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left beside it
 
 
-# ---- defect 17: a checkpoint that would run code is refused without pointing at weights_only=False -----
+# ---- a checkpoint that would run code is refused without pointing at weights_only=False -----
 
 class _RunsCode:
     """Unpickling this runs a shell command (what a malicious checkpoint does)."""
@@ -101,7 +101,7 @@ def _checkpoint(kind: str, path: Path, marker: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["runs-code", "custom-class", "plain-object", "garbage", "truncated"])
-def test_defect17_bad_checkpoint_never_suggests_unsafe_load(tmp_path, capsys, kind):
+def test_bad_checkpoint_never_suggests_unsafe_load(tmp_path, capsys, kind):
     marker = tmp_path / "executed"
     ck = tmp_path / "ck.pt"
     _checkpoint(kind, ck, marker)
@@ -114,7 +114,7 @@ def test_defect17_bad_checkpoint_never_suggests_unsafe_load(tmp_path, capsys, ki
         assert "system" in err  # the refused global is named
 
 
-# ---- defect 3: non-finite weights are refused by name; plans never hold bare NaN -----------------------
+# ---- non-finite weights are refused by name; plans never hold bare NaN -----------------------
 
 def _strict_json(text: str):
     import json
@@ -126,7 +126,7 @@ def _strict_json(text: str):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("which", ["weight", "bias", "running_var"])
-def test_defect3_non_finite_checkpoint_is_refused(tmp_path, capsys, value, which):
+def test_non_finite_checkpoint_is_refused(tmp_path, capsys, value, which):
     from rr_alloc.models import build_model
 
     sd = build_model("digits_resnet").state_dict()
@@ -140,7 +140,7 @@ def test_defect3_non_finite_checkpoint_is_refused(tmp_path, capsys, value, which
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_defect3_plan_never_writes_nan(tmp_path, bad):
+def test_plan_never_writes_nan(tmp_path, bad):
     from rr_alloc.plan import LayerPlan, Plan
 
     plan = Plan([LayerPlan("fc", 5, 10, (2, 5))], 0.5, "global", "bn",
@@ -153,7 +153,7 @@ def test_defect3_plan_never_writes_nan(tmp_path, bad):
     assert Plan.load(tmp_path / "plan.json").layers[0].n_pruned == 5
 
 
-# ---- defect 4: an image that cannot be decoded is named --------------------------------------------------
+# ---- an image that cannot be decoded is named --------------------------------------------------
 
 def _image_folder(root: Path, per_class: int = 8, size: int = 32, classes: int = 2, seed: int = 0) -> Path:
     """A synthetic ImageFolder: ``classes`` subfolders of random RGB images, alternating PNG and JPEG."""
@@ -185,7 +185,7 @@ def _corrupt(path: Path, how: str) -> Path:
 
 @pytest.mark.parametrize("name,how", [("bad.png", "truncated"), ("bad.jpg", "truncated"),
                                       ("bad.png", "garbage"), ("bad.jpg", "empty")])
-def test_defect4_corrupt_image_is_named(tmp_path, capsys, name, how):
+def test_corrupt_image_is_named(tmp_path, capsys, name, how):
     data = _image_folder(tmp_path / "data")
     bad = _corrupt(data / "class1" / name, how)
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--model", "cifar_resnet20", "--dataset", "imagefolder",
@@ -194,7 +194,7 @@ def test_defect4_corrupt_image_is_named(tmp_path, capsys, name, how):
     assert str(bad) in err and "corrupt or truncated" in err
 
 
-# ---- defect 1: plan strings never become code or YAML keys ---------------------------------------------
+# ---- plan strings never become code or YAML keys ---------------------------------------------
 
 def _touch_code(marker: Path) -> str:
     return f"__import__('pathlib').Path({str(marker)!r}).touch()"
@@ -216,7 +216,7 @@ def _simple_plan(**kw):
 
 @pytest.mark.parametrize("payload", ["newline", "cr", "u2028", "yaml-key"])
 @pytest.mark.parametrize("field", ["allocator", "model", "budget_unit", "layer"])
-def test_defect1_plan_with_control_characters_is_refused_at_load(tmp_path, capsys, field, payload):
+def test_plan_with_control_characters_is_refused_at_load(tmp_path, capsys, field, payload):
     marker = tmp_path / "executed"
     plan = tmp_path / "plan.json"
     _simple_plan(**{field: _payloads(marker)[payload]}).save(plan)
@@ -229,7 +229,7 @@ def test_defect1_plan_with_control_characters_is_refused_at_load(tmp_path, capsy
 
 @pytest.mark.parametrize("payload", ["newline", "cr", "u2028", "docstring", "yaml-key"])
 @pytest.mark.parametrize("fmt", ["torch-prune", "torch-pruning", "llm-compressor", "sparseml"])
-def test_defect1_export_quotes_plan_strings(tmp_path, fmt, payload):
+def test_export_quotes_plan_strings(tmp_path, fmt, payload):
     import runpy
 
     import yaml
@@ -266,9 +266,9 @@ def test_defect1_export_quotes_plan_strings(tmp_path, fmt, payload):
         assert sorted(p for ps in gm["final_sparsity"].values() for p in ps) == sorted(f"{n}.weight" for n in names)
 
 
-# ---- defect 18: residual blocks found by a recorded forward; a missing site kind is skipped ------------
+# ---- residual blocks found by a recorded forward; a missing site kind is skipped ------------
 
-def test_defect18_untraceable_blocks_are_found():
+def test_untraceable_blocks_are_found():
     from factories import branchy_net
 
     from rr_alloc.repair import discover_sites
@@ -279,7 +279,7 @@ def test_defect18_untraceable_blocks_are_found():
 
 
 @pytest.mark.parametrize("factory,note", [("branchy_net", False), ("plain_vgg", True), ("tiny_digits_cnn", True)])
-def test_defect18_default_pipeline_runs_on_the_sites_a_model_has(tmp_path, capsys, factory, note):
+def test_default_pipeline_runs_on_the_sites_a_model_has(tmp_path, capsys, factory, note):
     import json
 
     out = tmp_path / "plan.json"
@@ -295,7 +295,7 @@ def test_defect18_default_pipeline_runs_on_the_sites_a_model_has(tmp_path, capsy
     assert json.loads(out.read_text())["achieved_sparsity"] == pytest.approx(0.8, abs=1e-3)
 
 
-def test_defect18_a_step_with_no_site_at_all_is_refused(tmp_path, capsys):
+def test_a_step_with_no_site_at_all_is_refused(tmp_path, capsys):
     err = _bad_search(tmp_path, capsys, "--budget", "0.8", "--model", "factories:plain_vgg",
                       "--repair", "asr@block", "--calib-size", "64", "--selection-size", "32")
     assert "'block' does not exist" in err and "--repair" in err
@@ -319,7 +319,7 @@ def tiny_imagefolder(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_FAMILIES else n
                                   for n in TV_FAMILIES])
-def test_defect18_torchvision_family_sweep(tmp_path, capsys, tiny_imagefolder, name):
+def test_torchvision_family_sweep(tmp_path, capsys, tiny_imagefolder, name):
     import json
 
     data, cfg = tiny_imagefolder
@@ -338,7 +338,7 @@ def test_defect18_torchvision_family_sweep(tmp_path, capsys, tiny_imagefolder, n
     assert plan["verify"]["reference"]  # the plan and its reference were both verified
 
 
-# ---- defect 2: a plan file alone never makes rr_alloc import code ---------------------------------------
+# ---- a plan file alone never makes rr_alloc import code ---------------------------------------
 
 _EVIL = '''import os, pathlib
 pathlib.Path(os.environ["RR_EVIL_MARKER"]).touch()  # importing this module is the attack
@@ -383,7 +383,7 @@ REPLAY_CMDS = ["verify", "apply"] + [f"export:{f}" for f in EXPORT_FORMATS]
 
 @pytest.mark.parametrize("spec", ["evil_plan_mod:factory", "tempfile:mkdtemp", "this:x", "os:system"])
 @pytest.mark.parametrize("cmd", REPLAY_CMDS)
-def test_defect2_plan_model_code_is_refused(tmp_path, capsys, monkeypatch, factory_plan, spec, cmd):
+def test_plan_model_code_is_refused(tmp_path, capsys, monkeypatch, factory_plan, spec, cmd):
     import sys
     import tempfile
 
@@ -405,7 +405,7 @@ def test_defect2_plan_model_code_is_refused(tmp_path, capsys, monkeypatch, facto
 
 
 @pytest.mark.parametrize("how", ["cli-model", "trust-flag"])
-def test_defect2_plan_model_code_runs_when_the_caller_says_so(tmp_path, capsys, factory_plan, how):
+def test_plan_model_code_runs_when_the_caller_says_so(tmp_path, capsys, factory_plan, how):
     extra = (["--model", "factories:tiny_digits_cnn"] if how == "cli-model" else ["--trust-plan-model"])
     out = tmp_path / "masks.pt"
     assert main(_replay("export:masks", factory_plan, out, *extra)) == 0, capsys.readouterr().err
@@ -413,8 +413,7 @@ def test_defect2_plan_model_code_runs_when_the_caller_says_so(tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("model", ["digits_resnet", "torchvision:resnet18", "resnet18"])
-def test_defect2_zoo_and_torchvision_names_need_no_trust(tmp_path, capsys, model):
-    from rr_alloc.plan import Plan
+def test_zoo_and_torchvision_names_need_no_trust(tmp_path, capsys, model):
     from rr_alloc.replay import check_plan_model
 
     plan = _simple_plan(model=model)
@@ -425,19 +424,19 @@ def test_defect2_zoo_and_torchvision_names_need_no_trust(tmp_path, capsys, model
     check_plan_model(_simple_plan(model="pkg.mod:f"), "digits_resnet", "digits_resnet", False)  # overridden
 
 
-# ---- defect 12: a factory that needs arguments, raises or returns a non-module is one line ---------------
+# ---- a factory that needs arguments, raises or returns a non-module is one line ---------------
 
 @pytest.mark.parametrize("spec,what", [("os:system", "TypeError"), ("factories:raises", "weights file missing"),
                                        ("factories:returns_none", "NoneType"), ("os:getcwd", "str|TypeError"),
                                        ("factories:ToyNotThere", "no attribute")])
 @pytest.mark.parametrize("num_classes", [None, "10"])
-def test_defect12_bad_factory_is_one_line(tmp_path, capsys, spec, what, num_classes):
+def test_bad_factory_is_one_line(tmp_path, capsys, spec, what, num_classes):
     extra = [] if num_classes is None else ["--num-classes", num_classes]
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--model", spec, *extra)
     assert spec in err and any(w in err for w in what.split("|")), err
 
 
-# ---- defect 13: every export format checks the plan's layers and checkpoint hash ------------------------
+# ---- every export format checks the plan's layers and checkpoint hash ------------------------
 
 @pytest.fixture(scope="module")
 def checkpoint_plan(tmp_path_factory) -> tuple[Path, Path]:
@@ -455,7 +454,7 @@ def checkpoint_plan(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("fmt", EXPORT_FORMATS)
 @pytest.mark.parametrize("tamper", ["unknown-layer", "wrong-shape", "checkpoint-changed"])
-def test_defect13_every_export_checks_layers_and_checkpoint(tmp_path, capsys, checkpoint_plan, fmt, tamper):
+def test_every_export_checks_layers_and_checkpoint(tmp_path, capsys, checkpoint_plan, fmt, tamper):
     import json
     import shutil
 
@@ -481,7 +480,7 @@ def test_defect13_every_export_checks_layers_and_checkpoint(tmp_path, capsys, ch
     assert not out.exists() and not out.parent.exists()
 
 
-# ---- defect 5: unwritable outputs are refused before any work; DIR/ means DIR/plan.json -----------------
+# ---- unwritable outputs are refused before any work; DIR/ means DIR/plan.json -----------------
 
 def _unwritable(tmp_path: Path, where: str) -> Path:
     """An output path that cannot be written: under a file, or under /proc."""
@@ -494,7 +493,7 @@ def _unwritable(tmp_path: Path, where: str) -> Path:
 
 @pytest.mark.parametrize("where", ["under-file", "under-proc", "existing-dir"])
 @pytest.mark.parametrize("cmd", ["search", "apply", "export", "compare"])
-def test_defect5_unwritable_output_fails_before_work(tmp_path, capsys, checkpoint_plan, cmd, where):
+def test_unwritable_output_fails_before_work(tmp_path, capsys, checkpoint_plan, cmd, where):
     if where == "existing-dir":
         if cmd == "search":
             pytest.skip("search writes DIR/plan.json into an existing folder (tested below)")
@@ -520,14 +519,14 @@ def test_defect5_unwritable_output_fails_before_work(tmp_path, capsys, checkpoin
 
 
 @pytest.mark.parametrize("where", ["under-file", "under-proc"])
-def test_defect5_unwritable_cache_fails_before_work(tmp_path, capsys, monkeypatch, where):
+def test_unwritable_cache_fails_before_work(tmp_path, capsys, monkeypatch, where):
     monkeypatch.setenv("RR_ALLOC_CACHE", str(_unwritable(tmp_path, where)))
     err = _bad_search(tmp_path, capsys, "--budget", "0.9")
     assert "RR_ALLOC_CACHE" in err
 
 
 @pytest.mark.parametrize("how", ["existing-dir", "trailing-slash"])
-def test_defect5_search_out_folder_means_plan_json(tmp_path, capsys, how):
+def test_search_out_folder_means_plan_json(tmp_path, capsys, how):
     d = tmp_path / "run"
     if how == "existing-dir":
         d.mkdir()
@@ -537,32 +536,32 @@ def test_defect5_search_out_folder_means_plan_json(tmp_path, capsys, how):
     assert (d / "plan.json").is_file() and (d / "profile.csv").is_file()
 
 
-# ---- defect 9: numbers out of range are one line, named by their flag -----------------------------------
+# ---- numbers out of range are one line, named by their flag -----------------------------------
 
 @pytest.mark.parametrize("args,flag", [(["--batch-size", "0"], "--batch-size"), (["--batch-size", "-1"], "--batch-size"),
                                        (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"),
                                        (["--grid", "nan", "0.99"], "--grid"), (["--grid", "0.5", "inf"], "--grid"),
                                        (["--s-max", "nan"], "--s-max"), (["--calib-size", "0"], "--calib-size"),
                                        (["--seed", "-1"], "--seed"), (["--num-classes", "0"], "--num-classes")])
-def test_defect9_bad_numbers_are_one_line(tmp_path, capsys, args, flag):
+def test_bad_numbers_are_one_line(tmp_path, capsys, args, flag):
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", *args)
     assert flag in err
 
 
-# ---- defects 7, 14, 8, 15: the Optuna path --------------------------------------------------------------
+# ---- the Optuna path --------------------------------------------------------------
 
 _OPTUNA = ["--allocator", "optuna", "--calib-size", "64", "--selection-size", "32", "--no-verify"]
 
 
 @pytest.mark.parametrize("args", [["--n-trials", "-1"], ["--timeout", "-1"], ["--n-trials", "0"],
                                   ["--n-trials", "0", "--timeout", "nan"]])
-def test_defect7_bad_trial_counts_leave_nothing(tmp_path, capsys, args):
+def test_bad_trial_counts_leave_nothing(tmp_path, capsys, args):
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", *_OPTUNA, *args)
     assert "--n-trials" in err or "--timeout" in err
     assert not (tmp_path / "out").exists()  # no half-initialised optuna.db, no empty folder
 
 
-def test_defect7_zero_trials_writes_the_best_trial(tmp_path, capsys):
+def test_zero_trials_writes_the_best_trial(tmp_path, capsys):
     import json
 
     import optuna
@@ -582,13 +581,13 @@ def test_defect7_zero_trials_writes_the_best_trial(tmp_path, capsys):
 @pytest.mark.parametrize("args,what", [(["--repair", "bogus"], "bogus"), (["--reference", "bogus"], "bogus"),
                                        (["--calib-size", "100000"], "exceed"), (["--checkpoint", "missing.pt"], "missing.pt"),
                                        (["--model", "no_such_model"], "no_such_model"), (["--storage", "x.txt"], "x.txt")])
-def test_defect14_bad_input_with_optuna_leaves_no_folder(tmp_path, capsys, args, what):
+def test_bad_input_with_optuna_leaves_no_folder(tmp_path, capsys, args, what):
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", *_OPTUNA, "--n-trials", "1", *args)
     assert what in err
     assert not (tmp_path / "out").exists()
 
 
-def test_defect8_summary_survives_other_studies(tmp_path, capsys):
+def test_summary_survives_other_studies(tmp_path, capsys):
     import optuna
 
     out = tmp_path / "run" / "plan.json"
@@ -608,7 +607,7 @@ def test_defect8_summary_survives_other_studies(tmp_path, capsys):
     assert len(lines) == 5 and all(f"study {n}:" in cap.out for n in ("empty", "failed", "multi", "running"))
 
 
-def test_defect15_ctrl_c_in_a_trial_is_one_line(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_a_trial_is_one_line(tmp_path, capsys, monkeypatch):
     from rr_alloc.selection import SelectionScorer
 
     def interrupt(*a, **k):
@@ -622,7 +621,7 @@ def test_defect15_ctrl_c_in_a_trial_is_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r" / "plan.json").exists()
 
 
-# ---- defect 10: config and plan values are type-checked; the config's out: key is honoured ---------------
+# ---- config and plan values are type-checked; the config's out: key is honoured ---------------
 
 @pytest.mark.parametrize("line,key", [("calib_size: abc", "calib_size"), ("grid: abc", "grid"), ("device: 5", "device"),
                                       ("seed: [1, 2]", "seed"), ("batch_size: 1.5", "batch_size"),
@@ -632,7 +631,7 @@ def test_defect15_ctrl_c_in_a_trial_is_one_line(tmp_path, capsys, monkeypatch):
                                       ("transform: {mean: abc}", "transform mean"),
                                       ("transform: {mean: [0.5], std: [0]}", "transform std"),
                                       ("transform: {resize: big}", "transform resize")])
-def test_defect10_config_values_are_type_checked(tmp_path, capsys, line, key):
+def test_config_values_are_type_checked(tmp_path, capsys, line, key):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(line + "\n")
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--config", str(cfg))
@@ -642,7 +641,7 @@ def test_defect10_config_values_are_type_checked(tmp_path, capsys, line, key):
 @pytest.mark.parametrize("field,value", [("calib_size", "abc"), ("seed", [1, 2]), ("batch_size", 0),
                                          ("eval_size", "all")])
 @pytest.mark.parametrize("cmd", ["verify", "apply", "export:csv"])
-def test_defect10_plan_values_are_type_checked(tmp_path, capsys, checkpoint_plan, field, value, cmd):
+def test_plan_values_are_type_checked(tmp_path, capsys, checkpoint_plan, field, value, cmd):
     import json
 
     d = json.loads(checkpoint_plan[0].read_text())
@@ -657,7 +656,7 @@ def test_defect10_plan_values_are_type_checked(tmp_path, capsys, checkpoint_plan
     assert field in err and not out.parent.exists()
 
 
-def test_defect10_config_out_key_is_used(tmp_path, capsys):
+def test_config_out_key_is_used(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"out: {tmp_path / 'from_config'}/\ncalib_size: 64\nselection_size: 32\n")
     assert main(["search", "--budget", "0.9", "--no-verify", "--config", str(cfg)]) == 0, capsys.readouterr().err

@@ -1,0 +1,209 @@
+"""A loaded experiment: the dense model, its prunable layers, the data splits and what is computed once.
+
+Everything expensive and plan-independent lives here and is reused by every plan that is allocated and
+verified (search, compare, search trials, studies): dense logits per split, MACs per weight, the output
+sensitivity of each layer and the RR profile (from the on-disk cache when an intact entry has its key).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .allocators import AllocationProblem, Needs
+from .cache import ProfileCache, fingerprint_model, fingerprint_tensor, usable_cache_dir
+from .config import RunConfig, resolve_device
+from .data import Batches, Splits, load_splits
+from .errors import UserError
+from .evaluate import Metrics, compare_logits, logits_of
+from .hooks import forward_hooks
+from .io_utils import sha256_file
+from .layers import LayerInfo, prunable_layers
+from .models import build_model, default_transform, load_checkpoint
+from .profile import RRProfile, profile_rr, validate_grid
+from .repair import RepairPipeline
+from .repair.reconstruct import DEFAULT_DAMP
+from .sensitivity import output_sensitivity
+
+__all__ = ["Experiment", "layer_macs"]
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module, layers: list[LayerInfo], example: torch.Tensor) -> np.ndarray:
+    """Multiply-accumulates per weight of each layer (its output positions) for one image."""
+    pos: dict[str, int] = {}
+
+    def make(name: str):
+        def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+            per_image = out[0].numel() if out.dim() > 1 else out.numel()
+            pos[name] = per_image // mod.weight.shape[0]
+
+        return hook
+
+    with forward_hooks(model, {layer.name: make(layer.name) for layer in layers}):
+        model(example[:1])
+    # grouped convs: each weight is used once per output position of its own output channel
+    return np.array([pos[layer.name] for layer in layers], dtype=float)
+
+
+class Experiment:
+    """Build once from a ``RunConfig``: model, layers, splits; dense outputs and the RR profile on demand."""
+
+    def __init__(self, cfg: RunConfig, progress: bool = True) -> None:
+        self.cfg = cfg.validate()
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.grid = validate_grid(cfg.grid, cfg.s_max)
+        self.cache_dir = usable_cache_dir(cfg.cache_dir)
+        self.dense = build_model(cfg.model, cfg.num_classes, cfg.pretrained, cache_dir=str(self.cache_dir))
+        if cfg.checkpoint:
+            load_checkpoint(self.dense, cfg.checkpoint, map_location="cpu")
+        self.dense = self.dense.to(self.device).eval()
+        self.layers = prunable_layers(self.dense, cfg.include, cfg.exclude)
+        self.data_spec = cfg.data_spec(default_transform(cfg.model, cfg.pretrained))
+        self.splits: Splits = load_splits(self.data_spec, cfg.batch_size)
+        if self.splits.calib.n == 0:
+            raise UserError("the calibration split is empty: raise --calib-size")
+        if cfg.validation_size == 1:
+            raise UserError("--validation-size 1 cannot bound a mean difference: pass 0 (no check) or >= 2")
+        self._check_forward()
+        self.timings["load"] = time.perf_counter() - t0
+        self._dense_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._profile: RRProfile | None = None
+        self._macs: np.ndarray | None = None
+        self._sensitivity: np.ndarray | None = None
+
+    def _check_forward(self) -> None:
+        x = self.splits.calib.x[:2].to(self.device)
+        try:
+            with torch.no_grad():
+                out = self.dense.eval()(x)
+        except RuntimeError as e:
+            raise UserError(f"model {self.cfg.model} cannot run on the {self.cfg.dataset} images "
+                            f"{tuple(x.shape[1:])} ({str(e).splitlines()[0]}): pass matching --model/--dataset")
+        labels = self.splits.test.y
+        if out.dim() != 2 or (len(labels) and int(labels.max()) >= out.shape[1]):
+            raise UserError(f"model {self.cfg.model} has {out.shape[-1]} outputs but the data has labels up to "
+                            f"{int(labels.max())}: pass --num-classes or the matching model")
+
+    # ------------------------------------------------------------ splits
+    def split(self, name: str) -> Batches:
+        """``calib``, ``selection``, ``validation`` or ``test`` (a missing validation split is a one-line error)."""
+        if name == "validation":
+            if self.splits.validation is None or self.splits.validation.n == 0:
+                raise UserError("this run has no validation split: pass --validation-size > 0")
+            return self.splits.validation
+        return {"calib": self.splits.calib, "selection": self.splits.selection, "test": self.splits.test}[name]
+
+    def dense_logits(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense model's logits and the labels of ``split`` (computed once)."""
+        if split not in self._dense_logits:
+            self._dense_logits[split] = logits_of(self.dense, self.split(split), self.device)
+        return self._dense_logits[split]
+
+    def dense_metrics(self, split: str = "test") -> Metrics:
+        logits, labels = self.dense_logits(split)
+        return compare_logits(logits, labels, logits)
+
+    @property
+    def macs_per_weight(self) -> np.ndarray:
+        if self._macs is None:
+            self._macs = layer_macs(self.dense, self.layers, self.splits.calib.x[:1].to(self.device))
+        return self._macs
+
+    # ----------------------------------------------------------- profile
+    def profile_repair(self) -> tuple[str, float]:
+        """``(kind, damp)`` of ``cfg.profile_repair``: ``channel``, or ``lsq`` with its damping."""
+        text = (self.cfg.profile_repair or "channel").strip()
+        if text == "channel":
+            return "channel", DEFAULT_DAMP
+        head = text.split(":")[0]
+        if head == "obs":
+            raise UserError("--profile-repair obs has no cheap exact form (OBS chooses its masks in a sequential "
+                            "sweep): use --profile-repair lsq (same re-fit, magnitude masks) or channel")
+        if head != "lsq":
+            raise UserError(f"unknown --profile-repair {text!r}: use channel or lsq[:damp=X]")
+        step = RepairPipeline.parse(text).steps[0]
+        return "lsq", step.damp
+
+    def profile_key(self) -> str:
+        """The cache key of the RR profile: model weights, calibration images, layers and profile settings."""
+        kind, damp = self.profile_repair()
+        repair = {} if kind == "channel" else {"profile_repair": kind, "damp": damp}
+        return ProfileCache.key({
+            "model": fingerprint_model(self.dense), "calib": fingerprint_tensor(self.splits.calib.x),
+            "layers": [layer.name for layer in self.layers], "grid": [float(g) for g in self.grid],
+            "lambda": self.cfg.lam, "mean_shift": True, **repair})
+
+    def profile(self) -> RRProfile:
+        """The RR profile, from the cache when an entry with the same key is intact."""
+        if self._profile is not None:
+            return self._profile
+        t0 = time.perf_counter()
+        cache = ProfileCache(self.cache_dir / "profiles") if self.cfg.cache else None
+        key = self.profile_key() if cache else None
+        hit = cache.get(key) if cache else None
+        if hit is not None:
+            self._profile = RRProfile.from_dict(hit)
+            self._profile.meta["cache"] = "hit"
+        else:
+            kind, damp = self.profile_repair()
+            self._profile = profile_rr(self.dense, self.splits.calib, self.grid, self.layers, lam=self.cfg.lam,
+                                       device=self.device, progress=self.progress, profile_repair=kind, damp=damp)
+            self._profile.meta["cache"] = "miss" if cache else "off"
+            if cache:
+                cache.put(key, self._profile.to_dict())
+        self.timings["profile"] = time.perf_counter() - t0
+        return self._profile
+
+    @property
+    def profile_meta(self) -> dict[str, Any]:
+        """The profile's metadata when it was computed or loaded in this run (else empty)."""
+        return self._profile.meta if self._profile is not None else {}
+
+    # -------------------------------------------------------- allocation
+    def layer_weights(self, kind: str | None = None) -> np.ndarray | None:
+        """Objective weights ``w_l`` of the RR allocators: ``uniform`` (None) or measured ``sensitivity``."""
+        kind = kind or self.cfg.layer_weights
+        if kind == "uniform":
+            return None
+        if kind == "sensitivity":
+            if self._sensitivity is None:
+                self._sensitivity = output_sensitivity(self.dense, self.layers, self.splits.calib, self.device)
+            return self._sensitivity
+        raise UserError(f"unknown --layer-weights {kind!r}: use uniform or sensitivity")
+
+    def problem(self, budget: float, needs: Needs = Needs(), layer_weights: str | None = None,
+                evaluate: Any = None) -> AllocationProblem:
+        """The allocation problem at ``budget`` with the evidence ``needs`` asks for (and nothing costly else)."""
+        L = len(self.layers)
+        weights = {layer.name: self.dense.get_submodule(layer.name).weight.detach() for layer in self.layers} \
+            if needs.weights else None
+        return AllocationProblem(
+            self.layers, budget, np.zeros(L), np.full(L, self.cfg.s_max), unit=self.cfg.unit,
+            macs_per_weight=self.macs_per_weight if self.cfg.unit == "flops" else None,
+            weights=weights, profile=self.profile() if needs.profile else None,
+            layer_weights=self.layer_weights(layer_weights) if needs.profile else None, seed=self.cfg.seed,
+            evaluate=evaluate)
+
+    def achieved(self, counts: dict[str, int], budget: float = 0.5) -> float:
+        """Sparsity of ``counts`` in the run's budget unit (weights or MACs)."""
+        return self.problem(budget).achieved(counts)
+
+    # -------------------------------------------------------------- plan
+    def source(self) -> dict[str, Any]:
+        """The plan's ``source`` block: what rebuilds this model and data."""
+        ck = self.cfg.checkpoint
+        return {"model": self.cfg.model, "num_classes": self.cfg.num_classes, "pretrained": self.cfg.pretrained,
+                "checkpoint": ck, "checkpoint_sha256": sha256_file(ck) if ck else None,
+                "model_fingerprint": fingerprint_model(self.dense),
+                "include": list(self.cfg.include), "exclude": list(self.cfg.exclude),
+                "data": self.data_spec.to_dict(), "batch_size": self.cfg.batch_size}
