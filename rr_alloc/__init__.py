@@ -18,5 +18,14 @@ from .replay import apply_plan
 from .run import search
 from .version import __version__
 
-__all__ = ["__version__", "RunConfig", "UserError", "Plan", "LayerPlan", "search", "apply_plan", "load_pruned",
-           "save_pruned"]
+__all__ = [
+    "__version__",
+    "RunConfig",
+    "UserError",
+    "Plan",
+    "LayerPlan",
+    "search",
+    "apply_plan",
+    "load_pruned",
+    "save_pruned",
+]

@@ -40,7 +40,9 @@ def usable_cache_dir(cache_dir: str | None) -> Path:
     """
     d = Path(cache_dir) if cache_dir else default_cache_dir()
     if not d.is_dir():
-        what = "--cache-dir" if cache_dir else ("RR_ALLOC_CACHE" if os.environ.get("RR_ALLOC_CACHE") else "cache folder")
+        what = (
+            "--cache-dir" if cache_dir else ("RR_ALLOC_CACHE" if os.environ.get("RR_ALLOC_CACHE") else "cache folder")
+        )
         check_writable(d, what, is_dir=True)
     return d
 

@@ -19,8 +19,17 @@ import torch
 from .errors import UserError
 from .transforms import TransformSpec
 
-__all__ = ["DataSpec", "Batches", "Splits", "load_splits", "DATASET_KINDS", "digits_arrays", "digits_split_indices",
-           "DIGITS_MEAN", "DIGITS_STD"]
+__all__ = [
+    "DataSpec",
+    "Batches",
+    "Splits",
+    "load_splits",
+    "DATASET_KINDS",
+    "digits_arrays",
+    "digits_split_indices",
+    "DIGITS_MEAN",
+    "DIGITS_STD",
+]
 
 DATASET_KINDS = ("digits", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist")
 # Test subsets are drawn with a fixed seed, independent of the calibration seed,
@@ -101,8 +110,7 @@ class Batches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.x), self.batch_size):
-            yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
-
+            yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
 
 
 @dataclass
@@ -142,25 +150,36 @@ def _torchvision_sets(spec: DataSpec, tf) -> tuple[Any, Any]:
         try:
             return D.ImageFolder(str(train_dir), transform=tf), D.ImageFolder(str(test_dir), transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
-            raise UserError(f"cannot read ImageFolder data ({str(e).splitlines()[0]}): "
-                            "point --train-data/--test-data at folders with one subfolder per class")
-    cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "mnist": D.MNIST,
-           "fashionmnist": D.FashionMNIST}[spec.kind]
+            raise UserError(
+                f"cannot read ImageFolder data ({str(e).splitlines()[0]}): "
+                "point --train-data/--test-data at folders with one subfolder per class"
+            )
+    cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "mnist": D.MNIST, "fashionmnist": D.FashionMNIST}[spec.kind]
     root = spec.train or spec.test
     if not root:
-        raise UserError(f"no dataset root for {spec.kind}: pass --train-data ROOT "
-                        "(the torchvision root folder; add download: true in the config to fetch it)")
+        raise UserError(
+            f"no dataset root for {spec.kind}: pass --train-data ROOT "
+            "(the torchvision root folder; add download: true in the config to fetch it)"
+        )
     root_p = Path(root).expanduser()
     if not spec.download and not root_p.is_dir():
-        raise UserError(f"dataset root {root_p} is not a directory: pass an existing torchvision root "
-                        "to --train-data, or set download: true in the config")
+        raise UserError(
+            f"dataset root {root_p} is not a directory: pass an existing torchvision root "
+            "to --train-data, or set download: true in the config"
+        )
     try:
         tr = cls(str(root_p), train=True, transform=tf, download=spec.download)
-        te = cls(str(Path(spec.test).expanduser() if spec.test else root_p), train=False, transform=tf,
-                 download=spec.download)
+        te = cls(
+            str(Path(spec.test).expanduser() if spec.test else root_p),
+            train=False,
+            transform=tf,
+            download=spec.download,
+        )
     except RuntimeError as e:
-        raise UserError(f"cannot read {spec.kind} under {root_p} ({str(e).splitlines()[0]}): "
-                        "pass the folder that holds the dataset, or set download: true")
+        raise UserError(
+            f"cannot read {spec.kind} under {root_p} ({str(e).splitlines()[0]}): "
+            "pass the folder that holds the dataset, or set download: true"
+        )
     return tr, te
 
 
@@ -172,8 +191,10 @@ def _item(ds, i: int, flag: str) -> tuple[Any, Any]:
         samples = getattr(ds, "samples", None)
         where = f"image {samples[i][0]}" if samples else f"image {i} of {type(ds).__name__}"
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot decode {where} ({type(e).__name__}: {why}): the file is corrupt or truncated; "
-                        f"remove or replace it in the {flag} folder") from None
+        raise UserError(
+            f"cannot decode {where} ({type(e).__name__}: {why}): the file is corrupt or truncated; "
+            f"remove or replace it in the {flag} folder"
+        ) from None
 
 
 def _materialise(ds, indices: np.ndarray, desc: str, flag: str = "--train-data") -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,19 +210,23 @@ def _materialise(ds, indices: np.ndarray, desc: str, flag: str = "--train-data")
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
 
 
-def _draw(n_pool: int, calib: int, selection: int, seed: int, what: str,
-          validation: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _draw(
+    n_pool: int, calib: int, selection: int, seed: int, what: str, validation: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Disjoint calibration, selection and validation indices: consecutive slices of one seeded permutation."""
     if calib < 1 or selection < 0 or validation < 0:
-        raise UserError(f"calibration size must be >= 1, selection and validation sizes >= 0, "
-                        f"got {calib}/{selection}/{validation}")
+        raise UserError(
+            f"calibration size must be >= 1, selection and validation sizes >= 0, got {calib}/{selection}/{validation}"
+        )
     if calib + selection + validation > n_pool:
-        raise UserError(f"calibration ({calib}) + selection ({selection}) + validation ({validation}) images "
-                        f"exceed the {n_pool} training images of {what}: lower --calib-size/--selection-size/"
-                        "--validation-size")
+        raise UserError(
+            f"calibration ({calib}) + selection ({selection}) + validation ({validation}) images "
+            f"exceed the {n_pool} training images of {what}: lower --calib-size/--selection-size/"
+            "--validation-size"
+        )
     perm = np.random.default_rng(seed).permutation(n_pool)
     end = calib + selection
-    return np.sort(perm[:calib]), np.sort(perm[calib:end]), np.sort(perm[end:end + validation])
+    return np.sort(perm[:calib]), np.sort(perm[calib:end]), np.sort(perm[end : end + validation])
 
 
 def _eval_indices(n: int, eval_size: int | None) -> np.ndarray:
@@ -219,24 +244,40 @@ def load_splits(spec: DataSpec, batch_size: int = 256) -> Splits:
     if spec.kind == "digits":
         x, y = digits_arrays()
         pool, test = digits_split_indices(len(x))
-        c, s, v = _draw(len(pool), spec.calib_size, spec.selection_size, spec.seed, "the digits training pool",
-                        spec.validation_size)
+        c, s, v = _draw(
+            len(pool), spec.calib_size, spec.selection_size, spec.seed, "the digits training pool", spec.validation_size
+        )
         ci, si, vi = pool[c], pool[s], pool[v]
         ti = test[_eval_indices(len(test), spec.eval_size)]
-        return Splits(Batches(x[ci], y[ci], batch_size), Batches(x[si], y[si], batch_size),
-                      Batches(x[ti], y[ti], batch_size), ci.tolist(), si.tolist(), ti.tolist(),
-                      f"sklearn digits: {len(pool)} train pool / {len(test)} test",
-                      Batches(x[vi], y[vi], batch_size), vi.tolist())
+        return Splits(
+            Batches(x[ci], y[ci], batch_size),
+            Batches(x[si], y[si], batch_size),
+            Batches(x[ti], y[ti], batch_size),
+            ci.tolist(),
+            si.tolist(),
+            ti.tolist(),
+            f"sklearn digits: {len(pool)} train pool / {len(test)} test",
+            Batches(x[vi], y[vi], batch_size),
+            vi.tolist(),
+        )
     tf = (spec.transform or TransformSpec()).build()
     train_ds, test_ds = _torchvision_sets(spec, tf)
-    c, s, v = _draw(len(train_ds), spec.calib_size, spec.selection_size, spec.seed, spec.train or spec.kind,
-                    spec.validation_size)
+    c, s, v = _draw(
+        len(train_ds), spec.calib_size, spec.selection_size, spec.seed, spec.train or spec.kind, spec.validation_size
+    )
     t = _eval_indices(len(test_ds), spec.eval_size)
     cx, cy = _materialise(train_ds, c, "calibration")
     sx, sy = _materialise(train_ds, s, "selection")
     vx, vy = _materialise(train_ds, v, "validation")
     tx, ty = _materialise(test_ds, t, "test", "--test-data")
-    return Splits(Batches(cx, cy, batch_size), Batches(sx, sy, batch_size), Batches(tx, ty, batch_size),
-                  c.tolist(), s.tolist(), t.tolist(),
-                  f"{spec.kind}: {len(train_ds)} train / {len(test_ds)} test",
-                  Batches(vx, vy, batch_size), v.tolist())
+    return Splits(
+        Batches(cx, cy, batch_size),
+        Batches(sx, sy, batch_size),
+        Batches(tx, ty, batch_size),
+        c.tolist(),
+        s.tolist(),
+        t.tolist(),
+        f"{spec.kind}: {len(train_ds)} train / {len(test_ds)} test",
+        Batches(vx, vy, batch_size),
+        v.tolist(),
+    )

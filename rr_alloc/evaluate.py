@@ -28,8 +28,9 @@ class Metrics:
 
 
 @torch.no_grad()
-def logits_of(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def logits_of(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits (on CPU, float32) and labels for ``batches``, model in eval mode."""
     was = model.training
     model.eval()

@@ -50,25 +50,33 @@ class Evaluator:
         """N:M magnitude pruning of every layer (layers whose inputs are not a multiple of ``m`` stay dense)."""
         return Pruning(nm=(n, m), layers=tuple(layer.name for layer in self.experiment.layers))
 
-    def repaired_model(self, pruning: PruningLike, repair: str | RepairPipeline,
-                       nm: tuple[int, int] | None = None) -> tuple[nn.Module, RepairReport]:
+    def repaired_model(
+        self, pruning: PruningLike, repair: str | RepairPipeline, nm: tuple[int, int] | None = None
+    ) -> tuple[nn.Module, RepairReport]:
         """Prune and repair a copy of the dense model (``nm``: the pattern of explicit keep-masks)."""
         p = Pruning.of(pruning, nm)
         exp = self.experiment
         masks = p.keep_masks(exp.dense)
         model = copy.deepcopy(exp.dense)
         apply_masks(model, masks)
-        report = run_repair(model, repair, exp.splits.calib, device=exp.device, cache=self.site_cache,
-                            masks=masks, nm=p.nm)
+        report = run_repair(
+            model, repair, exp.splits.calib, device=exp.device, cache=self.site_cache, masks=masks, nm=p.nm
+        )
         return model, report
 
-    def verify(self, pruning: PruningLike, repair: str | RepairPipeline, split: str = "test",
-               nm: tuple[int, int] | None = None) -> Metrics:
+    def verify(
+        self, pruning: PruningLike, repair: str | RepairPipeline, split: str = "test", nm: tuple[int, int] | None = None
+    ) -> Metrics:
         """Prune -> repair on calibration -> evaluate on ``split`` against the dense model."""
         return self.verify_splits(pruning, repair, (split,), nm=nm)[split]
 
-    def verify_splits(self, pruning: PruningLike, repair: str | RepairPipeline, splits: tuple[str, ...],
-                      nm: tuple[int, int] | None = None) -> dict[str, Metrics]:
+    def verify_splits(
+        self,
+        pruning: PruningLike,
+        repair: str | RepairPipeline,
+        splits: tuple[str, ...],
+        nm: tuple[int, int] | None = None,
+    ) -> dict[str, Metrics]:
         """One prune + repair, evaluated on several splits (e.g. selection for choosing, test for reporting)."""
         model, _ = self.repaired_model(pruning, repair, nm=nm)
         exp = self.experiment

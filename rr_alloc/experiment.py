@@ -87,12 +87,16 @@ class Experiment:
             with torch.no_grad():
                 out = self.dense.eval()(x)
         except RuntimeError as e:
-            raise UserError(f"model {self.cfg.model} cannot run on the {self.cfg.dataset} images "
-                            f"{tuple(x.shape[1:])} ({str(e).splitlines()[0]}): pass matching --model/--dataset")
+            raise UserError(
+                f"model {self.cfg.model} cannot run on the {self.cfg.dataset} images "
+                f"{tuple(x.shape[1:])} ({str(e).splitlines()[0]}): pass matching --model/--dataset"
+            )
         labels = self.splits.test.y
         if out.dim() != 2 or (len(labels) and int(labels.max()) >= out.shape[1]):
-            raise UserError(f"model {self.cfg.model} has {out.shape[-1]} outputs but the data has labels up to "
-                            f"{int(labels.max())}: pass --num-classes or the matching model")
+            raise UserError(
+                f"model {self.cfg.model} has {out.shape[-1]} outputs but the data has labels up to "
+                f"{int(labels.max())}: pass --num-classes or the matching model"
+            )
 
     # ------------------------------------------------------------ splits
     def split(self, name: str) -> Batches:
@@ -127,8 +131,10 @@ class Experiment:
             return "channel", DEFAULT_DAMP
         head = text.split(":")[0]
         if head == "obs":
-            raise UserError("--profile-repair obs has no cheap exact form (OBS chooses its masks in a sequential "
-                            "sweep): use --profile-repair lsq (same re-fit, magnitude masks) or channel")
+            raise UserError(
+                "--profile-repair obs has no cheap exact form (OBS chooses its masks in a sequential "
+                "sweep): use --profile-repair lsq (same re-fit, magnitude masks) or channel"
+            )
         if head != "lsq":
             raise UserError(f"unknown --profile-repair {text!r}: use channel or lsq[:damp=X]")
         step = RepairPipeline.parse(text).steps[0]
@@ -138,10 +144,17 @@ class Experiment:
         """The cache key of the RR profile: model weights, calibration images, layers and profile settings."""
         kind, damp = self.profile_repair()
         repair = {} if kind == "channel" else {"profile_repair": kind, "damp": damp}
-        return ProfileCache.key({
-            "model": fingerprint_model(self.dense), "calib": fingerprint_tensor(self.splits.calib.x),
-            "layers": [layer.name for layer in self.layers], "grid": [float(g) for g in self.grid],
-            "lambda": self.cfg.lam, "mean_shift": True, **repair})
+        return ProfileCache.key(
+            {
+                "model": fingerprint_model(self.dense),
+                "calib": fingerprint_tensor(self.splits.calib.x),
+                "layers": [layer.name for layer in self.layers],
+                "grid": [float(g) for g in self.grid],
+                "lambda": self.cfg.lam,
+                "mean_shift": True,
+                **repair,
+            }
+        )
 
     def profile(self) -> RRProfile:
         """The RR profile, from the cache when an entry with the same key is intact."""
@@ -156,8 +169,17 @@ class Experiment:
             self._profile.meta["cache"] = "hit"
         else:
             kind, damp = self.profile_repair()
-            self._profile = profile_rr(self.dense, self.splits.calib, self.grid, self.layers, lam=self.cfg.lam,
-                                       device=self.device, progress=self.progress, profile_repair=kind, damp=damp)
+            self._profile = profile_rr(
+                self.dense,
+                self.splits.calib,
+                self.grid,
+                self.layers,
+                lam=self.cfg.lam,
+                device=self.device,
+                progress=self.progress,
+                profile_repair=kind,
+                damp=damp,
+            )
             self._profile.meta["cache"] = "miss" if cache else "off"
             if cache:
                 cache.put(key, self._profile.to_dict())
@@ -181,18 +203,29 @@ class Experiment:
             return self._sensitivity
         raise UserError(f"unknown --layer-weights {kind!r}: use uniform or sensitivity")
 
-    def problem(self, budget: float, needs: Needs = Needs(), layer_weights: str | None = None,
-                evaluate: Any = None) -> AllocationProblem:
+    def problem(
+        self, budget: float, needs: Needs = Needs(), layer_weights: str | None = None, evaluate: Any = None
+    ) -> AllocationProblem:
         """The allocation problem at ``budget`` with the evidence ``needs`` asks for (and nothing costly else)."""
         L = len(self.layers)
-        weights = {layer.name: self.dense.get_submodule(layer.name).weight.detach() for layer in self.layers} \
-            if needs.weights else None
+        weights = (
+            {layer.name: self.dense.get_submodule(layer.name).weight.detach() for layer in self.layers}
+            if needs.weights
+            else None
+        )
         return AllocationProblem(
-            self.layers, budget, np.zeros(L), np.full(L, self.cfg.s_max), unit=self.cfg.unit,
+            self.layers,
+            budget,
+            np.zeros(L),
+            np.full(L, self.cfg.s_max),
+            unit=self.cfg.unit,
             macs_per_weight=self.macs_per_weight if self.cfg.unit == "flops" else None,
-            weights=weights, profile=self.profile() if needs.profile else None,
-            layer_weights=self.layer_weights(layer_weights) if needs.profile else None, seed=self.cfg.seed,
-            evaluate=evaluate)
+            weights=weights,
+            profile=self.profile() if needs.profile else None,
+            layer_weights=self.layer_weights(layer_weights) if needs.profile else None,
+            seed=self.cfg.seed,
+            evaluate=evaluate,
+        )
 
     def achieved(self, counts: dict[str, int], budget: float = 0.5) -> float:
         """Sparsity of ``counts`` in the run's budget unit (weights or MACs)."""
@@ -202,8 +235,15 @@ class Experiment:
     def source(self) -> dict[str, Any]:
         """The plan's ``source`` block: what rebuilds this model and data."""
         ck = self.cfg.checkpoint
-        return {"model": self.cfg.model, "num_classes": self.cfg.num_classes, "pretrained": self.cfg.pretrained,
-                "checkpoint": ck, "checkpoint_sha256": sha256_file(ck) if ck else None,
-                "model_fingerprint": fingerprint_model(self.dense),
-                "include": list(self.cfg.include), "exclude": list(self.cfg.exclude),
-                "data": self.data_spec.to_dict(), "batch_size": self.cfg.batch_size}
+        return {
+            "model": self.cfg.model,
+            "num_classes": self.cfg.num_classes,
+            "pretrained": self.cfg.pretrained,
+            "checkpoint": ck,
+            "checkpoint_sha256": sha256_file(ck) if ck else None,
+            "model_fingerprint": fingerprint_model(self.dense),
+            "include": list(self.cfg.include),
+            "exclude": list(self.cfg.exclude),
+            "data": self.data_spec.to_dict(),
+            "batch_size": self.cfg.batch_size,
+        }

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -11,8 +12,9 @@ __all__ = ["forward_hooks"]
 
 
 @contextlib.contextmanager
-def forward_hooks(model: nn.Module, hooks: Mapping[str, Callable[..., Any]], pre: bool = False,
-                  eval_mode: bool = True) -> Iterator[nn.Module]:
+def forward_hooks(
+    model: nn.Module, hooks: Mapping[str, Callable[..., Any]], pre: bool = False, eval_mode: bool = True
+) -> Iterator[nn.Module]:
     """Register ``hooks[name]`` on ``model.<name>`` for the block; remove them and restore the mode on exit.
 
     ``pre=True`` registers forward pre-hooks (``fn(module, inputs)``; a non-``None`` return

@@ -24,8 +24,9 @@ class LayerInfo:
     groups: int = 1
 
 
-def select_layers(names: Sequence[str], include: Sequence[str] | None = None,
-                  exclude: Sequence[str] | None = None) -> list[str]:
+def select_layers(
+    names: Sequence[str], include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> list[str]:
     """Filter dotted names by shell-style ``include``/``exclude`` patterns (``layer1.*``)."""
     out = list(names)
     if include:
@@ -35,8 +36,9 @@ def select_layers(names: Sequence[str], include: Sequence[str] | None = None,
     return out
 
 
-def prunable_layers(model: nn.Module, include: Sequence[str] | None = None,
-                    exclude: Sequence[str] | None = None) -> list[LayerInfo]:
+def prunable_layers(
+    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> list[LayerInfo]:
     """Prunable layers of ``model`` in ``named_modules()`` order.
 
     Raises ``UserError`` when none is left, since nothing could be allocated.
@@ -50,6 +52,7 @@ def prunable_layers(model: nn.Module, include: Sequence[str] | None = None,
     keep = select_layers(list(found), include, exclude)
     if not keep:
         why = " after include/exclude patterns" if (include or exclude) else ""
-        raise UserError(f"the model has no prunable layers (Conv2d/Linear){why}: "
-                        "pass a CNN, or loosen --include/--exclude")
+        raise UserError(
+            f"the model has no prunable layers (Conv2d/Linear){why}: pass a CNN, or loosen --include/--exclude"
+        )
     return [found[n] for n in keep]

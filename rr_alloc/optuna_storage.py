@@ -23,13 +23,23 @@ from typing import Any
 
 from .errors import UserError
 
-__all__ = ["Heartbeat", "check_storage", "open_storage", "has_heartbeat", "discard_if_empty", "describe_storage",
-           "JOURNAL_SUFFIXES", "quiet", "retry_locked", "first_line"]
+__all__ = [
+    "Heartbeat",
+    "check_storage",
+    "open_storage",
+    "heartbeats_on",
+    "discard_if_empty",
+    "describe_storage",
+    "JOURNAL_SUFFIXES",
+    "quiet",
+    "retry_locked",
+    "first_line",
+]
 
 JOURNAL_SUFFIXES = (".log", ".journal")
-_SCHEMA_TRIES = 8          # fresh-database races resolve in one or two retries; 8 covers many workers
-_CONNECT_TIMEOUT_S = 5     # an unreachable server fails fast instead of hanging the worker
-_SQLITE_BUSY_S = 60        # workers and heartbeat threads share one SQLite file: wait for its lock
+_SCHEMA_TRIES = 8  # fresh-database races resolve in one or two retries; 8 covers many workers
+_CONNECT_TIMEOUT_S = 5  # an unreachable server fails fast instead of hanging the worker
+_SQLITE_BUSY_S = 60  # workers and heartbeat threads share one SQLite file: wait for its lock
 _LOCK_KEY = 0x72725F616C6C6F63  # PostgreSQL advisory-lock key of the schema set-up ("rr_alloc")
 _LOCK_WAIT_S = 60
 
@@ -47,8 +57,10 @@ class Heartbeat:
         if self.interval < 1:
             raise UserError(f"--heartbeat-interval must be a whole number of seconds >= 1, got {self.interval}")
         if self.grace_period is not None and self.grace_period <= self.interval:
-            raise UserError(f"--grace-period ({self.grace_period} s) must exceed --heartbeat-interval "
-                            f"({self.interval} s), or a live worker's trial is failed")
+            raise UserError(
+                f"--grace-period ({self.grace_period} s) must exceed --heartbeat-interval "
+                f"({self.interval} s), or a live worker's trial is failed"
+            )
         if self.max_retry < 0:
             raise UserError(f"--max-retry must be >= 0, got {self.max_retry}")
 
@@ -60,8 +72,10 @@ def _journal_path(url: str) -> Path | None:
         return None
     if url.endswith(JOURNAL_SUFFIXES):
         return Path(url)
-    raise UserError(f"--storage {url!r} is neither a database URL (sqlite:///FILE, postgresql+psycopg://...) "
-                    f"nor a journal file ({' or '.join(JOURNAL_SUFFIXES)})")
+    raise UserError(
+        f"--storage {url!r} is neither a database URL (sqlite:///FILE, postgresql+psycopg://...) "
+        f"nor a journal file ({' or '.join(JOURNAL_SUFFIXES)})"
+    )
 
 
 def _sa_url(url: str):
@@ -70,8 +84,10 @@ def _sa_url(url: str):
     try:
         return sqlalchemy.engine.make_url(url)
     except Exception as e:  # sqlalchemy.exc.ArgumentError and friends
-        raise UserError(f"--storage {url!r} is not a valid database URL ({first_line(e)}): "
-                        "use e.g. sqlite:///runs/optuna.db or postgresql+psycopg://USER@HOST/DB")
+        raise UserError(
+            f"--storage {url!r} is not a valid database URL ({first_line(e)}): "
+            "use e.g. sqlite:///runs/optuna.db or postgresql+psycopg://USER@HOST/DB"
+        )
 
 
 def first_line(e: BaseException) -> str:
@@ -92,13 +108,19 @@ def _check_driver(url) -> None:
     try:
         url.get_dialect().import_dbapi()
     except ImportError as e:
-        hint = ('pip install -e ".[postgres]" (psycopg 3 and SQLAlchemy 2) and use postgresql+psycopg://'
-                if url.get_backend_name() == "postgresql" else "install the driver for this database")
-        raise UserError(f"--storage {url.drivername}:// needs a database driver that is not installed "
-                        f"({first_line(e)}): {hint}")
+        hint = (
+            'pip install -e ".[postgres]" (psycopg 3 and SQLAlchemy 2) and use postgresql+psycopg://'
+            if url.get_backend_name() == "postgresql"
+            else "install the driver for this database"
+        )
+        raise UserError(
+            f"--storage {url.drivername}:// needs a database driver that is not installed ({first_line(e)}): {hint}"
+        )
     except Exception as e:  # unknown dialect name
-        raise UserError(f"--storage {url.render_as_string(hide_password=True)}: unsupported database "
-                        f"({first_line(e)}): use sqlite:/// or postgresql+psycopg://")
+        raise UserError(
+            f"--storage {url.render_as_string(hide_password=True)}: unsupported database "
+            f"({first_line(e)}): use sqlite:/// or postgresql+psycopg://"
+        )
 
 
 def _where(url) -> str:
@@ -127,14 +149,19 @@ def open_storage(storage: str | None, heartbeat: Heartbeat | None = None):
     _check_driver(url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         if not Path(url.database).parent.is_dir():
-            raise UserError(f"--storage {storage}: directory {Path(url.database).parent} does not exist: "
-                            "create it first")
+            raise UserError(
+                f"--storage {storage}: directory {Path(url.database).parent} does not exist: create it first"
+            )
     _ping(url)
     kw: dict[str, Any] = {"engine_kwargs": _engine_kwargs(url)}
     if heartbeat is not None:
-        kw.update(heartbeat_interval=heartbeat.interval, grace_period=heartbeat.grace_period,
-                  heartbeat_stale_trial_callback=quiet(lambda: optuna.storages.RetryHeartbeatStaleTrialCallback(
-                      max_retry=heartbeat.max_retry)))
+        kw.update(
+            heartbeat_interval=heartbeat.interval,
+            grace_period=heartbeat.grace_period,
+            heartbeat_stale_trial_callback=quiet(
+                lambda: optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry)
+            ),
+        )
     return _with_schema_lock(url, lambda: quiet(lambda: optuna.storages.RDBStorage(storage, **kw)))
 
 
@@ -147,8 +174,9 @@ def _ping(url) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as e:
-        raise UserError(f"cannot connect to the storage {_where(url)} ({first_line(e)}): start the database "
-                        "server or fix --storage")
+        raise UserError(
+            f"cannot connect to the storage {_where(url)} ({first_line(e)}): start the database server or fix --storage"
+        )
     finally:
         engine.dispose()
 
@@ -182,9 +210,11 @@ def _with_schema_lock(url, make: Callable[[], Any]) -> Any:
                 return make()
             except sqlalchemy.exc.SQLAlchemyError as e:
                 if attempt == _SCHEMA_TRIES - 1:
-                    raise UserError(f"cannot set up the Optuna tables in {_where(url)} after {_SCHEMA_TRIES} tries "
-                                    f"({first_line(e)}): check the database's permissions")
-                time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
+                    raise UserError(
+                        f"cannot set up the Optuna tables in {_where(url)} after {_SCHEMA_TRIES} tries "
+                        f"({first_line(e)}): check the database's permissions"
+                    )
+                time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
     finally:
         if conn is not None:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
@@ -202,11 +232,11 @@ def quiet(fn: Callable[[], Any]) -> Any:
         return fn()
 
 
-def has_heartbeat(storage: Any) -> bool:
+def heartbeats_on(storage: Any) -> bool:
     """Whether ``storage`` records heartbeats (an RDB storage opened with a heartbeat interval)."""
     import optuna
 
-    return isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
+    return isinstance(storage, optuna.storages.RDBStorage) and storage.heartbeat_interval is not None
 
 
 def retry_locked(make: Callable[[], Any]) -> Any:
@@ -219,7 +249,7 @@ def retry_locked(make: Callable[[], Any]) -> Any:
         except sqlalchemy.exc.SQLAlchemyError:
             if attempt == _SCHEMA_TRIES - 1:
                 raise
-            time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
+            time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
 
 
 def describe_storage(storage: str) -> str:

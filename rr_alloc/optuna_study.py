@@ -22,10 +22,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError
-from .optuna_storage import describe_storage, first_line, has_heartbeat, open_storage, quiet, retry_locked
+from .optuna_storage import describe_storage, first_line, heartbeats_on, open_storage, quiet, retry_locked
 
-__all__ = ["StudySettings", "open_study", "optimize", "evaluated", "n_evaluated", "best_trial", "worker_id",
-           "worker_seed", "summary_lines", "check_study_matches"]
+__all__ = [
+    "StudySettings",
+    "open_study",
+    "optimize",
+    "evaluated",
+    "n_evaluated",
+    "best_trial",
+    "worker_id",
+    "worker_seed",
+    "summary_lines",
+    "check_study_matches",
+]
 
 
 def worker_id() -> str:
@@ -43,8 +53,9 @@ class StudySettings:
 
     def __post_init__(self) -> None:
         if self.n_trials < 0:
-            raise UserError(f"--n-trials must be >= 0, got {self.n_trials}: pass 0 to write the plan from the best "
-                            "trial")
+            raise UserError(
+                f"--n-trials must be >= 0, got {self.n_trials}: pass 0 to write the plan from the best trial"
+            )
         if self.total_trials is not None and self.total_trials < 1:
             raise UserError(f"--total-trials must be >= 1, got {self.total_trials}")
 
@@ -64,13 +75,17 @@ def check_study_matches(study: Any, created: bool, meta: dict[str, Any]) -> None
     for k, v in meta.items():
         if k in stored and stored[k] != v:
             if k == "settings":
-                raise UserError(f"Optuna study {study.study_name} was made with other settings (model weights, "
-                                "calibration or selection images, repair, objective or search options) than this run: "
-                                "pass another --study-name, or none (the default name is keyed on the settings)")
+                raise UserError(
+                    f"Optuna study {study.study_name} was made with other settings (model weights, "
+                    "calibration or selection images, repair, objective or search options) than this run: "
+                    "pass another --study-name, or none (the default name is keyed on the settings)"
+                )
             shown = "other layers" if k == "layers" else f"{k} {stored[k]!r}"
-            raise UserError(f"Optuna study {study.study_name} searches {shown}, this run {k} "
-                            f"{'(these layers)' if k == 'layers' else repr(v)}: pass another --study-name, or none "
-                            "(the default name is keyed on the settings)")
+            raise UserError(
+                f"Optuna study {study.study_name} searches {shown}, this run {k} "
+                f"{'(these layers)' if k == 'layers' else repr(v)}: pass another --study-name, or none "
+                "(the default name is keyed on the settings)"
+            )
 
 
 def worker_seed(base_seed: int, created: bool) -> int:
@@ -80,8 +95,15 @@ def worker_seed(base_seed: int, created: bool) -> int:
     return (int(base_seed) * 1_000_003 + secrets.randbits(32)) % 2**32
 
 
-def open_study(name: str, storage: Any, make_sampler: Callable[[int], Any], base_seed: int,
-               enqueue: Callable[[Any], None], load_only: bool = False, log: Callable[[str], None] | None = None):
+def open_study(
+    name: str,
+    storage: Any,
+    make_sampler: Callable[[int], Any],
+    base_seed: int,
+    enqueue: Callable[[Any], None],
+    load_only: bool = False,
+    log: Callable[[str], None] | None = None,
+):
     """Create the study or join it. Only the creator runs ``enqueue`` (the warm-start trials).
 
     Returns ``(study, created)``. ``load_only`` (``--n-trials 0``) never creates: a missing study is an error.
@@ -105,16 +127,20 @@ def open_study(name: str, storage: Any, make_sampler: Callable[[int], Any], base
     try:
         study = retry_locked(create_or_load)
     except KeyError:  # load_study of a missing study
-        raise UserError(f"no Optuna study {name} in the storage: run a worker with --n-trials > 0 first "
-                        "(or pass the --study-name it printed)") from None
+        raise UserError(
+            f"no Optuna study {name} in the storage: run a worker with --n-trials > 0 first "
+            "(or pass the --study-name it printed)"
+        ) from None
     seed = worker_seed(base_seed, created)
     study.sampler = make_sampler(seed)
     if created:
         enqueue(study)
     n = len(study.get_trials(deepcopy=False))
-    hb = "heartbeat on" if has_heartbeat(storage) else "no heartbeat (a killed worker's trial stays RUNNING)"
-    log(f"optuna study {name}: {'created, warm-start trials enqueued' if created else f'joined ({n} trials)'}; "
-        f"worker {worker_id()} seed {seed}; {hb}")
+    hb = "heartbeat on" if heartbeats_on(storage) else "no heartbeat (a killed worker's trial stays RUNNING)"
+    log(
+        f"optuna study {name}: {'created, warm-start trials enqueued' if created else f'joined ({n} trials)'}; "
+        f"worker {worker_id()} seed {seed}; {hb}"
+    )
     return study, created
 
 
@@ -147,8 +173,12 @@ def _surplus(study: Any, number: int, total: int) -> bool:
     return ahead >= total
 
 
-def optimize(study: Any, objective: Callable[[Any], float], settings: StudySettings,
-             callbacks: list[Callable[[Any, Any], None]] | None = None) -> None:
+def optimize(
+    study: Any,
+    objective: Callable[[Any], float],
+    settings: StudySettings,
+    callbacks: list[Callable[[Any, Any], None]] | None = None,
+) -> None:
     """Add up to ``n_trials`` trials from this process; stop at ``total_trials`` evaluated in the study
     (completed, or screened out by the evolutionary search: each scored a candidate).
 
@@ -176,8 +206,15 @@ def optimize(study: Any, objective: Callable[[Any], float], settings: StudySetti
 
     stops = [stop_when_full] if total else []
     with _no_failed_trial_logs():
-        quiet(lambda: study.optimize(run, n_trials=settings.n_trials, timeout=settings.timeout,
-                                     callbacks=stops + list(callbacks or []), gc_after_trial=False))
+        quiet(
+            lambda: study.optimize(
+                run,
+                n_trials=settings.n_trials,
+                timeout=settings.timeout,
+                callbacks=stops + list(callbacks or []),
+                gc_after_trial=False,
+            )
+        )
 
 
 class _DropRaisedTrialErrors(logging.Filter):
@@ -209,8 +246,10 @@ def best_trial(study: Any) -> Any:
     from optuna.trial import TrialState
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        raise UserError(f"Optuna study {study.study_name} has no completed trial yet: run a worker with "
-                        "--n-trials > 0 (or wait for the running ones)")
+        raise UserError(
+            f"Optuna study {study.study_name} has no completed trial yet: run a worker with "
+            "--n-trials > 0 (or wait for the running ones)"
+        )
     return study.best_trial
 
 
@@ -233,6 +272,8 @@ def summary_lines(storage: str, objective: str) -> list[str]:
         except Exception as e:  # a line of the summary never fails a run whose outputs are written
             out.append(f"optuna study {name}: cannot be summarised ({first_line(e)})")
             continue
-        out.append(f"optuna study {name}: {len(done)} completed trials, best {objective} on selection "
-                   f"{best}; view: optuna-dashboard {view}")
+        out.append(
+            f"optuna study {name}: {len(done)} completed trials, best {objective} on selection "
+            f"{best}; view: optuna-dashboard {view}"
+        )
     return out

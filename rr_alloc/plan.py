@@ -21,11 +21,11 @@ Schema (version 1), unit ``weight_fraction``::
 over the listed layers (or MAC-weighted when ``budget_unit`` is ``flops``).
 
 Version 2 adds ``pattern`` (``"2:4"``: N:M masks, N kept of every M input
-channels at one kernel position; ``n_pruned`` is what that pattern prunes) and ``mask_rule``: ``magnitude`` (each layer's ``n_pruned`` smallest
-``|w|``, what every downstream tool does) or ``obs`` (the repair pipeline chooses
-which weights to prune, keeping the counts; only ``rr_alloc apply`` / ``verify``
-reproduce those masks). Plans with magnitude masks are still written as
-version 1 (with ``mask_rule`` beside it), so older readers keep reading them;
+channels at one kernel position; ``n_pruned`` is what that pattern prunes) and
+``mask_rule``: ``magnitude`` (each layer's ``n_pruned`` smallest ``|w|``, what every
+downstream tool does) or ``obs`` (the repair pipeline chooses which weights to prune,
+keeping the counts; only ``rr_alloc apply`` / ``verify`` reproduce those masks). Plans
+with magnitude masks are still written as version 1 (with ``mask_rule`` beside it), so older readers keep reading them;
 an ``obs`` plan is version 2, so an older reader refuses it instead of
 re-pruning it by magnitude.
 """
@@ -50,7 +50,7 @@ from .version import __version__
 __all__ = ["Plan", "LayerPlan", "SCHEMA", "SCHEMA_VERSION"]
 
 SCHEMA = "rr_alloc.plan"
-SCHEMA_VERSION = 2             # the newest version this code reads and writes
+SCHEMA_VERSION = 2  # the newest version this code reads and writes
 READ_VERSIONS = (1, 2)
 MASK_RULES = ("magnitude", "obs")
 BUDGET_UNITS = ("weights", "flops")
@@ -77,12 +77,17 @@ def _check_text(obj: Any, where: str, key: str) -> None:
     if isinstance(obj, str):
         m = _CONTROL.search(obj)
         if m:
-            raise UserError(f"{where}: {key or 'a value'} holds the control character {m.group()!r}: plan strings "
-                            "are one line of plain text; regenerate the plan with `rr_alloc search`")
+            raise UserError(
+                f"{where}: {key or 'a value'} holds the control character {m.group()!r}: plan strings "
+                "are one line of plain text; regenerate the plan with `rr_alloc search`"
+            )
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            _check_text(k, where, f"{key}.{k}".lstrip(".") if isinstance(k, str) and not _CONTROL.search(k)
-                        else (key or "a key"))
+            _check_text(
+                k,
+                where,
+                f"{key}.{k}".lstrip(".") if isinstance(k, str) and not _CONTROL.search(k) else (key or "a key"),
+            )
             _check_text(v, where, f"{key}.{k}".lstrip("."))
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
@@ -101,8 +106,13 @@ class LayerPlan:
         return self.n_pruned / self.n_weights
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "sparsity": self.sparsity, "n_pruned": self.n_pruned,
-                "n_weights": self.n_weights, "shape": list(self.shape)}
+        return {
+            "name": self.name,
+            "sparsity": self.sparsity,
+            "n_pruned": self.n_pruned,
+            "n_weights": self.n_weights,
+            "shape": list(self.shape),
+        }
 
 
 @dataclass
@@ -115,7 +125,7 @@ class Plan:
     repair: str
     budget_unit: str = "weights"
     mask_rule: str = "magnitude"
-    pattern: str | None = None      # "N:M" plans: keep N of every M input channels at one kernel position
+    pattern: str | None = None  # "N:M" plans: keep N of every M input channels at one kernel position
     achieved_sparsity: float | None = None
     source: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -152,15 +162,26 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         version = 1 if self.mask_rule == "magnitude" and not self.pattern else SCHEMA_VERSION
-        return {"schema": SCHEMA, "version": version, "unit": UNIT, "mask_rule": self.mask_rule,
-                **({"pattern": self.pattern} if self.pattern else {}),
-                "budget": self.budget, "budget_unit": self.budget_unit,
-                "achieved_sparsity": self.achieved_sparsity,
-                "allocator": self.allocator, "repair": self.repair,
-                "layers": [l.to_dict() for l in self.layers],
-                "source": self.source, "calibration": self.calibration, "profile": self.profile,
-                "verify": self.verify, **({"search": self.search} if self.search else {}), "tool": self.tool or {"name": "rr_alloc", "version": __version__},
-                "created": self.created}
+        return {
+            "schema": SCHEMA,
+            "version": version,
+            "unit": UNIT,
+            "mask_rule": self.mask_rule,
+            **({"pattern": self.pattern} if self.pattern else {}),
+            "budget": self.budget,
+            "budget_unit": self.budget_unit,
+            "achieved_sparsity": self.achieved_sparsity,
+            "allocator": self.allocator,
+            "repair": self.repair,
+            "layers": [l.to_dict() for l in self.layers],
+            "source": self.source,
+            "calibration": self.calibration,
+            "profile": self.profile,
+            "verify": self.verify,
+            **({"search": self.search} if self.search else {}),
+            "tool": self.tool or {"name": "rr_alloc", "version": __version__},
+            "created": self.created,
+        }
 
     def save(self, path: str | Path) -> Path:
         """Write the plan atomically (a failed write never replaces a good plan).
@@ -181,14 +202,29 @@ class Plan:
         layers = _layers(d["layers"], where)
         mask_rule, pattern = d.get("mask_rule", "magnitude"), d.get("pattern")
         if d["version"] == 1 and (mask_rule != "magnitude" or pattern is not None):
-            raise UserError(f"{where} has mask_rule {mask_rule!r} or an N:M pattern: version-1 plans use "
-                            "magnitude masks; that needs plan version 2")
+            raise UserError(
+                f"{where} has mask_rule {mask_rule!r} or an N:M pattern: version-1 plans use "
+                "magnitude masks; that needs plan version 2"
+            )
         if pattern is not None:
             parse_pattern(pattern)
-        return cls(layers, float(d["budget"]), str(d["allocator"]), str(d["repair"]), d.get("budget_unit", "weights"),
-                   mask_rule, pattern, d.get("achieved_sparsity"), d.get("source", {}), d.get("calibration", {}),
-                   d.get("profile", {}), d.get("verify", {}), search=d.get("search", {}), tool=d.get("tool", {}),
-                   created=d.get("created", ""))
+        return cls(
+            layers,
+            float(d["budget"]),
+            str(d["allocator"]),
+            str(d["repair"]),
+            d.get("budget_unit", "weights"),
+            mask_rule,
+            pattern,
+            d.get("achieved_sparsity"),
+            d.get("source", {}),
+            d.get("calibration", {}),
+            d.get("profile", {}),
+            d.get("verify", {}),
+            search=d.get("search", {}),
+            tool=d.get("tool", {}),
+            created=d.get("created", ""),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -219,11 +255,14 @@ class Plan:
         for l in self.layers:
             m = mods.get(l.name)
             if m is None or not hasattr(m, "weight"):
-                raise UserError(f"plan layer {l.name} is not a layer of this model: "
-                                "use the model the plan was made for")
+                raise UserError(
+                    f"plan layer {l.name} is not a layer of this model: use the model the plan was made for"
+                )
             if tuple(m.weight.shape) != l.shape:
-                raise UserError(f"plan layer {l.name} has shape {list(l.shape)} but the model's is "
-                                f"{list(m.weight.shape)}: use the model the plan was made for")
+                raise UserError(
+                    f"plan layer {l.name} has shape {list(l.shape)} but the model's is "
+                    f"{list(m.weight.shape)}: use the model the plan was made for"
+                )
 
 
 # the schema's top-level keys in the order their problems are reported (identity first, then the core fields)
@@ -242,8 +281,10 @@ def _explain(v: Violation, d: dict[str, Any], where: str) -> str:
     if head == "schema":
         return f"{where} is not an rr_alloc plan (schema {d.get('schema')!r}): pass a plan written by `rr_alloc search`"
     if head == "version":
-        return (f"{where} has plan schema version {d.get('version')!r}; this rr_alloc reads versions "
-                f"{', '.join(map(str, READ_VERSIONS))}: regenerate it or upgrade rr_alloc")
+        return (
+            f"{where} has plan schema version {d.get('version')!r}; this rr_alloc reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}: regenerate it or upgrade rr_alloc"
+        )
     if head == "unit":
         return f"{where} has unit {d.get('unit')!r}, expected {UNIT!r}"
     if head == "mask_rule":

@@ -19,17 +19,27 @@ _TEXT = {"type": "string", "pattern": "^[^\\u0000-\\u001f\\u007f\\u2028\\u2029]*
 _OPT_TEXT = {"anyOf": [_TEXT, {"type": "null"}]}
 _FRACTION = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
 _OPT_NUMBER = {"type": ["number", "null"]}
-_METRICS = {"type": "object", "properties": {
-    "split": _TEXT, "n": {"type": "integer", "minimum": 0}, "repair": _TEXT,
-    "top1": _OPT_NUMBER, "agreement": _OPT_NUMBER, "kl": _OPT_NUMBER, "dense_top1": _OPT_NUMBER,
-    "achieved_sparsity": _OPT_NUMBER, "allocator": _TEXT}}
+_METRICS = {
+    "type": "object",
+    "properties": {
+        "split": _TEXT,
+        "n": {"type": "integer", "minimum": 0},
+        "repair": _TEXT,
+        "top1": _OPT_NUMBER,
+        "agreement": _OPT_NUMBER,
+        "kl": _OPT_NUMBER,
+        "dense_top1": _OPT_NUMBER,
+        "achieved_sparsity": _OPT_NUMBER,
+        "allocator": _TEXT,
+    },
+}
 
 PLAN_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "rr_alloc per-layer sparsity plan",
     "description": "Per-layer pruned counts and everything needed to rebuild and verify them. sparsity = "
-                   "n_pruned / n_weights (fraction of each layer's weights). Version 2 adds mask_rule 'obs' "
-                   "(masks chosen by the repair, reproduced only by rr_alloc) and N:M patterns.",
+    "n_pruned / n_weights (fraction of each layer's weights). Version 2 adds mask_rule 'obs' "
+    "(masks chosen by the repair, reproduced only by rr_alloc) and N:M patterns.",
     "type": "object",
     "required": ["schema", "version", "unit", "budget", "allocator", "repair", "layers"],
     "properties": {
@@ -43,41 +53,79 @@ PLAN_SCHEMA: dict[str, Any] = {
         "achieved_sparsity": {"anyOf": [_FRACTION, {"type": "null"}]},
         "allocator": _TEXT,
         "repair": _TEXT,
-        "layers": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["name", "sparsity", "n_weights", "shape"],
+        "layers": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "sparsity", "n_weights", "shape"],
+                "properties": {
+                    "name": {**_TEXT, "minLength": 1},
+                    "sparsity": _FRACTION,
+                    "n_pruned": {"type": "integer", "minimum": 0},
+                    "n_weights": {"type": "integer", "minimum": 1},
+                    "shape": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1}},
+                },
+            },
+        },
+        "source": {
+            "type": "object",
             "properties": {
-                "name": {**_TEXT, "minLength": 1},
-                "sparsity": _FRACTION,
-                "n_pruned": {"type": "integer", "minimum": 0},
-                "n_weights": {"type": "integer", "minimum": 1},
-                "shape": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1}}}}},
-        "source": {"type": "object", "properties": {
-            "model": _TEXT, "num_classes": {"type": ["integer", "null"], "minimum": 1},
-            "pretrained": {"type": "boolean"}, "checkpoint": _OPT_TEXT,
-            "checkpoint_sha256": {"anyOf": [{"type": "string", "pattern": "^[0-9a-f]{64}$"}, {"type": "null"}]},
-            "model_fingerprint": _OPT_TEXT,
-            "include": {"type": "array", "items": _TEXT}, "exclude": {"type": "array", "items": _TEXT},
-            "batch_size": {"type": "integer", "minimum": 1},
-            "data": {"type": "object", "properties": {
-                "kind": _TEXT, "train": _OPT_TEXT, "test": _OPT_TEXT,
-                "transform": {"type": ["object", "null"]},
-                "calib_size": {"type": "integer", "minimum": 1},
+                "model": _TEXT,
+                "num_classes": {"type": ["integer", "null"], "minimum": 1},
+                "pretrained": {"type": "boolean"},
+                "checkpoint": _OPT_TEXT,
+                "checkpoint_sha256": {"anyOf": [{"type": "string", "pattern": "^[0-9a-f]{64}$"}, {"type": "null"}]},
+                "model_fingerprint": _OPT_TEXT,
+                "include": {"type": "array", "items": _TEXT},
+                "exclude": {"type": "array", "items": _TEXT},
+                "batch_size": {"type": "integer", "minimum": 1},
+                "data": {
+                    "type": "object",
+                    "properties": {
+                        "kind": _TEXT,
+                        "train": _OPT_TEXT,
+                        "test": _OPT_TEXT,
+                        "transform": {"type": ["object", "null"]},
+                        "calib_size": {"type": "integer", "minimum": 1},
+                        "selection_size": {"type": "integer", "minimum": 0},
+                        "validation_size": {"type": "integer", "minimum": 0},
+                        "eval_size": {"type": ["integer", "null"], "minimum": 1},
+                        "seed": {"type": "integer"},
+                        "download": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+        "calibration": {
+            "type": "object",
+            "properties": {
+                "size": {"type": "integer", "minimum": 0},
                 "selection_size": {"type": "integer", "minimum": 0},
                 "validation_size": {"type": "integer", "minimum": 0},
-                "eval_size": {"type": ["integer", "null"], "minimum": 1},
-                "seed": {"type": "integer"}, "download": {"type": "boolean"}}}}},
-        "calibration": {"type": "object", "properties": {
-            "size": {"type": "integer", "minimum": 0}, "selection_size": {"type": "integer", "minimum": 0},
-            "validation_size": {"type": "integer", "minimum": 0}, "seed": {"type": "integer"}}},
-        "profile": {"type": "object", "properties": {
-            # a non-finite value is written as null (never bare NaN): still a readable plan
-            "grid": {"type": "array", "items": {"anyOf": [_FRACTION, {"type": "null"}]}}, "s_max": _FRACTION}},
+                "seed": {"type": "integer"},
+            },
+        },
+        "profile": {
+            "type": "object",
+            "properties": {
+                # a non-finite value is written as null (never bare NaN): still a readable plan
+                "grid": {"type": "array", "items": {"anyOf": [_FRACTION, {"type": "null"}]}},
+                "s_max": _FRACTION,
+            },
+        },
         "verify": {**_METRICS, "properties": {**_METRICS["properties"], "reference": _METRICS}},
-        "search": {"type": "object", "description": "provenance of a searched plan: optimiser, trials, best "
-                   "selection and validation scores, global magnitude's scores, whether the fallback fired",
-                   "properties": {"optimizer": _TEXT, "trials": {"type": "integer", "minimum": 0},
-                                  "fallback": {"type": ["boolean", "null"]},
-                                  "validation_size": {"type": "integer", "minimum": 0}}},
+        "search": {
+            "type": "object",
+            "description": "provenance of a searched plan: optimiser, trials, best "
+            "selection and validation scores, global magnitude's scores, whether the fallback fired",
+            "properties": {
+                "optimizer": _TEXT,
+                "trials": {"type": "integer", "minimum": 0},
+                "fallback": {"type": ["boolean", "null"]},
+                "validation_size": {"type": "integer", "minimum": 0},
+            },
+        },
         "tool": {"type": "object", "properties": {"name": _TEXT, "version": _TEXT}},
         "created": {"type": "string"},
     },
@@ -93,8 +141,10 @@ class Violation:
     message: str
 
     def __str__(self) -> str:
-        where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p)
-                        for i, p in enumerate(self.path)) or "(top level)"
+        where = (
+            "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(self.path))
+            or "(top level)"
+        )
         return f"{where}: {self.message}"
 
 
@@ -103,8 +153,10 @@ def schema_violations(doc: Any) -> list[Violation]:
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(PLAN_SCHEMA)
-    found = [Violation(tuple(e.absolute_path), str(e.validator), e.message.splitlines()[0][:200])
-             for e in validator.iter_errors(doc)]
+    found = [
+        Violation(tuple(e.absolute_path), str(e.validator), e.message.splitlines()[0][:200])
+        for e in validator.iter_errors(doc)
+    ]
     return sorted(found, key=lambda v: list(map(str, v.path)))
 
 

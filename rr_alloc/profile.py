@@ -21,8 +21,9 @@ closed-form residual of the re-fit per grid sparsity (``lsq_residuals``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,12 +36,27 @@ from .hooks import forward_hooks
 from .layers import LayerInfo, prunable_layers
 from .pruning import magnitude_order, n_pruned
 from .repair.reconstruct import bias_targets
-from .repair.refit import (DEFAULT_DAMP, GramStats, damping, input_patches, keep_rows, lsq_residuals,
-                           unsupported_reason, weight_rows)
+from .repair.refit import (
+    DEFAULT_DAMP,
+    GramStats,
+    damping,
+    input_patches,
+    keep_rows,
+    lsq_residuals,
+    unsupported_reason,
+    weight_rows,
+)
 from .stats import as_bcx, distortions
 
-__all__ = ["DEFAULT_GRID", "RRProfile", "profile_rr", "removed_weight_stack", "probe_weights", "GramMoments",
-           "validate_grid"]
+__all__ = [
+    "DEFAULT_GRID",
+    "RRProfile",
+    "profile_rr",
+    "removed_weight_stack",
+    "probe_weights",
+    "GramMoments",
+    "validate_grid",
+]
 
 DEFAULT_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
@@ -81,23 +97,43 @@ class RRProfile:
         rr = self.rr
         for i, l in enumerate(self.layers):
             for j, s in enumerate(self.grid):
-                rows.append({"layer": l.name, "n_weights": l.n_weights, "sparsity": float(s),
-                             "d_raw": float(self.d_raw[i, j]), "d_res": float(self.d_res[i, j]),
-                             "rr": float(rr[i, j])})
+                rows.append(
+                    {
+                        "layer": l.name,
+                        "n_weights": l.n_weights,
+                        "sparsity": float(s),
+                        "d_raw": float(self.d_raw[i, j]),
+                        "d_res": float(self.d_res[i, j]),
+                        "rr": float(rr[i, j]),
+                    }
+                )
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": [{"name": l.name, "shape": list(l.shape), "n_weights": l.n_weights,
-                            "kind": l.kind, "groups": l.groups} for l in self.layers],
-                "grid": self.grid.tolist(), "d_raw": self.d_raw.tolist(), "d_res": self.d_res.tolist(),
-                "meta": self.meta}
+        return {
+            "layers": [
+                {"name": l.name, "shape": list(l.shape), "n_weights": l.n_weights, "kind": l.kind, "groups": l.groups}
+                for l in self.layers
+            ],
+            "grid": self.grid.tolist(),
+            "d_raw": self.d_raw.tolist(),
+            "d_res": self.d_res.tolist(),
+            "meta": self.meta,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RRProfile":
-        layers = [LayerInfo(l["name"], tuple(l["shape"]), int(l["n_weights"]), l["kind"], int(l["groups"]))
-                  for l in d["layers"]]
-        return cls(layers, np.asarray(d["grid"], float), np.asarray(d["d_raw"], float),
-                   np.asarray(d["d_res"], float), dict(d.get("meta", {})))
+        layers = [
+            LayerInfo(l["name"], tuple(l["shape"]), int(l["n_weights"]), l["kind"], int(l["groups"]))
+            for l in d["layers"]
+        ]
+        return cls(
+            layers,
+            np.asarray(d["grid"], float),
+            np.asarray(d["d_raw"], float),
+            np.asarray(d["d_res"], float),
+            dict(d.get("meta", {})),
+        )
 
 
 def validate_grid(grid: Sequence[float], s_max: float) -> np.ndarray:
@@ -108,8 +144,7 @@ def validate_grid(grid: Sequence[float], s_max: float) -> np.ndarray:
     if not 0 < s_max < 1:
         raise UserError(f"--s-max must lie in (0, 1), got {s_max}")
     if g[-1] < s_max - 1e-12:
-        raise UserError(f"the grid tops out at {g[-1]} below --s-max {s_max}: "
-                        f"add {s_max} to --grid or lower --s-max")
+        raise UserError(f"the grid tops out at {g[-1]} below --s-max {s_max}: add {s_max} to --grid or lower --s-max")
     return g
 
 
@@ -119,7 +154,7 @@ def removed_weight_stack(weight: torch.Tensor, grid: Sequence[float]) -> torch.T
     flat = weight.detach().flatten()
     out = torch.zeros((len(grid), flat.numel()), dtype=weight.dtype, device=weight.device)
     for j, s in enumerate(grid):
-        idx = order[:n_pruned(s, flat.numel())]
+        idx = order[: n_pruned(s, flat.numel())]
         out[j, idx] = flat[idx]
     return out.view(len(grid), *weight.shape)
 
@@ -167,12 +202,16 @@ class GramMoments:
 
     def moments(self) -> dict[str, torch.Tensor]:
         """``mu_d, v_d`` (C,) and ``mu_e, v_e, c_de`` (G, C), float64 population moments."""
-        m = self.s1 / self.n                                   # (C, K)
+        m = self.s1 / self.n  # (C, K)
         cov = self.gram / self.n - m[:, :, None] * m[:, None, :]  # (C, K, K)
         diag = torch.diagonal(cov, dim1=1, dim2=2)
-        return {"mu_d": m[:, 0] + self.shift.double(), "v_d": diag[:, 0].clamp_min(0.0),
-                "mu_e": m[:, 1:].T.contiguous(), "v_e": diag[:, 1:].T.clamp_min(0.0).contiguous(),
-                "c_de": cov[:, 1:, 0].T.contiguous()}
+        return {
+            "mu_d": m[:, 0] + self.shift.double(),
+            "v_d": diag[:, 0].clamp_min(0.0),
+            "mu_e": m[:, 1:].T.contiguous(),
+            "v_e": diag[:, 1:].T.clamp_min(0.0).contiguous(),
+            "c_de": cov[:, 1:, 0].T.contiguous(),
+        }
 
 
 def _probe(layer: nn.Module, x: torch.Tensor, stack: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -205,8 +244,12 @@ def _fuses_bias(x: torch.Tensor) -> bool:
     return not x.is_cuda
 
 
-def _probe_hooks(layers: list[LayerInfo], stacks: dict[str, torch.Tensor], acc: dict[str, GramMoments],
-                 grams: dict[str, Any] | None = None) -> dict[str, Any]:
+def _probe_hooks(
+    layers: list[LayerInfo],
+    stacks: dict[str, torch.Tensor],
+    acc: dict[str, GramMoments],
+    grams: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The profiling forward hook of each layer (registered by ``forward_hooks``)."""
     biases: dict[str, torch.Tensor] = {}  # per probe row: dense row b - shift, error rows 0 (the bias cancels)
 
@@ -224,6 +267,7 @@ def _probe_hooks(layers: list[LayerInfo], stacks: dict[str, torch.Tensor], acc: 
             a.add_batch(_probe(mod, inputs[0], stacks[name], biases[name]))
             if grams is not None and name in grams:
                 grams[name].add(input_patches(mod, inputs[0]))
+
         return hook
 
     return {l.name: make_hook(l.name) for l in layers}
@@ -232,11 +276,19 @@ def _probe_hooks(layers: list[LayerInfo], stacks: dict[str, torch.Tensor], acc: 
 PROFILE_REPAIRS = ("channel", "lsq")
 
 
-def profile_rr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
-               grid: Sequence[float] = DEFAULT_GRID, layers: list[LayerInfo] | None = None,
-               lam: str | float = "mean", mean_shift: bool = True,
-               device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-               progress: bool = False, profile_repair: str = "channel", damp: float = DEFAULT_DAMP) -> RRProfile:
+def profile_rr(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, Any]],
+    grid: Sequence[float] = DEFAULT_GRID,
+    layers: list[LayerInfo] | None = None,
+    lam: str | float = "mean",
+    mean_shift: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    profile_repair: str = "channel",
+    damp: float = DEFAULT_DAMP,
+) -> RRProfile:
     """Measure ``D_raw``, ``D_res`` (layer-local, after the profile repair) and ``RR`` in one pass.
 
     ``profile_repair``: ``channel`` (ASR at the layer output) or ``lsq`` (least-squares re-fit of the
@@ -259,14 +311,42 @@ def profile_rr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
     grams = None
     if profile_repair == "lsq":
         targets = bias_targets(model)
-        grams = {l.name: GramStats(targets.get(l.name) is not None) for l in layers
-                 if unsupported_reason(model.get_submodule(l.name)) is None}
+        grams = {
+            l.name: GramStats(targets.get(l.name) is not None)
+            for l in layers
+            if unsupported_reason(model.get_submodule(l.name)) is None
+        }
     n_images = 0
     with torch.inference_mode(), forward_hooks(model, _probe_hooks(layers, stacks, acc, grams)):
         for x, _ in tqdm(batches, desc="RR profile", leave=False, disable=not progress):
             x = x.to(device=device, dtype=dtype or x.dtype, non_blocking=True)
             model(x)
             n_images += x.shape[0]
+    d_raw, d_res = _distortions(model, layers, grid, acc, grams, lam, mean_shift, damp)
+    meta = {
+        "n_images": n_images,
+        "lambda": lam,
+        "mean_shift": mean_shift,
+        "profile_repair": "asr (layer output, mean shift)" if mean_shift else "asr (layer output)",
+    }
+    if grams is not None:
+        meta["profile_repair"] = (
+            f"lsq (damp={damp:g}; others channel-wise)" if len(grams) < len(layers) else f"lsq (damp={damp:g})"
+        )
+    return RRProfile(layers, np.asarray(grid), d_raw, d_res, meta)
+
+
+def _distortions(
+    model: nn.Module,
+    layers: list[LayerInfo],
+    grid: list[float],
+    acc: dict[str, GramMoments],
+    grams: dict[str, GramStats] | None,
+    lam: str | float,
+    mean_shift: bool,
+    damp: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``D_raw`` and ``D_res`` (layers x grid) from the accumulated moments (and Gram statistics for lsq)."""
     d_raw = np.zeros((len(layers), len(grid)))
     d_res = np.zeros_like(d_raw)
     for i, l in enumerate(layers):
@@ -274,14 +354,8 @@ def profile_rr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
         raw, res = distortions(mom, lam=lam, mean_shift=mean_shift)
         d_raw[i], d_res[i] = raw.cpu().numpy(), res.cpu().numpy()
         if grams is not None and l.name in grams:
-            d_res[i] = _lsq_d_res(model.get_submodule(l.name), grams[l.name], grid, damp,
-                                  float(mom["v_d"].sum()))
-    meta = {"n_images": n_images, "lambda": lam, "mean_shift": mean_shift,
-            "profile_repair": "asr (layer output, mean shift)" if mean_shift else "asr (layer output)"}
-    if grams is not None:
-        meta["profile_repair"] = f"lsq (damp={damp:g}; others channel-wise)" if len(grams) < len(layers) \
-            else f"lsq (damp={damp:g})"
-    return RRProfile(layers, np.asarray(grid), d_raw, d_res, meta)
+            d_res[i] = _lsq_d_res(model.get_submodule(l.name), grams[l.name], grid, damp, float(mom["v_d"].sum()))
+    return d_raw, d_res
 
 
 def _lsq_d_res(layer: nn.Module, gram: GramStats, grid: Sequence[float], damp: float, v_d_sum: float) -> np.ndarray:
@@ -294,7 +368,7 @@ def _lsq_d_res(layer: nn.Module, gram: GramStats, grid: Sequence[float], damp: f
     out = np.zeros(len(grid))
     for j, s in enumerate(grid):
         keep = torch.ones(layer.weight.numel(), dtype=torch.bool, device=w.device)
-        keep[order[:n_pruned(s, keep.numel())]] = False
+        keep[order[: n_pruned(s, keep.numel())]] = False
         keep = keep_rows(keep.view(w.shape[0], d), gram.with_const)
         e = lsq_residuals(H, w, keep, lam).sum().clamp_min(0.0)
         out[j] = float(e) / gram.n / max(v_d_sum, 1e-300)

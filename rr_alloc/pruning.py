@@ -15,8 +15,18 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["Pruning", "n_pruned", "magnitude_order", "magnitude_mask", "nm_mask", "nm_masks", "parse_pattern", "apply_masks",
-           "masks_for_plan", "plan_masks"]
+__all__ = [
+    "Pruning",
+    "n_pruned",
+    "magnitude_order",
+    "magnitude_mask",
+    "nm_mask",
+    "nm_masks",
+    "parse_pattern",
+    "apply_masks",
+    "masks_for_plan",
+    "plan_masks",
+]
 
 
 def n_pruned(sparsity: float, n: int) -> int:
@@ -87,8 +97,9 @@ class Pruning:
     masks: Mapping[str, torch.Tensor] | None = None
 
     @classmethod
-    def of(cls, value: "Pruning | Mapping[str, int] | Mapping[str, torch.Tensor]",
-           nm: tuple[int, int] | None = None) -> "Pruning":
+    def of(
+        cls, value: "Pruning | Mapping[str, int] | Mapping[str, torch.Tensor]", nm: tuple[int, int] | None = None
+    ) -> "Pruning":
         """A ``Pruning`` from itself, per-layer counts, or keep-masks (``nm``: the pattern the masks follow)."""
         if isinstance(value, Pruning):
             return value
@@ -113,8 +124,9 @@ class Pruning:
         return {n: int((~masks[n]).sum()) if n in masks else 0 for n in names}
 
 
-def plan_masks(model: nn.Module, counts: Mapping[str, int], nm: tuple[int, int] | None = None
-               ) -> dict[str, torch.Tensor]:
+def plan_masks(
+    model: nn.Module, counts: Mapping[str, int], nm: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
     """Magnitude keep-masks of a plan: layer-local ``counts``, or N:M groups for an N:M plan."""
     if nm is not None:
         return nm_masks(model, list(counts), *nm)

@@ -18,7 +18,15 @@ from .plan import Plan
 from .pruning import apply_masks, plan_masks
 from .workbench import Workbench
 
-__all__ = ["config_from_plan", "is_code_spec", "check_plan_model", "check_checkpoint_hash", "model_from_plan", "workbench_for_plan", "apply_plan"]
+__all__ = [
+    "config_from_plan",
+    "is_code_spec",
+    "check_plan_model",
+    "check_checkpoint_hash",
+    "model_from_plan",
+    "workbench_for_plan",
+    "apply_plan",
+]
 
 
 def config_from_plan(plan: Plan) -> dict[str, Any]:
@@ -27,15 +35,28 @@ def config_from_plan(plan: Plan) -> dict[str, Any]:
     if not src:
         raise UserError("the plan has no source block: pass --model/--dataset flags to rebuild its model")
     data = src.get("data", {})
-    kw = {"model": src.get("model"), "checkpoint": src.get("checkpoint"), "num_classes": src.get("num_classes"),
-          "pretrained": bool(src.get("pretrained", False)), "dataset": data.get("kind"),
-          "train_data": data.get("train"), "test_data": data.get("test"), "transform": data.get("transform"),
-          "calib_size": data.get("calib_size"), "selection_size": data.get("selection_size"),
-          "validation_size": data.get("validation_size", 0),
-          "eval_size": data.get("eval_size"), "seed": data.get("seed", 0), "download": data.get("download", False),
-          "include": tuple(src.get("include", ())), "exclude": tuple(src.get("exclude", ())),
-          "batch_size": src.get("batch_size", 256), "repair": plan.repair, "unit": plan.budget_unit,
-          "pattern": plan.pattern}
+    kw = {
+        "model": src.get("model"),
+        "checkpoint": src.get("checkpoint"),
+        "num_classes": src.get("num_classes"),
+        "pretrained": bool(src.get("pretrained", False)),
+        "dataset": data.get("kind"),
+        "train_data": data.get("train"),
+        "test_data": data.get("test"),
+        "transform": data.get("transform"),
+        "calib_size": data.get("calib_size"),
+        "selection_size": data.get("selection_size"),
+        "validation_size": data.get("validation_size", 0),
+        "eval_size": data.get("eval_size"),
+        "seed": data.get("seed", 0),
+        "download": data.get("download", False),
+        "include": tuple(src.get("include", ())),
+        "exclude": tuple(src.get("exclude", ())),
+        "batch_size": src.get("batch_size", 256),
+        "repair": plan.repair,
+        "unit": plan.budget_unit,
+        "pattern": plan.pattern,
+    }
     if plan.profile.get("grid"):
         kw["grid"] = tuple(plan.profile["grid"])
         kw["s_max"] = plan.profile.get("s_max", 0.99)
@@ -58,8 +79,10 @@ def check_plan_model(plan: Plan, cfg_model: str, cli_model: str | None, trust: b
         return
     if cli_model == src_model:
         return
-    raise UserError(f"the plan's model {src_model!r} is code (package.module:factory) that the plan alone cannot "
-                    f"make rr_alloc import: pass --model {src_model} if you trust it (or --trust-plan-model)")
+    raise UserError(
+        f"the plan's model {src_model!r} is code (package.module:factory) that the plan alone cannot "
+        f"make rr_alloc import: pass --model {src_model} if you trust it (or --trust-plan-model)"
+    )
 
 
 def check_checkpoint_hash(plan: Plan) -> None:
@@ -69,8 +92,10 @@ def check_checkpoint_hash(plan: Plan) -> None:
         if not Path(ck).is_file():
             raise UserError(f"the plan's checkpoint {ck} does not exist: pass --checkpoint with its new location")
         if sha256_file(ck) != want:
-            raise UserError(f"checkpoint {ck} changed since the plan was made (SHA-256 differs): "
-                            "re-run search on the new checkpoint")
+            raise UserError(
+                f"checkpoint {ck} changed since the plan was made (SHA-256 differs): "
+                "re-run search on the new checkpoint"
+            )
 
 
 def model_from_plan(plan: Plan, cfg: RunConfig) -> nn.Module:
@@ -95,8 +120,10 @@ def workbench_for_plan(plan: Plan, cfg: RunConfig, progress: bool = True) -> Wor
     wb = Workbench(cfg, progress=progress)
     plan.check_model(wb.dense)
     if {l.name for l in wb.layers} != {l.name for l in plan.layers}:
-        raise UserError("the plan's layers differ from the model's prunable layers: use the plan's "
-                        "--include/--exclude or regenerate the plan")
+        raise UserError(
+            "the plan's layers differ from the model's prunable layers: use the plan's "
+            "--include/--exclude or regenerate the plan"
+        )
     return wb
 
 

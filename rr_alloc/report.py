@@ -12,12 +12,20 @@ from .io_utils import atomic_path, write_text_atomic
 from .plan import Plan
 from .profile import RRProfile
 
-__all__ = ["layer_table", "write_profile_csv", "plot_rr_curves", "save_figure", "write_frame_csv", "search_lines",
-           "plot_search_progress"]
+__all__ = [
+    "layer_table",
+    "write_profile_csv",
+    "plot_rr_curves",
+    "save_figure",
+    "write_frame_csv",
+    "search_lines",
+    "plot_search_progress",
+]
 
 
-def layer_table(plan: Plan, profile: RRProfile | None = None,
-                others: dict[str, dict[str, int]] | None = None) -> pd.DataFrame:
+def layer_table(
+    plan: Plan, profile: RRProfile | None = None, others: dict[str, dict[str, int]] | None = None
+) -> pd.DataFrame:
     """Per-layer sparsity of ``plan`` (and of other plans by name), with the RR at that sparsity."""
     rows = []
     rr_grid, rr_vals = profile.curve("rr") if profile is not None else (None, None)
@@ -48,8 +56,9 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
-def plot_rr_curves(profile: RRProfile, path: str | Path, plan_sparsity: dict[str, float] | None = None,
-                   title: str = "") -> Path:
+def plot_rr_curves(
+    profile: RRProfile, path: str | Path, plan_sparsity: dict[str, float] | None = None, title: str = ""
+) -> Path:
     """Two panels per model: RR(s) and D_res(s) for every layer; markers at the plan's sparsities."""
     import matplotlib
 
@@ -68,8 +77,12 @@ def plot_rr_curves(profile: RRProfile, path: str | Path, plan_sparsity: dict[str
             g, v = profile.curve("d_res")
             axes[1].plot([s], [np.interp(s, g, v[i])], "x", color=color, ms=8)
     axes[0].set(xlabel="layer sparsity", ylabel="RR = D_res / D_raw", title="Relative Repairability")
-    axes[1].set(xlabel="layer sparsity", ylabel="D_res (relative)", yscale="log",
-                title="Residual distortion after ASR" + (" (x = plan)" if plan_sparsity else ""))
+    axes[1].set(
+        xlabel="layer sparsity",
+        ylabel="D_res (relative)",
+        yscale="log",
+        title="Residual distortion after ASR" + (" (x = plan)" if plan_sparsity else ""),
+    )
     if L <= 40:
         axes[1].legend(fontsize=6, ncol=2 if L > 12 else 1, loc="lower right")
     if title:
@@ -86,18 +99,26 @@ def search_lines(info: dict) -> list[str]:
     opt = info.get("optimizer")
     if info.get("guidance"):
         opt += f" (guidance {info['guidance']}, screen {info.get('screen_size')} images)"
-    lines = [f"search: {opt}, {info.get('trials')} trials ({info.get('pruned', 0)} screened out) in "
-             f"{info.get('seconds', 0):.0f}s; {info.get('objective')} after {info.get('repair')} on "
-             f"{info.get('selection_size')} selection images: best {info.get('best_selection', float('nan')):.4f}, global magnitude "
-             f"{info.get('global_selection', float('nan')):.4f}"]
+    lines = [
+        f"search: {opt}, {info.get('trials')} trials ({info.get('pruned', 0)} screened out) in "
+        f"{info.get('seconds', 0):.0f}s; {info.get('objective')} after {info.get('repair')} on "
+        f"{info.get('selection_size')} selection images: best {info.get('best_selection', float('nan')):.4f}, "
+        "global magnitude "
+        f"{info.get('global_selection', float('nan')):.4f}"
+    ]
     if info.get("fallback") is None:
         lines.append("validation: none (--validation-size 0): the searched plan is returned unchecked")
     elif "validation" in info:
-        verdict = ("fallback: global magnitude returned (the search did not beat it on validation images)"
-                   if info["fallback"] else "searched plan kept (beats global magnitude on validation images)")
-        lines.append(f"validation ({info['validation_size']} images): {info['validation']:.4f} vs global "
-                     f"{info['global_validation']:.4f}, paired difference {info['validation_diff']:+.4f} "
-                     f"(one-sided 95% bound {info['validation_bound']:+.4f}); {verdict}")
+        verdict = (
+            "fallback: global magnitude returned (the search did not beat it on validation images)"
+            if info["fallback"]
+            else "searched plan kept (beats global magnitude on validation images)"
+        )
+        lines.append(
+            f"validation ({info['validation_size']} images): {info['validation']:.4f} vs global "
+            f"{info['global_validation']:.4f}, paired difference {info['validation_diff']:+.4f} "
+            f"(one-sided 95% bound {info['validation_bound']:+.4f}); {verdict}"
+        )
     else:
         lines.append(f"validation ({info['validation_size']} images): fallback False ({info.get('note', '')})")
     return lines
@@ -119,8 +140,7 @@ def plot_search_progress(trials: Sequence, global_value: float | None, path: str
     screened = [t.number for t in trials if t.value is None and t.user_attrs.get("screen") is not None]
     if screened:
         ax.plot(np.array(screened) + 1, np.full(len(screened), np.nan))  # keeps the x range honest
-        ax.text(0.99, 0.98, f"{len(screened)} screened out", transform=ax.transAxes, ha="right", va="top",
-                fontsize=8)
+        ax.text(0.99, 0.98, f"{len(screened)} screened out", transform=ax.transAxes, ha="right", va="top", fontsize=8)
     if global_value is not None:
         ax.axhline(global_value, color="k", ls="--", lw=0.8, label="global magnitude")
     ax.set(xlabel="trial", ylabel="selection loss", title=title)

@@ -12,20 +12,44 @@ from .workbench import Workbench
 __all__ = ["search", "verify_block"]
 
 
-def verify_block(wb: Workbench, m: Metrics, ref: Metrics | None, ref_name: str, ref_sparsity: float | None,
-                 repair: str, split: str = "test") -> dict[str, Any]:
+def verify_block(
+    wb: Workbench,
+    m: Metrics,
+    ref: Metrics | None,
+    ref_name: str,
+    ref_sparsity: float | None,
+    repair: str,
+    split: str = "test",
+) -> dict[str, Any]:
     """The plan's ``verify`` block: its metrics, the dense top-1 and the reference plan's metrics."""
     dense = wb.dense_metrics(split)
-    block = {"split": split, "n": m.n, "repair": repair, "top1": m.top1, "agreement": m.agreement, "kl": m.kl,
-             "dense_top1": dense.top1}
+    block = {
+        "split": split,
+        "n": m.n,
+        "repair": repair,
+        "top1": m.top1,
+        "agreement": m.agreement,
+        "kl": m.kl,
+        "dense_top1": dense.top1,
+    }
     if ref is not None:
-        block["reference"] = {"allocator": ref_name, "top1": ref.top1, "agreement": ref.agreement, "kl": ref.kl,
-                              "achieved_sparsity": ref_sparsity}
+        block["reference"] = {
+            "allocator": ref_name,
+            "top1": ref.top1,
+            "agreement": ref.agreement,
+            "kl": ref.kl,
+            "achieved_sparsity": ref_sparsity,
+        }
     return block
 
 
-def search(cfg: RunConfig, budget: float | None = None, verify: bool = True, workbench: Workbench | None = None,
-           progress: bool = False) -> tuple[Plan, Workbench]:
+def search(
+    cfg: RunConfig,
+    budget: float | None = None,
+    verify: bool = True,
+    workbench: Workbench | None = None,
+    progress: bool = False,
+) -> tuple[Plan, Workbench]:
     """Allocate ``budget`` with ``cfg.allocator`` (or prune by ``cfg.pattern``) and, optionally, verify.
 
     Returns the plan (with its verify block on the test split) and the workbench, whose

@@ -46,6 +46,5 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # trim threshold first: with it at 2x the mmap threshold freed heap tops are kept, not returned
-    _applied = bool(mallopt(_M_TRIM_THRESHOLD, min(2 * threshold, 2**31 - 1))
-                    and mallopt(_M_MMAP_THRESHOLD, threshold))
+    _applied = bool(mallopt(_M_TRIM_THRESHOLD, min(2 * threshold, 2**31 - 1)) and mallopt(_M_MMAP_THRESHOLD, threshold))
     return _applied

@@ -38,9 +38,9 @@ class SearchProvenance:
     guidance: str | None
     objective: str
     repair: str
-    trials: int            # evaluated trials: completed, or screened out by evo
+    trials: int  # evaluated trials: completed, or screened out by evo
     complete: int
-    pruned: int            # screened out (trials stopped by --total-trials not counted)
+    pruned: int  # screened out (trials stopped by --total-trials not counted)
     screen_size: int | None
     study_name: str | None
     best_selection: float | None
@@ -75,10 +75,15 @@ def study_key(experiment: Experiment, budget: float) -> str:
     whose data sit under other mount points share the study; any change starts a new one.
     """
     cfg = experiment.cfg
-    parts = {"model": fingerprint_model(experiment.dense), "calib": fingerprint_tensor(experiment.splits.calib.x),
-             "selection": fingerprint_tensor(experiment.splits.selection.x), "budget": float(budget),
-             "repair": cfg.loop_repair, "layers": [layer.name for layer in experiment.layers],
-             **study_key_fields(cfg)}
+    parts = {
+        "model": fingerprint_model(experiment.dense),
+        "calib": fingerprint_tensor(experiment.splits.calib.x),
+        "selection": fingerprint_tensor(experiment.splits.selection.x),
+        "budget": float(budget),
+        "repair": cfg.loop_repair,
+        "layers": [layer.name for layer in experiment.layers],
+        **study_key_fields(cfg),
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -113,11 +118,20 @@ class SearchRunner:
         key = study_key(self.experiment, budget)
         name = cfg.study_name or f"rr_alloc-{key}"
         optuna.logging.set_verbosity(logging.WARNING)
-        study, created = open_study(name, storage, space.make_sampler, problem.seed, space.enqueue,
-                                    load_only=settings.n_trials == 0)
-        check_study_matches(study, created, {"budget": float(budget), "unit": problem.unit,
-                                             "optimizer": cfg.optimizer, "layers": list(problem.names),
-                                             "settings": key})
+        study, created = open_study(
+            name, storage, space.make_sampler, problem.seed, space.enqueue, load_only=settings.n_trials == 0
+        )
+        check_study_matches(
+            study,
+            created,
+            {
+                "budget": float(budget),
+                "unit": problem.unit,
+                "optimizer": cfg.optimizer,
+                "layers": list(problem.names),
+                "settings": key,
+            },
+        )
         bar, callbacks = self._progress_bar(cfg)
         try:
             optimize(study, space.objective, settings, callbacks=callbacks)
@@ -144,8 +158,15 @@ class SearchRunner:
 
         return bar, [update]
 
-    def validate(self, counts: dict[str, int], glob: dict[str, int], budget: float, study: Any,
-                 scorer: SelectionScorer, seconds: float) -> dict[str, int]:
+    def validate(
+        self,
+        counts: dict[str, int],
+        glob: dict[str, int],
+        budget: float,
+        study: Any,
+        scorer: SelectionScorer,
+        seconds: float,
+    ) -> dict[str, int]:
         """Keep a searched plan only when it beats global magnitude ``glob`` on the validation split.
 
         The paired per-image loss difference (search - global) must have a one-sided 95% upper bound below 0;
@@ -161,13 +182,20 @@ class SearchRunner:
         best = min(done, key=lambda t: t.value) if done else None
         evo = cfg.optimizer == "evo"
         prov = SearchProvenance(
-            optimizer=cfg.optimizer, guidance=cfg.guidance if evo else None, objective=cfg.objective,
-            repair=cfg.loop_repair, trials=len(trials), complete=len(done), pruned=len(trials) - len(done),
+            optimizer=cfg.optimizer,
+            guidance=cfg.guidance if evo else None,
+            objective=cfg.objective,
+            repair=cfg.loop_repair,
+            trials=len(trials),
+            complete=len(done),
+            pruned=len(trials) - len(done),
             screen_size=scorer.screen_size if evo else None,
             study_name=study.study_name if study is not None else None,
             best_selection=best.value if best else None,
             global_selection=anchor.value if anchor else scorer(glob),
-            selection_size=splits.selection.n, seconds=round(seconds, 1))
+            selection_size=splits.selection.n,
+            seconds=round(seconds, 1),
+        )
         val = splits.validation
         if val is None or val.n == 0:
             prov.validation_size = 0

@@ -23,8 +23,9 @@ __all__ = ["OBJECTIVES", "make_objective", "SelectionScorer", "per_image_losses"
 OBJECTIVES = ("kl", "agreement", "top1")
 
 
-def per_image_losses(logits: torch.Tensor, labels: torch.Tensor, dense_logits: torch.Tensor,
-                     objective: str) -> np.ndarray:
+def per_image_losses(
+    logits: torch.Tensor, labels: torch.Tensor, dense_logits: torch.Tensor, objective: str
+) -> np.ndarray:
     """Loss of each image: KL(p_dense || p_model), 1 - agreement with the dense top-1, or 1 - correct."""
     if objective == "kl":
         logp_d = F.log_softmax(dense_logits.double(), 1)
@@ -75,8 +76,8 @@ class SelectionScorer:
         n = exp.splits.selection.n
         self.screen_size = min(n, screen_size if screen_size else max(1, n // 4))
         order = np.random.default_rng(int(exp.cfg.seed)).permutation(n)
-        self.screen_idx = np.sort(order[:self.screen_size])
-        self.rest_idx = np.sort(order[self.screen_size:])
+        self.screen_idx = np.sort(order[: self.screen_size])
+        self.rest_idx = np.sort(order[self.screen_size :])
         self.evaluations = 0
 
     def _counts(self, counts: Any) -> dict[str, int]:
@@ -101,7 +102,7 @@ class SelectionScorer:
         try:
             with torch.inference_mode():
                 for i in range(0, len(x), bs):
-                    outs.append(model(x[i:i + bs].to(exp.device)).float().cpu())
+                    outs.append(model(x[i : i + bs].to(exp.device)).float().cpu())
         finally:
             model.train(was)
         logits = torch.cat(outs) if outs else torch.empty(0, dense.shape[1])
@@ -128,8 +129,11 @@ class SelectionScorer:
     def __call__(self, counts: Any) -> float:
         """Full-fidelity loss (every selection image)."""
         return self.score(counts).full
-def make_objective(source: Any, repair: str, objective: str = "kl",
-                   screen_size: int | None = None) -> Callable[[np.ndarray], float]:
+
+
+def make_objective(
+    source: Any, repair: str, objective: str = "kl", screen_size: int | None = None
+) -> Callable[[np.ndarray], float]:
     """Loss of per-layer counts (in layer order) on the selection split of an evaluator (or a workbench's).
 
     ``kl``: mean KL to the dense logits (label-free); ``agreement``: 1 - top-1 agreement with

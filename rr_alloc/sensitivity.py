@@ -24,8 +24,15 @@ __all__ = ["output_sensitivity"]
 
 
 @torch.no_grad()
-def output_sensitivity(model: nn.Module, layers: list[LayerInfo], batches, device: torch.device | str = "cpu",
-                       eps: float = 0.05, max_images: int = 256, seed: int = 0) -> np.ndarray:
+def output_sensitivity(
+    model: nn.Module,
+    layers: list[LayerInfo],
+    batches,
+    device: torch.device | str = "cpu",
+    eps: float = 0.05,
+    max_images: int = 256,
+    seed: int = 0,
+) -> np.ndarray:
     """``(L,)`` array of ``KL / eps`` per layer, normalised to mean 1."""
     xs = []
     n = 0

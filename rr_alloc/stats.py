@@ -10,12 +10,9 @@ Shapes: activations are viewed as ``(B, C, X)`` (batch, channel, positions).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-__all__ = ["as_bcx", "ChannelMoments", "lambda_for", "repair_gamma", "LAMBDA_RULES",
-           "distortions"]
+__all__ = ["as_bcx", "ChannelMoments", "lambda_for", "repair_gamma", "LAMBDA_RULES", "distortions"]
 
 LAMBDA_RULES = ("mean", "median")
 # variances at or below this fraction of the site's mean dense variance count as dead channels
@@ -29,8 +26,9 @@ def as_bcx(y: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     return y.reshape(y.shape[0], y.shape[1], -1)
 
 
-def _merge(n: int, mean: torch.Tensor, m2: torch.Tensor, nb: int, mean_b: torch.Tensor,
-           m2_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _merge(
+    n: int, mean: torch.Tensor, m2: torch.Tensor, nb: int, mean_b: torch.Tensor, m2_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chan et al.'s parallel update of (mean, sum of squared deviations); returns (mean, m2, delta)."""
     delta = mean_b - mean
     tot = n + nb
@@ -84,8 +82,7 @@ def lambda_for(v_p: torch.Tensor, rule: str | float = "mean") -> torch.Tensor:
     raise ValueError(f"unknown lambda rule {rule!r}; use one of {LAMBDA_RULES} or a number")
 
 
-def repair_gamma(v_d: torch.Tensor, v_p: torch.Tensor, method: str = "asr",
-                 lam: str | float = "mean") -> torch.Tensor:
+def repair_gamma(v_d: torch.Tensor, v_p: torch.Tensor, method: str = "asr", lam: str | float = "mean") -> torch.Tensor:
     """Per-channel scale for ``lw``, ``naive`` or ``asr`` repair (last axis = channels).
 
     ``asr``: ``s = v_p / (v_p + lambda)``, ``gamma = s * sqrt(v_d / v_p) + (1 - s)``.
@@ -112,8 +109,9 @@ def repair_gamma(v_d: torch.Tensor, v_p: torch.Tensor, method: str = "asr",
     return torch.where(dead, torch.ones_like(g), g)
 
 
-def distortions(m: dict[str, torch.Tensor], lam: str | float = "mean",
-                mean_shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def distortions(
+    m: dict[str, torch.Tensor], lam: str | float = "mean", mean_shift: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form ``D_raw`` and ``D_res`` (after ASR) per grid point, from ``GramMoments.moments()`` (profile.py).
 
     With ``y_p = y_d + e``: ``v_p = v_d + 2 c_de + v_e``, ``cov(y_p, y_d) = v_d + c_de``;
@@ -125,7 +123,7 @@ def distortions(m: dict[str, torch.Tensor], lam: str | float = "mean",
     v_p = (v_d[None, :] + 2 * c_de + v_e).clamp_min(0.0)
     gamma = repair_gamma(v_d[None, :].expand_as(v_p), v_p, "asr", lam)
     raw = v_e + mu_e * mu_e
-    res = ((gamma - 1) ** 2 * v_d[None, :] + 2 * gamma * (gamma - 1) * c_de + gamma ** 2 * v_e).clamp_min(0.0)
+    res = ((gamma - 1) ** 2 * v_d[None, :] + 2 * gamma * (gamma - 1) * c_de + gamma**2 * v_e).clamp_min(0.0)
     if not mean_shift:
         res = res + mu_e * mu_e
     denom = v_d.sum().clamp_min(1e-300)

@@ -40,8 +40,10 @@ class TransformSpec:
                 except (TypeError, ValueError):
                     d[k] = None
                 if not d[k] or not all(math.isfinite(x) and (k == "mean" or x > 0) for x in d[k]):
-                    raise UserError(f"transform {k} must be a list of finite numbers{'' if k == 'mean' else ' > 0'}, "
-                                    f"got {v!r}: e.g. {k}: [0.5, 0.5, 0.5]")
+                    raise UserError(
+                        f"transform {k} must be a list of finite numbers{'' if k == 'mean' else ' > 0'}, "
+                        f"got {v!r}: e.g. {k}: [0.5, 0.5, 0.5]"
+                    )
         for k in ("resize", "crop"):
             v = d.get(k)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

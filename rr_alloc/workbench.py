@@ -90,16 +90,23 @@ class Workbench:
     def pruning(self, counts: dict[str, int] | None = None) -> Pruning:
         return self.evaluator.pruning(counts)
 
-    def repaired_model(self, pruning: PruningLike, repair: str | RepairPipeline,
-                       nm: tuple[int, int] | None = None) -> tuple[nn.Module, RepairReport]:
+    def repaired_model(
+        self, pruning: PruningLike, repair: str | RepairPipeline, nm: tuple[int, int] | None = None
+    ) -> tuple[nn.Module, RepairReport]:
         return self.evaluator.repaired_model(pruning, repair, nm)
 
-    def verify(self, pruning: PruningLike, repair: str | RepairPipeline, split: str = "test",
-               nm: tuple[int, int] | None = None) -> Metrics:
+    def verify(
+        self, pruning: PruningLike, repair: str | RepairPipeline, split: str = "test", nm: tuple[int, int] | None = None
+    ) -> Metrics:
         return self.evaluator.verify(pruning, repair, split, nm)
 
-    def verify_splits(self, pruning: PruningLike, repair: str | RepairPipeline, splits: tuple[str, ...],
-                      nm: tuple[int, int] | None = None) -> dict[str, Metrics]:
+    def verify_splits(
+        self,
+        pruning: PruningLike,
+        repair: str | RepairPipeline,
+        splits: tuple[str, ...],
+        nm: tuple[int, int] | None = None,
+    ) -> dict[str, Metrics]:
         return self.evaluator.verify_splits(pruning, repair, splits, nm)
 
     # the search runner's
@@ -113,8 +120,9 @@ class Workbench:
         return self.search.last_study
 
     # ------------------------------------------------------------ allocation
-    def allocate(self, allocator: str, budget: float, layer_weights: str | None = None,
-                 **kwargs: Any) -> dict[str, int]:
+    def allocate(
+        self, allocator: str, budget: float, layer_weights: str | None = None, **kwargs: Any
+    ) -> dict[str, int]:
         """``{layer name: pruned count}`` for ``allocator`` at ``budget`` (deterministic ones memoised)."""
         cls = allocator_class(allocator)
         t0 = time.perf_counter()
@@ -123,33 +131,48 @@ class Workbench:
         else:
             key = (allocator, float(budget), layer_weights or self.cfg.layer_weights, tuple(sorted(kwargs.items())))
             if key not in self._allocations:
-                k = get_allocator(allocator, **kwargs).allocate(self.experiment.problem(budget, cls.needs,
-                                                                                        layer_weights))
+                k = get_allocator(allocator, **kwargs).allocate(
+                    self.experiment.problem(budget, cls.needs, layer_weights)
+                )
                 self._allocations[key] = {layer.name: int(v) for layer, v in zip(self.layers, k)}
             counts = dict(self._allocations[key])
         self.timings[f"allocate:{allocator}"] = time.perf_counter() - t0
         return counts
 
     # ------------------------------------------------------------------ plan
-    def make_plan(self, counts: dict[str, int], budget: float, allocator: str, repair: str,
-                  verify: dict[str, Any] | None = None) -> Plan:
+    def make_plan(
+        self, counts: dict[str, int], budget: float, allocator: str, repair: str, verify: dict[str, Any] | None = None
+    ) -> Plan:
         """The plan document for ``counts``, with everything needed to rebuild and verify it."""
         exp, cfg = self.experiment, self.cfg
         pipe = RepairPipeline.parse(repair)
         prof = exp.profile_meta
         return Plan(
-            layers=[LayerPlan(layer.name, int(counts[layer.name]), layer.n_weights, layer.shape)
-                    for layer in self.layers],
-            budget=budget, allocator=allocator, repair=str(pipe), budget_unit=cfg.unit,
-            mask_rule=pipe.mask_rule, pattern=cfg.pattern,
+            layers=[
+                LayerPlan(layer.name, int(counts[layer.name]), layer.n_weights, layer.shape) for layer in self.layers
+            ],
+            budget=budget,
+            allocator=allocator,
+            repair=str(pipe),
+            budget_unit=cfg.unit,
+            mask_rule=pipe.mask_rule,
+            pattern=cfg.pattern,
             achieved_sparsity=self.achieved(counts) if cfg.unit == "flops" else None,
             source=exp.source(),
-            calibration={"size": self.splits.calib.n, "selection_size": self.splits.selection.n,
-                         "validation_size": self.splits.validation.n if self.splits.validation else 0,
-                         "seed": cfg.seed},
+            calibration={
+                "size": self.splits.calib.n,
+                "selection_size": self.splits.selection.n,
+                "validation_size": self.splits.validation.n if self.splits.validation else 0,
+                "seed": cfg.seed,
+            },
             search=dict(self.search_info.get(float(budget), {})) if allocator == "optuna" else {},
-            profile={"grid": [float(g) for g in exp.grid], "s_max": cfg.s_max, "lambda": cfg.lam,
-                     "layer_weights": cfg.layer_weights,
-                     **{k: v for k, v in prof.items() if k in ("profile_repair", "n_images")}},
+            profile={
+                "grid": [float(g) for g in exp.grid],
+                "s_max": cfg.s_max,
+                "lambda": cfg.lam,
+                "layer_weights": cfg.layer_weights,
+                **{k: v for k, v in prof.items() if k in ("profile_repair", "n_images")},
+            },
             verify=verify or {},
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )

@@ -87,8 +87,10 @@ def brute_force_pair(model, batches, name: str, s: float) -> None:
 
 def bench_inputs(model_name: str, batch_size: int, device: str = "cpu") -> tuple[Workbench, Batches]:
     """The model and its calibration images as pre-decoded tensors already on the device (same for every timing)."""
-    wb = Workbench(model_config(model_name, batch_size=batch_size, selection_size=0, eval_size=16, cache=False,
-                                device=device), progress=False)
+    wb = Workbench(
+        model_config(model_name, batch_size=batch_size, selection_size=0, eval_size=16, cache=False, device=device),
+        progress=False,
+    )
     return wb, Batches(wb.splits.calib.x.to(wb.device), wb.splits.calib.y, batch_size)
 
 
@@ -108,11 +110,24 @@ def bench_model(model_name: str, wb: Workbench, batches: Batches, repeats: int, 
     pick = pairs[:: max(1, len(pairs) // subset)][:subset]
     t_pairs = [median_time(lambda p=p: brute_force_pair(model, batches, *p), max(1, repeats // 2)) for p in pick]
     t_bf = statistics.mean(t_pairs) * L * G
-    return {"model": model_name, "device": str(wb.device), "layers": L, "grid": G, "images": batches.n, "batch_size": batches.batch_size,
-            "threads": torch.get_num_threads(), "T_f": t_f, "T_p": t_p, "T_bf": t_bf,
-            "bf_measured_pairs": len(pick), "floor_ratio": t_p / ((1 + G) * t_f), "speedup_vs_bf": t_bf / t_p,
-            "bf_ceiling": L * G / (1 + G),
-            "profile_page_faults": faults, "profile_kernel_time_share": sys_share}
+    return {
+        "model": model_name,
+        "device": str(wb.device),
+        "layers": L,
+        "grid": G,
+        "images": batches.n,
+        "batch_size": batches.batch_size,
+        "threads": torch.get_num_threads(),
+        "T_f": t_f,
+        "T_p": t_p,
+        "T_bf": t_bf,
+        "bf_measured_pairs": len(pick),
+        "floor_ratio": t_p / ((1 + G) * t_f),
+        "speedup_vs_bf": t_bf / t_p,
+        "bf_ceiling": L * G / (1 + G),
+        "profile_page_faults": faults,
+        "profile_kernel_time_share": sys_share,
+    }
 
 
 def op_breakdown(model_name: str, wb: Workbench, batches: Batches) -> str:
@@ -122,8 +137,10 @@ def op_breakdown(model_name: str, wb: Workbench, batches: Batches) -> str:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if wb.device.type == "cuda" else [])
     sort = "self_cuda_time_total" if wb.device.type == "cuda" else "self_cpu_time_total"
     out = []
-    for label, fn in (("dense pass", lambda: dense_pass(wb.dense, batches)),
-                      ("profile_rr", lambda: profile_rr(wb.dense, batches, GRID, device=wb.device))):
+    for label, fn in (
+        ("dense pass", lambda: dense_pass(wb.dense, batches)),
+        ("profile_rr", lambda: profile_rr(wb.dense, batches, GRID, device=wb.device)),
+    ):
         fn()  # warm-up
         with profile(activities=acts) as prof:
             fn()
@@ -139,10 +156,12 @@ def peak_memory(model_name: str, calib: int, batch_size: int) -> tuple[float, fl
     is the profile's own and not an earlier one (decoding, imports); where that reset is not allowed the
     process-lifetime peak is reported instead.
     """
-    setup = (f"from common import model_config\nfrom rr_alloc.workbench import Workbench\n"
-             f"from rr_alloc.profile import profile_rr\n"
-             f"wb = Workbench(model_config({model_name!r}, calib_size={calib}, selection_size=0, eval_size=16, "
-             f"batch_size={batch_size}, cache=False), progress=False)\n")
+    setup = (
+        f"from common import model_config\nfrom rr_alloc.workbench import Workbench\n"
+        f"from rr_alloc.profile import profile_rr\n"
+        f"wb = Workbench(model_config({model_name!r}, calib_size={calib}, selection_size=0, eval_size=16, "
+        f"batch_size={batch_size}, cache=False), progress=False)\n"
+    )
     return peak_rss_mb(setup, f"profile_rr(wb.dense, wb.splits.calib, {GRID!r})\n")
 
 
@@ -166,8 +185,14 @@ def cache_cost(model_name: str) -> dict:
             else:
                 os.environ["RR_ALLOC_CACHE"] = old
     (t_miss, m1), (t_hit, m2) = times
-    return {"model": model_name, "first_s": t_miss, "first": m1, "second_s": t_hit, "second": m2,
-            "ratio": t_hit / t_miss}
+    return {
+        "model": model_name,
+        "first_s": t_miss,
+        "first": m1,
+        "second_s": t_hit,
+        "second": m2,
+        "ratio": t_hit / t_miss,
+    }
 
 
 def main() -> None:
@@ -194,44 +219,82 @@ def main() -> None:
     if not args.no_memory:
         for calib, bs in ((1024, 256), (4096, 128), (4096, 256), (4096, 512)):
             peak, base = peak_memory("resnet32", calib, bs)
-            mem.append({"model": "resnet32", "calib": calib, "batch_size": bs, "peak_rss_mb": round(peak),
-                        "rss_before_profile_mb": round(base)})
-    lines = ["# RR profile benchmark", "", f"Command: `{' '.join(['python', 'studies/bench_profile.py', *sys.argv[1:]])}`  ",
-             f"Machine: {machine()}; device {rows[0]['device']}"
-             + (f" ({torch.cuda.get_device_name()})" if rows[0]['device'].startswith('cuda') else "") + ".  ", f"Grid ({len(GRID)} points): {list(GRID)}; median of {args.repeats} runs; "
-             "`torch.inference_mode`, pre-decoded tensors, same batch size and threads for all timings.  ",
-             f"glibc malloc tuning (`rr_alloc/runtime.py`, as in the CLI): {'on' if tune_malloc() else 'off'}"
-             + (" (`RR_ALLOC_MALLOC_TUNING=0`)" if os.environ.get("RR_ALLOC_MALLOC_TUNING") == "0" else "") + ".", "",
-             "| model | L | images | batch | T_f (s) | T_p (s) | T_bf (s, extrapolated) | T_p / ((1+G) T_f) | T_bf / T_p | ceiling L·G/(1+G) | profile: page faults, kernel CPU time / wall |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            mem.append(
+                {
+                    "model": "resnet32",
+                    "calib": calib,
+                    "batch_size": bs,
+                    "peak_rss_mb": round(peak),
+                    "rss_before_profile_mb": round(base),
+                }
+            )
+    lines = [
+        "# RR profile benchmark",
+        "",
+        f"Command: `{' '.join(['python', 'studies/bench_profile.py', *sys.argv[1:]])}`  ",
+        f"Machine: {machine()}; device {rows[0]['device']}"
+        + (f" ({torch.cuda.get_device_name()})" if rows[0]["device"].startswith("cuda") else "")
+        + ".  ",
+        f"Grid ({len(GRID)} points): {list(GRID)}; median of {args.repeats} runs; "
+        "`torch.inference_mode`, pre-decoded tensors, same batch size and threads for all timings.  ",
+        f"glibc malloc tuning (`rr_alloc/runtime.py`, as in the CLI): {'on' if tune_malloc() else 'off'}"
+        + (" (`RR_ALLOC_MALLOC_TUNING=0`)" if os.environ.get("RR_ALLOC_MALLOC_TUNING") == "0" else "")
+        + ".",
+        "",
+        "| model | L | images | batch | T_f (s) | T_p (s) | T_bf (s, extrapolated) | T_p / ((1+G) T_f) | T_bf / T_p "
+        "| ceiling L·G/(1+G) | profile: page faults, kernel CPU time / wall |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['layers']} | {r['images']} | {r['batch_size']} | {r['T_f']:.3f} | "
-                     f"{r['T_p']:.3f} | {r['T_bf']:.1f} | **{r['floor_ratio']:.2f}** | **{r['speedup_vs_bf']:.1f}** | "
-                     f"{r['bf_ceiling']:.1f} | {r['profile_page_faults'] / 1e6:.2f} M, "
-                     f"{100 * r['profile_kernel_time_share']:.0f}% |")
-    lines += ["", f"T_bf: {rows[0]['bf_measured_pairs']} (layer, sparsity) pairs timed (median of "
-              f"{max(1, args.repeats // 2)} each), mean x L x G.", ""]
+        lines.append(
+            f"| {r['model']} | {r['layers']} | {r['images']} | {r['batch_size']} | {r['T_f']:.3f} | "
+            f"{r['T_p']:.3f} | {r['T_bf']:.1f} | **{r['floor_ratio']:.2f}** | **{r['speedup_vs_bf']:.1f}** | "
+            f"{r['bf_ceiling']:.1f} | {r['profile_page_faults'] / 1e6:.2f} M, "
+            f"{100 * r['profile_kernel_time_share']:.0f}% |"
+        )
+    lines += [
+        "",
+        f"T_bf: {rows[0]['bf_measured_pairs']} (layer, sparsity) pairs timed (median of "
+        f"{max(1, args.repeats // 2)} each), mean x L x G.",
+        "",
+    ]
     if caches:
-        lines += ["Profile cache: profiling cost of a first run and of a second run with the same model, "
-                  "calibration images, grid and lambda (the second includes hashing the weights and images):", "",
-                  "| model | first run (s) | second run (s) | second / first |", "|---|---:|---:|---:|"]
-        lines += [f"| {c['model']} | {c['first_s']:.2f} ({c['first']}) | {c['second_s']:.3f} ({c['second']}) | "
-                  f"{100 * c['ratio']:.1f}% |" for c in caches]
+        lines += [
+            "Profile cache: profiling cost of a first run and of a second run with the same model, "
+            "calibration images, grid and lambda (the second includes hashing the weights and images):",
+            "",
+            "| model | first run (s) | second run (s) | second / first |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {c['model']} | {c['first_s']:.2f} ({c['first']}) | {c['second_s']:.3f} ({c['second']}) | "
+            f"{100 * c['ratio']:.1f}% |"
+            for c in caches
+        ]
         lines.append("")
     if mem:
-        lines += ["Peak resident memory of a fresh process while it runs one ResNet-32 profile (high-water mark "
-                  "reset just before profiling; includes Python, torch and the decoded calibration tensors, "
-                  "which are the RSS before profiling):", "", "| calibration images | batch | peak RSS (MB) | RSS before profiling (MB) | profile's own peak (MB) |",
-                  "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {m['calib']} | {m['batch_size']} | {m['peak_rss_mb']} | {m['rss_before_profile_mb']} | "
-                  f"{m['peak_rss_mb'] - m['rss_before_profile_mb']} |" for m in mem]
+        lines += [
+            "Peak resident memory of a fresh process while it runs one ResNet-32 profile (high-water mark "
+            "reset just before profiling; includes Python, torch and the decoded calibration tensors, "
+            "which are the RSS before profiling):",
+            "",
+            "| calibration images | batch | peak RSS (MB) | RSS before profiling (MB) | profile's own peak (MB) |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {m['calib']} | {m['batch_size']} | {m['peak_rss_mb']} | {m['rss_before_profile_mb']} | "
+            f"{m['peak_rss_mb'] - m['rss_before_profile_mb']} |"
+            for m in mem
+        ]
     if args.breakdown:
         lines += ["", "## Operator breakdown (`--breakdown`, torch.profiler, one call each after a warm-up)", ""]
         lines += breakdowns
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     write_text_atomic(out / "bench_profile.md", text)
-    write_text_atomic(out / "bench_profile.json", json.dumps({"timings": rows, "cache": caches, "memory": mem}, indent=2))
+    write_text_atomic(
+        out / "bench_profile.json", json.dumps({"timings": rows, "cache": caches, "memory": mem}, indent=2)
+    )
     print(text)
 
 

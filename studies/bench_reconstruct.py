@@ -41,8 +41,9 @@ from rr_alloc.workbench import Workbench
 
 
 def setup(model_name: str, batch_size: int) -> tuple[Workbench, Batches, dict]:
-    wb = Workbench(model_config(model_name, batch_size=batch_size, selection_size=0, eval_size=16, cache=False),
-                   progress=False)
+    wb = Workbench(
+        model_config(model_name, batch_size=batch_size, selection_size=0, eval_size=16, cache=False), progress=False
+    )
     return wb, Batches(wb.splits.calib.x, wb.splits.calib.y, batch_size), wb.masks(wb.allocate("global", 0.9))
 
 
@@ -62,7 +63,7 @@ def breakdown(wb: Workbench, batches: Batches, masks: dict) -> str:
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(10)
     lines = [l for l in s.getvalue().splitlines() if l.strip()]
     start = next(i for i, l in enumerate(lines) if "ncalls" in l)
-    return "\n".join(lines[start:start + 11])
+    return "\n".join(lines[start : start + 11])
 
 
 def peak_memory(model_name: str, calib: int, method: str) -> tuple[float, float]:
@@ -92,27 +93,52 @@ def main() -> None:
         layers = prunable_layers(wb.dense)
         t_pc = median_time(lambda: profile_rr(wb.dense, batches, GRID, layers), args.repeats)
         t_pl = median_time(lambda: profile_rr(wb.dense, batches, GRID, layers, profile_repair="lsq"), args.repeats)
-        row = {"model": name, "images": batches.n, "threads": torch.get_num_threads(), "T_f": t_f, "T_lsq": t_lsq,
-               "T_obs": t_obs, "lsq_over_forward": t_lsq / t_f, "obs_over_forward": t_obs / t_f,
-               "T_profile_channel": t_pc, "T_profile_lsq": t_pl, "profile_lsq_over_channel": t_pl / t_pc}
+        row = {
+            "model": name,
+            "images": batches.n,
+            "threads": torch.get_num_threads(),
+            "T_f": t_f,
+            "T_lsq": t_lsq,
+            "T_obs": t_obs,
+            "lsq_over_forward": t_lsq / t_f,
+            "obs_over_forward": t_obs / t_f,
+            "T_profile_channel": t_pc,
+            "T_profile_lsq": t_pl,
+            "profile_lsq_over_channel": t_pl / t_pc,
+        }
         if not args.no_memory:
             for method in ("lsq", "obs"):
                 row[f"peak_MB_{method}"], row["rss_before_MB"] = peak_memory(name, 1024, method)
         rows.append(row)
-        notes += [f"### {name}: where one lsq reconstruction spends its time (cProfile, self time)", "", "```",
-                  breakdown(wb, batches, masks), "```", ""]
+        notes += [
+            f"### {name}: where one lsq reconstruction spends its time (cProfile, self time)",
+            "",
+            "```",
+            breakdown(wb, batches, masks),
+            "```",
+            "",
+        ]
         print(json.dumps(row), flush=True)
-    lines = ["# Reconstruction benchmark", "", f"Command: `python {' '.join(['studies/bench_reconstruct.py', *sys.argv[1:]])}`  ",
-             f"Machine: {machine()}.", "",
-             "1024 calibration images, global magnitude at 0.9, batch 256; times in seconds (median of "
-             f"{args.repeats}); ratios measured in this run.", "",
-             "| model | T_f | T_lsq | T_obs | T_lsq / T_f | T_obs / T_f | profile lsq / channel | peak MB lsq | peak MB obs | RSS before MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Reconstruction benchmark",
+        "",
+        f"Command: `python {' '.join(['studies/bench_reconstruct.py', *sys.argv[1:]])}`  ",
+        f"Machine: {machine()}.",
+        "",
+        "1024 calibration images, global magnitude at 0.9, batch 256; times in seconds (median of "
+        f"{args.repeats}); ratios measured in this run.",
+        "",
+        "| model | T_f | T_lsq | T_obs | T_lsq / T_f | T_obs / T_f | profile lsq / channel | peak MB lsq | peak MB obs "
+        "| RSS before MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['T_f']:.2f} | {r['T_lsq']:.2f} | {r['T_obs']:.2f} | {r['lsq_over_forward']:.1f} | "
-                     f"{r['obs_over_forward']:.1f} | {r['profile_lsq_over_channel']:.2f} | "
-                     f"{r.get('peak_MB_lsq', float('nan')):.0f} | {r.get('peak_MB_obs', float('nan')):.0f} | "
-                     f"{r.get('rss_before_MB', float('nan')):.0f} |")
+        lines.append(
+            f"| {r['model']} | {r['T_f']:.2f} | {r['T_lsq']:.2f} | {r['T_obs']:.2f} | {r['lsq_over_forward']:.1f} | "
+            f"{r['obs_over_forward']:.1f} | {r['profile_lsq_over_channel']:.2f} | "
+            f"{r.get('peak_MB_lsq', float('nan')):.0f} | {r.get('peak_MB_obs', float('nan')):.0f} | "
+            f"{r.get('rss_before_MB', float('nan')):.0f} |"
+        )
     lines += [""] + notes
     out = Path(args.out)
     write_text_atomic(out / "bench_reconstruct.json", json.dumps(rows, indent=2) + "\n")

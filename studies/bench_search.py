@@ -62,8 +62,14 @@ def phases(wb: Workbench, counts: dict, repeats: int) -> dict[str, float]:
     t_sel = median_time(lambda: scorer.losses(model, "selection"), repeats)
     t_screen = median_time(lambda: scorer.losses(model, "selection", scorer.screen_idx), repeats)
     t_f = median_time(lambda: dense_pass(wb.dense, wb.splits.calib), repeats)
-    return {"T_f": t_f, "copy_masks": t_copy, "bn_recalibration": t_bn, "channel_repair": t_all - t_copy - t_bn,
-            "selection_forward": t_sel, "screen_forward": t_screen}
+    return {
+        "T_f": t_f,
+        "copy_masks": t_copy,
+        "bn_recalibration": t_bn,
+        "channel_repair": t_all - t_copy - t_bn,
+        "selection_forward": t_sel,
+        "screen_forward": t_screen,
+    }
 
 
 def main() -> None:
@@ -87,38 +93,72 @@ def main() -> None:
         t_v01 = median_time(lambda: wb.verify(counts, CHANNEL_REPAIR, "selection"), args.repeats)
         t_full = median_time(lambda: scorer.score(counts), args.repeats)
         t_scr = median_time(lambda: scorer.score(counts, beat=-1.0), args.repeats)  # always screened out
-        row = {"model": name, "calib": wb.splits.calib.n, "selection": wb.splits.selection.n,
-               "screen": scorer.screen_size, "threads": torch.get_num_threads(), **ph,
-               "per_min_v01": 60 / t_v01, "per_min_full": 60 / t_full, "per_min_screened_out": 60 / t_scr}
+        row = {
+            "model": name,
+            "calib": wb.splits.calib.n,
+            "selection": wb.splits.selection.n,
+            "screen": scorer.screen_size,
+            "threads": torch.get_num_threads(),
+            **ph,
+            "per_min_v01": 60 / t_v01,
+            "per_min_full": 60 / t_full,
+            "per_min_screened_out": 60 / t_scr,
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    lines = ["# Search benchmark: candidates per minute", "",
-             f"Command: `python {' '.join(['studies/bench_search.py', *sys.argv[1:]])}`  ", f"Machine: {machine()}.", "",
-             f"Channel-wise default repair `{CHANNEL_REPAIR}` in the loop; the candidate is global magnitude at 0.9; "
-             f"times are medians of {args.repeats}; rates and ratios measured in this run.", "",
-             "## Candidates per minute", "",
-             "| model | calib / selection / screen | unscreened verify | scorer, full | scorer, screened out | "
-             "screened out / unscreened |", "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "# Search benchmark: candidates per minute",
+        "",
+        f"Command: `python {' '.join(['studies/bench_search.py', *sys.argv[1:]])}`  ",
+        f"Machine: {machine()}.",
+        "",
+        f"Channel-wise default repair `{CHANNEL_REPAIR}` in the loop; the candidate is global magnitude at 0.9; "
+        f"times are medians of {args.repeats}; rates and ratios measured in this run.",
+        "",
+        "## Candidates per minute",
+        "",
+        "| model | calib / selection / screen | unscreened verify | scorer, full | scorer, screened out | "
+        "screened out / unscreened |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['calib']} / {r['selection']} / {r['screen']} | {r['per_min_v01']:.1f} | "
-                     f"{r['per_min_full']:.1f} | {r['per_min_screened_out']:.1f} | "
-                     f"{r['per_min_screened_out'] / r['per_min_v01']:.2f} |")
-    lines += ["", "Whole searches (a mix of screened-out and full candidates): the `candidates / min` column of "
-              "[the search study](../allocation_search/summary.md), measured there.", ""]
-    lines += ["", "## Where one full-fidelity candidate's time goes (seconds)", "",
-              "| model | dense forward T_f | copy + masks | BN recalibration | channel repair | selection forward | "
-              "screen forward | sum / T_f |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {r['model']} | {r['calib']} / {r['selection']} / {r['screen']} | {r['per_min_v01']:.1f} | "
+            f"{r['per_min_full']:.1f} | {r['per_min_screened_out']:.1f} | "
+            f"{r['per_min_screened_out'] / r['per_min_v01']:.2f} |"
+        )
+    lines += [
+        "",
+        "Whole searches (a mix of screened-out and full candidates): the `candidates / min` column of "
+        "[the search study](../allocation_search/summary.md), measured there.",
+        "",
+    ]
+    lines += [
+        "",
+        "## Where one full-fidelity candidate's time goes (seconds)",
+        "",
+        "| model | dense forward T_f | copy + masks | BN recalibration | channel repair | selection forward | "
+        "screen forward | sum / T_f |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         total = r["copy_masks"] + r["bn_recalibration"] + r["channel_repair"] + r["selection_forward"]
-        lines.append(f"| {r['model']} | {r['T_f']:.2f} | {r['copy_masks']:.2f} | {r['bn_recalibration']:.2f} | "
-                     f"{r['channel_repair']:.2f} | {r['selection_forward']:.2f} | {r['screen_forward']:.2f} | "
-                     f"{total / r['T_f']:.1f} |")
-    lines += ["", "A full-fidelity candidate is two passes over the calibration images (BN recalibration, then the "
-              "staged channel-wise repair, which depends on it) and one forward over the selection images; each is "
-              "close to a dense forward of its images (`T_f` per 1024), so at equal fidelity the floor is about "
-              "`(2 x calib + selection) / 1024 x T_f` and the unscreened evaluation was already near it. The search gains its rate "
-              "by screening: a child that does not beat its parent on a seeded random quarter of the selection images "
-              "skips the rest.", ""]
+        lines.append(
+            f"| {r['model']} | {r['T_f']:.2f} | {r['copy_masks']:.2f} | {r['bn_recalibration']:.2f} | "
+            f"{r['channel_repair']:.2f} | {r['selection_forward']:.2f} | {r['screen_forward']:.2f} | "
+            f"{total / r['T_f']:.1f} |"
+        )
+    lines += [
+        "",
+        "A full-fidelity candidate is two passes over the calibration images (BN recalibration, then the "
+        "staged channel-wise repair, which depends on it) and one forward over the selection images; each is "
+        "close to a dense forward of its images (`T_f` per 1024), so at equal fidelity the floor is about "
+        "`(2 x calib + selection) / 1024 x T_f` and the unscreened evaluation was already near it. The search gains "
+        "its rate "
+        "by screening: a child that does not beat its parent on a seeded random quarter of the selection images "
+        "skips the rest.",
+        "",
+    ]
     out = Path(args.out)
     write_text_atomic(out / "bench_search.json", json.dumps(rows, indent=2) + "\n")
     write_text_atomic(out / "bench_search.md", "\n".join(lines) + "\n")

@@ -72,8 +72,10 @@ def t_interval(values: list[float] | np.ndarray, conf: float = 0.95) -> tuple[fl
 def machine() -> str:
     import torch
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
+    )
 
 
 def peak_rss_mb(setup: str, work: str) -> tuple[float, float]:
@@ -86,18 +88,24 @@ def peak_rss_mb(setup: str, work: str) -> tuple[float, float]:
     import subprocess
     import textwrap
 
-    code = textwrap.dedent(f"""
+    code = (
+        textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(ROOT / 'studies')!r})
+        sys.path.insert(0, {str(ROOT / "studies")!r})
         def status(key):
             return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))
-        """) + textwrap.dedent(setup) + textwrap.dedent("""
+        """)
+        + textwrap.dedent(setup)
+        + textwrap.dedent("""
         base = status('VmRSS:')
         try:
             open('/proc/self/clear_refs', 'w').write('5')
         except OSError:
             pass
-        """) + textwrap.dedent(work) + "\nprint(status('VmHWM:') / 1024, base / 1024)\n"
+        """)
+        + textwrap.dedent(work)
+        + "\nprint(status('VmHWM:') / 1024, base / 1024)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak, base = map(float, out.stdout.split()[-2:])
     return peak, base

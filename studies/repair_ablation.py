@@ -53,8 +53,10 @@ def stage1_pipelines() -> tuple[list[str], list[str]]:
         pipes.append(pipe)
     for sites in SITE_SETS:  # second lambda rule for ASR, in the order that keeps corrections
         pipes.append(f"bn>asr@{sites}:lam=median")
-    excluded.append("asr:lam=median before BN recalibration: not screened (time budget); the mean rule's "
-                    "pre-BN rows show what recalibration leaves of a pre-BN correction")
+    excluded.append(
+        "asr:lam=median before BN recalibration: not screened (time budget); the mean rule's "
+        "pre-BN rows show what recalibration leaves of a pre-BN correction"
+    )
     return pipes, excluded
 
 
@@ -76,35 +78,64 @@ def run_stage(models, prunings, pipes, seeds, split, overrides, log) -> pd.DataF
                 for pipe in pipes:
                     t0 = time.perf_counter()
                     m = wb.verify(pruning, pipe, split=split)
-                    rows.append({"model": model, "seed": seed, "pruning": pr, "repair": pipe, "split": split,
-                                 "n": m.n, "top1": m.top1, "agreement": m.agreement, "kl": m.kl,
-                                 "dense_top1": dense.top1, "seconds": time.perf_counter() - t0})
-                    log(f"{model} seed {seed} {pr:<12} {pipe:<40} top1 {100 * m.top1:5.1f}  "
-                        f"({time.perf_counter() - t0:.1f}s)")
+                    rows.append(
+                        {
+                            "model": model,
+                            "seed": seed,
+                            "pruning": pr,
+                            "repair": pipe,
+                            "split": split,
+                            "n": m.n,
+                            "top1": m.top1,
+                            "agreement": m.agreement,
+                            "kl": m.kl,
+                            "dense_top1": dense.top1,
+                            "seconds": time.perf_counter() - t0,
+                        }
+                    )
+                    log(
+                        f"{model} seed {seed} {pr:<12} {pipe:<40} top1 {100 * m.top1:5.1f}  "
+                        f"({time.perf_counter() - t0:.1f}s)"
+                    )
     return pd.DataFrame(rows)
 
 
 def summarise(s1: pd.DataFrame, s2: pd.DataFrame, default: str, excluded: list[str], args, runtime: float) -> str:
-    lines = [f"# Repair ablation{' (QUICK SMOKE RUN: not a result)' if args.quick else ''}", "",
-             f"Command: `python studies/repair_ablation.py{' --quick' if args.quick else ''}`  ",
-             f"Machine: {machine()}; runtime {runtime / 60:.1f} min.  ",
-             f"Data: CIFAR-10 JPEG (`shared/data/cifar10-jpeg`), calibration "
-             f"{args.calib} and selection {args.selection} images drawn from `train-10k`; "
-             f"test = {int(s2.n.iloc[0])} test images (reporting only).", "",
-             "## Stage 1: screen on the selection split (seed 0)", "",
-             f"{s1.repair.nunique()} pipelines x {s1.pruning.nunique()} prunings x {s1.model.nunique()} models. "
-             "Ranked by mean selection top-1 over all (model, pruning) settings; the top 15:", ""]
+    lines = [
+        f"# Repair ablation{' (QUICK SMOKE RUN: not a result)' if args.quick else ''}",
+        "",
+        f"Command: `python studies/repair_ablation.py{' --quick' if args.quick else ''}`  ",
+        f"Machine: {machine()}; runtime {runtime / 60:.1f} min.  ",
+        f"Data: CIFAR-10 JPEG (`shared/data/cifar10-jpeg`), calibration "
+        f"{args.calib} and selection {args.selection} images drawn from `train-10k`; "
+        f"test = {int(s2.n.iloc[0])} test images (reporting only).",
+        "",
+        "## Stage 1: screen on the selection split (seed 0)",
+        "",
+        f"{s1.repair.nunique()} pipelines x {s1.pruning.nunique()} prunings x {s1.model.nunique()} models. "
+        "Ranked by mean selection top-1 over all (model, pruning) settings; the top 15:",
+        "",
+    ]
     piv = s1.pivot_table(index="repair", columns=["model", "pruning"], values="top1").mul(100)
     piv["mean"] = piv.mean(axis=1, numeric_only=True)
     piv = piv.sort_values("mean", ascending=False)
     flat = piv.copy()
     flat.columns = [c if isinstance(c, str) else f"{c[0]} {c[1]}" for c in flat.columns]
     lines.append(flat.head(15).round(1).to_markdown())
-    lines += ["", f"Reference rows: `none` mean {piv.loc['none', 'mean']:.1f}, `bn` mean {piv.loc['bn', 'mean']:.1f} "
-              f"(rank {list(piv.index).index('bn') + 1} of {len(piv)}).", "",
-              f"**Default pipeline (stage-1 winner): `{default}`.**", "",
-              "Excluded combinations:", ""] + [f"- {e}" for e in excluded] + [
-              "", "## Stage 2: test top-1 (%), mean over calibration seeds with 95% t-interval", ""]
+    lines += (
+        [
+            "",
+            f"Reference rows: `none` mean {piv.loc['none', 'mean']:.1f}, `bn` mean {piv.loc['bn', 'mean']:.1f} "
+            f"(rank {list(piv.index).index('bn') + 1} of {len(piv)}).",
+            "",
+            f"**Default pipeline (stage-1 winner): `{default}`.**",
+            "",
+            "Excluded combinations:",
+            "",
+        ]
+        + [f"- {e}" for e in excluded]
+        + ["", "## Stage 2: test top-1 (%), mean over calibration seeds with 95% t-interval", ""]
+    )
     seeds = [int(s) for s in sorted(s2.seed.unique())]
     n_test = int(s2.n.iloc[0])
     rows = []
@@ -115,10 +146,14 @@ def summarise(s1: pd.DataFrame, s2: pd.DataFrame, default: str, excluded: list[s
     order = list(dict.fromkeys(["none", "bn"] + [r for r in piv.index if r in set(t.repair)]))
     wide = t.pivot_table(index="repair", columns=["model", "pruning"], values="cell", aggfunc="first").reindex(order)
     wide.columns = [f"{a} {b}" for a, b in wide.columns]
-    lines += [f"Seeds {seeds}; each cell mean ± half-width over seeds (t, {len(seeds) - 1} d.o.f.); "
-              f"a single seed's binomial 95% interval on {n_test} images is at most "
-              f"±{196 * (0.25 / n_test) ** 0.5:.1f} points.", "",
-              wide.to_markdown(), ""]
+    lines += [
+        f"Seeds {seeds}; each cell mean ± half-width over seeds (t, {len(seeds) - 1} d.o.f.); "
+        f"a single seed's binomial 95% interval on {n_test} images is at most "
+        f"±{196 * (0.25 / n_test) ** 0.5:.1f} points.",
+        "",
+        wide.to_markdown(),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -156,9 +191,23 @@ AFTER = CHANNEL_REPAIR  # the channel-wise pipeline runs after the re-fit
 
 
 def _rows_for(model, seed, pr, pipe, plan, ms, seconds, dense) -> list[dict]:
-    return [{"model": model, "seed": seed, "pruning": pr, "plan": plan, "repair": pipe, "split": split, "n": m.n,
-             "top1": m.top1, "agreement": m.agreement, "kl": m.kl, "dense_top1": dense[split].top1,
-             "seconds": seconds} for split, m in ms.items()]
+    return [
+        {
+            "model": model,
+            "seed": seed,
+            "pruning": pr,
+            "plan": plan,
+            "repair": pipe,
+            "split": split,
+            "n": m.n,
+            "top1": m.top1,
+            "agreement": m.agreement,
+            "kl": m.kl,
+            "dense_top1": dense[split].top1,
+            "seconds": seconds,
+        }
+        for split, m in ms.items()
+    ]
 
 
 def run_reconstruct(args, models, out: Path, log) -> None:
@@ -173,7 +222,7 @@ def run_reconstruct(args, models, out: Path, log) -> None:
             raise UserError(f"--reuse-screen: no such file {args.reuse_screen}: pass a reconstruct_screen.csv")
         screen = pd.read_csv(args.reuse_screen).to_dict("records")
         log(f"reusing the screen in {args.reuse_screen} ({len(screen)} rows)")
-    for model in ([] if args.reuse_screen else models):
+    for model in [] if args.reuse_screen else models:
         wb = Workbench(model_config(model, seed=0, **overrides), progress=False)
         dense = {"selection": wb.dense_metrics("selection")}
         counts = wb.allocate("global", 0.9)
@@ -184,8 +233,10 @@ def run_reconstruct(args, models, out: Path, log) -> None:
                 ms = wb.verify_splits(counts, pipe, ("selection",))
                 screen += _rows_for(model, 0, "global@0.9", pipe, "global", ms, time.perf_counter() - t0, dense)
                 write_frame_csv(pd.DataFrame(screen), out / "reconstruct_screen.csv")
-                log(f"screen {model} {pipe:<40} selection top1 {100 * ms['selection'].top1:5.1f} "
-                    f"kl {ms['selection'].kl:.3f} ({time.perf_counter() - t0:.1f}s)")
+                log(
+                    f"screen {model} {pipe:<40} selection top1 {100 * ms['selection'].top1:5.1f} "
+                    f"kl {ms['selection'].kl:.3f} ({time.perf_counter() - t0:.1f}s)"
+                )
     sc = pd.DataFrame(screen)
     rank = sc.groupby("repair").kl.mean().sort_values()
     best = {m: next(r for r in rank.index if r.startswith(m + ":")) for m in ("lsq", "obs")}
@@ -195,20 +246,24 @@ def run_reconstruct(args, models, out: Path, log) -> None:
     lsq_damp = float(best["lsq"].split(":damp=")[1].split(">")[0])
     for model in models:
         for seed in args.seeds:
-            wb = Workbench(model_config(model, seed=seed, profile_repair=f"lsq:damp={lsq_damp:g}", **overrides),
-                           progress=False)
+            wb = Workbench(
+                model_config(model, seed=seed, profile_repair=f"lsq:damp={lsq_damp:g}", **overrides), progress=False
+            )
             dense = {s: wb.dense_metrics(s) for s in ("selection", "test")}
             for pr in prunings:
                 pruning = pruning_of(wb, pr)
                 for pipe in best.values():
                     t0 = time.perf_counter()
                     ms = wb.verify_splits(pruning, pipe, ("selection", "test"))
-                    test += _rows_for(model, seed, pr, pipe, "global" if pr != "nm2:4" else "nm", ms,
-                                      time.perf_counter() - t0, dense)
+                    test += _rows_for(
+                        model, seed, pr, pipe, "global" if pr != "nm2:4" else "nm", ms, time.perf_counter() - t0, dense
+                    )
                     write_frame_csv(pd.DataFrame(test), out / "reconstruct_test.csv")
-                    log(f"test {model} seed {seed} {pr:<11} {pipe:<40} test top1 {100 * ms['test'].top1:5.1f} "
-                        f"({time.perf_counter() - t0:.1f}s)")
-            for plan in (() if args.no_alloc else ("global", "rr-greedy")):
+                    log(
+                        f"test {model} seed {seed} {pr:<11} {pipe:<40} test top1 {100 * ms['test'].top1:5.1f} "
+                        f"({time.perf_counter() - t0:.1f}s)"
+                    )
+            for plan in () if args.no_alloc else ("global", "rr-greedy"):
                 t0 = time.perf_counter()
                 counts = wb.allocate(plan, 0.9)
                 ms = wb.verify_splits(counts, best["lsq"], ("selection", "test"))
@@ -216,8 +271,9 @@ def run_reconstruct(args, models, out: Path, log) -> None:
                 write_frame_csv(pd.DataFrame(alloc), out / "reconstruct_alloc.csv")
                 log(f"alloc {model} seed {seed} {plan:<10} (lsq profile) test top1 {100 * ms['test'].top1:5.1f}")
     if not args.reuse_screen:
-        write_text_atomic(out / "reconstruct.md",
-                          summarise_reconstruct(sc, pd.DataFrame(test), pd.DataFrame(alloc), best, out, args))
+        write_text_atomic(
+            out / "reconstruct.md", summarise_reconstruct(sc, pd.DataFrame(test), pd.DataFrame(alloc), best, out, args)
+        )
 
 
 def merge_reconstruct(args, dirs: list[str], out: Path) -> None:
@@ -242,20 +298,31 @@ def merge_reconstruct(args, dirs: list[str], out: Path) -> None:
 
 
 def summarise_reconstruct(sc, test, alloc, best, out: Path, args) -> str:
-    lines = ["# Reconstruction repair (lsq / obs)" + (" (QUICK SMOKE RUN: not a result)" if args.quick else ""), "",
-             f"Command: `python studies/repair_ablation.py --reconstruct{' --quick' if args.quick else ''}`  ",
-             f"Machine: {machine()}.", "",
-             "## Screen: damping x {lsq, obs}, global magnitude at 0.9, seed 0, selection split", "",
-             "Each pipeline is the re-fit followed by the channel-wise pipeline `" + AFTER + "`. "
-             "Ranked by mean selection KL over the models (label-free); top-1 beside it.", ""]
+    lines = [
+        "# Reconstruction repair (lsq / obs)" + (" (QUICK SMOKE RUN: not a result)" if args.quick else ""),
+        "",
+        f"Command: `python studies/repair_ablation.py --reconstruct{' --quick' if args.quick else ''}`  ",
+        f"Machine: {machine()}.",
+        "",
+        "## Screen: damping x {lsq, obs}, global magnitude at 0.9, seed 0, selection split",
+        "",
+        "Each pipeline is the re-fit followed by the channel-wise pipeline `" + AFTER + "`. "
+        "Ranked by mean selection KL over the models (label-free); top-1 beside it.",
+        "",
+    ]
     piv = sc.pivot_table(index="repair", columns="model", values=["top1", "kl"])
     piv.columns = [f"{m} {v}" for v, m in piv.columns]
     piv["mean kl"] = sc.groupby("repair").kl.mean()
     for c in [c for c in piv.columns if c.endswith("top1")]:
         piv[c] = (100 * piv[c]).round(1)
-    lines += [piv.sort_values("mean kl").round(3).to_markdown(), "",
-              f"**Chosen: `{best['lsq']}` (lsq) and `{best['obs']}` (obs).**", "",
-              "## Test top-1 (%), mean over calibration seeds ± 95% t-interval", ""]
+    lines += [
+        piv.sort_values("mean kl").round(3).to_markdown(),
+        "",
+        f"**Chosen: `{best['lsq']}` (lsq) and `{best['obs']}` (obs).**",
+        "",
+        "## Test top-1 (%), mean over calibration seeds ± 95% t-interval",
+        "",
+    ]
     base = out / "stage2.csv"
     rows = [test]
     if base.exists():  # the committed channel-wise rows, same seeds and images
@@ -266,18 +333,29 @@ def summarise_reconstruct(sc, test, alloc, best, out: Path, args) -> str:
     cells = []
     for (model, pr, rep), g in allr.groupby(["model", "pruning", "repair"]):
         m, h, _ = t_interval(100 * g.top1.values)
-        cells.append({"model": model, "pruning": pr, "repair": rep,
-                      "cell": (f"{m:.1f} ± {h:.1f}" if not np.isnan(h) else f"{m:.1f}")
-                      + ("" if len(g) == 3 else f" ({len(g)} seed{'s' if len(g) > 1 else ''})")})
-    wide = pd.DataFrame(cells).pivot_table(index="repair", columns=["model", "pruning"], values="cell",
-                                           aggfunc="first")
+        cells.append(
+            {
+                "model": model,
+                "pruning": pr,
+                "repair": rep,
+                "cell": (f"{m:.1f} ± {h:.1f}" if not np.isnan(h) else f"{m:.1f}")
+                + ("" if len(g) == 3 else f" ({len(g)} seed{'s' if len(g) > 1 else ''})"),
+            }
+        )
+    wide = pd.DataFrame(cells).pivot_table(index="repair", columns=["model", "pruning"], values="cell", aggfunc="first")
     wide.columns = [f"{a} {b}" for a, b in wide.columns]
     order = [r for r in ["bn", AFTER, best["lsq"], best["obs"]] if r in wide.index]
-    lines += [wide.reindex(order).to_markdown(), "",
-              f"Rows `bn` and `{AFTER}` (the channel-wise pipeline) come from `stage2.csv` (same seeds, same "
-              "10,000 test images).", "",
-              "## Allocation for the re-fit: rr-greedy on the lsq profile vs global magnitude, at 0.9", "",
-              f"Both verified under `{best['lsq']}`; paired by calibration seed (test top-1 points).", ""]
+    lines += [
+        wide.reindex(order).to_markdown(),
+        "",
+        f"Rows `bn` and `{AFTER}` (the channel-wise pipeline) come from `stage2.csv` (same seeds, same "
+        "10,000 test images).",
+        "",
+        "## Allocation for the re-fit: rr-greedy on the lsq profile vs global magnitude, at 0.9",
+        "",
+        f"Both verified under `{best['lsq']}`; paired by calibration seed (test top-1 points).",
+        "",
+    ]
     t = alloc[alloc.split == "test"]
     arows = []
     for model, g in t.groupby("model"):
@@ -287,9 +365,15 @@ def summarise_reconstruct(sc, test, alloc, best, out: Path, args) -> str:
         gm, gh, _ = t_interval(piv2["global"].values)
         rm, rh, _ = t_interval(piv2["rr-greedy"].values)
         sel = alloc[(alloc.split == "selection") & (alloc.model == model)].groupby("plan").kl.mean()
-        arows.append({"model": model, "global": f"{gm:.1f} ± {gh:.1f}", "rr-greedy (lsq profile)": f"{rm:.1f} ± {rh:.1f}",
-                      "rr-greedy - global": f"{m:+.1f} ± {h:.1f}",
-                      "selection KL global / rr": f"{sel.get('global', np.nan):.3f} / {sel.get('rr-greedy', np.nan):.3f}"})
+        arows.append(
+            {
+                "model": model,
+                "global": f"{gm:.1f} ± {gh:.1f}",
+                "rr-greedy (lsq profile)": f"{rm:.1f} ± {rh:.1f}",
+                "rr-greedy - global": f"{m:+.1f} ± {h:.1f}",
+                "selection KL global / rr": f"{sel.get('global', np.nan):.3f} / {sel.get('rr-greedy', np.nan):.3f}",
+            }
+        )
     lines += [pd.DataFrame(arows).to_markdown(index=False), ""]
     return "\n".join(lines)
 
@@ -297,17 +381,27 @@ def summarise_reconstruct(sc, test, alloc, best, out: Path, args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
-    ap.add_argument("--reuse-stage1", action="store_true",
-                    help="reuse the stage1.csv already in --out (same grid) and run stage 2 only")
+    ap.add_argument(
+        "--reuse-stage1",
+        action="store_true",
+        help="reuse the stage1.csv already in --out (same grid) and run stage 2 only",
+    )
     ap.add_argument("--top", type=int, default=3, help="pipelines carried to stage 2 (besides none and bn)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--reconstruct", action="store_true",
-                    help="run the reconstruction (lsq / obs) study instead (see the module docstring)")
+    ap.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="run the reconstruction (lsq / obs) study instead (see the module docstring)",
+    )
     ap.add_argument("--prunings", nargs="+", choices=list(PRUNINGS), help="--reconstruct: prunings of stage 2")
     ap.add_argument("--reuse-screen", help="--reconstruct: take the damping screen from this CSV (skip it)")
     ap.add_argument("--no-alloc", action="store_true", help="--reconstruct: skip the rr-greedy vs global part")
-    ap.add_argument("--merge-reconstruct", nargs="+", metavar="DIR",
-                    help="summarise the --reconstruct CSVs of these folders into --out")
+    ap.add_argument(
+        "--merge-reconstruct",
+        nargs="+",
+        metavar="DIR",
+        help="summarise the --reconstruct CSVs of these folders into --out",
+    )
     ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "repair_ablation"))
     args = ap.parse_args()
     shared_dir(args.shared)
@@ -319,8 +413,7 @@ def main() -> None:
         if args.quick:
             args.seeds = [0, 1]
             out = out.with_name(out.name + "_quick")
-        run_reconstruct(args, args.models[:1] if args.quick else args.models, out,
-                        lambda msg: print(msg, flush=True))
+        run_reconstruct(args, args.models[:1] if args.quick else args.models, out, lambda msg: print(msg, flush=True))
         return
     t_start = time.perf_counter()
     pipes, excluded = stage1_pipelines()
@@ -347,7 +440,7 @@ def main() -> None:
         write_frame_csv(s1, out / "stage1.csv")
     rank = s1.groupby("repair").top1.mean().sort_values(ascending=False)
     default = rank.index[0]
-    best = [r for r in rank.index if r not in ("none", "bn")][:args.top]
+    best = [r for r in rank.index if r not in ("none", "bn")][: args.top]
     s2 = run_stage(models, prunings, ["none", "bn"] + best, args.seeds, "test", overrides, log)
     write_frame_csv(s2, out / "stage2.csv")
     plot(s2, out / "repair_ablation.png")

@@ -9,9 +9,17 @@ def no_prunable() -> nn.Module:
 
 
 def tiny_digits_cnn(num_classes: int = 10) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
 
 
 class _BranchyBlock(nn.Module):
@@ -51,8 +59,15 @@ def branchy_net(num_classes: int = 10) -> nn.Module:
 
 def plain_vgg(num_classes: int = 10) -> nn.Module:
     """VGG-style: no residual block, no BatchNorm."""
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
 
 
 def vgg11_bn_small(num_classes: int = 10) -> nn.Module:
@@ -65,8 +80,15 @@ def vgg11_bn_small(num_classes: int = 10) -> nn.Module:
 
     model = torchvision.models.get_model("vgg11_bn", weights=None, num_classes=num_classes)
     model.avgpool = nn.AdaptiveAvgPool2d(1)
-    model.classifier = nn.Sequential(nn.Linear(512, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 64),
-                                     nn.ReLU(True), nn.Dropout(), nn.Linear(64, num_classes))
+    model.classifier = nn.Sequential(
+        nn.Linear(512, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, num_classes),
+    )
     return model
 
 

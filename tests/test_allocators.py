@@ -28,8 +28,18 @@ def toy_problem_parts(toy, toy_batches):
 def _problem(prof, weights, budget, lower=None, upper=None, unit="weights", evaluate=None):
     macs = np.array([64.0, 64.0, 16.0, 1.0]) if unit == "flops" else None
     # Optuna: past its 6 enqueued anchors and 2 more random start-up trials, so sampled plans are checked too
-    return AllocationProblem(prof.layers, budget, lower, upper, unit=unit, macs_per_weight=macs,
-                             weights=weights, profile=prof, evaluate=evaluate, seed=0)
+    return AllocationProblem(
+        prof.layers,
+        budget,
+        lower,
+        upper,
+        unit=unit,
+        macs_per_weight=macs,
+        weights=weights,
+        profile=prof,
+        evaluate=evaluate,
+        seed=0,
+    )
 
 
 def _alloc(name, **kw):

@@ -33,6 +33,7 @@ def _bad_search(tmp_path: Path, capsys, *args: str) -> str:
 
 # ---- output files keep the permissions a plain open() would give ----------------------------
 
+
 def _mode(p: Path) -> int:
     return stat.S_IMODE(p.stat().st_mode)
 
@@ -70,6 +71,7 @@ def test_overwritten_file_keeps_its_mode(tmp_path, mode):
 
 
 # ---- a checkpoint that would run code is refused without pointing at weights_only=False -----
+
 
 class _RunsCode:
     """Unpickling this runs a shell command (what a malicious checkpoint does)."""
@@ -116,11 +118,13 @@ def test_bad_checkpoint_never_suggests_unsafe_load(tmp_path, capsys, kind):
 
 # ---- non-finite weights are refused by name; plans never hold bare NaN -----------------------
 
+
 def _strict_json(text: str):
     import json
 
     def refuse(token: str):
         raise AssertionError(f"invalid JSON token {token}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -143,9 +147,14 @@ def test_non_finite_checkpoint_is_refused(tmp_path, capsys, value, which):
 def test_plan_never_writes_nan(tmp_path, bad):
     from rr_alloc.plan import LayerPlan, Plan
 
-    plan = Plan([LayerPlan("fc", 5, 10, (2, 5))], 0.5, "global", "bn",
-                verify={"top1": bad, "kl": bad, "reference": {"kl": bad, "agreement": 0.5}},
-                profile={"grid": [0.5, bad]})
+    plan = Plan(
+        [LayerPlan("fc", 5, 10, (2, 5))],
+        0.5,
+        "global",
+        "bn",
+        verify={"top1": bad, "kl": bad, "reference": {"kl": bad, "agreement": 0.5}},
+        profile={"grid": [0.5, bad]},
+    )
     text = plan.save(tmp_path / "plan.json").read_text()
     d = _strict_json(text)
     assert d["verify"] == {"top1": None, "kl": None, "reference": {"kl": None, "agreement": 0.5}}
@@ -154,6 +163,7 @@ def test_plan_never_writes_nan(tmp_path, bad):
 
 
 # ---- an image that cannot be decoded is named --------------------------------------------------
+
 
 def _image_folder(root: Path, per_class: int = 8, size: int = 32, classes: int = 2, seed: int = 0) -> Path:
     """A synthetic ImageFolder: ``classes`` subfolders of random RGB images, alternating PNG and JPEG."""
@@ -183,18 +193,35 @@ def _corrupt(path: Path, how: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name,how", [("bad.png", "truncated"), ("bad.jpg", "truncated"),
-                                      ("bad.png", "garbage"), ("bad.jpg", "empty")])
+@pytest.mark.parametrize(
+    "name,how", [("bad.png", "truncated"), ("bad.jpg", "truncated"), ("bad.png", "garbage"), ("bad.jpg", "empty")]
+)
 def test_corrupt_image_is_named(tmp_path, capsys, name, how):
     data = _image_folder(tmp_path / "data")
     bad = _corrupt(data / "class1" / name, how)
-    err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--model", "cifar_resnet20", "--dataset", "imagefolder",
-                      "--train-data", str(data), "--test-data", str(data), "--calib-size", "8",
-                      "--selection-size", "4")
+    err = _bad_search(
+        tmp_path,
+        capsys,
+        "--budget",
+        "0.9",
+        "--model",
+        "cifar_resnet20",
+        "--dataset",
+        "imagefolder",
+        "--train-data",
+        str(data),
+        "--test-data",
+        str(data),
+        "--calib-size",
+        "8",
+        "--selection-size",
+        "4",
+    )
     assert str(bad) in err and "corrupt or truncated" in err
 
 
 # ---- plan strings never become code or YAML keys ---------------------------------------------
+
 
 def _touch_code(marker: Path) -> str:
     return f"__import__('pathlib').Path({str(marker)!r}).touch()"
@@ -202,16 +229,27 @@ def _touch_code(marker: Path) -> str:
 
 def _payloads(marker: Path) -> dict[str, str]:
     code = _touch_code(marker)
-    return {"newline": f"x\n{code}\n", "cr": f"x\r{code}\r", "u2028": f"x\u2028{code}",
-            "docstring": f'x"""; {code}; """', "yaml-key": "x\ninjected: 1\nmodifiers: []"}
+    return {
+        "newline": f"x\n{code}\n",
+        "cr": f"x\r{code}\r",
+        "u2028": f"x\u2028{code}",
+        "docstring": f'x"""; {code}; """',
+        "yaml-key": "x\ninjected: 1\nmodifiers: []",
+    }
 
 
 def _simple_plan(**kw):
     from rr_alloc.plan import LayerPlan, Plan
 
     layers = [LayerPlan(kw.pop("layer", "conv"), 5, 10, (2, 5)), LayerPlan("fc", 3, 10, (10,))]
-    return Plan(layers, 0.5, kw.pop("allocator", "global"), "bn", budget_unit=kw.pop("budget_unit", "weights"),
-                source={"model": kw.pop("model", "digits_resnet")})
+    return Plan(
+        layers,
+        0.5,
+        kw.pop("allocator", "global"),
+        "bn",
+        budget_unit=kw.pop("budget_unit", "weights"),
+        source={"model": kw.pop("model", "digits_resnet")},
+    )
 
 
 @pytest.mark.parametrize("payload", ["newline", "cr", "u2028", "yaml-key"])
@@ -255,7 +293,9 @@ def test_export_quotes_plan_strings(tmp_path, fmt, payload):
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.add_constructor("!GMPruningModifier", lambda l, node: {"GMPruningModifier": l.construct_mapping(node, deep=True)})
+    Loader.add_constructor(
+        "!GMPruningModifier", lambda l, node: {"GMPruningModifier": l.construct_mapping(node, deep=True)}
+    )
     doc = yaml.load(text, Loader=Loader)
     if fmt == "llm-compressor":
         assert list(doc) == ["sparsity_stage"]
@@ -267,6 +307,7 @@ def test_export_quotes_plan_strings(tmp_path, fmt, payload):
 
 
 # ---- residual blocks found by a recorded forward; a missing site kind is skipped ------------
+
 
 def test_untraceable_blocks_are_found():
     from factories import branchy_net
@@ -283,8 +324,21 @@ def test_default_pipeline_runs_on_the_sites_a_model_has(tmp_path, capsys, factor
     import json
 
     out = tmp_path / "plan.json"
-    code = main(["search", "--budget", "0.8", "--model", f"factories:{factory}", "--calib-size", "64",
-                 "--selection-size", "32", "--out", str(out)])
+    code = main(
+        [
+            "search",
+            "--budget",
+            "0.8",
+            "--model",
+            f"factories:{factory}",
+            "--calib-size",
+            "64",
+            "--selection-size",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
     cap = capsys.readouterr()
     assert code == 0, cap.err
     assert "Traceback" not in cap.err and "error" not in cap.err
@@ -296,16 +350,37 @@ def test_default_pipeline_runs_on_the_sites_a_model_has(tmp_path, capsys, factor
 
 
 def test_a_step_with_no_site_at_all_is_refused(tmp_path, capsys):
-    err = _bad_search(tmp_path, capsys, "--budget", "0.8", "--model", "factories:plain_vgg",
-                      "--repair", "asr@block", "--calib-size", "64", "--selection-size", "32")
+    err = _bad_search(
+        tmp_path,
+        capsys,
+        "--budget",
+        "0.8",
+        "--model",
+        "factories:plain_vgg",
+        "--repair",
+        "asr@block",
+        "--calib-size",
+        "64",
+        "--selection-size",
+        "32",
+    )
     assert "'block' does not exist" in err and "--repair" in err
 
 
 # the smallest variant of each family, random weights; VGG-11-BN with a narrow classifier (the stock one
 # holds 119 M weights and takes ~5 min on 2 cores, tests/factories.py); convnext_tiny takes ~30 s
 _SLOW_FAMILIES = {"convnext_tiny"}
-TV_FAMILIES = ["resnet18", "factories:vgg11_bn_small", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
-               "densenet121", "shufflenet_v2_x0_5", "convnext_tiny"]
+TV_FAMILIES = [
+    "resnet18",
+    "factories:vgg11_bn_small",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_y_400mf",
+    "densenet121",
+    "shufflenet_v2_x0_5",
+    "convnext_tiny",
+]
 
 
 @pytest.fixture(scope="module")
@@ -317,18 +392,46 @@ def tiny_imagefolder(tmp_path_factory):
     return data, cfg
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_FAMILIES else n
-                                  for n in TV_FAMILIES])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_FAMILIES else n for n in TV_FAMILIES]
+)
 def test_torchvision_family_sweep(tmp_path, capsys, tiny_imagefolder, name):
     import json
 
     data, cfg = tiny_imagefolder
     out = tmp_path / "plan.json"
     threads = torch.get_num_threads()
-    code = main(["search", "--budget", "0.5", "--model", name, "--num-classes", "10", "--config", str(cfg),
-                 "--dataset", "imagefolder", "--train-data", str(data), "--test-data", str(data),
-                 "--calib-size", "16", "--selection-size", "8", "--eval-size", "8", "--batch-size", "8",
-                 "--threads", "1", "--out", str(out)])  # one thread: these small convs lose time to a second one
+    code = main(
+        [
+            "search",
+            "--budget",
+            "0.5",
+            "--model",
+            name,
+            "--num-classes",
+            "10",
+            "--config",
+            str(cfg),
+            "--dataset",
+            "imagefolder",
+            "--train-data",
+            str(data),
+            "--test-data",
+            str(data),
+            "--calib-size",
+            "16",
+            "--selection-size",
+            "8",
+            "--eval-size",
+            "8",
+            "--batch-size",
+            "8",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )  # one thread: these small convs lose time to a second one
     torch.set_num_threads(threads)
     cap = capsys.readouterr()
     assert code == 0, cap.err
@@ -340,22 +443,39 @@ def test_torchvision_family_sweep(tmp_path, capsys, tiny_imagefolder, name):
 
 # ---- a plan file alone never makes rr_alloc import code ---------------------------------------
 
-_EVIL = '''import os, pathlib
+_EVIL = """import os, pathlib
 pathlib.Path(os.environ["RR_EVIL_MARKER"]).touch()  # importing this module is the attack
 
 
 def factory(num_classes=10):
     pathlib.Path(os.environ["RR_EVIL_MARKER"] + ".called").touch()
     raise SystemExit("called")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def factory_plan(tmp_path_factory) -> Path:
     """A small plan made with --model factories:tiny_digits_cnn (the spec tests then replace)."""
     out = tmp_path_factory.mktemp("fplan") / "plan.json"
-    assert main(["search", "--budget", "0.8", "--model", "factories:tiny_digits_cnn", "--calib-size", "64",
-                 "--selection-size", "32", "--no-verify", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--budget",
+                "0.8",
+                "--model",
+                "factories:tiny_digits_cnn",
+                "--calib-size",
+                "64",
+                "--selection-size",
+                "32",
+                "--no-verify",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -376,8 +496,17 @@ def _replay(cmd: str, plan: Path, out: Path, *extra: str) -> list[str]:
     return ["export", "--plan", str(plan), "--format", cmd.split(":")[1], "--out", str(out), *extra]
 
 
-EXPORT_FORMATS = ["masks", "torch-pruning", "csv", "markdown", "torch-prune", "nni", "nni-v2", "sparseml",
-                  "llm-compressor"]
+EXPORT_FORMATS = [
+    "masks",
+    "torch-pruning",
+    "csv",
+    "markdown",
+    "torch-prune",
+    "nni",
+    "nni-v2",
+    "sparseml",
+    "llm-compressor",
+]
 REPLAY_CMDS = ["verify", "apply"] + [f"export:{f}" for f in EXPORT_FORMATS]
 
 
@@ -406,7 +535,7 @@ def test_plan_model_code_is_refused(tmp_path, capsys, monkeypatch, factory_plan,
 
 @pytest.mark.parametrize("how", ["cli-model", "trust-flag"])
 def test_plan_model_code_runs_when_the_caller_says_so(tmp_path, capsys, factory_plan, how):
-    extra = (["--model", "factories:tiny_digits_cnn"] if how == "cli-model" else ["--trust-plan-model"])
+    extra = ["--model", "factories:tiny_digits_cnn"] if how == "cli-model" else ["--trust-plan-model"]
     out = tmp_path / "masks.pt"
     assert main(_replay("export:masks", factory_plan, out, *extra)) == 0, capsys.readouterr().err
     assert out.exists()
@@ -426,9 +555,17 @@ def test_zoo_and_torchvision_names_need_no_trust(tmp_path, capsys, model):
 
 # ---- a factory that needs arguments, raises or returns a non-module is one line ---------------
 
-@pytest.mark.parametrize("spec,what", [("os:system", "TypeError"), ("factories:raises", "weights file missing"),
-                                       ("factories:returns_none", "NoneType"), ("os:getcwd", "str|TypeError"),
-                                       ("factories:ToyNotThere", "no attribute")])
+
+@pytest.mark.parametrize(
+    "spec,what",
+    [
+        ("os:system", "TypeError"),
+        ("factories:raises", "weights file missing"),
+        ("factories:returns_none", "NoneType"),
+        ("os:getcwd", "str|TypeError"),
+        ("factories:ToyNotThere", "no attribute"),
+    ],
+)
 @pytest.mark.parametrize("num_classes", [None, "10"])
 def test_bad_factory_is_one_line(tmp_path, capsys, spec, what, num_classes):
     extra = [] if num_classes is None else ["--num-classes", num_classes]
@@ -437,6 +574,7 @@ def test_bad_factory_is_one_line(tmp_path, capsys, spec, what, num_classes):
 
 
 # ---- every export format checks the plan's layers and checkpoint hash ------------------------
+
 
 @pytest.fixture(scope="module")
 def checkpoint_plan(tmp_path_factory) -> tuple[Path, Path]:
@@ -447,8 +585,25 @@ def checkpoint_plan(tmp_path_factory) -> tuple[Path, Path]:
     ck = d / "ck.pt"
     torch.save(build_model("digits_resnet", cache_dir=os.environ["RR_ALLOC_CACHE"]).state_dict(), ck)
     out = d / "plan.json"
-    assert main(["search", "--budget", "0.8", "--checkpoint", str(ck), "--calib-size", "64",
-                 "--selection-size", "32", "--no-verify", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--budget",
+                "0.8",
+                "--checkpoint",
+                str(ck),
+                "--calib-size",
+                "64",
+                "--selection-size",
+                "32",
+                "--no-verify",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out, ck
 
 
@@ -482,6 +637,7 @@ def test_every_export_checks_layers_and_checkpoint(tmp_path, capsys, checkpoint_
 
 # ---- unwritable outputs are refused before any work; DIR/ means DIR/plan.json -----------------
 
+
 def _unwritable(tmp_path: Path, where: str) -> Path:
     """An output path that cannot be written: under a file, or under /proc."""
     if where == "under-file":
@@ -505,10 +661,12 @@ def test_unwritable_output_fails_before_work(tmp_path, capsys, checkpoint_plan, 
     else:
         target = _unwritable(tmp_path, where)
     before = sorted(tmp_path.rglob("*"))
-    argv = {"search": ["search", "--budget", "0.9", "--out", str(target)],
-            "apply": ["apply", "--plan", str(checkpoint_plan[0]), "--out", str(target)],
-            "export": ["export", "--plan", str(checkpoint_plan[0]), "--format", "csv", "--out", str(target)],
-            "compare": ["compare", "--budgets", "0.9", "--allocators", "uniform", "--out-dir", str(target)]}[cmd]
+    argv = {
+        "search": ["search", "--budget", "0.9", "--out", str(target)],
+        "apply": ["apply", "--plan", str(checkpoint_plan[0]), "--out", str(target)],
+        "export": ["export", "--plan", str(checkpoint_plan[0]), "--format", "csv", "--out", str(target)],
+        "compare": ["compare", "--budgets", "0.9", "--allocators", "uniform", "--out-dir", str(target)],
+    }[cmd]
     code = main(argv)
     out = capsys.readouterr()
     assert out.out == ""  # refused before any work
@@ -531,18 +689,31 @@ def test_search_out_folder_means_plan_json(tmp_path, capsys, how):
     if how == "existing-dir":
         d.mkdir()
     arg = str(d) + ("/" if how == "trailing-slash" else "")
-    assert main(["search", "--budget", "0.9", "--no-verify", "--calib-size", "64", "--selection-size", "32",
-                 "--out", arg]) == 0, capsys.readouterr().err
+    assert (
+        main(["search", "--budget", "0.9", "--no-verify", "--calib-size", "64", "--selection-size", "32", "--out", arg])
+        == 0
+    ), capsys.readouterr().err
     assert (d / "plan.json").is_file() and (d / "profile.csv").is_file()
 
 
 # ---- numbers out of range are one line, named by their flag -----------------------------------
 
-@pytest.mark.parametrize("args,flag", [(["--batch-size", "0"], "--batch-size"), (["--batch-size", "-1"], "--batch-size"),
-                                       (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"),
-                                       (["--grid", "nan", "0.99"], "--grid"), (["--grid", "0.5", "inf"], "--grid"),
-                                       (["--s-max", "nan"], "--s-max"), (["--calib-size", "0"], "--calib-size"),
-                                       (["--seed", "-1"], "--seed"), (["--num-classes", "0"], "--num-classes")])
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "-1"], "--batch-size"),
+        (["--threads", "-1"], "--threads"),
+        (["--threads", "0"], "--threads"),
+        (["--grid", "nan", "0.99"], "--grid"),
+        (["--grid", "0.5", "inf"], "--grid"),
+        (["--s-max", "nan"], "--s-max"),
+        (["--calib-size", "0"], "--calib-size"),
+        (["--seed", "-1"], "--seed"),
+        (["--num-classes", "0"], "--num-classes"),
+    ],
+)
 def test_bad_numbers_are_one_line(tmp_path, capsys, args, flag):
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", *args)
     assert flag in err
@@ -553,8 +724,9 @@ def test_bad_numbers_are_one_line(tmp_path, capsys, args, flag):
 _OPTUNA = ["--allocator", "optuna", "--calib-size", "64", "--selection-size", "32", "--no-verify"]
 
 
-@pytest.mark.parametrize("args", [["--n-trials", "-1"], ["--timeout", "-1"], ["--n-trials", "0"],
-                                  ["--n-trials", "0", "--timeout", "nan"]])
+@pytest.mark.parametrize(
+    "args", [["--n-trials", "-1"], ["--timeout", "-1"], ["--n-trials", "0"], ["--n-trials", "0", "--timeout", "nan"]]
+)
 def test_bad_trial_counts_leave_nothing(tmp_path, capsys, args):
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", *_OPTUNA, *args)
     assert "--n-trials" in err or "--timeout" in err
@@ -578,9 +750,17 @@ def test_zero_trials_writes_the_best_trial(tmp_path, capsys):
     assert json.loads(out.read_text())["layers"] == first["layers"]  # the study's best trial
 
 
-@pytest.mark.parametrize("args,what", [(["--repair", "bogus"], "bogus"), (["--reference", "bogus"], "bogus"),
-                                       (["--calib-size", "100000"], "exceed"), (["--checkpoint", "missing.pt"], "missing.pt"),
-                                       (["--model", "no_such_model"], "no_such_model"), (["--storage", "x.txt"], "x.txt")])
+@pytest.mark.parametrize(
+    "args,what",
+    [
+        (["--repair", "bogus"], "bogus"),
+        (["--reference", "bogus"], "bogus"),
+        (["--calib-size", "100000"], "exceed"),
+        (["--checkpoint", "missing.pt"], "missing.pt"),
+        (["--model", "no_such_model"], "no_such_model"),
+        (["--storage", "x.txt"], "x.txt"),
+    ],
+)
 def test_bad_input_with_optuna_leaves_no_folder(tmp_path, capsys, args, what):
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", *_OPTUNA, "--n-trials", "1", *args)
     assert what in err
@@ -623,14 +803,26 @@ def test_ctrl_c_in_a_trial_is_one_line(tmp_path, capsys, monkeypatch):
 
 # ---- config and plan values are type-checked; the config's out: key is honoured ---------------
 
-@pytest.mark.parametrize("line,key", [("calib_size: abc", "calib_size"), ("grid: abc", "grid"), ("device: 5", "device"),
-                                      ("seed: [1, 2]", "seed"), ("batch_size: 1.5", "batch_size"),
-                                      ("pretrained: 'yes'", "pretrained"), ("include: [1, 2]", "include"),
-                                      ("transform: [1, 2]", "transform"), ("model: ''", "model"),
-                                      ("s_max: .inf", "s_max"), ("n_trials: -3", "n_trials"),
-                                      ("transform: {mean: abc}", "transform mean"),
-                                      ("transform: {mean: [0.5], std: [0]}", "transform std"),
-                                      ("transform: {resize: big}", "transform resize")])
+
+@pytest.mark.parametrize(
+    "line,key",
+    [
+        ("calib_size: abc", "calib_size"),
+        ("grid: abc", "grid"),
+        ("device: 5", "device"),
+        ("seed: [1, 2]", "seed"),
+        ("batch_size: 1.5", "batch_size"),
+        ("pretrained: 'yes'", "pretrained"),
+        ("include: [1, 2]", "include"),
+        ("transform: [1, 2]", "transform"),
+        ("model: ''", "model"),
+        ("s_max: .inf", "s_max"),
+        ("n_trials: -3", "n_trials"),
+        ("transform: {mean: abc}", "transform mean"),
+        ("transform: {mean: [0.5], std: [0]}", "transform std"),
+        ("transform: {resize: big}", "transform resize"),
+    ],
+)
 def test_config_values_are_type_checked(tmp_path, capsys, line, key):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(line + "\n")
@@ -638,8 +830,9 @@ def test_config_values_are_type_checked(tmp_path, capsys, line, key):
     assert err.startswith(f"error: {key} ")
 
 
-@pytest.mark.parametrize("field,value", [("calib_size", "abc"), ("seed", [1, 2]), ("batch_size", 0),
-                                         ("eval_size", "all")])
+@pytest.mark.parametrize(
+    "field,value", [("calib_size", "abc"), ("seed", [1, 2]), ("batch_size", 0), ("eval_size", "all")]
+)
 @pytest.mark.parametrize("cmd", ["verify", "apply", "export:csv"])
 def test_plan_values_are_type_checked(tmp_path, capsys, checkpoint_plan, field, value, cmd):
     import json

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    return subprocess.run([sys.executable, "-m", "rr_alloc", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "rr_alloc", *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +104,20 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
 
 
 def test_missing_data_directory(tmp_path, capsys):
-    err = _bad(tmp_path, capsys, "--budget", "0.9", "--model", "cifar_resnet20", "--dataset", "imagefolder",
-               "--train-data", str(tmp_path / "nope"), "--test-data", str(tmp_path / "nope"))
+    err = _bad(
+        tmp_path,
+        capsys,
+        "--budget",
+        "0.9",
+        "--model",
+        "cifar_resnet20",
+        "--dataset",
+        "imagefolder",
+        "--train-data",
+        str(tmp_path / "nope"),
+        "--test-data",
+        str(tmp_path / "nope"),
+    )
     assert "not a directory" in err and "--train-data" in err
 
 
@@ -135,8 +148,10 @@ def test_bad_config_file(tmp_path, capsys):
 
 def test_user_factory_model_runs(tmp_path):
     out = tmp_path / "plan.json"
-    assert main(["search", "--budget", "0.7", "--model", "factories:tiny_digits_cnn", "--out", str(out),
-                 "--repair", "bn"]) == 0
+    assert (
+        main(["search", "--budget", "0.7", "--model", "factories:tiny_digits_cnn", "--out", str(out), "--repair", "bn"])
+        == 0
+    )
     plan = json.loads(out.read_text())
     assert [l["name"] for l in plan["layers"]] == ["0", "3", "8"]
 
@@ -145,8 +160,20 @@ def test_optuna_study_resumes_from_storage(tmp_path):
     import optuna
 
     out = tmp_path / "plan.json"
-    args = ["search", "--budget", "0.8", "--allocator", "optuna", "--out", str(out), "--no-verify",
-            "--calib-size", "128", "--selection-size", "128"]
+    args = [
+        "search",
+        "--budget",
+        "0.8",
+        "--allocator",
+        "optuna",
+        "--out",
+        str(out),
+        "--no-verify",
+        "--calib-size",
+        "128",
+        "--selection-size",
+        "128",
+    ]
     assert main(args + ["--n-trials", "3"]) == 0
     storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
     assert main(args + ["--n-trials", "2"]) == 0
@@ -159,8 +186,28 @@ def test_optuna_study_resumes_from_storage(tmp_path):
 def test_compare_writes_table_and_figure(tmp_path, capsys):
     import pandas as pd
 
-    assert main(["compare", "--budgets", "0.7", "0.9", "--allocators", "global", "rr-greedy", "--repairs", "bn",
-                 "--out-dir", str(tmp_path), "--calib-size", "128", "--selection-size", "64"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--budgets",
+                "0.7",
+                "0.9",
+                "--allocators",
+                "global",
+                "rr-greedy",
+                "--repairs",
+                "bn",
+                "--out-dir",
+                str(tmp_path),
+                "--calib-size",
+                "128",
+                "--selection-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     df = pd.read_csv(tmp_path / "compare.csv")
     assert {"budget", "allocator", "repair", "top1", "agreement", "kl", "achieved_sparsity"} <= set(df.columns)
     assert len(df) == 4 and (tmp_path / "compare.png").exists()
@@ -193,8 +240,26 @@ SHARED = Path(os.environ.get("RR_ALLOC_SHARED", ROOT.parent / "shared"))
 def test_real_cifar_resnet20_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("RR_ALLOC_SHARED", str(SHARED))
     out = tmp_path / "plan.json"
-    assert main(["search", "--budget", "0.9", "--config", str(ROOT / "configs" / "cifar10_resnet20.yaml"),
-                 "--calib-size", "256", "--selection-size", "64", "--eval-size", "500", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--budget",
+                "0.9",
+                "--config",
+                str(ROOT / "configs" / "cifar10_resnet20.yaml"),
+                "--calib-size",
+                "256",
+                "--selection-size",
+                "64",
+                "--eval-size",
+                "500",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     plan = json.loads(out.read_text())
     assert round(plan["achieved_sparsity"], 4) == 0.9
     assert plan["verify"]["dense_top1"] > 0.7  # the akamaster checkpoint scores ~81% on these JPEGs

@@ -19,8 +19,10 @@ from rr_alloc.plan import LayerPlan, Plan
 
 def _plan_for(model, seed=0, low=0.3, high=0.95) -> Plan:
     rng = np.random.default_rng(seed)
-    layers = [LayerPlan(l.name, int(rng.uniform(low, high) * l.n_weights), l.n_weights, l.shape)
-              for l in prunable_layers(model)]
+    layers = [
+        LayerPlan(l.name, int(rng.uniform(low, high) * l.n_weights), l.n_weights, l.shape)
+        for l in prunable_layers(model)
+    ]
     return Plan(layers, 0.8, "test", "bn", source={"model": "cifar_resnet20"})
 
 
@@ -95,7 +97,9 @@ def test_sparseml_recipe_structure(resnet20, tmp_path):
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.add_constructor("!GMPruningModifier", lambda l, node: {"GMPruningModifier": l.construct_mapping(node, deep=True)})
+    Loader.add_constructor(
+        "!GMPruningModifier", lambda l, node: {"GMPruningModifier": l.construct_mapping(node, deep=True)}
+    )
     mods = yaml.load(text, Loader=Loader)["modifiers"]
     gm = mods[0]["GMPruningModifier"]
     got = {p: s for s, params in gm["final_sparsity"].items() for p in params}

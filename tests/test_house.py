@@ -22,18 +22,30 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_import_contracts_hold():
     """No import cycle, no upward import, the library never imports the CLI (pyproject.toml contracts)."""
     # through the interpreter, not the lint-imports script: a fresh environment may not have it on PATH yet
-    code = ("import sys; from importlinter.cli import lint_imports; "
-            f"sys.exit(lint_imports(config_filename={str(ROOT / 'pyproject.toml')!r}, no_cache=True))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    code = (
+        "import sys; from importlinter.cli import lint_imports; "
+        f"sys.exit(lint_imports(config_filename={str(ROOT / 'pyproject.toml')!r}, no_cache=True))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "0 broken" in r.stdout
 
 
 def test_importing_the_library_pulls_no_cli_module():
     code = "import rr_alloc, sys; print([m for m in sys.modules if m.startswith('rr_alloc.cli')])"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
 
 
@@ -86,10 +98,13 @@ def test_layer_macs_on_grouped_and_strided_convs():
     from rr_alloc.layers import prunable_layers
     from rr_alloc.workbench import layer_macs
 
-    model = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),  # depthwise, 10x10 -> 5x5
-                          nn.Conv2d(8, 16, 1, groups=2),                        # grouped pointwise, 5x5
-                          nn.Conv2d(16, 4, 3),                                  # valid conv, 3x3
-                          nn.Flatten(), nn.Linear(36, 7))
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),  # depthwise, 10x10 -> 5x5
+        nn.Conv2d(8, 16, 1, groups=2),  # grouped pointwise, 5x5
+        nn.Conv2d(16, 4, 3),  # valid conv, 3x3
+        nn.Flatten(),
+        nn.Linear(36, 7),
+    )
     layers = prunable_layers(model)
     a = layer_macs(model, layers, torch.randn(2, 8, 10, 10))
     np.testing.assert_array_equal(a, [25, 25, 9, 1])  # each weight is used once per output position
@@ -156,9 +171,15 @@ def test_nm_pattern_from_the_command_line(tmp_path, capsys):
             assert bool((g.sum(-1) <= 2).all()), l["name"]
 
 
-@pytest.mark.parametrize("args,msg", [(["--pattern", "2:4", "--budget", "0.9"], "exactly one"),
-                                      ([], "exactly one"), (["--pattern", "4:2"], "0 < N < M"),
-                                      (["--pattern", "two"], "N:M")])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--pattern", "2:4", "--budget", "0.9"], "exactly one"),
+        ([], "exactly one"),
+        (["--pattern", "4:2"], "0 < N < M"),
+        (["--pattern", "two"], "N:M"),
+    ],
+)
 def test_bad_pattern_is_one_line(tmp_path, capsys, args, msg):
     out = tmp_path / "plan.json"
     assert main(["search", *args, "--out", str(out)]) == 2

@@ -26,8 +26,13 @@ def test_round_trip(tmp_path):
     d = json.loads(path.read_text())
     for key in ("budget", "achieved_sparsity", "allocator", "repair", "layers", "verify", "source"):
         assert key in d
-    assert d["layers"][0] == {"name": "conv1", "sparsity": 100 / 432, "n_pruned": 100, "n_weights": 432,
-                              "shape": [16, 3, 3, 3]}
+    assert d["layers"][0] == {
+        "name": "conv1",
+        "sparsity": 100 / 432,
+        "n_pruned": 100,
+        "n_weights": 432,
+        "shape": [16, 3, 3, 3],
+    }
     assert d["achieved_sparsity"] == pytest.approx(110 / 1072)
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -38,20 +43,23 @@ def _broken(mutate):
     return d
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda d: d.update(version=99), "schema version 99"),
-    (lambda d: d.update(schema="other"), "not an rr_alloc plan"),
-    (lambda d: d.update(unit="percent"), "unit"),
-    (lambda d: d.pop("layers"), "lacks the key 'layers'"),
-    (lambda d: d.update(layers=[]), "lists no layers"),
-    (lambda d: d["layers"][0].update(sparsity=1.0, n_pruned=432), "outside \\[0, 1\\)"),
-    (lambda d: d["layers"][0].update(sparsity=-0.1), "outside \\[0, 1\\)"),
-    (lambda d: d["layers"][0].update(shape=[16, 3, 3]), "n_weights 432 but shape"),
-    (lambda d: d["layers"][1].update(name="conv1"), "listed twice"),
-    (lambda d: d["layers"][0].update(n_pruned=7), "inconsistent"),
-    (lambda d: d["layers"][0].pop("n_weights"), "needs name, sparsity"),
-    (lambda d: d.update(budget=2.0), "budget 2.0 outside"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda d: d.update(version=99), "schema version 99"),
+        (lambda d: d.update(schema="other"), "not an rr_alloc plan"),
+        (lambda d: d.update(unit="percent"), "unit"),
+        (lambda d: d.pop("layers"), "lacks the key 'layers'"),
+        (lambda d: d.update(layers=[]), "lists no layers"),
+        (lambda d: d["layers"][0].update(sparsity=1.0, n_pruned=432), "outside \\[0, 1\\)"),
+        (lambda d: d["layers"][0].update(sparsity=-0.1), "outside \\[0, 1\\)"),
+        (lambda d: d["layers"][0].update(shape=[16, 3, 3]), "n_weights 432 but shape"),
+        (lambda d: d["layers"][1].update(name="conv1"), "listed twice"),
+        (lambda d: d["layers"][0].update(n_pruned=7), "inconsistent"),
+        (lambda d: d["layers"][0].pop("n_weights"), "needs name, sparsity"),
+        (lambda d: d.update(budget=2.0), "budget 2.0 outside"),
+    ],
+)
 def test_malformed_plans_rejected(mutate, message):
     with pytest.raises(UserError, match=message):
         Plan.from_dict(_broken(mutate))
@@ -110,8 +118,9 @@ def test_published_schema_is_the_declared_one():
     from rr_alloc.plan_schema import PLAN_SCHEMA
 
     published = Path(__file__).resolve().parents[1] / "docs" / "plan.schema.json"
-    assert json.loads(published.read_text()) == PLAN_SCHEMA, \
+    assert json.loads(published.read_text()) == PLAN_SCHEMA, (
         "regenerate it: python -m rr_alloc.plan_schema > docs/plan.schema.json"
+    )
 
 
 def test_written_plans_validate_against_the_published_schema(tmp_path):
@@ -124,14 +133,17 @@ def test_written_plans_validate_against_the_published_schema(tmp_path):
     jsonschema.Draft202012Validator(published).validate(d)
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda d: d.update(source="notadict"), "source: 'notadict' is not of type 'object'"),
-    (lambda d: d.update(achieved_sparsity="abc"), "achieved_sparsity"),
-    (lambda d: d["source"]["data"].update(calib_size="abc"), "source.data.calib_size"),
-    (lambda d: d["source"].update(checkpoint_sha256="xyz"), "source.checkpoint_sha256"),
-    (lambda d: d["verify"].update(top1="high"), "verify.top1"),
-    (lambda d: d["layers"][0].update(name=""), "layers\\[0\\].name"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda d: d.update(source="notadict"), "source: 'notadict' is not of type 'object'"),
+        (lambda d: d.update(achieved_sparsity="abc"), "achieved_sparsity"),
+        (lambda d: d["source"]["data"].update(calib_size="abc"), "source.data.calib_size"),
+        (lambda d: d["source"].update(checkpoint_sha256="xyz"), "source.checkpoint_sha256"),
+        (lambda d: d["verify"].update(top1="high"), "verify.top1"),
+        (lambda d: d["layers"][0].update(name=""), "layers\\[0\\].name"),
+    ],
+)
 def test_every_field_is_checked_against_the_schema(mutate, message):
     with pytest.raises(UserError, match=message):
         Plan.from_dict(_broken(mutate))

@@ -18,8 +18,10 @@ def _brute_force(model: nn.Module, batches, grid, lam_rule="mean", mean_shift=Tr
     model = model.double().eval()
     layers = prunable_layers(model)
     inputs = {l.name: [] for l in layers}
-    hooks = [model.get_submodule(l.name).register_forward_hook(
-        lambda m, i, o, n=l.name: inputs[n].append(i[0].detach())) for l in layers]
+    hooks = [
+        model.get_submodule(l.name).register_forward_hook(lambda m, i, o, n=l.name: inputs[n].append(i[0].detach()))
+        for l in layers
+    ]
     with torch.no_grad():
         for x, _ in batches:
             model(x.double())
@@ -37,12 +39,15 @@ def _brute_force(model: nn.Module, batches, grid, lam_rule="mean", mean_shift=Tr
                 keep = magnitude_mask(w, n_pruned(s, w.numel()))
                 if isinstance(mod, nn.Conv2d):
                     y_p = mod._conv_forward(x, w * keep, mod.bias)
+
                     def cd(t):
                         return t.transpose(0, 1).reshape(t.shape[1], -1)
                 else:
                     y_p = nn.functional.linear(x, w * keep, mod.bias)
+
                     def cd(t):
                         return t.reshape(-1, t.shape[-1]).T
+
                 yd, yp = cd(y_d), cd(y_p)
                 mu_d, mu_p = torch.mean(yd, 1, keepdim=True), torch.mean(yp, 1, keepdim=True)
                 v_d = torch.mean((yd - mu_d) ** 2, 1)

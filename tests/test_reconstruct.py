@@ -59,7 +59,7 @@ def _brute_lsq(dense, pruned, masks, batches, damp):
         with torch.no_grad():
             yd = dl(_inputs(dense, name, batches))
         yd = (yd.permute(0, 2, 3, 1).reshape(-1, yd.shape[1]) if yd.dim() == 4 else yd).numpy()
-        lam = damp * float((xp ** 2).sum(0).mean())
+        lam = damp * float((xp**2).sum(0).mean())
         const = targets[name] is not None
         w = dl.weight.detach().flatten(1).numpy()
         b = dl.bias.detach().numpy() if dl.bias is not None else np.zeros(w.shape[0])
@@ -72,7 +72,7 @@ def _brute_lsq(dense, pruned, masks, batches, damp):
                 A = np.concatenate([A, np.ones((A.shape[0], 1))], 1)
                 x0 = np.append(x0, b[i])
             sol = np.linalg.solve(A.T @ A + lam * np.eye(A.shape[1]), A.T @ yd[:, i] + lam * x0)
-            new_w[i, keep[i]] = sol[:keep[i].sum()]
+            new_w[i, keep[i]] = sol[: keep[i].sum()]
             new_b[i] = sol[-1] if const else 0.0
         with torch.no_grad():
             layer.weight.copy_(torch.from_numpy(new_w).view_as(layer.weight))
@@ -138,8 +138,11 @@ def test_obs_keeps_every_layer_count(toy, toy_batches, s):
 
 def test_obs_nm_keeps_n_of_every_group(toy, toy_batches):
     pruned = copy.deepcopy(toy)
-    masks = {n: k for n, k in ((l.name, nm_mask(toy.get_submodule(l.name).weight, 2, 4))
-                               for l in prunable_layers(toy)) if k is not None}
+    masks = {
+        n: k
+        for n, k in ((l.name, nm_mask(toy.get_submodule(l.name).weight, 2, 4)) for l in prunable_layers(toy))
+        if k is not None
+    }
     apply_masks(pruned, masks)
     report = run_repair(pruned, "obs", toy_batches, dense=toy, masks=masks, nm=(2, 4))
     for name, keep in report.masks.items():
@@ -160,9 +163,16 @@ def test_lsq_survives_dead_inputs_without_damping():
     assert all(torch.isfinite(p).all() for p in pruned.parameters())
 
 
-@pytest.mark.parametrize("text,msg", [("lsq:damp=-1", "bad value"), ("lsq:damp=x", "bad value"),
-                                      ("lsq:foo=1", "unknown option"), ("obs:block=0", "bad value"),
-                                      ("lsq:block=8", "unknown option")])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("lsq:damp=-1", "bad value"),
+        ("lsq:damp=x", "bad value"),
+        ("lsq:foo=1", "unknown option"),
+        ("obs:block=0", "bad value"),
+        ("lsq:block=8", "unknown option"),
+    ],
+)
 def test_bad_reconstruct_steps(text, msg):
     with pytest.raises(UserError, match=msg):
         RepairPipeline.parse(text)
@@ -187,7 +197,7 @@ def _brute_lsq_profile(model, batches, grid, damp):
             y = layer(x)
         y = (y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]) if y.dim() == 4 else y).numpy()
         v_d = y.var(0).sum()
-        lam = damp * float((X ** 2).sum(0).mean())
+        lam = damp * float((X**2).sum(0).mean())
         w = layer.weight.detach().flatten(1).numpy()
         b = layer.bias.detach().numpy() if layer.bias is not None else np.zeros(w.shape[0])
         const = targets[name] is not None

@@ -93,8 +93,11 @@ def test_folding_equals_hook_reference(toy, toy_batches, kind):
     handles = []
     for site in sites:
         c = hooked.get_submodule(site.name)
-        C = (c.weight.shape[0] if hasattr(c, "weight") and c.weight is not None else
-             site_moments(hooked, [site], toy_batches[:1])[site.name].mean.numel())
+        C = (
+            c.weight.shape[0]
+            if hasattr(c, "weight") and c.weight is not None
+            else site_moments(hooked, [site], toy_batches[:1])[site.name].mean.numel()
+        )
         scale, shift = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
         fold_correction(folded, site.name, site.kind, scale, shift, site.consumer_bn, site.channel_dim)
 
@@ -127,8 +130,17 @@ def test_missing_site_kind_is_a_clear_error():
         discover_sites(model, ("block",))
 
 
-@pytest.mark.parametrize("pipeline", ["bn", "asr@conv>bn", "bn>asr@block+logits", "bn>lw@block+logits",
-                                      "naive@bn>bn", "bn>asr@conv+bn+block+logits:noshift:lam=median"])
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "bn",
+        "asr@conv>bn",
+        "bn>asr@block+logits",
+        "bn>lw@block+logits",
+        "naive@bn>bn",
+        "bn>asr@conv+bn+block+logits:noshift:lam=median",
+    ],
+)
 def test_pipelines_run_and_leave_no_hooks(toy, toy_batches, pipeline):
     p = _pruned(toy, 0.9)
     report = run_repair(p, pipeline, toy_batches, dense=toy)
@@ -181,8 +193,9 @@ def test_magnitude_mask_counts_and_ties():
     assert int((~magnitude_mask(torch.randn(10, 10), 37)).sum()) == 37
 
 
-@pytest.mark.parametrize("pipeline", ["asr@conv>bn", "bn>asr@block+logits", "bn>naive@conv+logits:noshift",
-                                      "bn>naive@bn+block"])
+@pytest.mark.parametrize(
+    "pipeline", ["asr@conv>bn", "bn>asr@block+logits", "bn>naive@conv+logits:noshift", "bn>naive@bn+block"]
+)
 def test_single_pass_equals_per_site_recompute(toy, toy_batches, pipeline):
     a, b = _pruned(toy, 0.9), _pruned(toy, 0.9)
     ra = run_repair(a, pipeline, toy_batches, dense=toy, staged=True)

@@ -2,7 +2,6 @@
 
 from rr_alloc import runtime
 
-
 _PROBE = """
 import ctypes
 from rr_alloc.runtime import tune_malloc
@@ -25,8 +24,9 @@ def _probe(**env: str) -> str:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                       env={**os.environ, **env}, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, env={**os.environ, **env}, check=True
+    )
     return r.stdout.strip()
 
 

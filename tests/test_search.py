@@ -28,8 +28,18 @@ def parts(toy, toy_batches):
 
 def _problem(prof, weights, budget=0.9, unit="weights", evaluate=None):
     macs = np.array([64.0, 64.0, 16.0, 1.0]) if unit == "flops" else None
-    return AllocationProblem(prof.layers, budget, None, None, unit=unit, macs_per_weight=macs, weights=weights,
-                             profile=prof, evaluate=evaluate, seed=0)
+    return AllocationProblem(
+        prof.layers,
+        budget,
+        None,
+        None,
+        unit=unit,
+        macs_per_weight=macs,
+        weights=weights,
+        profile=prof,
+        evaluate=evaluate,
+        seed=0,
+    )
 
 
 def _search(n_trials=20, **options):
@@ -170,8 +180,22 @@ def test_study_resumes_30_plus_10(tmp_path):
 
     out = tmp_path / "plan.json"
     storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
-    args = ["search", "--budget", "0.8", "--allocator", "optuna", "--out", str(out), "--no-verify",
-            "--calib-size", "64", "--selection-size", "64", "--storage", storage]
+    args = [
+        "search",
+        "--budget",
+        "0.8",
+        "--allocator",
+        "optuna",
+        "--out",
+        str(out),
+        "--no-verify",
+        "--calib-size",
+        "64",
+        "--selection-size",
+        "64",
+        "--storage",
+        storage,
+    ]
     assert main(args + ["--n-trials", "30"]) == 0
     assert main(args + ["--n-trials", "10"]) == 0
     (name,) = optuna.get_all_study_names(storage)
@@ -237,8 +261,28 @@ def wb_scorer(wb):
 
 def test_search_plan_records_provenance_and_verify_rebuilds_validation(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["search", "--budget", "0.9", "--allocator", "optuna", "--n-trials", "8", "--out", str(out),
-                 "--calib-size", "128", "--selection-size", "128", "--validation-size", "64"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--budget",
+                "0.9",
+                "--allocator",
+                "optuna",
+                "--n-trials",
+                "8",
+                "--out",
+                str(out),
+                "--calib-size",
+                "128",
+                "--selection-size",
+                "128",
+                "--validation-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     plan = json.loads(out.read_text())
     s = plan["search"]
     assert {"optimizer", "trials", "best_selection", "global_selection", "fallback", "validation_size"} <= set(s)
@@ -257,8 +301,22 @@ def test_search_plan_records_provenance_and_verify_rebuilds_validation(tmp_path,
 
 def test_explicit_study_name_refuses_another_budget(tmp_path, capsys):
     storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
-    args = ["search", "--allocator", "optuna", "--n-trials", "2", "--no-verify", "--calib-size", "64",
-            "--selection-size", "64", "--storage", storage, "--study-name", "mine"]
+    args = [
+        "search",
+        "--allocator",
+        "optuna",
+        "--n-trials",
+        "2",
+        "--no-verify",
+        "--calib-size",
+        "64",
+        "--selection-size",
+        "64",
+        "--storage",
+        storage,
+        "--study-name",
+        "mine",
+    ]
     assert main([*args, "--budget", "0.8", "--out", str(tmp_path / "a.json")]) == 0
     assert main([*args, "--budget", "0.9", "--out", str(tmp_path / "b.json")]) == 2
     assert "searches budget 0.8" in capsys.readouterr().err and not (tmp_path / "b.json").exists()
@@ -280,9 +338,29 @@ def test_bad_search_flags_are_one_line_errors(capsys):
 def test_compare_includes_the_search_when_asked(tmp_path, capsys):
     import pandas as pd
 
-    assert main(["compare", "--budgets", "0.9", "--allocators", "global", "optuna", "--n-trials", "5",
-                 "--out-dir", str(tmp_path), "--calib-size", "96", "--selection-size", "64",
-                 "--validation-size", "64"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--budgets",
+                "0.9",
+                "--allocators",
+                "global",
+                "optuna",
+                "--n-trials",
+                "5",
+                "--out-dir",
+                str(tmp_path),
+                "--calib-size",
+                "96",
+                "--selection-size",
+                "64",
+                "--validation-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     df = pd.read_csv(tmp_path / "compare.csv")
     assert list(df.allocator) == ["global", "optuna"] and df.search_fallback.notna().sum() == 1
     assert "search: evo" in capsys.readouterr().out
@@ -290,9 +368,31 @@ def test_compare_includes_the_search_when_asked(tmp_path, capsys):
 
 def test_search_flops_budget_and_bounds(tmp_path):
     out = tmp_path / "plan.json"
-    assert main(["search", "--budget", "0.8", "--unit", "flops", "--allocator", "optuna", "--n-trials", "6",
-                 "--s-max", "0.95", "--out", str(out), "--no-verify", "--calib-size", "96",
-                 "--selection-size", "64"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--budget",
+                "0.8",
+                "--unit",
+                "flops",
+                "--allocator",
+                "optuna",
+                "--n-trials",
+                "6",
+                "--s-max",
+                "0.95",
+                "--out",
+                str(out),
+                "--no-verify",
+                "--calib-size",
+                "96",
+                "--selection-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     plan = json.loads(out.read_text())
     assert all(l["sparsity"] <= 0.95 + 1e-9 for l in plan["layers"])
     assert abs(plan["achieved_sparsity"] - 0.8) < 1e-3
@@ -300,8 +400,29 @@ def test_search_flops_budget_and_bounds(tmp_path):
 
 def test_search_repair_scores_candidates_and_repair_verifies(tmp_path):
     out = tmp_path / "plan.json"
-    assert main(["search", "--budget", "0.9", "--allocator", "optuna", "--n-trials", "4", "--out", str(out),
-                 "--calib-size", "96", "--selection-size", "64", "--repair", "bn", "--search-repair",
-                 "bn>naive@block+logits"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--budget",
+                "0.9",
+                "--allocator",
+                "optuna",
+                "--n-trials",
+                "4",
+                "--out",
+                str(out),
+                "--calib-size",
+                "96",
+                "--selection-size",
+                "64",
+                "--repair",
+                "bn",
+                "--search-repair",
+                "bn>naive@block+logits",
+            ]
+        )
+        == 0
+    )
     plan = json.loads(out.read_text())
     assert plan["repair"] == "bn" and plan["search"]["repair"] == "bn>naive@block+logits"

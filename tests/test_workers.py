@@ -27,9 +27,31 @@ from rr_alloc.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL = 10  # completed trials the study must end with: the global-magnitude anchor + sampled ones
 ANCHOR_TRIALS = 1  # the default optimizer (evo) enqueues global magnitude once
-SMALL = ["--model", "slow_factory:factory", "--repair", "bn", "--calib-size", "64", "--selection-size", "64",
-         "--eval-size", "64", "--batch-size", "64", "--grid", "0.5", "0.9", "0.98", "--s-max", "0.98", "--no-verify",
-         "--heartbeat-interval", "1", "--grace-period", "3"]
+SMALL = [
+    "--model",
+    "slow_factory:factory",
+    "--repair",
+    "bn",
+    "--calib-size",
+    "64",
+    "--selection-size",
+    "64",
+    "--eval-size",
+    "64",
+    "--batch-size",
+    "64",
+    "--grid",
+    "0.5",
+    "0.9",
+    "0.98",
+    "--s-max",
+    "0.98",
+    "--no-verify",
+    "--heartbeat-interval",
+    "1",
+    "--grace-period",
+    "3",
+]
 
 
 # ------------------------------------------------------------------ helpers
@@ -37,8 +59,11 @@ def readme_commands() -> tuple[list[str], list[str]]:
     """(worker, plan) argument lists of the README's several-machines section, storage left as a variable."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text.split("## Several machines", 1)[1].split("\n## ", 1)[0]
-    cmds = [shlex.split(line.strip())[4:] for line in section.splitlines()
-            if line.strip().startswith("python -m rr_alloc search")]
+    cmds = [
+        shlex.split(line.strip())[4:]
+        for line in section.splitlines()
+        if line.strip().startswith("python -m rr_alloc search")
+    ]
     (worker,) = [c for c in cmds if "--n-trials" not in c]
     (plan,) = [c for c in cmds if "--n-trials" in c]
     return worker, plan
@@ -55,8 +80,9 @@ def env() -> dict[str, str]:
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
     f = open(log, "w")
-    return subprocess.Popen([sys.executable, "-m", "rr_alloc", "search", *args], stdout=f, stderr=subprocess.STDOUT,
-                            cwd=ROOT, env=env())
+    return subprocess.Popen(
+        [sys.executable, "-m", "rr_alloc", "search", *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env()
+    )
 
 
 def finish(p: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -75,8 +101,11 @@ def the_study(storage: str, quick: bool = False):
     from rr_alloc.optuna_storage import open_storage
 
     if quick:  # never wait on a lock a stopped worker holds (nor take the schema lock)
-        args = {"timeout": 1} if storage.startswith("sqlite") else {"options": "-c lock_timeout=1000 "
-                                                                               "-c statement_timeout=2000"}
+        args = (
+            {"timeout": 1}
+            if storage.startswith("sqlite")
+            else {"options": "-c lock_timeout=1000 -c statement_timeout=2000"}
+        )
         st = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": args}, skip_table_creation=True)
     else:
         st = open_storage(storage)
@@ -159,8 +188,10 @@ def test_killed_worker_trial_is_retried(rdb_url, tmp_path):
     worker, plan_cmd = readme_commands()
     logs = {k: tmp_path / f"{k}.log" for k in "abc"}
     # a stops after 3 trials of its own, so the resumed worker c has work left
-    a = start(with_storage(worker, rdb_url, tmp_path / "a" / "plan.json", "--total-trials", str(TOTAL),
-                           "--n-trials", "3"), logs["a"])
+    a = start(
+        with_storage(worker, rdb_url, tmp_path / "a" / "plan.json", "--total-trials", str(TOTAL), "--n-trials", "3"),
+        logs["a"],
+    )
     b = start(with_storage(worker, rdb_url, tmp_path / "b" / "plan.json", "--total-trials", str(TOTAL)), logs["b"])
 
     def b_running():
@@ -169,8 +200,13 @@ def test_killed_worker_trial_is_retried(rdb_url, tmp_path):
         try:
             study = the_study(rdb_url, quick=True)
             trials = study.get_trials(deepcopy=False) if study else []
-            mine = [t for t in trials if t.state == TrialState.RUNNING and "counts" in t.user_attrs  # evaluating
-                    and t.user_attrs.get("worker", "").endswith(f":{b.pid}")]
+            mine = [
+                t
+                for t in trials
+                if t.state == TrialState.RUNNING
+                and "counts" in t.user_attrs  # evaluating
+                and t.user_attrs.get("worker", "").endswith(f":{b.pid}")
+            ]
             if mine:
                 b.send_signal(signal.SIGKILL)
                 return mine[0], [t.number for t in trials if t.state == TrialState.COMPLETE]
@@ -207,8 +243,16 @@ def test_two_workers_on_journal_file_share_no_parameters(tmp_path):
     worker, _ = readme_commands()
     storage = str(tmp_path / "study.log")
     # 4 trials each: both workers must evaluate, however late one of them starts
-    procs = [(start(with_storage(worker, storage, tmp_path / k / "plan.json", "--total-trials", "8", "--n-trials", "4"),
-                    tmp_path / f"{k}.log"), tmp_path / f"{k}.log") for k in "ab"]
+    procs = [
+        (
+            start(
+                with_storage(worker, storage, tmp_path / k / "plan.json", "--total-trials", "8", "--n-trials", "4"),
+                tmp_path / f"{k}.log",
+            ),
+            tmp_path / f"{k}.log",
+        )
+        for k in "ab"
+    ]
     for p, log in procs:
         finish(p, log)
     check_study(the_study(storage), 8)
@@ -274,9 +318,29 @@ def test_bad_storage_and_settings(tmp_path, capsys):
 
 def test_n_trials_zero_on_missing_study_is_one_line_error(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["search", "--budget", "0.8", "--allocator", "optuna", "--n-trials", "0", "--model",
-                 "factories:tiny_digits_cnn", "--calib-size", "64", "--selection-size", "64", "--no-verify",
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "search",
+                "--budget",
+                "0.8",
+                "--allocator",
+                "optuna",
+                "--n-trials",
+                "0",
+                "--model",
+                "factories:tiny_digits_cnn",
+                "--calib-size",
+                "64",
+                "--selection-size",
+                "64",
+                "--no-verify",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     # refused before any work: the one line, no progress bar, no output left
     assert err.startswith("error: --n-trials 0") and "\n" not in err and "--n-trials > 0" in err
@@ -297,8 +361,13 @@ def test_study_name_keyed_on_content_not_paths():
     def wb(calib, train_path, seed=0):
         cfg = RunConfig(repair="bn", train_data=train_path, seed=seed)
         splits = SimpleNamespace(calib=SimpleNamespace(x=calib), selection=SimpleNamespace(x=x[:4]))
-        return SimpleNamespace(cfg=cfg, dense=model, splits=splits, layers=[SimpleNamespace(name="0")],
-                               data_spec=SimpleNamespace(to_dict=lambda: {"train": train_path}))
+        return SimpleNamespace(
+            cfg=cfg,
+            dense=model,
+            splits=splits,
+            layers=[SimpleNamespace(name="0")],
+            data_spec=SimpleNamespace(to_dict=lambda: {"train": train_path}),
+        )
 
     a = study_key(wb(x, "/mnt/a/train"), 0.9)
     assert a == study_key(wb(x.clone(), "/data/elsewhere/train", seed=7), 0.9)

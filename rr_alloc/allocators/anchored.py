@@ -50,9 +50,15 @@ def fix_cost(problem: AllocationProblem, k: np.ndarray) -> np.ndarray:
     return k
 
 
-def block_moves(problem: AllocationProblem, k: np.ndarray, step: float, n_moves: int,
-                rng: np.random.Generator, p_donor: np.ndarray | None = None,
-                p_recv: np.ndarray | None = None) -> np.ndarray:
+def block_moves(
+    problem: AllocationProblem,
+    k: np.ndarray,
+    step: float,
+    n_moves: int,
+    rng: np.random.Generator,
+    p_donor: np.ndarray | None = None,
+    p_recv: np.ndarray | None = None,
+) -> np.ndarray:
     """``k`` after ``n_moves`` block moves: layer ``i`` (drawn from ``p_donor``) gets denser by ``q`` weights,
     layer ``j`` (from ``p_recv``) sparser by ``q`` (by the same MACs for FLOP budgets). Bounds always hold."""
     n = problem.n
@@ -87,7 +93,9 @@ def _slopes(grid: np.ndarray, curve: np.ndarray, s: np.ndarray) -> np.ndarray:
     return (curve[rows, seg + 1] - curve[rows, seg]) / (grid[seg + 1] - grid[seg])
 
 
-def rr_move_probabilities(problem: AllocationProblem, k: np.ndarray, beta: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+def rr_move_probabilities(
+    problem: AllocationProblem, k: np.ndarray, beta: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
     """``(p_donor, p_recv)`` from the RR profile at the sparsities of ``k``.
 
     The marginal repaired distortion per pruned weight of layer ``l`` is ``w_l * dD_res/ds (s_l) / n_l``.

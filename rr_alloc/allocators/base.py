@@ -21,8 +21,20 @@ import torch
 from ..errors import UserError
 from ..layers import LayerInfo
 
-__all__ = ["AllocationProblem", "Allocator", "Needs", "ALLOCATORS", "register", "get_allocator", "allocator_class",
-           "round_to_budget", "count_bounds", "solve_increasing", "solve_clipped_scale", "BUDGET_UNITS"]
+__all__ = [
+    "AllocationProblem",
+    "Allocator",
+    "Needs",
+    "ALLOCATORS",
+    "register",
+    "get_allocator",
+    "allocator_class",
+    "round_to_budget",
+    "count_bounds",
+    "solve_increasing",
+    "solve_clipped_scale",
+    "BUDGET_UNITS",
+]
 
 BUDGET_UNITS = ("weights", "flops")
 
@@ -83,8 +95,10 @@ class AllocationProblem:
             raise UserError("a layer's minimum sparsity exceeds its maximum: check the bounds")
         lo, hi = self.feasible_range()
         if not lo - 1e-12 <= self.budget <= hi + 1e-12:
-            raise UserError(f"budget {self.budget} is unreachable within the per-layer bounds "
-                            f"(reachable: {lo:.4f} to {hi:.4f}): raise --s-max or lower the budget")
+            raise UserError(
+                f"budget {self.budget} is unreachable within the per-layer bounds "
+                f"(reachable: {lo:.4f} to {hi:.4f}): raise --s-max or lower the budget"
+            )
 
     @property
     def n(self) -> np.ndarray:
@@ -158,8 +172,7 @@ def round_to_budget(problem: AllocationProblem, s: np.ndarray) -> np.ndarray:
     return k
 
 
-def solve_increasing(fn: Callable[[float], float], target: float, lo: float, hi: float,
-                     iters: int = 200) -> float:
+def solve_increasing(fn: Callable[[float], float], target: float, lo: float, hi: float, iters: int = 200) -> float:
     """Bisection for ``fn(t) = target`` with ``fn`` non-decreasing on ``[lo, hi]``."""
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
@@ -172,8 +185,15 @@ def solve_increasing(fn: Callable[[float], float], target: float, lo: float, hi:
     return 0.5 * (lo + hi)
 
 
-def solve_clipped_scale(cost: np.ndarray, f: Callable[[float], np.ndarray], lo: np.ndarray, hi: np.ndarray,
-                        target: float, x_lo: float, x_hi: float) -> float:
+def solve_clipped_scale(
+    cost: np.ndarray,
+    f: Callable[[float], np.ndarray],
+    lo: np.ndarray,
+    hi: np.ndarray,
+    target: float,
+    x_lo: float,
+    x_hi: float,
+) -> float:
     """The scale ``x`` with ``cost @ clip(f(x), lo, hi) = target``, ``f`` non-decreasing in ``x``.
 
     Uniform sparsity (``f(t) = t``) and ERK densities (``f(eps) = eps * r``) are both this: values

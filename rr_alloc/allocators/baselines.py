@@ -22,8 +22,9 @@ class Uniform(Allocator):
 
     def sparsities(self, problem: AllocationProblem) -> np.ndarray:
         L = len(problem.layers)
-        t = solve_clipped_scale(problem.cost, lambda t: np.full(L, t), problem.lower, problem.upper,
-                                problem.target, 0.0, 1.0)
+        t = solve_clipped_scale(
+            problem.cost, lambda t: np.full(L, t), problem.lower, problem.upper, problem.target, 0.0, 1.0
+        )
         return np.clip(np.full(L, t), problem.lower, problem.upper)
 
 

@@ -134,9 +134,13 @@ class RRExact(Allocator):
         lb = np.concatenate([lbs, np.full(m, -np.inf)])
         ub = np.concatenate([ubs, np.zeros(m)])
         integrality = np.concatenate([np.ones(m), np.zeros(m)])
-        res = milp(obj, constraints=LinearConstraint(A, lb, ub), integrality=integrality,
-                   bounds=Bounds(np.zeros(2 * m), np.ones(2 * m)),
-                   options={"time_limit": self.time_limit, "mip_rel_gap": 1e-9})
+        res = milp(
+            obj,
+            constraints=LinearConstraint(A, lb, ub),
+            integrality=integrality,
+            bounds=Bounds(np.zeros(2 * m), np.ones(2 * m)),
+            options={"time_limit": self.time_limit, "mip_rel_gap": 1e-9},
+        )
         if res.x is None:
             raise RuntimeError(f"rr-exact: the MILP solver found no solution ({res.message})")
         self.last_gap = float(getattr(res, "mip_gap", 0.0) or 0.0)

@@ -25,9 +25,9 @@ from optuna.trial import FrozenTrial, TrialState
 __all__ = ["EvoSampler", "CmaSampler", "PARENT", "ANCHOR", "scored_as_given"]
 
 PARENT = "evo:parent"  # parameter: the trial number of a child's parent (-1: no parent)
-ANCHOR = "anchor"      # user attribute of an enqueued warm-start trial: which plan it is
+ANCHOR = "anchor"  # user attribute of an enqueued warm-start trial: which plan it is
 _MAX_TRIAL = 2**31 - 1
-_REDRAWS = 40          # a child already in the study teaches nothing: draw again, wider every 10 tries
+_REDRAWS = 40  # a child already in the study teaches nothing: draw again, wider every 10 tries
 
 
 def scored_as_given(trial: FrozenTrial) -> bool:
@@ -41,8 +41,13 @@ class EvoSampler(optuna.samplers.BaseSampler):
     ``child(k, rng, extra_moves)`` returns the mutated counts (block moves: the budget stays exact).
     """
 
-    def __init__(self, space: dict[str, IntDistribution], anchor: np.ndarray,
-                 child: Callable[[np.ndarray, np.random.Generator, int], np.ndarray], seed: int | None) -> None:
+    def __init__(
+        self,
+        space: dict[str, IntDistribution],
+        anchor: np.ndarray,
+        child: Callable[[np.ndarray, np.random.Generator, int], np.ndarray],
+        seed: int | None,
+    ) -> None:
         self.space = dict(space)
         self.anchor = np.asarray(anchor, np.int64)
         self._child = child
@@ -52,8 +57,9 @@ class EvoSampler(optuna.samplers.BaseSampler):
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return {PARENT: IntDistribution(-1, _MAX_TRIAL), **self.space}
 
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         if scored_as_given(trial):
             return {}
         trials = study.get_trials(deepcopy=False)
@@ -67,8 +73,9 @@ class EvoSampler(optuna.samplers.BaseSampler):
                 break
         return {PARENT: -1 if parent is None else parent.number, **{p: int(v) for p, v in zip(self.space, child)}}
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 
     def reseed_rng(self) -> None:
@@ -79,8 +86,9 @@ class EvoSampler(optuna.samplers.BaseSampler):
 class CmaSampler(optuna.samplers.BaseSampler):
     """CMA-ES over float parameters ``names`` within ``bounds``, from ``x0`` with step ``sigma0`` (same units)."""
 
-    def __init__(self, names: Sequence[str], x0: np.ndarray, sigma0: float, bounds: tuple[float, float],
-                 seed: int | None) -> None:
+    def __init__(
+        self, names: Sequence[str], x0: np.ndarray, sigma0: float, bounds: tuple[float, float], seed: int | None
+    ) -> None:
         self.names = list(names)
         self.x0, self.sigma0, self.bounds, self.seed = np.asarray(x0, float), float(sigma0), bounds, seed
         self._cma: Any = None
@@ -90,8 +98,9 @@ class CmaSampler(optuna.samplers.BaseSampler):
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return {n: FloatDistribution(*self.bounds) for n in self.names}
 
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         if scored_as_given(trial):
             return {}
         x = self._optimizer(study).ask()
@@ -104,17 +113,19 @@ class CmaSampler(optuna.samplers.BaseSampler):
         if self._cma is None:
             bounds = np.tile(np.asarray(self.bounds, float), (len(self.names), 1))
             self._cma = cmaes.CMA(mean=self.x0.copy(), sigma=self.sigma0, bounds=bounds, seed=self.seed)
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if ANCHOR not in t.user_attrs]
+        done = [
+            t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if ANCHOR not in t.user_attrs
+        ]
         pop = self._cma.population_size
         while len(done) - self._told >= pop:
-            batch = done[self._told:self._told + pop]
+            batch = done[self._told : self._told + pop]
             self._cma.tell([(np.array([t.params[n] for n in self.names]), float(t.value)) for t in batch])
             self._told += pop
         return self._cma
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 
     def reseed_rng(self) -> None:

@@ -36,8 +36,17 @@ from .anchored import block_moves, count_bounds, multiplier_counts, rr_move_prob
 from .base import AllocationProblem, Allocator, Needs, get_allocator, register, round_to_budget, solve_increasing
 from .samplers import ANCHOR, PARENT, CmaSampler, EvoSampler
 
-__all__ = ["OptunaSearch", "SearchOptions", "SearchSpace", "ANCHORS", "OPTIMIZERS", "GUIDANCE", "SIGMA0",
-           "project_log_density", "trial_counts"]
+__all__ = [
+    "OptunaSearch",
+    "SearchOptions",
+    "SearchSpace",
+    "ANCHORS",
+    "OPTIMIZERS",
+    "GUIDANCE",
+    "SIGMA0",
+    "project_log_density",
+    "trial_counts",
+]
 
 ANCHORS = ("global", "lamp", "erk", "uniform", "rr-greedy", "rr-exact")
 _FLOOR = 1e-4  # density floor inside logs (a 0.9999-sparse layer)
@@ -63,10 +72,10 @@ def _stages(L: int) -> np.ndarray:
 
 OPTIMIZERS = ("evo", "cmaes", "tpe-mix")
 GUIDANCE = ("rr", "none")
-_ALPHA_RANGE = 3.0   # |log-multiplier| bound of the CMA-ES space (a factor of 20 on a layer's magnitudes)
-SIGMA0 = 0.2         # CMA-ES initial step in alpha units: a layer's magnitudes scaled by ~e^0.2 = 1.2 moves its
-                     # sparsity several points
-_MOVES = (1, 2, 3)   # block moves per child, and their probabilities: mostly small steps, as in EvoPress
+_ALPHA_RANGE = 3.0  # |log-multiplier| bound of the CMA-ES space (a factor of 20 on a layer's magnitudes)
+SIGMA0 = 0.2  # CMA-ES initial step in alpha units: a layer's magnitudes scaled by ~e^0.2 = 1.2 moves its
+# sparsity several points
+_MOVES = (1, 2, 3)  # block moves per child, and their probabilities: mostly small steps, as in EvoPress
 _MOVE_P = (0.5, 0.3, 0.2)
 
 
@@ -107,11 +116,12 @@ class SearchSpace:
 class OptunaSearch(Allocator):
     name = "optuna"
     needs = Needs(weights=True, profile=True, evaluate=True)
-    description = ("end-to-end search started at global magnitude (evo: block moves guided by RR; cmaes; "
-                   "tpe-mix), scored on the selection split")
+    description = (
+        "end-to-end search started at global magnitude (evo: block moves guided by RR; cmaes; "
+        "tpe-mix), scored on the selection split"
+    )
 
-    def __init__(self, options: SearchOptions | None = None, n_trials: int = 30,
-                 timeout: float | None = None) -> None:
+    def __init__(self, options: SearchOptions | None = None, n_trials: int = 30, timeout: float | None = None) -> None:
         self.options = options or SearchOptions()
         self.n_trials, self.timeout = n_trials, timeout
         self.study = None
@@ -137,8 +147,14 @@ class OptunaSearch(Allocator):
             raise UserError(f"allocator {self.name!r} needs {missing}, which this run does not provide")
         space = self.space(problem)
         optuna.logging.set_verbosity(logging.WARNING)
-        study, _ = ost.open_study("rr_alloc", optuna.storages.InMemoryStorage(), space.make_sampler, problem.seed,
-                                  space.enqueue, log=lambda s: None)
+        study, _ = ost.open_study(
+            "rr_alloc",
+            optuna.storages.InMemoryStorage(),
+            space.make_sampler,
+            problem.seed,
+            space.enqueue,
+            log=lambda s: None,
+        )
         ost.optimize(study, space.objective, ost.StudySettings(self.n_trials, self.timeout))
         self.study = study
         return np.asarray(trial_counts(ost.best_trial(study)), float) / problem.n
@@ -177,8 +193,9 @@ class OptunaSearch(Allocator):
             return r.full
 
         def enqueue(study: "optuna.Study") -> None:
-            study.enqueue_trial({PARENT: -1, **{p: int(k) for p, k in zip(names, anchor)}},
-                                user_attrs={ANCHOR: "global"})
+            study.enqueue_trial(
+                {PARENT: -1, **{p: int(k) for p, k in zip(names, anchor)}}, user_attrs={ANCHOR: "global"}
+            )
 
         return SearchSpace(lambda seed: EvoSampler(space, anchor, child, seed), enqueue, objective)
 
@@ -231,8 +248,7 @@ class OptunaSearch(Allocator):
 
         def sampler(seed: int) -> "optuna.samplers.BaseSampler":
             # constant_liar: concurrent workers treat each other's running trials as bad, so they spread out
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(len(ANCHORS) + 2, 8),
-                                              constant_liar=True)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(len(ANCHORS) + 2, 8), constant_liar=True)
 
         return SearchSpace(sampler, enqueue, objective)
 
@@ -243,8 +259,11 @@ def _parent_screen(trial: Any, parent: int) -> float | None:
         return None
     trial.set_user_attr("parent", parent)
     trials = trial.study.get_trials(deepcopy=False)
-    found = trials[parent] if parent < len(trials) and trials[parent].number == parent else \
-        next(t for t in trials if t.number == parent)
+    found = (
+        trials[parent]
+        if parent < len(trials) and trials[parent].number == parent
+        else next(t for t in trials if t.number == parent)
+    )
     screen = found.user_attrs.get("screen")
     if screen is not None:
         trial.set_user_attr("parent_screen", screen)

@@ -20,22 +20,32 @@ __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    a = sub.add_parser("apply", help="rebuild a plan's model, prune, repair, and save the pruned weights",
-                       description="Rebuild the dense model and data from the plan's source block (the "
-                                   "checkpoint's SHA-256 must match), prune by the plan, repair, check the "
-                                   "per-layer sparsity, evaluate, and save a plain state_dict.")
+    a = sub.add_parser(
+        "apply",
+        help="rebuild a plan's model, prune, repair, and save the pruned weights",
+        description="Rebuild the dense model and data from the plan's source block (the "
+        "checkpoint's SHA-256 must match), prune by the plan, repair, check the "
+        "per-layer sparsity, evaluate, and save a plain state_dict.",
+    )
     add_plan_flags(a)
     a.add_argument("--out", required=True, help="output file (.pt)")
-    a.add_argument("--format", choices=["state_dict", "torchscript"], default="state_dict",
-                   help="state_dict (default) or a TorchScript module")
+    a.add_argument(
+        "--format",
+        choices=["state_dict", "torchscript"],
+        default="state_dict",
+        help="state_dict (default) or a TorchScript module",
+    )
     add_run_flags(a)
     a.set_defaults(handler=cmd_apply)
 
-    e = sub.add_parser("export", help="write a plan in a downstream tool's format",
-                       description="Formats: torch-prune (Python module applying torch.nn.utils.prune), "
-                                   "torch-pruning (channel ratios; see the unit conversion in the file), "
-                                   "llm-compressor and sparseml (recipe YAML), nni / nni-v2 (config_list JSON), "
-                                   "masks (per-layer boolean masks, .pt), csv, markdown.")
+    e = sub.add_parser(
+        "export",
+        help="write a plan in a downstream tool's format",
+        description="Formats: torch-prune (Python module applying torch.nn.utils.prune), "
+        "torch-pruning (channel ratios; see the unit conversion in the file), "
+        "llm-compressor and sparseml (recipe YAML), nni / nni-v2 (config_list JSON), "
+        "masks (per-layer boolean masks, .pt), csv, markdown.",
+    )
     add_plan_flags(e)
     e.add_argument("--format", required=True, help=FORMAT_HELP)
     e.add_argument("--out", required=True, help="output file")
@@ -52,8 +62,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
     rows, ok = [], True
     for l in plan.layers:
         zeros = int((model.get_submodule(l.name).weight == 0).sum())
-        rows.append({"layer": l.name, "weights": l.n_weights, "planned": l.n_pruned, "zeros": zeros,
-                     "sparsity": round(zeros / l.n_weights, 4)})
+        rows.append(
+            {
+                "layer": l.name,
+                "weights": l.n_weights,
+                "planned": l.n_pruned,
+                "zeros": zeros,
+                "sparsity": round(zeros / l.n_weights, 4),
+            }
+        )
         ok &= zeros >= l.n_pruned
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))
@@ -63,8 +80,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise RuntimeError("a layer has fewer zeros than planned: this is a bug, please report it")
     dense_logits, labels = wb.dense_logits("test")
     m = compare_logits(logits_of(model, wb.splits.test, wb.device)[0], labels, dense_logits)
-    print(f"repair {cfg.repair}: test top-1 {100 * m.top1:.2f}% on {m.n} images "
-          f"(agreement {100 * m.agreement:.2f}%, KL {m.kl:.4f})")
+    print(
+        f"repair {cfg.repair}: test top-1 {100 * m.top1:.2f}% on {m.n} images "
+        f"(agreement {100 * m.agreement:.2f}%, KL {m.kl:.4f})"
+    )
     out = Path(args.out)
     if args.format == "torchscript":
         example = wb.splits.calib.x[:2].to(wb.device)
@@ -80,13 +99,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 0
     spec = save_pruned(model, out, args.plan)
     if spec is None:
-        print(f"wrote {out}: plain state_dict, every correction folded into existing parameters; "
-              f"load it into the unmodified {cfg.model} with load_state_dict")
+        print(
+            f"wrote {out}: plain state_dict, every correction folded into existing parameters; "
+            f"load it into the unmodified {cfg.model} with load_state_dict"
+        )
     else:
-        print(f"wrote {out} and {spec.name}: corrections at {len(report.affine_sites)} sites "
-              f"({', '.join(report.affine_sites[:3])}{'...' if len(report.affine_sites) > 3 else ''}) cannot fold "
-              "into existing parameters and live in small per-channel affine modules; load with "
-              "rr_alloc.load_pruned(model, path), which re-attaches them from the spec")
+        print(
+            f"wrote {out} and {spec.name}: corrections at {len(report.affine_sites)} sites "
+            f"({', '.join(report.affine_sites[:3])}{'...' if len(report.affine_sites) > 3 else ''}) cannot fold "
+            "into existing parameters and live in small per-channel affine modules; load with "
+            "rr_alloc.load_pruned(model, path), which re-attaches them from the spec"
+        )
     return 0
 
 
@@ -104,8 +127,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         _, report = wb.repaired_model(wb.pruning(plan.counts), cfg.repair)
         return report.masks
 
-    path = export_plan(plan, args.format, args.out, model=model,
-                       masks_fn=obs_masks if ex.binary and plan.mask_rule == "obs" else None)
+    path = export_plan(
+        plan, args.format, args.out, model=model, masks_fn=obs_masks if ex.binary and plan.mask_rule == "obs" else None
+    )
     print(f"wrote {path} ({args.format})")
     note = reconstruction_note(plan)
     if note:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -20,15 +21,26 @@ __all__ = ["register", "compare_figure"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("compare", help="allocate several budgets with several allocators, verify all, one table",
-                       description="Profile once, allocate each budget with each allocator, verify every plan "
-                                   "with the same repair pipeline(s), print one table and write CSV + figure.")
+    c = sub.add_parser(
+        "compare",
+        help="allocate several budgets with several allocators, verify all, one table",
+        description="Profile once, allocate each budget with each allocator, verify every plan "
+        "with the same repair pipeline(s), print one table and write CSV + figure.",
+    )
     c.add_argument("--budgets", type=float, nargs="+", required=True, help="global sparsities in (0, 1)")
-    c.add_argument("--allocators", nargs="+", help="allocators (default: all but optuna; name optuna to include "
-                   "the end-to-end search, with the run's --optimizer, --n-trials and --validation-size)")
+    c.add_argument(
+        "--allocators",
+        nargs="+",
+        help="allocators (default: all but optuna; name optuna to include "
+        "the end-to-end search, with the run's --optimizer, --n-trials and --validation-size)",
+    )
     c.add_argument("--repairs", nargs="+", help="repair pipelines to verify with (default: the run's --repair)")
-    c.add_argument("--split", choices=["test", "selection"], default="test",
-                   help="split to report on (test: reporting only; selection: for making choices)")
+    c.add_argument(
+        "--split",
+        choices=["test", "selection"],
+        default="test",
+        help="split to report on (test: reporting only; selection: for making choices)",
+    )
     c.add_argument("--out-dir", help="folder for compare.csv and compare.png (default runs/compare_<model>)")
     add_run_flags(c)
     c.set_defaults(handler=cmd_compare)
@@ -48,8 +60,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir or Path("runs") / f"compare_{cfg.model.replace(':', '_')}")
     check_writable(out_dir, "--out-dir", is_dir=True)  # before any work, not after it
     wb = Workbench(cfg, progress=True)
-    print(f"compare: {cfg.model}, budgets {args.budgets}, allocators {allocators}, repairs {repairs}, "
-          f"split {args.split} ({wb.split(args.split).n} images)", flush=True)
+    print(
+        f"compare: {cfg.model}, budgets {args.budgets}, allocators {allocators}, repairs {repairs}, "
+        f"split {args.split} ({wb.split(args.split).n} images)",
+        flush=True,
+    )
+    rows, per_layer = _measure(wb, args, allocators, repairs)
+    df = pd.DataFrame(rows)
+    write_frame_csv(df, out_dir / "compare.csv")
+    write_frame_csv(pd.DataFrame(per_layer), out_dir / "compare_layers.csv")
+    fig = compare_figure(df, pd.DataFrame(per_layer), cfg.model, [layer.name for layer in wb.layers])
+    save_figure(fig, out_dir / "compare.png")
+    show = df.assign(
+        top1=(100 * df.top1).round(2),
+        agreement=(100 * df.agreement).round(2),
+        kl=df.kl.round(4),
+        achieved_sparsity=df.achieved_sparsity.round(4),
+    )
+    print()
+    print(
+        show[["budget", "allocator", "repair", "top1", "agreement", "kl", "achieved_sparsity"]].to_string(index=False)
+    )
+    print(f"\nwrote {out_dir / 'compare.csv'}, compare_layers.csv, compare.png")
+    return 0
+
+
+def _measure(
+    wb: Workbench, args: argparse.Namespace, allocators: list[str], repairs: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every (budget, allocator) plan verified with every repair: the result rows and the per-layer rows."""
+    cfg = wb.cfg
     rows, per_layer = [], []
     for b in args.budgets:
         for a in allocators:
@@ -57,30 +97,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
             counts = wb.allocate(a, b)
             achieved = wb.achieved(counts)
             for l in wb.layers:
-                per_layer.append({"budget": b, "allocator": a, "layer": l.name,
-                                  "sparsity": counts[l.name] / l.n_weights})
+                per_layer.append(
+                    {"budget": b, "allocator": a, "layer": l.name, "sparsity": counts[l.name] / l.n_weights}
+                )
             search = wb.search_info.get(float(b), {}) if allocator_class(a).needs.evaluate else {}
             if search:
                 print("  " + "\n  ".join(search_lines(search)), flush=True)
             for r in repairs:
                 m = wb.verify(counts, r, split=args.split)
-                rows.append({"budget": b, "allocator": a, "repair": r, "top1": m.top1, "agreement": m.agreement,
-                             "kl": m.kl, "achieved_sparsity": achieved, "unit": cfg.unit, "split": args.split,
-                             "n": m.n, "seconds": round(time.perf_counter() - t0, 2),
-                             "search_fallback": search.get("fallback") if search else None})
-                print(f"  budget {b:g} {a:<10} {r:<24} top1 {100 * m.top1:5.1f}  agreement "
-                      f"{100 * m.agreement:5.1f}  kl {m.kl:.3f}", flush=True)
-    df = pd.DataFrame(rows)
-    write_frame_csv(df, out_dir / "compare.csv")
-    write_frame_csv(pd.DataFrame(per_layer), out_dir / "compare_layers.csv")
-    fig = compare_figure(df, pd.DataFrame(per_layer), cfg.model, [l.name for l in wb.layers])
-    save_figure(fig, out_dir / "compare.png")
-    show = df.assign(top1=(100 * df.top1).round(2), agreement=(100 * df.agreement).round(2), kl=df.kl.round(4),
-                     achieved_sparsity=df.achieved_sparsity.round(4))
-    print()
-    print(show[["budget", "allocator", "repair", "top1", "agreement", "kl", "achieved_sparsity"]].to_string(index=False))
-    print(f"\nwrote {out_dir / 'compare.csv'}, compare_layers.csv, compare.png")
-    return 0
+                rows.append(
+                    {
+                        "budget": b,
+                        "allocator": a,
+                        "repair": r,
+                        "top1": m.top1,
+                        "agreement": m.agreement,
+                        "kl": m.kl,
+                        "achieved_sparsity": achieved,
+                        "unit": cfg.unit,
+                        "split": args.split,
+                        "n": m.n,
+                        "seconds": round(time.perf_counter() - t0, 2),
+                        "search_fallback": search.get("fallback") if search else None,
+                    }
+                )
+                print(
+                    f"  budget {b:g} {a:<10} {r:<24} top1 {100 * m.top1:5.1f}  agreement "
+                    f"{100 * m.agreement:5.1f}  kl {m.kl:.3f}",
+                    flush=True,
+                )
+    return rows, per_layer
 
 
 def compare_figure(df: pd.DataFrame, layers: pd.DataFrame, model: str, order: list[str]):

@@ -16,14 +16,24 @@ from ..errors import UserError
 from ..plan import Plan
 from ..replay import check_plan_model, config_from_plan
 
-__all__ = ["Parser", "add_run_flags", "add_plan_flags", "config_from_args", "config_for_plan", "parse_budget",
-           "default_out", "EMBEDDED_NOTE"]
+__all__ = [
+    "Parser",
+    "add_run_flags",
+    "add_plan_flags",
+    "config_from_args",
+    "config_for_plan",
+    "parse_budget",
+    "default_out",
+    "EMBEDDED_NOTE",
+]
 
-EMBEDDED_NOTE = ("This ran the embedded default (a 7-layer residual CNN trained on scikit-learn's bundled "
-                 "digits). Point rr_alloc at a real model with e.g.\n  python -m rr_alloc search --budget 0.9 "
-                 "--config configs/cifar10_resnet20.yaml   (after export RR_ALLOC_SHARED=/path/to/shared)\n"
-                 "or --model NAME|package.module:factory --checkpoint FILE --dataset imagefolder "
-                 "--train-data DIR --test-data DIR.")
+EMBEDDED_NOTE = (
+    "This ran the embedded default (a 7-layer residual CNN trained on scikit-learn's bundled "
+    "digits). Point rr_alloc at a real model with e.g.\n  python -m rr_alloc search --budget 0.9 "
+    "--config configs/cifar10_resnet20.yaml   (after export RR_ALLOC_SHARED=/path/to/shared)\n"
+    "or --model NAME|package.module:factory --checkpoint FILE --dataset imagefolder "
+    "--train-data DIR --test-data DIR."
+)
 
 
 def parse_budget(text: str) -> float:
@@ -68,9 +78,12 @@ def _help(f: Field) -> str:
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
     """``--plan`` and the trust flag of the commands that rebuild a plan's model."""
     p.add_argument("--plan", required=True, help="plan JSON written by search")
-    p.add_argument("--trust-plan-model", action="store_true",
-                   help="import and run the plan's package.module:factory model (refused by default: a plan "
-                        "file alone never makes rr_alloc run code; --model with the same spec also allows it)")
+    p.add_argument(
+        "--trust-plan-model",
+        action="store_true",
+        help="import and run the plan's package.module:factory model (refused by default: a plan "
+        "file alone never makes rr_alloc run code; --model with the same spec also allows it)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:

@@ -17,9 +17,10 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="python -m rr_alloc",
-               description="Per-layer sparsity allocation by Relative Repairability, verified with "
-                           "training-free repair.")
+    p = Parser(
+        prog="python -m rr_alloc",
+        description="Per-layer sparsity allocation by Relative Repairability, verified with training-free repair.",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for family in (search_cmd, compare_cmd, apply_cmd):
         family.register(sub)

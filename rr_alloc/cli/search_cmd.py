@@ -39,20 +39,30 @@ __all__ = ["register", "metrics_row", "run_search"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("search", help="profile RR, allocate a global budget, verify, write the plan",
-                       description="Profile each layer's Relative Repairability on calibration images, "
-                                   "allocate the budget, verify the plan (and the reference baseline) with "
-                                   "prune -> repair -> evaluate, and write the plan JSON, profile CSV and "
-                                   "RR-curve figure.")
-    s.add_argument("--budget", type=parse_budget, help="global sparsity in (0, 1): fraction of all prunable "
-                   "weights (or MACs with --unit flops) set to zero; required unless --pattern is given")
+    s = sub.add_parser(
+        "search",
+        help="profile RR, allocate a global budget, verify, write the plan",
+        description="Profile each layer's Relative Repairability on calibration images, "
+        "allocate the budget, verify the plan (and the reference baseline) with "
+        "prune -> repair -> evaluate, and write the plan JSON, profile CSV and "
+        "RR-curve figure.",
+    )
+    s.add_argument(
+        "--budget",
+        type=parse_budget,
+        help="global sparsity in (0, 1): fraction of all prunable "
+        "weights (or MACs with --unit flops) set to zero; required unless --pattern is given",
+    )
     add_run_flags(s)
     s.add_argument("--out", help="plan JSON path (default runs/<model>_<allocator>_b<budget>/plan.json)")
     s.add_argument("--no-verify", dest="verify", action="store_false", help="skip verification (plan only)")
     s.set_defaults(handler=cmd_search)
 
-    v = sub.add_parser("verify", help="re-run a plan's verification: prune, repair, evaluate",
-                       description="Rebuild model and data from a plan's source block and verify it.")
+    v = sub.add_parser(
+        "verify",
+        help="re-run a plan's verification: prune, repair, evaluate",
+        description="Rebuild model and data from a plan's source block and verify it.",
+    )
     add_plan_flags(v)
     v.add_argument("--split", choices=["test", "selection"], default="test", help="split to evaluate on")
     add_run_flags(v)
@@ -64,9 +74,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def metrics_row(name: str, m: Metrics, sparsity: float | None) -> dict[str, Any]:
     lo, hi = wilson_interval(m.top1, m.n)
-    return {"plan": name, "top1 %": round(100 * m.top1, 2), "95% CI": f"{100 * lo:.1f}-{100 * hi:.1f}",
-            "agreement %": round(100 * m.agreement, 2), "KL": round(m.kl, 4),
-            "sparsity": None if sparsity is None else round(sparsity, 4)}
+    return {
+        "plan": name,
+        "top1 %": round(100 * m.top1, 2),
+        "95% CI": f"{100 * lo:.1f}-{100 * hi:.1f}",
+        "agreement %": round(100 * m.agreement, 2),
+        "KL": round(m.kl, 4),
+        "sparsity": None if sparsity is None else round(sparsity, 4),
+    }
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -94,8 +109,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         if not cfg.storage:
             path = (out.parent / "optuna.db").resolve()
             if cfg.n_trials == 0 and not path.exists():
-                raise UserError(f"--n-trials 0 writes the plan from a stored study's best trial, but {path} does "
-                                "not exist yet: run with --n-trials > 0 first (or pass --storage)")
+                raise UserError(
+                    f"--n-trials 0 writes the plan from a stored study's best trial, but {path} does "
+                    "not exist yet: run with --n-trials > 0 first (or pass --storage)"
+                )
             made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
             out.parent.mkdir(parents=True, exist_ok=True)
             db = None if path.exists() else path  # only a storage this run creates is ever removed
@@ -117,23 +134,28 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     what = f"pattern {cfg.pattern}" if cfg.pattern else f"budget {budget:g} ({cfg.unit}), allocator {cfg.allocator}"
     print(f"rr_alloc search: {what}, repair {cfg.repair}", flush=True)
     wb = Workbench(cfg, progress=True)
-    n_w = sum(layer.n_weights for layer in wb.layers)
-    print(f"model {cfg.model}: {len(wb.layers)} prunable layers, {n_w:,} weights; device {wb.device}")
-    val = f" + validation {wb.splits.validation.n}" if wb.splits.validation is not None and wb.splits.validation.n else ""
-    print(f"data {wb.splits.description}; calibration {wb.splits.calib.n} + selection {wb.splits.selection.n}{val} "
-          f"training images (seed {cfg.seed}, disjoint); test {wb.splits.test.n} images (reporting only)")
+    _print_setting(wb)
     dense = wb.dense_metrics("test")
     print(f"dense top-1 on test: {100 * dense.top1:.2f}%", flush=True)
     prof = wb.profile() if not cfg.pattern and allocator_class(cfg.allocator).needs.profile else None
     if prof is not None:
-        print(f"RR profile: {len(prof.layers)} layers x {len(prof.grid)} grid points in "
-              f"{wb.timings['profile']:.1f}s (cache {prof.meta.get('cache')})", flush=True)
+        print(
+            f"RR profile: {len(prof.layers)} layers x {len(prof.grid)} grid points in "
+            f"{wb.timings['profile']:.1f}s (cache {prof.meta.get('cache')})",
+            flush=True,
+        )
     plan, _ = search(cfg, budget, verify=verify, workbench=wb)
     plan.save(out)
     prof = prof or wb.profile()
-    extra = [write_profile_csv(prof, out.with_name("profile.csv")),
-             plot_rr_curves(prof, out.with_name("rr_curves.png"), plan.sparsities,
-                            title=f"{cfg.model}: RR profile, {plan.allocator} plan at {plan.budget:g}")]
+    extra = [
+        write_profile_csv(prof, out.with_name("profile.csv")),
+        plot_rr_curves(
+            prof,
+            out.with_name("rr_curves.png"),
+            plan.sparsities,
+            title=f"{cfg.model}: RR profile, {plan.allocator} plan at {plan.budget:g}",
+        ),
+    ]
     ref_name = "global" if cfg.pattern else cfg.reference_allocator
     table = layer_table(plan, prof, {ref_name: wb.allocate(ref_name, plan.budget)})
     print()
@@ -141,30 +163,60 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     target = "N:M pattern" if cfg.pattern else f"target {budget:.4f}"
     print(f"\nachieved global sparsity: {plan.achieved_sparsity:.4f} ({cfg.unit}; {target})")
     if verify:
-        v = plan.verify
-        rows = [metrics_row("dense", dense, 0.0),
-                metrics_row(f"{plan.allocator} + repair", Metrics(v["top1"], v["agreement"], v["kl"], v["n"]),
-                            plan.achieved_sparsity)]
-        if "reference" in v:
-            r = v["reference"]
-            rows.append(metrics_row(f"{r['allocator']} + repair", Metrics(r["top1"], r["agreement"], r["kl"], v["n"]),
-                                    r["achieved_sparsity"]))
-        print(f"\nverification: prune -> {cfg.repair} on {wb.splits.calib.n} calibration images -> "
-              f"test split ({v['n']} images)")
-        print(pd.DataFrame(rows).to_string(index=False))
+        _print_verification(plan, dense, cfg.repair, wb.splits.calib.n)
     if plan.search:
         print("\n" + "\n".join(search_lines(plan.search)))
         if wb.last_study is not None:
-            extra.append(plot_search_progress(
-                wb.last_study.get_trials(deepcopy=False), plan.search.get("global_selection"),
-                out.with_name("search_progress.png"), f"{cfg.model}: {plan.search['optimizer']} at {plan.budget:g}"))
-    print(f"\nwrote {out} (plan), {', '.join(p.name for p in extra)} in {out.parent}  "
-          f"[{time.perf_counter() - t0:.1f}s]")
+            extra.append(
+                plot_search_progress(
+                    wb.last_study.get_trials(deepcopy=False),
+                    plan.search.get("global_selection"),
+                    out.with_name("search_progress.png"),
+                    f"{cfg.model}: {plan.search['optimizer']} at {plan.budget:g}",
+                )
+            )
+    print(
+        f"\nwrote {out} (plan), {', '.join(p.name for p in extra)} in {out.parent}  [{time.perf_counter() - t0:.1f}s]"
+    )
     if cfg.allocator == "optuna" and not cfg.pattern:
         print("\n".join(summary_lines(cfg.storage, cfg.objective)))
     if cfg.model == "digits_resnet":
         print("\n" + EMBEDDED_NOTE)
     return plan
+
+
+def _print_setting(wb: Workbench) -> None:
+    """What the run works on: the model's prunable layers, the device and the splits."""
+    n_w = sum(layer.n_weights for layer in wb.layers)
+    print(f"model {wb.cfg.model}: {len(wb.layers)} prunable layers, {n_w:,} weights; device {wb.device}")
+    s = wb.splits
+    val = f" + validation {s.validation.n}" if s.validation is not None and s.validation.n else ""
+    print(
+        f"data {s.description}; calibration {s.calib.n} + selection {s.selection.n}{val} "
+        f"training images (seed {wb.cfg.seed}, disjoint); test {s.test.n} images (reporting only)"
+    )
+
+
+def _print_verification(plan: Plan, dense: Metrics, repair: str, n_calib: int) -> None:
+    """The verification table: dense, the plan and its reference, each after the repair."""
+    v = plan.verify
+    rows = [
+        metrics_row("dense", dense, 0.0),
+        metrics_row(
+            f"{plan.allocator} + repair", Metrics(v["top1"], v["agreement"], v["kl"], v["n"]), plan.achieved_sparsity
+        ),
+    ]
+    if "reference" in v:
+        r = v["reference"]
+        rows.append(
+            metrics_row(
+                f"{r['allocator']} + repair",
+                Metrics(r["top1"], r["agreement"], r["kl"], v["n"]),
+                r["achieved_sparsity"],
+            )
+        )
+    print(f"\nverification: prune -> {repair} on {n_calib} calibration images -> test split ({v['n']} images)")
+    print(pd.DataFrame(rows).to_string(index=False))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -189,10 +241,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("allocators:")
     for k, cls in ALLOCATORS.items():
         print(f"  {k:<22} {cls.description}")
-    print("repair pipelines (steps joined by '>'; channel steps METHOD@SITES[:noshift][:lam=mean|median]; "
-          "reconstruction steps lsq[:damp=X], obs[:damp=X][:block=B]):")
+    print(
+        "repair pipelines (steps joined by '>'; channel steps METHOD@SITES[:noshift][:lam=mean|median]; "
+        "reconstruction steps lsq[:damp=X], obs[:damp=X][:block=B]):"
+    )
     for k, v in PRESETS.items():
         print(f"  {k:<26} {v}")
-    print(f"  methods: bn, {', '.join(CHANNEL_METHODS)}, {', '.join(RECONSTRUCT_METHODS)}; "
-          f"sites: {', '.join(SITE_KINDS)}")
+    print(
+        f"  methods: bn, {', '.join(CHANNEL_METHODS)}, {', '.join(RECONSTRUCT_METHODS)}; sites: {', '.join(SITE_KINDS)}"
+    )
     return 0

@@ -48,20 +48,23 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         # weights_only=True is named as what rr_alloc does, never the unsafe False as a way out
-        raise UserError(f"cannot load checkpoint {path} with weights_only=True: {_load_failure(e)}; rr_alloc "
-                        "never runs code from a checkpoint: save a plain state_dict "
-                        "(torch.save(model.state_dict(), path)) from the trusted code that made it") from None
+        raise UserError(
+            f"cannot load checkpoint {path} with weights_only=True: {_load_failure(e)}; rr_alloc "
+            "never runs code from a checkpoint: save a plain state_dict "
+            "(torch.save(model.state_dict(), path)) from the trusted code that made it"
+        ) from None
     if isinstance(obj, dict):
         for k in _WRAPPER_KEYS:
             if k in obj and isinstance(obj[k], dict):
                 obj = obj[k]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"checkpoint {path} holds no state_dict of tensors: "
-                        "save it as torch.save(model.state_dict(), path)")
+        raise UserError(
+            f"checkpoint {path} holds no state_dict of tensors: save it as torch.save(model.state_dict(), path)"
+        )
     for p in _PREFIXES:
         if obj and all(k.startswith(p) for k in obj):
-            obj = {k[len(p):]: v for k, v in obj.items()}
+            obj = {k[len(p) :]: v for k, v in obj.items()}
     return obj
 
 
@@ -85,12 +88,16 @@ def load_checkpoint(model: nn.Module, path: str | Path, map_location: str | torc
         if shape:
             k = shape[0]
             parts.append(f"{len(shape)} shape mismatches (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
-        raise UserError(f"checkpoint {path} does not match the model: {', '.join(parts)}; "
-                        "pass the --model this checkpoint was trained with")
+        raise UserError(
+            f"checkpoint {path} does not match the model: {', '.join(parts)}; "
+            "pass the --model this checkpoint was trained with"
+        )
     # NaN/inf weights make every metric NaN far downstream (and a plan that is not valid JSON): refuse them here
     bad = [k for k, v in sd.items() if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise UserError(f"checkpoint {path} has non-finite values (NaN or inf) in {bad[0]}{more}: "
-                        "pass a checkpoint saved before training diverged")
+        raise UserError(
+            f"checkpoint {path} has non-finite values (NaN or inf) in {bad[0]}{more}: "
+            "pass a checkpoint saved before training diverged"
+        )
     model.load_state_dict(sd, strict=True)

@@ -55,7 +55,7 @@ def _train(model: DigitsResNet, x: torch.Tensor, y: torch.Tensor) -> None:
     for _ in range(_EPOCHS):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             # one-pixel random shifts: cheap augmentation for an 8x8 input
             dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
             xb = torch.roll(x[idx], shifts=(dy, dx), dims=(2, 3))

@@ -38,13 +38,16 @@ def _digits(num_classes: int = 10, pretrained: bool = True, cache_dir: str | Non
 
 
 ZOO: dict[str, ZooEntry] = {
-    "digits_resnet": ZooEntry(_digits, None,
-                              "embedded default: 7-layer residual CNN on sklearn digits, trained on first use"),
+    "digits_resnet": ZooEntry(
+        _digits, None, "embedded default: 7-layer residual CNN on sklearn digits, trained on first use"
+    ),
 }
 for _d in CIFAR_DEPTHS:
     ZOO[f"cifar_resnet{_d}"] = ZooEntry(
         lambda num_classes=10, pretrained=False, _d=_d: cifar_resnet(_d, num_classes),
-        CIFAR_TRANSFORM, f"CIFAR ResNet-{_d} (akamaster layout; load weights with --checkpoint)")
+        CIFAR_TRANSFORM,
+        f"CIFAR ResNet-{_d} (akamaster layout; load weights with --checkpoint)",
+    )
 
 
 def _torchvision_names() -> list[str]:
@@ -63,13 +66,16 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise UserError(f"cannot import module {mod_name!r} for --model {spec}: {e}; "
-                        "make it importable (PYTHONPATH) or pass a registered name (see `rr_alloc list`)")
+        raise UserError(
+            f"cannot import module {mod_name!r} for --model {spec}: {e}; "
+            "make it importable (PYTHONPATH) or pass a registered name (see `rr_alloc list`)"
+        )
     try:
         fn = getattr(mod, attr)
     except AttributeError:
-        raise UserError(f"--model {spec}: module {mod_name!r} has no attribute {attr!r}: "
-                        "pass --model package.module:factory")
+        raise UserError(
+            f"--model {spec}: module {mod_name!r} has no attribute {attr!r}: pass --model package.module:factory"
+        )
     if not callable(fn):
         raise UserError(f"{spec} is not callable: pass a function or class that returns an nn.Module")
     return fn
@@ -86,14 +92,14 @@ def default_transform(name: str, pretrained: bool = False) -> TransformSpec | No
 
             w = torchvision.models.get_model_weights(tv).DEFAULT
             t = w.transforms()
-            return TransformSpec(mean=tuple(t.mean), std=tuple(t.std), resize=t.resize_size[0],
-                                 crop=t.crop_size[0])
+            return TransformSpec(mean=tuple(t.mean), std=tuple(t.std), resize=t.resize_size[0], crop=t.crop_size[0])
         return IMAGENET_TRANSFORM
     return None
 
 
-def build_model(name: str, num_classes: int | None = None, pretrained: bool = False,
-                cache_dir: str | None = None) -> nn.Module:
+def build_model(
+    name: str, num_classes: int | None = None, pretrained: bool = False, cache_dir: str | None = None
+) -> nn.Module:
     """Instantiate a model by name (see module docstring). Weights: zoo default or random."""
     if name in ZOO:
         kw = {} if num_classes is None else {"num_classes": num_classes}
@@ -105,8 +111,10 @@ def build_model(name: str, num_classes: int | None = None, pretrained: bool = Fa
         names = _torchvision_names()
         if tv not in names:
             zoo = ", ".join(sorted(ZOO))
-            raise UserError(f"unknown model {name!r}: use one of {zoo}, a torchvision classifier "
-                            "(e.g. resnet18) or package.module:factory")
+            raise UserError(
+                f"unknown model {name!r}: use one of {zoo}, a torchvision classifier "
+                "(e.g. resnet18) or package.module:factory"
+            )
         import torchvision
 
         kw = {}
@@ -119,9 +127,12 @@ def build_model(name: str, num_classes: int | None = None, pretrained: bool = Fa
         model = fn() if num_classes is None else fn(num_classes=num_classes)
     except Exception as e:  # the user's code: its failure is bad input, reported in one line
         first = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"--model {call} failed ({type(e).__name__}: {first}): pass a factory that takes no "
-                        "required arguments (num_classes optional) and returns an nn.Module") from None
+        raise UserError(
+            f"--model {call} failed ({type(e).__name__}: {first}): pass a factory that takes no "
+            "required arguments (num_classes optional) and returns an nn.Module"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise UserError(f"--model {call} returned {type(model).__name__}, not an nn.Module: "
-                        "pass a factory that returns the model")
+        raise UserError(
+            f"--model {call} returned {type(model).__name__}, not an nn.Module: pass a factory that returns the model"
+        )
     return model

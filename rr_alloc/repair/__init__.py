@@ -9,8 +9,15 @@ and the passes over the calibration set), ``sites``, ``affine``, ``bn``,
 
 from .affine import ChannelAffine, affine_modules, attach_output_affine, fold_correction
 from .bn import recalibrate_bn
-from .pipeline import (CHANNEL_METHODS, DenseSiteCache, RepairPipeline, RepairReport, RepairStep,
-                       run_repair, site_moments)
+from .pipeline import (
+    CHANNEL_METHODS,
+    DenseSiteCache,
+    RepairPipeline,
+    RepairReport,
+    RepairStep,
+    run_repair,
+    site_moments,
+)
 from .reconstruct import RECONSTRUCT_METHODS, ReconstructStep, reconstruct
 from .sites import SITE_KINDS, Site, discover_sites, forward_order
 
@@ -22,12 +29,12 @@ PRESETS: dict[str, str] = {
     "bn>asr@block+logits": "BN recalibration, then ASR at residual-block outputs and logits",
     "bn>lw@block+logits": "BN recalibration, then layer-wise scaling at block outputs and logits",
     "bn>naive@block+logits": "the default: BN recalibration, then channel-wise without shrinkage (the best "
-                             "channel-wise pipeline on the selection split in studies/repair_ablation.py)",
+    "channel-wise pipeline on the selection split in studies/repair_ablation.py)",
     "lsq>bn>naive@block+logits": "least-squares re-fit of the kept weights (magnitude masks), then the "
-                                 "channel-wise default (options lsq:damp=0.01)",
+    "channel-wise default (options lsq:damp=0.01)",
     "obs>bn>naive@block+logits": "OBS-chosen masks (SparseGPT sweep, same per-layer counts) and least-squares "
-                                 "re-fit, then the channel-wise pipeline: best on the selection split of "
-                                 "studies/repair_ablation.py --reconstruct; the CIFAR configs select it",
+    "re-fit, then the channel-wise pipeline: best on the selection split of "
+    "studies/repair_ablation.py --reconstruct; the CIFAR configs select it",
 }
 # The best channel-wise pipeline (stage-1 winner of studies/repair_ablation.py) is the default. OBS masks and a
 # least-squares re-fit before it win by far on CIFAR ResNets (studies/repair_ablation.py --reconstruct), and
@@ -37,7 +44,28 @@ CHANNEL_REPAIR = "bn>naive@block+logits"
 RECONSTRUCT_REPAIR = "obs>" + CHANNEL_REPAIR
 DEFAULT_REPAIR = CHANNEL_REPAIR
 
-__all__ = ["ChannelAffine", "affine_modules", "attach_output_affine", "fold_correction", "recalibrate_bn",
-           "CHANNEL_METHODS", "DenseSiteCache", "RepairPipeline", "RepairReport", "RepairStep", "run_repair",
-           "site_moments", "RECONSTRUCT_METHODS", "ReconstructStep", "reconstruct", "SITE_KINDS", "Site", "discover_sites", "forward_order", "PRESETS",
-           "DEFAULT_REPAIR", "CHANNEL_REPAIR", "RECONSTRUCT_REPAIR"]
+__all__ = [
+    "ChannelAffine",
+    "affine_modules",
+    "attach_output_affine",
+    "fold_correction",
+    "recalibrate_bn",
+    "CHANNEL_METHODS",
+    "DenseSiteCache",
+    "RepairPipeline",
+    "RepairReport",
+    "RepairStep",
+    "run_repair",
+    "site_moments",
+    "RECONSTRUCT_METHODS",
+    "ReconstructStep",
+    "reconstruct",
+    "SITE_KINDS",
+    "Site",
+    "discover_sites",
+    "forward_order",
+    "PRESETS",
+    "DEFAULT_REPAIR",
+    "CHANNEL_REPAIR",
+    "RECONSTRUCT_REPAIR",
+]

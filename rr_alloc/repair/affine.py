@@ -68,8 +68,7 @@ def attach_output_affine(module: nn.Module, channels: int, channel_dim: int = 1)
 
 def affine_modules(model: nn.Module) -> dict[str, ChannelAffine]:
     """Dotted names of the modules that carry an attached output affine."""
-    return {name: getattr(m, AFFINE_CHILD) for name, m in model.named_modules()
-            if isinstance(m, _WithOutputAffine)}
+    return {name: getattr(m, AFFINE_CHILD) for name, m in model.named_modules() if isinstance(m, _WithOutputAffine)}
 
 
 def _bc(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -77,8 +76,15 @@ def _bc(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_correction(model: nn.Module, name: str, kind: str, scale: torch.Tensor, shift: torch.Tensor,
-                    consumer_bn: str | None = None, channel_dim: int = 1) -> str:
+def fold_correction(
+    model: nn.Module,
+    name: str,
+    kind: str,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    consumer_bn: str | None = None,
+    channel_dim: int = 1,
+) -> str:
     """Make ``model.<name>``'s output ``scale * y + shift``; return where it went.
 
     Returns ``"folded"`` when the module's own parameters hold it exactly,
@@ -92,8 +98,11 @@ def fold_correction(model: nn.Module, name: str, kind: str, scale: torch.Tensor,
     if ref is None:
         ref = next(iter(m.buffers()), scale)
     scale, shift = scale.to(ref.device), shift.to(ref.device)
-    if kind in ("conv", "logits") and isinstance(m, (nn.Conv2d, nn.Linear)) and (
-            m.bias is not None or consumer_bn is not None):
+    if (
+        kind in ("conv", "logits")
+        and isinstance(m, (nn.Conv2d, nn.Linear))
+        and (m.bias is not None or consumer_bn is not None)
+    ):
         w = m.weight
         w.mul_(_bc(scale.to(w.dtype), w.dim()))
         if m.bias is not None:

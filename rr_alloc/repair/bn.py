@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,8 +18,9 @@ def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
-                   device: torch.device | str = "cpu") -> int:
+def recalibrate_bn(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]], device: torch.device | str = "cpu"
+) -> int:
     """Re-estimate every BatchNorm's running statistics on ``batches``.
 
     Only the BatchNorm modules run in train mode (Dropout and the rest stay in

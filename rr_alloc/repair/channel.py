@@ -124,8 +124,13 @@ def _parse_options(opts: list[str], part: str) -> tuple[bool, str | float]:
 class _SiteCorrection:
     """Folds one step's correction at a site from its pruned moments; counts the sites done."""
 
-    def __init__(self, pruned: nn.Module, step: RepairStep, targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 report: RepairReport) -> None:
+    def __init__(
+        self,
+        pruned: nn.Module,
+        step: RepairStep,
+        targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        report: RepairReport,
+    ) -> None:
         self.pruned, self.step, self.targets, self.report = pruned, step, targets, report
         self.count = 0
 
@@ -136,10 +141,12 @@ class _SiteCorrection:
         mu_d, v_d = self.targets[site.name]
         gamma = repair_gamma(v_d, v_p, step.method, step.lam)
         shift = (mu_d if step.mean_shift else mu_p) - gamma * mu_p
-        placement = fold_correction(self.pruned, site.name, site.kind, gamma.float(), shift.float(),
-                                    site.consumer_bn, site.channel_dim)
-        self.report.corrections.append({"site": site.name, "kind": site.kind, "placement": placement,
-                                        "step": str(step)})
+        placement = fold_correction(
+            self.pruned, site.name, site.kind, gamma.float(), shift.float(), site.consumer_bn, site.channel_dim
+        )
+        self.report.corrections.append(
+            {"site": site.name, "kind": site.kind, "placement": placement, "step": str(step)}
+        )
         self.count += 1
         if placement == "folded-into-next-bn":  # the site's own output carries only the scale
             return gamma.float(), torch.zeros_like(shift).float()
@@ -164,8 +171,9 @@ class ChannelRepair(StepKind):
             return None
         sites = tuple(s for s in sites_s.split("+") if s)
         if not sites or any(s not in SITE_KINDS for s in sites):
-            raise UserError(f"repair step {part!r} needs sites from {', '.join(SITE_KINDS)} "
-                            f"after '@' (e.g. {method}@block+logits)")
+            raise UserError(
+                f"repair step {part!r} needs sites from {', '.join(SITE_KINDS)} after '@' (e.g. {method}@block+logits)"
+            )
         return RepairStep(method, sites, *_parse_options(opts, part))
 
     def apply(self, step: RepairStep, pruned: nn.Module, ctx: StepContext) -> None:
@@ -185,7 +193,7 @@ class ChannelRepair(StepKind):
                 except CacheTooLarge:
                     ctx.report.calib_passes += 1  # the sites corrected so far stay; the rest recompute
         # one partial forward per site, each ending right after its site
-        for site in sites[correct.count:]:
+        for site in sites[correct.count :]:
             m = site_moments(pruned, [site], ctx.batches, ctx.device, stop_after=site.name)[site.name]
             correct(site, m)
             ctx.report.calib_passes += 1

@@ -34,9 +34,12 @@ def save_pruned(model: nn.Module, out: str | Path, plan_path: str | None = None)
     if not aff:
         spec.unlink(missing_ok=True)
         return None
-    body = {"format": "rr_alloc.repair_spec", "version": 1, "plan": plan_path,
-            "affine": [{"module": n, "channels": a.scale.numel(), "channel_dim": a.channel_dim}
-                       for n, a in aff.items()]}
+    body = {
+        "format": "rr_alloc.repair_spec",
+        "version": 1,
+        "plan": plan_path,
+        "affine": [{"module": n, "channels": a.scale.numel(), "channel_dim": a.channel_dim} for n, a in aff.items()],
+    }
     write_text_atomic(spec, json.dumps(body, indent=2) + "\n")
     return spec
 

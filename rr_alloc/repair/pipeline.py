@@ -34,8 +34,15 @@ from .propagate import site_moments
 from .reconstruct import ReconstructStep
 from .steps import RepairReport, StepContext, kind_of, parse_step
 
-__all__ = ["RepairStep", "RepairPipeline", "RepairReport", "DenseSiteCache", "run_repair", "CHANNEL_METHODS",
-           "site_moments"]
+__all__ = [
+    "RepairStep",
+    "RepairPipeline",
+    "RepairReport",
+    "DenseSiteCache",
+    "run_repair",
+    "CHANNEL_METHODS",
+    "site_moments",
+]
 
 
 @dataclass(frozen=True)
@@ -64,11 +71,18 @@ class RepairPipeline:
         return cls(tuple(parse_step(part.strip(), text) for part in text.split(">")))
 
 
-def run_repair(pruned: nn.Module, pipeline: RepairPipeline | str, batches,
-               dense: nn.Module | None = None, device: torch.device | str = "cpu",
-               cache: DenseSiteCache | None = None, staged: bool = True,
-               max_cache_bytes: float = 4e9, masks: dict[str, torch.Tensor] | None = None,
-               nm: tuple[int, int] | None = None) -> RepairReport:
+def run_repair(
+    pruned: nn.Module,
+    pipeline: RepairPipeline | str,
+    batches,
+    dense: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    cache: DenseSiteCache | None = None,
+    staged: bool = True,
+    max_cache_bytes: float = 4e9,
+    masks: dict[str, torch.Tensor] | None = None,
+    nm: tuple[int, int] | None = None,
+) -> RepairReport:
     """Repair ``pruned`` in place with ``pipeline`` on calibration ``batches``.
 
     Channel steps need the dense model (or a ``DenseSiteCache`` built on it) for
@@ -83,8 +97,17 @@ def run_repair(pruned: nn.Module, pipeline: RepairPipeline | str, batches,
     """
     if isinstance(pipeline, str):
         pipeline = RepairPipeline.parse(pipeline)
-    ctx = StepContext(batches, RepairReport(str(pipeline)), dense=dense, device=device, cache=cache, masks=masks,
-                      nm=nm, staged=staged, max_cache_bytes=max_cache_bytes)
+    ctx = StepContext(
+        batches,
+        RepairReport(str(pipeline)),
+        dense=dense,
+        device=device,
+        cache=cache,
+        masks=masks,
+        nm=nm,
+        staged=staged,
+        max_cache_bytes=max_cache_bytes,
+    )
     for step in pipeline.steps:
         kind_of(step).apply(step, pruned, ctx)
     return ctx.report

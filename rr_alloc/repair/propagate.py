@@ -22,7 +22,8 @@ when ``torch.fx`` cannot follow the forward, and every caller falls back.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -34,8 +35,18 @@ from ..stats import ChannelMoments, as_bcx
 if TYPE_CHECKING:
     from .sites import Site
 
-__all__ = ["Traced", "trace", "StopForward", "CacheTooLarge", "cache_bytes", "StagedRunner", "Lockstep",
-           "site_moments", "layer_inputs", "call_order"]
+__all__ = [
+    "Traced",
+    "trace",
+    "StopForward",
+    "CacheTooLarge",
+    "cache_bytes",
+    "StagedRunner",
+    "Lockstep",
+    "site_moments",
+    "layer_inputs",
+    "call_order",
+]
 
 Batches = Iterable[tuple[torch.Tensor, Any]]
 Env = dict[fx.Node, Any]
@@ -140,8 +151,9 @@ class StagedRunner:
         self.max_cache_bytes = max_cache_bytes
 
     @classmethod
-    def build(cls, model: nn.Module, sites: list[Site], max_cache_bytes: float = 4e9
-              ) -> tuple[StagedRunner | None, str]:
+    def build(
+        cls, model: nn.Module, sites: list[Site], max_cache_bytes: float = 4e9
+    ) -> tuple[StagedRunner | None, str]:
         """The runner, or ``None`` and why the model cannot run node by node."""
         try:
             return cls(model, sites, max_cache_bytes), ""
@@ -149,8 +161,13 @@ class StagedRunner:
             return None, str(e)
 
     @torch.no_grad()
-    def run(self, batches: Batches, sites: list[Site], device: torch.device | str,
-            correct: Callable[[Site, ChannelMoments], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def run(
+        self,
+        batches: Batches,
+        sites: list[Site],
+        device: torch.device | str,
+        correct: Callable[[Site, ChannelMoments], tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
         """For each site in forward order: moments -> ``correct`` (folds, returns scale/shift) -> patch."""
         r = self.seq
         interp = fx.Interpreter(r.gm)
@@ -207,8 +224,9 @@ class Lockstep:
         except ValueError as e:
             return None, str(e)
 
-    def layers(self, batches: Batches, layers: Sequence[str], device: torch.device | str, max_cache_bytes: float
-               ) -> Iterator[tuple[str, Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
+    def layers(
+        self, batches: Batches, layers: Sequence[str], device: torch.device | str, max_cache_bytes: float
+    ) -> Iterator[tuple[str, Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
         """Per layer in graph order: its name and its ``(pruned input, dense input)`` per batch.
 
         Consume each layer's pairs, and change that layer, before asking for the next layer.
@@ -236,8 +254,13 @@ class Lockstep:
 
 
 @torch.no_grad()
-def site_moments(model: nn.Module, sites: list[Site], batches: Batches, device: torch.device | str = "cpu",
-                 stop_after: str | None = None) -> dict[str, ChannelMoments]:
+def site_moments(
+    model: nn.Module,
+    sites: list[Site],
+    batches: Batches,
+    device: torch.device | str = "cpu",
+    stop_after: str | None = None,
+) -> dict[str, ChannelMoments]:
     """Per-channel moments of each site's output over ``batches`` (hooks removed on exit).
 
     With ``stop_after``, each forward ends as soon as that site's output is seen.
@@ -250,6 +273,7 @@ def site_moments(model: nn.Module, sites: list[Site], batches: Batches, device: 
             acc[name].add_batch(as_bcx(out.float(), dims[name]))
             if name == stop_after:
                 raise StopForward
+
         return hook
 
     with forward_hooks(model, {s.name: make(s.name) for s in sites}):
@@ -277,8 +301,9 @@ def _layer_input(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     return got[0]
 
 
-def layer_inputs(pruned: nn.Module, dense: nn.Module, name: str, batches: Batches, device: torch.device | str
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def layer_inputs(
+    pruned: nn.Module, dense: nn.Module, name: str, batches: Batches, device: torch.device | str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per batch, ``(pruned input, dense input)`` of layer ``name``: two partial forwards each."""
     for x, _ in batches:
         x = x.to(device)
@@ -292,6 +317,7 @@ def call_order(model: nn.Module, names: Sequence[str], batches: Batches, device:
     def make(name: str):
         def hook(mod: nn.Module, inp: Any) -> None:  # a pre-hook's return value would replace the input
             order.setdefault(name, len(order))
+
         return hook
 
     with forward_hooks(model, {n: make(n) for n in names}, pre=True):

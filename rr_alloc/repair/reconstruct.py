@@ -45,24 +45,54 @@ solves. Models that do not trace, or whose live activations exceed
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import UserError
 from .propagate import CacheTooLarge, Lockstep, call_order, layer_inputs, trace
-from .refit import (DEFAULT_DAMP, DEFAULT_OBS_BLOCK, MAX_SOLVE_FLOPS, GramStats, damping, input_patches, keep_rows,
-                    lsq_residuals, nm_column_order, obs_select, output_rows, solve_kept, unsupported_reason,
-                    weight_rows)
+from .refit import (
+    DEFAULT_DAMP,
+    DEFAULT_OBS_BLOCK,
+    MAX_SOLVE_FLOPS,
+    GramStats,
+    damping,
+    input_patches,
+    keep_rows,
+    lsq_residuals,
+    nm_column_order,
+    obs_select,
+    output_rows,
+    solve_kept,
+    unsupported_reason,
+    weight_rows,
+)
 from .sites import conv_consumers
 from .steps import StepContext, StepKind, register
 
-__all__ = ["ReconstructStep", "reconstruct", "input_patches", "bias_targets", "solve_kept",
-           "obs_select", "GramStats", "output_rows", "ReconstructReport", "RECONSTRUCT_METHODS", "DEFAULT_DAMP",
-           "DEFAULT_OBS_BLOCK", "MAX_SOLVE_FLOPS", "lsq_residuals", "damping", "unsupported_reason", "fit_layer",
-           "nm_column_order", "Reconstruction"]
+__all__ = [
+    "ReconstructStep",
+    "reconstruct",
+    "input_patches",
+    "bias_targets",
+    "solve_kept",
+    "obs_select",
+    "GramStats",
+    "output_rows",
+    "ReconstructReport",
+    "RECONSTRUCT_METHODS",
+    "DEFAULT_DAMP",
+    "DEFAULT_OBS_BLOCK",
+    "MAX_SOLVE_FLOPS",
+    "lsq_residuals",
+    "damping",
+    "unsupported_reason",
+    "fit_layer",
+    "nm_column_order",
+    "Reconstruction",
+]
 
 RECONSTRUCT_METHODS = ("lsq", "obs")
 
@@ -107,8 +137,15 @@ def bias_targets(model: nn.Module) -> dict[str, str | None]:
     return out
 
 
-def _obs_keep(layer: nn.Module, H: torch.Tensor, rhs: torch.Tensor, lam: float, keep2: torch.Tensor,
-              step: ReconstructStep, nm: tuple[int, int] | None) -> torch.Tensor:
+def _obs_keep(
+    layer: nn.Module,
+    H: torch.Tensor,
+    rhs: torch.Tensor,
+    lam: float,
+    keep2: torch.Tensor,
+    step: ReconstructStep,
+    nm: tuple[int, int] | None,
+) -> torch.Tensor:
     """OBS-chosen keep-mask with the layer's pruned count (or N:M groups) of ``keep2``."""
     perm = nm_column_order(layer, nm[1]) if nm is not None else None
     if nm is not None and perm is None:  # the layer stays dense under N:M: nothing to choose
@@ -119,15 +156,23 @@ def _obs_keep(layer: nn.Module, H: torch.Tensor, rhs: torch.Tensor, lam: float, 
 
 
 @torch.no_grad()
-def fit_layer(name: str, pruned: nn.Module, dense_layer: nn.Module, gram: GramStats, keep: torch.Tensor,
-              step: ReconstructStep, bias_to: str | None, nm: tuple[int, int] | None = None) -> torch.Tensor:
+def fit_layer(
+    name: str,
+    pruned: nn.Module,
+    dense_layer: nn.Module,
+    gram: GramStats,
+    keep: torch.Tensor,
+    step: ReconstructStep,
+    bias_to: str | None,
+    nm: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Re-fit ``pruned.<name>`` from its Gram pair; returns the (possibly new, for obs) keep-mask."""
     layer = pruned.get_submodule(name)
     d = dense_layer.weight[0].numel()
-    w_aug = weight_rows(dense_layer, gram.with_const)                   # (C_out, d [+1 bias column])
+    w_aug = weight_rows(dense_layer, gram.with_const)  # (C_out, d [+1 bias column])
     H = gram.H
     lam = damping(H, step.damp, d)
-    rhs = gram.R.T + lam * w_aug                                        # rows of X_p^T y_d + lam w_d
+    rhs = gram.R.T + lam * w_aug  # rows of X_p^T y_d + lam w_d
     keep2 = keep.flatten(1)
     if step.method == "obs":
         keep2 = _obs_keep(layer, H, rhs, lam, keep2, step, nm)
@@ -146,8 +191,16 @@ def fit_layer(name: str, pruned: nn.Module, dense_layer: nn.Module, gram: GramSt
 class _LayerFit:
     """Accumulates one layer's Gram pair from ``(pruned input, dense input)`` batches and re-fits it."""
 
-    def __init__(self, pruned: nn.Module, dense: nn.Module, step: ReconstructStep, nm: tuple[int, int] | None,
-                 targets: dict[str, str | None], keep: dict[str, torch.Tensor], report: ReconstructReport) -> None:
+    def __init__(
+        self,
+        pruned: nn.Module,
+        dense: nn.Module,
+        step: ReconstructStep,
+        nm: tuple[int, int] | None,
+        targets: dict[str, str | None],
+        keep: dict[str, torch.Tensor],
+        report: ReconstructReport,
+    ) -> None:
         self.pruned, self.dense, self.step, self.nm = pruned, dense, step, nm
         self.targets, self.keep, self.report = targets, keep, report
 
@@ -162,8 +215,9 @@ class _LayerFit:
         self.report.bias[name] = "bias" if t == "bias" else ("next-bn" if t else "none")
 
 
-def _lockstep(fit: _LayerFit, batches, todo: list[str], device: torch.device | str, max_cache_bytes: float,
-              staged: bool) -> list[str]:
+def _lockstep(
+    fit: _LayerFit, batches, todo: list[str], device: torch.device | str, max_cache_bytes: float, staged: bool
+) -> list[str]:
     """Fit ``todo`` in one lockstep pass where possible; returns the layers it fitted."""
     report = fit.report
     runner, report.untraced = Lockstep.build(fit.dense, fit.pruned, todo) if staged and todo else (None, "")
@@ -182,10 +236,18 @@ def _lockstep(fit: _LayerFit, batches, todo: list[str], device: torch.device | s
 
 
 @torch.no_grad()
-def reconstruct(pruned: nn.Module, dense: nn.Module, batches, layers: Sequence[str], step: ReconstructStep,
-                masks: dict[str, torch.Tensor] | None = None, nm: tuple[int, int] | None = None,
-                device: torch.device | str = "cpu", max_cache_bytes: float = 3e9,
-                staged: bool = True) -> ReconstructReport:
+def reconstruct(
+    pruned: nn.Module,
+    dense: nn.Module,
+    batches,
+    layers: Sequence[str],
+    step: ReconstructStep,
+    masks: dict[str, torch.Tensor] | None = None,
+    nm: tuple[int, int] | None = None,
+    device: torch.device | str = "cpu",
+    max_cache_bytes: float = 3e9,
+    staged: bool = True,
+) -> ReconstructReport:
     """Re-fit the kept weights of ``layers`` of ``pruned`` (in place), in forward order.
 
     ``masks``: keep-masks per layer (default: the pruned weights' non-zeros). ``nm``: the N:M
@@ -201,8 +263,12 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, batches, layers: Sequence[s
             report.skipped[name] = why
         else:
             todo.append(name)
-    keep = {n: (masks[n] if masks is not None and n in masks else pruned.get_submodule(n).weight != 0)
-            .to(pruned.get_submodule(n).weight.device) for n in layers}
+    keep = {
+        n: (masks[n] if masks is not None and n in masks else pruned.get_submodule(n).weight != 0).to(
+            pruned.get_submodule(n).weight.device
+        )
+        for n in layers
+    }
     fit = _LayerFit(pruned, dense, step, nm, targets, keep, report)
     was_d, was_p = dense.training, pruned.training
     dense.eval()
@@ -234,11 +300,14 @@ def _parse_options(method: str, opts: list[str], part: str, text: str) -> Recons
                     raise ValueError
             else:
                 allowed = "damp=X" + (" or block=B" if method == "obs" else "")
-                raise UserError(f"unknown option {o!r} in repair step {part!r}: use {allowed} "
-                                f"(e.g. {method}:damp=0.01)")
+                raise UserError(
+                    f"unknown option {o!r} in repair step {part!r}: use {allowed} (e.g. {method}:damp=0.01)"
+                )
         except ValueError:
-            raise UserError(f"bad value in {o!r} of repair step {part!r} (in --repair {text!r}): damp is a "
-                            "number >= 0, block a positive integer")
+            raise UserError(
+                f"bad value in {o!r} of repair step {part!r} (in --repair {text!r}): damp is a "
+                "number >= 0, block a positive integer"
+            )
     return ReconstructStep(method, damp, block)
 
 
@@ -266,8 +335,9 @@ class Reconstruction(StepKind):
         if ref is None:
             raise ValueError("reconstruction repair needs the dense model or a DenseSiteCache")
         layers = [n for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        rec = reconstruct(pruned, ref, ctx.batches, layers, step, masks=ctx.masks, nm=ctx.nm, device=ctx.device,
-                          staged=ctx.staged)
+        rec = reconstruct(
+            pruned, ref, ctx.batches, layers, step, masks=ctx.masks, nm=ctx.nm, device=ctx.device, staged=ctx.staged
+        )
         ctx.masks = {n: rec.masks[n] for n in (ctx.masks or rec.masks)}
         report = ctx.report
         report.masks = ctx.masks

@@ -17,9 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEFAULT_DAMP", "DEFAULT_OBS_BLOCK", "MAX_SOLVE_FLOPS", "unsupported_reason", "input_patches",
-           "output_rows", "GramStats", "weight_rows", "keep_rows", "damping", "solve_kept", "obs_select",
-           "nm_column_order", "lsq_residuals"]
+__all__ = [
+    "DEFAULT_DAMP",
+    "DEFAULT_OBS_BLOCK",
+    "MAX_SOLVE_FLOPS",
+    "unsupported_reason",
+    "input_patches",
+    "output_rows",
+    "GramStats",
+    "weight_rows",
+    "keep_rows",
+    "damping",
+    "solve_kept",
+    "obs_select",
+    "nm_column_order",
+    "lsq_residuals",
+]
 
 DEFAULT_DAMP = 0.01
 DEFAULT_OBS_BLOCK = 128
@@ -37,9 +50,11 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     w = getattr(layer, "weight", None)
     if w is not None and w.dim() >= 2:
         rows, d = w.shape[0], w[0].numel() + 1
-        if rows * d ** 3 / 3 > MAX_SOLVE_FLOPS:
-            return (f"the exact per-row re-fit would cost {rows * d ** 3 / 3:.1e} flops ({rows} rows x {d} inputs), "
-                    f"above {MAX_SOLVE_FLOPS:.0e}")
+        if rows * d**3 / 3 > MAX_SOLVE_FLOPS:
+            return (
+                f"the exact per-row re-fit would cost {rows * d**3 / 3:.1e} flops ({rows} rows x {d} inputs), "
+                f"above {MAX_SOLVE_FLOPS:.0e}"
+            )
     if isinstance(layer, nn.Linear):
         return None
     if isinstance(layer, nn.Conv2d):
@@ -159,17 +174,17 @@ def solve_kept(H: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, lam: floa
     Hl = H.double() + lam * torch.eye(d, dtype=torch.float64, device=H.device)
     chunk = max(1, int(SOLVE_BYTES // (8 * d * d)))
     for r0 in range(0, rows, chunk):
-        m = keep[r0:r0 + chunk].to(torch.float64)                      # (r, d)
-        A = Hl.expand(len(m), d, d).clone()                            # in place below: one (r, d, d) buffer
+        m = keep[r0 : r0 + chunk].to(torch.float64)  # (r, d)
+        A = Hl.expand(len(m), d, d).clone()  # in place below: one (r, d, d) buffer
         A.mul_(m[:, :, None]).mul_(m[:, None, :])
         A.diagonal(dim1=1, dim2=2).add_(1.0 - m)
-        b = (m * rhs[r0:r0 + chunk].double()).unsqueeze(-1)
+        b = (m * rhs[r0 : r0 + chunk].double()).unsqueeze(-1)
         L, info = torch.linalg.cholesky_ex(A)
         x = torch.cholesky_solve(b, L)
         bad = info != 0
         if bad.any():
             x[bad] = torch.linalg.lstsq(A[bad].cpu(), b[bad].cpu(), driver="gelsd").solution.to(x)
-        out[r0:r0 + chunk] = x.squeeze(-1) * m
+        out[r0 : r0 + chunk] = x.squeeze(-1) * m
         del A, L
     return out
 
@@ -187,23 +202,24 @@ def _inverse_factor(H: torch.Tensor, full: torch.Tensor, lam: float) -> torch.Te
 
 def _lowest_saliency(W1: torch.Tensor, diag: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the ``k`` weights of a block with the lowest OBS saliency ``w^2 / [H^-1]_jj^2``."""
-    sal = (W1 ** 2 / diag[None, :] ** 2).flatten()
+    sal = (W1**2 / diag[None, :] ** 2).flatten()
     mask1 = torch.zeros(W1.numel(), dtype=torch.bool, device=W1.device)
     if k > 0:
         mask1[torch.sort(sal, stable=True).indices[:k]] = True
     return mask1.view_as(W1)
 
 
-def _sweep_block(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor,
-                 nm: tuple[int, int] | None) -> torch.Tensor:
+def _sweep_block(
+    W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor, nm: tuple[int, int] | None
+) -> torch.Tensor:
     """Prune a block column by column (N:M groups chosen on the way), updating ``W1``; returns the errors."""
     Err1 = torch.zeros_like(W1)
     diag = torch.diagonal(Hinv1)
     for i in range(W1.shape[1]):
         if nm is not None and i % nm[1] == 0:
-            g = W1[:, i:i + nm[1]] ** 2 / diag[i:i + nm[1]][None, :] ** 2
-            idx = torch.sort(g, dim=1, stable=True).indices[:, :nm[1] - nm[0]]
-            mask1[:, i:i + nm[1]].scatter_(1, idx, True)
+            g = W1[:, i : i + nm[1]] ** 2 / diag[i : i + nm[1]][None, :] ** 2
+            idx = torch.sort(g, dim=1, stable=True).indices[:, : nm[1] - nm[0]]
+            mask1[:, i : i + nm[1]].scatter_(1, idx, True)
         w = W1[:, i]
         q = torch.where(mask1[:, i], torch.zeros_like(w), w)
         err = (w - q) / Hinv1[i, i]
@@ -212,9 +228,16 @@ def _sweep_block(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor,
     return Err1
 
 
-def obs_select(W: torch.Tensor, H: torch.Tensor, lam: float, n_prune: int, n_cols: int,
-               nm: tuple[int, int] | None = None, block: int = DEFAULT_OBS_BLOCK,
-               perm: torch.Tensor | None = None) -> torch.Tensor:
+def obs_select(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    lam: float,
+    n_prune: int,
+    n_cols: int,
+    nm: tuple[int, int] | None = None,
+    block: int = DEFAULT_OBS_BLOCK,
+    perm: torch.Tensor | None = None,
+) -> torch.Tensor:
     """SparseGPT's sweep: the keep-mask over the first ``n_cols`` columns of ``W`` (rows x cols).
 
     ``W`` (float64) is the layer's least-squares optimum with every weight kept; the loss of a
@@ -280,6 +303,6 @@ def lsq_residuals(H: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, lam: flo
     complement). Summed over positions, not averaged.
     """
     wP = w.double() * (~keep).double()
-    b = wP @ H.double()                        # rows: (H w_P)^T; its kept part is H_KP w_P
-    delta = solve_kept(H, b, keep, lam)        # A^-1 b_K per row, zero on P
+    b = wP @ H.double()  # rows: (H w_P)^T; its kept part is H_KP w_P
+    delta = solve_kept(H, b, keep, lam)  # A^-1 b_K per row, zero on P
     return (wP * b).sum(1) - (b * delta).sum(1) - lam * (delta * delta).sum(1)

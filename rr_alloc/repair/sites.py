@@ -57,8 +57,9 @@ class Site:
 
 def _has_tensor_add(graph: fx.Graph) -> bool:
     for node in graph.nodes:
-        is_add = (node.op == "call_function" and node.target in _ADDS) or \
-                 (node.op == "call_method" and node.target in ("add", "add_"))
+        is_add = (node.op == "call_function" and node.target in _ADDS) or (
+            node.op == "call_method" and node.target in ("add", "add_")
+        )
         if is_add and sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2:
             return True
     return False
@@ -76,8 +77,14 @@ def _residual_blocks_fx(model: nn.Module) -> list[str]:
 
 
 # every way a forward can add two tensors: operators, in-place operators, functions and methods
-_ADD_FUNCS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
-              torch.Tensor.__iadd__}
+_ADD_FUNCS = {
+    torch.add,
+    torch.Tensor.add,
+    torch.Tensor.add_,
+    torch.Tensor.__add__,
+    torch.Tensor.__radd__,
+    torch.Tensor.__iadd__,
+}
 
 
 class _AddRecorder(TorchFunctionMode):
@@ -92,8 +99,12 @@ class _AddRecorder(TorchFunctionMode):
         if func in _ADD_FUNCS and len(args) >= 1:
             other = args[1] if len(args) > 1 else kwargs.get("other")
             a = args[0]
-            if isinstance(a, torch.Tensor) and isinstance(other, torch.Tensor) and a.dim() >= 2 \
-                    and a.shape == other.shape:
+            if (
+                isinstance(a, torch.Tensor)
+                and isinstance(other, torch.Tensor)
+                and a.dim() >= 2
+                and a.shape == other.shape
+            ):
                 self.on_add()
         return func(*args, **kwargs)
 
@@ -104,7 +115,7 @@ def _residual_blocks_recorded(model: nn.Module, example: torch.Tensor) -> list[s
     names = {}
     for name, m in model.named_modules():
         names.setdefault(id(m), name)
-    active: list[str] = []   # forwards in progress, innermost last
+    active: list[str] = []  # forwards in progress, innermost last
     found: set[str] = set()
 
     def pre(mod: nn.Module, args: Any) -> None:
@@ -131,8 +142,11 @@ def _residual_blocks_recorded(model: nn.Module, example: torch.Tensor) -> list[s
             h.remove()
         model.train(was)
     # plain containers and leaves are no blocks (a leaf's own add is an implementation detail)
-    return [n for n, m in model.named_modules() if n in found and n and not isinstance(m, _CONTAINERS)
-            and any(True for _ in m.children())]
+    return [
+        n
+        for n, m in model.named_modules()
+        if n in found and n and not isinstance(m, _CONTAINERS) and any(True for _ in m.children())
+    ]
 
 
 def _residual_blocks(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
@@ -153,8 +167,11 @@ def conv_consumers(graph: fx.Graph | None, model: nn.Module) -> dict[str, str]:
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(model.get_submodule(node.target), nn.Conv2d):
             users = list(node.users)
-            if len(users) == 1 and users[0].op == "call_module" and \
-                    isinstance(model.get_submodule(users[0].target), _BN):
+            if (
+                len(users) == 1
+                and users[0].op == "call_module"
+                and isinstance(model.get_submodule(users[0].target), _BN)
+            ):
                 out[node.target] = users[0].target
     return out
 
@@ -170,12 +187,20 @@ def _logits_module(graph: fx.Graph | None, model: nn.Module) -> str | None:
     return linears[-1] if linears else None
 
 
-_KIND_WHAT = {"block": "residual blocks (no module adds two tensors in its forward)",
-              "conv": "Conv2d layers", "bn": "BatchNorm layers", "logits": "classifier output module"}
+_KIND_WHAT = {
+    "block": "residual blocks (no module adds two tensors in its forward)",
+    "conv": "Conv2d layers",
+    "bn": "BatchNorm layers",
+    "logits": "classifier output module",
+}
 
 
-def discover_sites(model: nn.Module, kinds: tuple[str, ...] | list[str], example: torch.Tensor | None = None,
-                   missing: list[str] | None = None) -> list[Site]:
+def discover_sites(
+    model: nn.Module,
+    kinds: tuple[str, ...] | list[str],
+    example: torch.Tensor | None = None,
+    missing: list[str] | None = None,
+) -> list[Site]:
     """Sites of the requested kinds, in ``named_modules`` order (see ``forward_order``).
 
     ``example``: an input batch; with it residual blocks are found by recording
@@ -202,11 +227,16 @@ def discover_sites(model: nn.Module, kinds: tuple[str, ...] | list[str], example
     absent = [k for k in kinds if not any(s.kind == k for s in sites)]
     if absent and len(absent) == len(set(kinds)):
         k = absent[0]
-        hint = (f"drop '{k}' from --repair" if len(absent) == 1 else
-                f"use sites this model has, e.g. {'+'.join(x for x in SITE_KINDS if x not in absent) or 'bn'}")
-        raise UserError(f"repair site '{k}' does not exist in this model: it has no {_KIND_WHAT[k]}"
-                        + (f" (nor {', '.join(repr(x) for x in absent[1:])} sites)" if len(absent) > 1 else "")
-                        + f"; {hint}")
+        hint = (
+            f"drop '{k}' from --repair"
+            if len(absent) == 1
+            else f"use sites this model has, e.g. {'+'.join(x for x in SITE_KINDS if x not in absent) or 'bn'}"
+        )
+        raise UserError(
+            f"repair site '{k}' does not exist in this model: it has no {_KIND_WHAT[k]}"
+            + (f" (nor {', '.join(repr(x) for x in absent[1:])} sites)" if len(absent) > 1 else "")
+            + f"; {hint}"
+        )
     if missing is not None:
         missing.extend(k for k in absent if k not in missing)
     return sites
@@ -216,8 +246,7 @@ def missing_note(kinds: tuple[str, ...] | list[str], missing: list[str]) -> str:
     """The one line saying that a step on ``kinds`` runs without the kinds this model lacks."""
     have = [k for k in kinds if k not in missing]
     what = "; ".join(f"no {_KIND_WHAT[k]}" for k in missing)
-    return (f"repair sites {'+'.join(kinds)}: this model has {what}; the step runs on its "
-            f"{'+'.join(have)} sites only")
+    return f"repair sites {'+'.join(kinds)}: this model has {what}; the step runs on its {'+'.join(have)} sites only"
 
 
 @torch.no_grad()
@@ -228,6 +257,7 @@ def forward_order(model: nn.Module, sites: list[Site], example: torch.Tensor) ->
     def make(name: str):
         def hook(mod: nn.Module, inp: Any, out: Any) -> None:
             order.setdefault(name, len(order))
+
         return hook
 
     names = {s.name for s in sites}
@@ -235,7 +265,8 @@ def forward_order(model: nn.Module, sites: list[Site], example: torch.Tensor) ->
         model(example)
     missing = names - set(order)
     if missing:
-        raise UserError(f"repair site {sorted(missing)[0]} is never called in forward: "
-                        "exclude it from the repair sites")
+        raise UserError(
+            f"repair site {sorted(missing)[0]} is never called in forward: exclude it from the repair sites"
+        )
     # a conv and its BN never tie; ties cannot occur since order is by first completion
     return sorted(sites, key=lambda s: (order[s.name], SITE_KINDS.index(s.kind)))

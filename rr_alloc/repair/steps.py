@@ -19,8 +19,7 @@ from ..errors import UserError
 if TYPE_CHECKING:
     from .channel import DenseSiteCache
 
-__all__ = ["RepairReport", "StepContext", "StepKind", "STEP_KINDS", "register", "parse_step", "kind_of",
-           "step_kinds"]
+__all__ = ["RepairReport", "StepContext", "StepKind", "STEP_KINDS", "register", "parse_step", "kind_of", "step_kinds"]
 
 
 @dataclass
@@ -102,8 +101,9 @@ def parse_step(part: str, text: str) -> Any:
     if step is None:
         usages = [k.usage for k in step_kinds()]
         listed = f"{', '.join(usages[:-1])} or {usages[-1]}" if len(usages) > 1 else "".join(usages)
-        raise UserError(f"unknown repair step {part!r} in --repair {text!r}: use {listed} "
-                        "(e.g. lsq>bn>naive@block+logits)")
+        raise UserError(
+            f"unknown repair step {part!r} in --repair {text!r}: use {listed} (e.g. lsq>bn>naive@block+logits)"
+        )
     return step
 
 
