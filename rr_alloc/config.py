@@ -17,6 +17,7 @@ from typing import Any
 
 from .data import DataSpec
 from .errors import UserError
+from .io_utils import check_input_file
 from .options import GROUPS, boolean, fractions, mapping, option, real, text, texts, whole
 from .profile import DEFAULT_GRID
 from .repair import DEFAULT_REPAIR
@@ -113,7 +114,7 @@ class RunConfig:
     )
     # repair / verification (bn>naive@block+logits: studies/repair_ablation.py, selection split)
     repair: str = option(
-        DEFAULT_REPAIR, text, "repair pipeline for verification, e.g. bn or lsq>bn>naive@block+logits", "alloc"
+        DEFAULT_REPAIR, text, "repair pipeline for verification, e.g. bn or lsq>bn>naive@block+logits", "repair"
     )
     profile_repair: str = option(
         "channel",
@@ -272,6 +273,11 @@ class RunConfig:
                     f"{f.name} (--{f.name.replace('_', '-')}) must be {problem}, got {shown}: "
                     "fix the flag, the config file key or the plan's value"
                 )
+        if self.dataset == "digits" and (self.train_data or self.test_data):
+            raise UserError(
+                "train_data/test_data (--train-data/--test-data) name image folders, but the dataset is the "
+                "built-in digits: pass --dataset imagefolder (or cifar10, mnist, ...)"
+            )
         return self
 
     def updated(self, **kw: Any) -> "RunConfig":
@@ -314,12 +320,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} does not exist: pass an existing YAML file to --config")
+    check_input_file(p, "config file", "--config", "an existing YAML file")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        # a SafeLoader subclass: builds plain data only, and refuses a repeated key
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]})")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {p} is not UTF-8 text (byte {e.start}): pass a YAML file")
     if not isinstance(raw, dict):
         raise UserError(f"config file {p} must be a mapping of option: value")
     known = {f.name: f for f in fields(RunConfig)}
@@ -327,13 +335,38 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     for k, v in raw.items():
         key = str(k).replace("-", "_")
         if key == "budget":
-            continue  # the budget is a search argument, read by the CLI
+            raise UserError(f"config file {p}: the budget is not a config key: pass --budget B on the command line")
         if key not in known:
             raise UserError(f"config file {p}: unknown key {k!r}; known keys: {', '.join(sorted(known))}")
         if known[key].metadata["many"] and v is not None:
             v = tuple(v) if isinstance(v, (list, tuple)) else (v,)
         out[key] = _expand(v, f"config file {p} ({k})")
     return out
+
+
+def _unique_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+    """A YAML mapping whose keys are unique: a repeated key is an error, never the last value silently."""
+    import yaml
+
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+def _unique_key_loader() -> type:
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """``yaml.safe_load`` with unique keys."""
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+    return UniqueKeyLoader
 
 
 def resolve_device(name: str):

@@ -1,12 +1,13 @@
-"""Atomic file writes: a half-written plan or table never replaces a good one."""
+"""Atomic file writes (a half-written plan or table never replaces a good one) and the one output-path check."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import UserError
@@ -63,6 +64,67 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _kind(p: Path) -> str | None:
+    """What a non-regular existing path is (``None`` for a regular file, a folder or nothing)."""
+    mode = os.stat(p).st_mode
+    for test, name in (
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISFIFO, "named pipe"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return None
+
+
+def check_output(
+    path: str | os.PathLike,
+    flag: str,
+    is_dir: bool = False,
+    inputs: Sequence[str | os.PathLike | None] = (),
+    siblings: Sequence[str | os.PathLike] = (),
+) -> Path:
+    """The one check of an output path, before any work: writable, not a symbolic link or a device, not one
+    of the run's ``inputs`` (a plan, a checkpoint) and not one of the other files the run writes
+    (``siblings``). Creates nothing."""
+    p = Path(path)
+    if p.is_symlink():
+        raise UserError(f"{flag} {p} is a symbolic link: pass the path of a real file (a link is never replaced)")
+    if p.exists() and _kind(p):
+        raise UserError(f"{flag} {p} is a {_kind(p)}, not a file: pass the path of a regular file")
+    for other in inputs:
+        if other is not None and _same(p, Path(other)):
+            raise UserError(f"{flag} {p} is the input {other}: pass another output path (the input stays as it is)")
+    for other in siblings:
+        if _same(p, Path(other)):
+            raise UserError(f"{flag} {p} is also where this run writes another file: pass another name")
+        q = Path(other)
+        if q.is_symlink() or q.is_dir() or (q.exists() and _kind(q)):
+            raise UserError(f"{q}, which this run writes beside {flag}, is not a regular file: move it away")
+    return check_writable(p, flag, is_dir)
+
+
+def check_input_file(path: str | os.PathLike, what: str, flag: str, want: str) -> Path:
+    """An input that must be a readable regular file: a missing path, a folder, a pipe or a device is a
+    one-line error saying which it is (``want``: what to pass instead, e.g. "a plan written by search")."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} {p} does not exist: pass {want} to {flag}")
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a folder: pass {want} to {flag}")
+    kind = _kind(p)
+    if kind:
+        raise UserError(f"{what} {p} is a {kind}, not a file: pass {want} to {flag}")
+    return p
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def check_writable(path: str | os.PathLike, flag: str, is_dir: bool = False) -> Path:

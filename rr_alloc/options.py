@@ -56,7 +56,8 @@ def mapping(v: Any) -> str | None:
 # flag groups of the commands that build a run, in the order --help shows them
 GROUPS = {
     "data": "model and data (override the config file)",
-    "alloc": "profile, allocation and repair",
+    "alloc": "profile and allocation",
+    "repair": "repair",
     "search": "optuna allocator",
 }
 

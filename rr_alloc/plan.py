@@ -42,7 +42,7 @@ from typing import Any
 from torch import nn
 
 from .errors import UserError
-from .io_utils import write_text_atomic
+from .io_utils import check_input_file, write_text_atomic
 from .plan_schema import Violation, schema_violations
 from .pruning import parse_pattern
 from .version import __version__
@@ -229,8 +229,7 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         p = Path(path)
-        if not p.is_file():
-            raise UserError(f"plan {p} does not exist: pass the JSON written by `rr_alloc search --out`")
+        check_input_file(p, "plan", "--plan", "the JSON written by `rr_alloc search --out`")
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:

@@ -10,11 +10,11 @@ import torch
 
 from ..evaluate import compare_logits, logits_of
 from ..export import FORMAT_HELP, export_plan, exporter, reconstruction_note
-from ..io_utils import atomic_path, check_writable
+from ..io_utils import atomic_path, check_output
 from ..plan import Plan
-from ..repair.persist import save_pruned
+from ..repair.persist import save_pruned, spec_path
 from ..replay import model_from_plan, workbench_for_plan
-from .flags import add_plan_flags, add_run_flags, config_for_plan
+from .flags import REPLAY_GROUPS, add_plan_flags, add_run_flags, config_for_plan
 
 __all__ = ["register"]
 
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="state_dict",
         help="state_dict (default) or a TorchScript module",
     )
-    add_run_flags(a)
+    add_run_flags(a, REPLAY_GROUPS)
     a.set_defaults(handler=cmd_apply)
 
     e = sub.add_parser(
@@ -49,14 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_plan_flags(e)
     e.add_argument("--format", required=True, help=FORMAT_HELP)
     e.add_argument("--out", required=True, help="output file")
-    add_run_flags(e)
+    add_run_flags(e, REPLAY_GROUPS)
     e.set_defaults(handler=cmd_export)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    check_writable(args.out, "--out")  # before any work, not after it
     plan = Plan.load(args.plan)
     cfg = config_for_plan(args, plan)
+    # before any work, not after it: never the plan or the checkpoint, never a link or a device
+    check_output(args.out, "--out", inputs=(args.plan, cfg.checkpoint), siblings=(spec_path(args.out),))
     wb = workbench_for_plan(plan, cfg)
     model, report = wb.repaired_model(wb.pruning(plan.counts), cfg.repair)
     rows, ok = [], True
@@ -114,9 +115,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    check_writable(args.out, "--out")
     plan = Plan.load(args.plan)
     ex = exporter(args.format)
+    check_output(args.out, "--out", inputs=(args.plan, plan.source.get("checkpoint")))
     # every format, not only those that read the model: the README promises that an export checks the
     # plan against its model (layers and shapes) and its checkpoint (SHA-256)
     cfg = config_for_plan(args, plan)

@@ -11,11 +11,11 @@ import pandas as pd
 
 from ..allocators import ALLOCATORS, allocator_class
 from ..errors import UserError
-from ..io_utils import check_writable
+from ..io_utils import check_output
 from ..repair import RepairPipeline
 from ..report import save_figure, search_lines, write_frame_csv
 from ..workbench import Workbench
-from .flags import add_run_flags, config_from_args
+from .flags import add_run_flags, check_split_size, config_from_args, refuse_search_flags
 
 __all__ = ["register", "compare_figure"]
 
@@ -57,8 +57,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     repairs = args.repairs or [cfg.repair]
     for r in repairs:
         RepairPipeline.parse(r)
+    for flag, values in (("--budgets", args.budgets), ("--allocators", allocators), ("--repairs", repairs)):
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise UserError(f"{flag} lists {twice} twice: pass each value once")
+    check_split_size(cfg, args.split)
+    refuse_search_flags(args, any(ALLOCATORS[a].needs.evaluate for a in allocators))
     out_dir = Path(args.out_dir or Path("runs") / f"compare_{cfg.model.replace(':', '_')}")
-    check_writable(out_dir, "--out-dir", is_dir=True)  # before any work, not after it
+    check_output(out_dir, "--out-dir", is_dir=True)  # before any work, not after it
+    for name in ("compare.csv", "compare_layers.csv", "compare.png"):
+        check_output(out_dir / name, "--out-dir")
     wb = Workbench(cfg, progress=True)
     print(
         f"compare: {cfg.model}, budgets {args.budgets}, allocators {allocators}, repairs {repairs}, "

@@ -17,6 +17,9 @@ from ..plan import Plan
 from ..replay import check_plan_model, config_from_plan
 
 __all__ = [
+    "REPLAY_GROUPS",
+    "check_split_size",
+    "refuse_search_flags",
     "Parser",
     "add_run_flags",
     "add_plan_flags",
@@ -51,19 +54,26 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def add_run_flags(p: argparse.ArgumentParser) -> None:
-    """The model, data, profile, allocation, repair and search flags, generated from ``RunConfig``'s fields."""
-    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
-    groups["data"].add_argument("--config", help="YAML config file (keys = long flag names with underscores)")
+REPLAY_GROUPS = ("data", "repair")  # what verify, apply and export take besides the plan
+
+
+def add_run_flags(p: argparse.ArgumentParser, groups: tuple[str, ...] = tuple(GROUPS)) -> None:
+    """The flags of ``groups`` (``GROUPS``: model and data, allocation, repair, search), generated from
+    ``RunConfig``'s fields. A command that replays a plan takes no allocation or search flags: the plan
+    decides those, and a flag it would ignore is refused by argparse instead."""
+    made = {key: p.add_argument_group(GROUPS[key]) for key in groups}
+    made["data"].add_argument("--config", help="YAML config file (keys = long flag names with underscores)")
     for f in option_fields(with_flag=True):
         m = f.metadata
+        if m["group"] not in made:
+            continue
         flag = m["flag"] or "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"dest": f.name, "help": _help(f)}
         if m["kind"] is bool:  # a switch: --pretrained turns it on, --no-cache off; unset keeps the file's value
             kw.update(action="store_false" if f.default else "store_true", default=None)
         else:
             kw.update(type=m["kind"], choices=m["choices"], nargs="+" if m["many"] else None)
-        groups[m["group"]].add_argument(flag, **kw)
+        made[m["group"]].add_argument(flag, **kw)
 
 
 def _help(f: Field) -> str:
@@ -96,6 +106,25 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
         if v is not None:
             kw[f.name] = tuple(v) if isinstance(v, list) else v
     return RunConfig(**kw).validate()
+
+
+def refuse_search_flags(args: argparse.Namespace, searching: bool) -> None:
+    """Search flags on a run that does not search would be ignored: refuse them instead."""
+    if searching:
+        return
+    for f in option_fields(with_flag=True):
+        if f.metadata["group"] == "search" and getattr(args, f.name, None) is not None:
+            flag = "--" + f.name.replace("_", "-")
+            raise UserError(
+                f"{flag} applies to the end-to-end search, which this run does not do: drop it, or search "
+                "with --allocator optuna (compare: --allocators ... optuna)"
+            )
+
+
+def check_split_size(cfg: RunConfig, split: str) -> None:
+    """A command that reports on ``split`` needs images there (the selection split may be set to 0)."""
+    if split == "selection" and cfg.selection_size == 0:
+        raise UserError("--split selection needs selection images, but --selection-size is 0: raise it")
 
 
 def config_for_plan(args: argparse.Namespace, plan: Plan) -> RunConfig:

@@ -13,7 +13,7 @@ from ..allocators import ALLOCATORS, allocator_class
 from ..config import RunConfig
 from ..errors import UserError
 from ..evaluate import Metrics, wilson_interval
-from ..io_utils import check_writable
+from ..io_utils import check_output
 from ..models import list_models
 from ..optuna_storage import check_storage, discard_if_empty
 from ..optuna_study import StudySettings, summary_lines
@@ -27,15 +27,20 @@ from ..search_runner import heartbeat
 from ..workbench import Workbench
 from .flags import (
     EMBEDDED_NOTE,
+    REPLAY_GROUPS,
     add_plan_flags,
     add_run_flags,
+    check_split_size,
     config_for_plan,
     config_from_args,
     default_out,
     parse_budget,
+    refuse_search_flags,
 )
 
-__all__ = ["register", "metrics_row", "run_search"]
+__all__ = ["register", "metrics_row", "run_search", "SIDE_FILES"]
+
+SIDE_FILES = ("profile.csv", "rr_curves.png")  # written beside every plan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_plan_flags(v)
     v.add_argument("--split", choices=["test", "selection"], default="test", help="split to evaluate on")
-    add_run_flags(v)
+    add_run_flags(v, REPLAY_GROUPS)
     v.set_defaults(handler=cmd_verify)
 
     ls = sub.add_parser("list", help="registered models, allocators and repair pipelines")
@@ -90,11 +95,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UserError("pass --budget B (a fraction in (0, 1)) or --pattern N:M, exactly one of them")
     if cfg.pattern:
         parse_pattern(cfg.pattern)  # a malformed pattern fails before any model or data is loaded
+    refuse_search_flags(args, cfg.allocator == "optuna" and not cfg.pattern)
     out_arg = args.out or cfg.out  # the flag, else the config file's out: key
     out = Path(out_arg) if out_arg else default_out(cfg, args.budget)
     if out.is_dir() or str(out_arg or "").endswith(("/", "\\")):
         out = out / "plan.json"
-    check_writable(out, "--out")  # before any work, not after it
+    searching = cfg.allocator == "optuna" and not cfg.pattern
+    side = [out.with_name(n) for n in SIDE_FILES + (("search_progress.png", "optuna.db") if searching else ())]
+    check_output(out, "--out", siblings=side)  # before any work, not after it
     # names that are otherwise only parsed inside the work (in an Optuna trial, after the profile)
     allocator_class(cfg.allocator)
     if not cfg.pattern:
@@ -145,8 +153,11 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
             flush=True,
         )
     plan, _ = search(cfg, budget, verify=verify, workbench=wb)
-    plan.save(out)
     prof = prof or wb.profile()
+    ref_name = "global" if cfg.pattern else cfg.reference_allocator
+    table = layer_table(plan, prof, {ref_name: wb.allocate(ref_name, plan.budget)})
+    # every output is computed before any is written, and the plan goes last: an error or Ctrl-C before
+    # this point leaves the files of an earlier run as they were
     extra = [
         write_profile_csv(prof, out.with_name("profile.csv")),
         plot_rr_curves(
@@ -156,8 +167,16 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
             title=f"{cfg.model}: RR profile, {plan.allocator} plan at {plan.budget:g}",
         ),
     ]
-    ref_name = "global" if cfg.pattern else cfg.reference_allocator
-    table = layer_table(plan, prof, {ref_name: wb.allocate(ref_name, plan.budget)})
+    if plan.search and wb.last_study is not None:
+        extra.append(
+            plot_search_progress(
+                wb.last_study.get_trials(deepcopy=False),
+                plan.search.get("global_selection"),
+                out.with_name("search_progress.png"),
+                f"{cfg.model}: {plan.search['optimizer']} at {plan.budget:g}",
+            )
+        )
+    plan.save(out)
     print()
     print(table.to_string(index=False))
     target = "N:M pattern" if cfg.pattern else f"target {budget:.4f}"
@@ -166,15 +185,6 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
         _print_verification(plan, dense, cfg.repair, wb.splits.calib.n)
     if plan.search:
         print("\n" + "\n".join(search_lines(plan.search)))
-        if wb.last_study is not None:
-            extra.append(
-                plot_search_progress(
-                    wb.last_study.get_trials(deepcopy=False),
-                    plan.search.get("global_selection"),
-                    out.with_name("search_progress.png"),
-                    f"{cfg.model}: {plan.search['optimizer']} at {plan.budget:g}",
-                )
-            )
     print(
         f"\nwrote {out} (plan), {', '.join(p.name for p in extra)} in {out.parent}  [{time.perf_counter() - t0:.1f}s]"
     )
@@ -222,6 +232,7 @@ def _print_verification(plan: Plan, dense: Metrics, repair: str, n_calib: int) -
 def cmd_verify(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     cfg = config_for_plan(args, plan)
+    check_split_size(cfg, args.split)
     wb = workbench_for_plan(plan, cfg)
     m = wb.verify(wb.pruning(plan.counts), cfg.repair, split=args.split)
     dense = wb.dense_metrics(args.split)
