@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .images import align_classes, image_folder
 from .transforms import TransformSpec
 
 __all__ = [
@@ -147,13 +148,10 @@ def _torchvision_sets(spec: DataSpec, tf) -> tuple[Any, Any]:
     if spec.kind == "imagefolder":
         train_dir = _require_dir(spec.train, "training data directory", "--train-data")
         test_dir = _require_dir(spec.test, "test data directory", "--test-data")
-        try:
-            return D.ImageFolder(str(train_dir), transform=tf), D.ImageFolder(str(test_dir), transform=tf)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise UserError(
-                f"cannot read ImageFolder data ({str(e).splitlines()[0]}): "
-                "point --train-data/--test-data at folders with one subfolder per class"
-            )
+        train = image_folder(train_dir, tf, "--train-data")
+        test = image_folder(test_dir, tf, "--test-data")
+        align_classes(train, test, test_dir)
+        return train, test
     cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "mnist": D.MNIST, "fashionmnist": D.FashionMNIST}[spec.kind]
     root = spec.train or spec.test
     if not root:
@@ -188,21 +186,35 @@ def _item(ds, i: int, flag: str) -> tuple[Any, Any]:
     try:
         return ds[i]
     except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated data, bad chunks
-        samples = getattr(ds, "samples", None)
-        where = f"image {samples[i][0]}" if samples else f"image {i} of {type(ds).__name__}"
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"cannot decode {where} ({type(e).__name__}: {why}): the file is corrupt or truncated; "
+            f"cannot decode {_where(ds, i)} ({type(e).__name__}: {why}): the file is corrupt or truncated; "
             f"remove or replace it in the {flag} folder"
+        ) from None
+    except RuntimeError as e:  # the transform does not fit the image (Normalize's mean/std vs channels)
+        raise UserError(
+            f"the transform does not fit {_where(ds, i)} ({str(e).splitlines()[0]}): make the config's "
+            "transform mean/std as long as the image's channels (3, or 1 with grayscale: true)"
         ) from None
 
 
+def _where(ds: Any, i: int) -> str:
+    samples = getattr(ds, "samples", None)
+    return f"image {samples[i][0]}" if samples else f"image {i} of {type(ds).__name__}"
+
+
 def _materialise(ds, indices: np.ndarray, desc: str, flag: str = "--train-data") -> tuple[torch.Tensor, torch.Tensor]:
-    from tqdm.auto import tqdm
+    from .progress import bar
 
     xs, ys = [], []
-    for i in tqdm(indices.tolist(), desc=f"decoding {desc}", leave=False, disable=len(indices) < 2000):
+    for i in bar(indices.tolist(), desc=f"decoding {desc}", disable=len(indices) < 2000):
         x, y = _item(ds, i, flag)
+        if xs and x.shape != xs[0].shape:  # checked as decoded: batches need one size
+            raise UserError(
+                f"{_where(ds, i)} decodes to {tuple(x.shape)} but {_where(ds, indices[0])} to "
+                f"{tuple(xs[0].shape)}: give every image one size, or add resize and crop to the config's "
+                "transform (e.g. transform: {resize: 32, crop: 32, mean: [...], std: [...]})"
+            )
         xs.append(x)
         ys.append(int(y))
     if not xs:
@@ -230,7 +242,9 @@ def _draw(
 
 
 def _eval_indices(n: int, eval_size: int | None) -> np.ndarray:
-    if eval_size is None or eval_size >= n:
+    if eval_size is not None and eval_size > n:  # the plan records what was asked: it must be what ran
+        raise UserError(f"--eval-size {eval_size} exceeds the {n} test images: pass at most {n}, or leave it out")
+    if eval_size is None or eval_size == n:
         return np.arange(n)
     if eval_size < 1:
         raise UserError(f"--eval-size must be >= 1, got {eval_size}")
@@ -270,6 +284,11 @@ def load_splits(spec: DataSpec, batch_size: int = 256) -> Splits:
     sx, sy = _materialise(train_ds, s, "selection")
     vx, vy = _materialise(train_ds, v, "validation")
     tx, ty = _materialise(test_ds, t, "test", "--test-data")
+    if len(tx) and len(cx) and tx.shape[1:] != cx.shape[1:]:
+        raise UserError(
+            f"test images decode to {tuple(tx.shape[1:])} but training images to {tuple(cx.shape[1:])}: give both "
+            "folders one image size, or add resize and crop to the config's transform"
+        )
     return Splits(
         Batches(cx, cy, batch_size),
         Batches(sx, sy, batch_size),

@@ -147,8 +147,19 @@ def residual_stream_layers(model) -> list[str]:
     return [n for n in mods if n in marked]
 
 
+def classifier_name(plan: Plan, model=None) -> str:
+    """The model's classifier (the module that outputs the logits), whichever layers the plan lists; without
+    the model, the plan's last layer."""
+    if model is None:
+        return plan.layers[-1].name
+    from .repair.propagate import trace
+    from .repair.sites import logits_module
+
+    return logits_module(trace(model).graph, model) or plan.layers[-1].name
+
+
 def to_torch_pruning(plan: Plan, model=None) -> str:
-    logits = plan.layers[-1].name
+    logits = classifier_name(plan, model)
     stream = [n for n in residual_stream_layers(model) if n != logits] if model is not None else []
     ignored = [logits] + stream
     ratios = ",\n".join(

@@ -29,6 +29,7 @@ __all__ = [
     "open_storage",
     "heartbeats_on",
     "discard_if_empty",
+    "storage_file",
     "describe_storage",
     "JOURNAL_SUFFIXES",
     "quiet",
@@ -257,8 +258,20 @@ def describe_storage(storage: str) -> str:
     return _where(_sa_url(storage)) if "://" in storage else storage
 
 
+def storage_file(storage: str) -> Path | None:
+    """The local file behind a storage URL (a SQLite database or a journal), else ``None``."""
+    path = _journal_path(storage)
+    if path is not None:
+        return path
+    url = _sa_url(storage)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return Path(url.database)
+    return None
+
+
 def discard_if_empty(db: Path, made: list[Path]) -> None:
-    """Remove a SQLite storage this run created (and the folders made for it) if it holds no trial.
+    """Remove a storage file (SQLite or journal) this run created, and the folders made for it, if it holds
+    no trial.
 
     A run that fails before its first trial leaves nothing behind; any trial, even a failed one,
     keeps the file, so an interrupted study can still be resumed.
@@ -267,15 +280,22 @@ def discard_if_empty(db: Path, made: list[Path]) -> None:
 
     if db.exists():
         try:
-            storage = quiet(lambda: optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}"))
-            has_trials = any(s.n_trials > 0 for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
-            storage.remove_session()
-            storage.engine.dispose()
-        except Exception:  # not an Optuna database (yet): a half-initialised file
+            if db.name.endswith(JOURNAL_SUFFIXES):
+                from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+                storage = JournalStorage(JournalFileBackend(str(db)))
+            else:
+                storage = quiet(lambda: optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}"))
+            summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+            has_trials = any(s.n_trials > 0 for s in summaries)
+            if isinstance(storage, optuna.storages.RDBStorage):
+                storage.remove_session()
+                storage.engine.dispose()
+        except Exception:  # not an Optuna storage (yet): a half-initialised file
             has_trials = False
         if has_trials:
             return
-        for suffix in ("", "-journal", "-wal", "-shm"):
+        for suffix in ("", "-journal", "-wal", "-shm", ".lock"):
             Path(str(db) + suffix).unlink(missing_ok=True)
     for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
         with contextlib.suppress(OSError):  # not empty: something else lives there now

@@ -208,6 +208,7 @@ class Plan:
             )
         if pattern is not None:
             parse_pattern(pattern)
+        _check_totals(layers, d, where)
         return cls(
             layers,
             float(d["budget"]),
@@ -304,6 +305,27 @@ def _explain(v: Violation, d: dict[str, Any], where: str) -> str:
     if head == "achieved_sparsity":
         return f"{where}: achieved_sparsity {d.get('achieved_sparsity')!r} is not a fraction in [0, 1): {regen}"
     return f"{where}: {v} (see docs/plan.schema.json): {regen}"
+
+
+def _check_totals(layers: list[LayerPlan], d: dict[str, Any], where: str) -> None:
+    """A weight-budget plan's totals agree with its layers: ``achieved_sparsity`` is their weight sparsity,
+    and the budget is met to the weight (an N:M plan's budget is its achieved sparsity). FLOP plans need
+    the model's MACs for this and are checked where they are verified."""
+    if d.get("budget_unit", "weights") != "weights":
+        return
+    n = sum(layer.n_weights for layer in layers)
+    sparsity = sum(layer.n_pruned for layer in layers) / n
+    achieved = d.get("achieved_sparsity")
+    if achieved is not None and abs(achieved - sparsity) > 1e-9:
+        raise UserError(
+            f"{where}: achieved_sparsity {achieved} contradicts its layers, which prune {sparsity:.6f} of their "
+            "weights: regenerate it with `rr_alloc search` (or drop the key: it is computed from the layers)"
+        )
+    if abs(float(d["budget"]) - sparsity) > 1.0 / n + 1e-12:
+        raise UserError(
+            f"{where}: budget {d['budget']} contradicts its layers, which prune {sparsity:.6f} of their weights: "
+            "regenerate it with `rr_alloc search`"
+        )
 
 
 def _layers(entries: list[dict[str, Any]], where: str) -> list[LayerPlan]:

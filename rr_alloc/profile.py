@@ -298,7 +298,7 @@ def profile_rr(
     """
     if profile_repair not in PROFILE_REPAIRS:
         raise UserError(f"unknown profile repair {profile_repair!r}: use {' or '.join(PROFILE_REPAIRS)}")
-    from tqdm.auto import tqdm
+    from .progress import bar
 
     layers = layers or prunable_layers(model)
     grid = [float(s) for s in grid]
@@ -318,7 +318,7 @@ def profile_rr(
         }
     n_images = 0
     with torch.inference_mode(), forward_hooks(model, _probe_hooks(layers, stacks, acc, grams)):
-        for x, _ in tqdm(batches, desc="RR profile", leave=False, disable=not progress):
+        for x, _ in bar(batches, desc="RR profile", disable=not progress):
             x = x.to(device=device, dtype=dtype or x.dtype, non_blocking=True)
             model(x)
             n_images += x.shape[0]

@@ -7,6 +7,7 @@ ties are broken by flat index (stable sort), the convention of
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -77,6 +78,8 @@ def nm_masks(model: nn.Module, names: list[str], n: int = 2, m: int = 4) -> dict
 def parse_pattern(text: str) -> tuple[int, int]:
     """``"2:4"`` -> ``(2, 4)``: keep N of every M; one-line ``UserError`` on anything else."""
     try:
+        if not re.fullmatch(r"[0-9]+:[0-9]+", str(text)):  # exactly what a plan's schema accepts
+            raise ValueError(text)
         n, m = (int(v) for v in str(text).split(":"))
     except ValueError:
         raise UserError(f"--pattern must be N:M (keep N of every M input channels), got {text!r}: e.g. --pattern 2:4")

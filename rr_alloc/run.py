@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import RunConfig
+from .errors import UserError
 from .evaluate import Metrics
 from .plan import Plan
 from .workbench import Workbench
@@ -61,6 +62,11 @@ def search(
     nm = wb.nm
     if nm is not None:
         counts = wb.pruning().pruned_counts(wb.dense)
+        if not any(counts.values()):
+            raise UserError(
+                f"--pattern {nm[0]}:{nm[1]} prunes nothing on this model: no prunable layer has a multiple of "
+                f"{nm[1]} input channels: pass a pattern whose M divides them (e.g. 2:4)"
+            )
         budget = wb.problem(0.5).achieved(counts) if budget is None else budget
         allocator = f"{nm[0]}:{nm[1]}"
     else:

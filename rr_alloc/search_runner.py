@@ -146,9 +146,10 @@ class SearchRunner:
         if not self.progress:
             return None, []
         from optuna.trial import TrialState
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.n_trials or None, desc="search", unit="trial", leave=False)
+        from .progress import bar as progress_bar
+
+        bar = progress_bar(total=cfg.n_trials or None, desc="search", unit="trial")
 
         def update(study: Any, trial: Any) -> None:
             bar.update(1)

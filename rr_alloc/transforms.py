@@ -50,7 +50,14 @@ class TransformSpec:
                 raise UserError(f"transform {k} must be a whole number of pixels >= 1, got {v!r}")
         if not isinstance(d.get("grayscale", False), bool):
             raise UserError(f"transform grayscale must be true or false, got {d['grayscale']!r}")
-        return cls(**d)
+        spec = cls(**d)
+        channels = 1 if spec.grayscale else 3  # images are decoded to RGB, or to one channel with grayscale
+        if len(spec.mean) != len(spec.std) or len(spec.mean) not in (1, channels):
+            raise UserError(
+                f"transform mean ({len(spec.mean)} values) and std ({len(spec.std)}) must each have {channels} "
+                f"values (or 1) for {'grayscale' if spec.grayscale else 'RGB'} images: fix the config's transform"
+            )
+        return spec
 
     def build(self):
         """A torchvision transform for PIL images."""

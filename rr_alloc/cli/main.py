@@ -1,14 +1,19 @@
 """Command line: ``python -m rr_alloc {search,verify,compare,apply,export,list}``.
 
-Bad input ends with one ``error:`` line and exit code 2 (``UserError``).
+Bad input ends with one ``error:`` line and exit code 2 (``UserError``), and so do the errors of the system
+that a user can fix (a failed download, an unreadable or unwritable file, a number too large): this is the
+one place they become that line (``errors.system_error_line``). Anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
-from ..errors import UserError
+from ..errors import UserError, system_error_line
+from ..progress import end_line
 from ..runtime import tune_malloc
 from . import apply_cmd, compare_cmd, search_cmd
 from .flags import Parser
@@ -33,8 +38,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_malloc()  # a command-line run: large activations reuse heap memory (see runtime.py)
         return args.handler(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), 2)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130)
+    except BrokenPipeError:  # the reader went away (| head): nothing left to tell it
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - python's exit flush must not fail again
+        return 141
+    except (OSError, OverflowError, RecursionError) as e:
+        return _fail(system_error_line(e), 2)
+
+
+def _fail(message: str, code: int) -> int:
+    end_line()  # after a progress bar, the error starts its own line
+    print(f"error: {message}", file=sys.stderr)
+    return code

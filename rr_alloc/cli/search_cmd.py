@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..evaluate import Metrics, wilson_interval
 from ..io_utils import check_output
 from ..models import list_models
-from ..optuna_storage import check_storage, discard_if_empty
+from ..optuna_storage import check_storage, discard_if_empty, storage_file
 from ..optuna_study import StudySettings, summary_lines
 from ..plan import Plan
 from ..pruning import parse_pattern
@@ -125,6 +125,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             db = None if path.exists() else path  # only a storage this run creates is ever removed
             cfg = cfg.updated(storage=f"sqlite:///{path}")
+        else:
+            path = storage_file(cfg.storage)
+            db = path if path is not None and not path.exists() else None
     try:
         if cfg.allocator == "optuna" and not cfg.pattern:
             check_storage(cfg.storage)

@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..hooks import forward_hooks
 from .propagate import trace
 
-__all__ = ["Site", "SITE_KINDS", "discover_sites", "forward_order", "missing_note", "conv_consumers"]
+__all__ = ["Site", "SITE_KINDS", "discover_sites", "forward_order", "missing_note", "conv_consumers", "logits_module"]
 
 SITE_KINDS = ("conv", "bn", "block", "logits")
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -176,7 +176,8 @@ def conv_consumers(graph: fx.Graph | None, model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _logits_module(graph: fx.Graph | None, model: nn.Module) -> str | None:
+def logits_module(graph: fx.Graph | None, model: nn.Module) -> str | None:
+    """The module whose output is the model's output (traced), else the last ``nn.Linear``."""
     if graph is not None:
         for node in graph.nodes:
             if node.op == "output":
@@ -213,7 +214,7 @@ def discover_sites(
     graph = trace(model).graph if {"conv", "logits"} & set(kinds) else None
     consumers = conv_consumers(graph, model) if "conv" in kinds else {}
     blocks = set(_residual_blocks(model, example)) if "block" in kinds else set()
-    logits = _logits_module(graph, model) if "logits" in kinds else None
+    logits = logits_module(graph, model) if "logits" in kinds else None
     sites: list[Site] = []
     for name, m in model.named_modules():
         if "conv" in kinds and isinstance(m, nn.Conv2d):
