@@ -15,6 +15,8 @@ from dataclasses import Field, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .allocators import BUDGET_UNITS
+from .allocators.search import GUIDANCE, OPTIMIZERS
 from .data import DataSpec
 from .errors import UserError
 from .io_utils import check_input_file
@@ -93,7 +95,7 @@ class RunConfig:
         text,
         "count the budget in weights or FLOPs (MACs)",
         "alloc",
-        choices=("weights", "flops"),
+        choices=BUDGET_UNITS,
         study_key="always",
     )
     layer_weights: str = option(
@@ -180,7 +182,7 @@ class RunConfig:
         "cmaes (per-layer magnitude multipliers started at global magnitude) or tpe-mix "
         "(mixes of the baseline plans)",
         "search",
-        choices=("evo", "cmaes", "tpe-mix"),
+        choices=OPTIMIZERS,
         study_key="always",
     )
     guidance: str = option(
@@ -188,7 +190,7 @@ class RunConfig:
         text,
         "evo: draw moves by the RR profile's marginal repaired distortion (rr) or uniformly (none)",
         "search",
-        choices=("rr", "none"),
+        choices=GUIDANCE,
         study_key="evo",
     )
     screen_size: int | None = option(
@@ -267,6 +269,8 @@ class RunConfig:
             if value is None and f.default is None:
                 continue
             problem = f.metadata["check"](value)
+            if not problem and f.metadata["choices"] and value not in f.metadata["choices"]:
+                problem = f"one of {', '.join(f.metadata['choices'])}"
             if problem:
                 shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
                 raise UserError(

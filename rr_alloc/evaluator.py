@@ -16,7 +16,7 @@ from torch import nn
 from .evaluate import Metrics, compare_logits, logits_of
 from .experiment import Experiment
 from .pruning import Pruning, apply_masks, parse_pattern
-from .repair import DenseSiteCache, RepairPipeline, RepairReport, run_repair
+from .repair import DEFAULT_REPAIR, DenseSiteCache, RepairPipeline, RepairReport, run_repair
 from .selection import SelectionScorer
 
 __all__ = ["Evaluator", "PruningLike"]
@@ -59,8 +59,16 @@ class Evaluator:
         masks = p.keep_masks(exp.dense)
         model = copy.deepcopy(exp.dense)
         apply_masks(model, masks)
+        pipeline = RepairPipeline.parse(repair) if isinstance(repair, str) else repair
         report = run_repair(
-            model, repair, exp.splits.calib, device=exp.device, cache=self.site_cache, masks=masks, nm=p.nm
+            model,
+            pipeline,
+            exp.splits.calib,
+            device=exp.device,
+            cache=self.site_cache,
+            masks=masks,
+            nm=p.nm,
+            optional_sites=str(pipeline) == DEFAULT_REPAIR,  # sites nobody chose: skip what the model lacks
         )
         return model, report
 

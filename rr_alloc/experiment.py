@@ -68,6 +68,7 @@ class Experiment:
             load_checkpoint(self.dense, cfg.checkpoint, map_location="cpu")
         self.dense = self.dense.to(self.device).eval()
         self.layers = prunable_layers(self.dense, cfg.include, cfg.exclude)
+        self.left_dense: dict[str, str] = {}  # prunable layers left out of the plan, and why
         self.data_spec = cfg.data_spec(default_transform(cfg.model, cfg.pretrained))
         self.splits: Splits = load_splits(self.data_spec, cfg.batch_size)
         if self.splits.calib.n == 0:
@@ -82,15 +83,29 @@ class Experiment:
         self._sensitivity: np.ndarray | None = None
 
     def _check_forward(self) -> None:
+        """One forward on two calibration images: the model must run on the data, and a layer that never
+        runs in eval mode (an auxiliary head) is left dense and named instead of breaking the profile."""
         x = self.splits.calib.x[:2].to(self.device)
+        ran: set[str] = set()
+
+        def seen(name: str):
+            return lambda mod, inp, out: ran.add(name)
+
         try:
-            with torch.no_grad():
+            with torch.no_grad(), forward_hooks(self.dense, {layer.name: seen(layer.name) for layer in self.layers}):
                 out = self.dense.eval()(x)
         except RuntimeError as e:
             raise UserError(
                 f"model {self.cfg.model} cannot run on the {self.cfg.dataset} images "
                 f"{tuple(x.shape[1:])} ({str(e).splitlines()[0]}): pass matching --model/--dataset"
             )
+        idle = [layer.name for layer in self.layers if layer.name not in ran]
+        if idle:
+            self.left_dense.update({name: "never runs in eval mode" for name in idle})
+            self.layers = [layer for layer in self.layers if layer.name in ran]
+            print(f"note: left dense, never run in eval mode: {', '.join(idle[:5])}{' ...' if len(idle) > 5 else ''}")
+            if not self.layers:
+                raise UserError("no prunable layer runs in eval mode: check the model's forward")
         labels = self.splits.test.y
         if out.dim() != 2 or (len(labels) and int(labels.max()) >= out.shape[1]):
             raise UserError(
@@ -163,9 +178,9 @@ class Experiment:
         t0 = time.perf_counter()
         cache = ProfileCache(self.cache_dir / "profiles") if self.cfg.cache else None
         key = self.profile_key() if cache else None
-        hit = cache.get(key) if cache else None
+        hit = self._cached_profile(cache, key) if cache else None
         if hit is not None:
-            self._profile = RRProfile.from_dict(hit)
+            self._profile = hit
             self._profile.meta["cache"] = "hit"
         else:
             kind, damp = self.profile_repair()
@@ -185,6 +200,25 @@ class Experiment:
                 cache.put(key, self._profile.to_dict())
         self.timings["profile"] = time.perf_counter() - t0
         return self._profile
+
+    def _cached_profile(self, cache: ProfileCache, key: str) -> RRProfile | None:
+        """The cached profile when its entry is intact and fits this run (layers x grid), else ``None``: an
+        entry edited to another shape, even with its checksum recomputed, is removed and rebuilt."""
+        payload = cache.get(key)
+        if payload is None:
+            return None
+        try:
+            prof = RRProfile.from_dict(payload)
+            shape = (len(self.layers), len(self.grid))
+            fits = [layer.name for layer in prof.layers] == [layer.name for layer in self.layers]
+            fits = fits and prof.d_raw.shape == shape and prof.d_res.shape == shape and len(prof.grid) == shape[1]
+        except (KeyError, TypeError, ValueError):
+            fits = False
+        if not fits:
+            print(f"note: the cached RR profile {cache.path(key)} does not fit this run: rebuilding it", flush=True)
+            cache.path(key).unlink(missing_ok=True)
+            return None
+        return prof
 
     @property
     def profile_meta(self) -> dict[str, Any]:
@@ -227,9 +261,12 @@ class Experiment:
             evaluate=evaluate,
         )
 
-    def achieved(self, counts: dict[str, int], budget: float = 0.5) -> float:
-        """Sparsity of ``counts`` in the run's budget unit (weights or MACs)."""
-        return self.problem(budget).achieved(counts)
+    def achieved(self, counts: dict[str, int]) -> float:
+        """Sparsity of ``counts`` in the run's budget unit (weights or MACs); no budget or bound is involved."""
+        n = np.array([layer.n_weights for layer in self.layers], float)
+        cost = n if self.cfg.unit == "weights" else n * self.macs_per_weight
+        pruned = np.array([counts[layer.name] for layer in self.layers], float)
+        return float(cost @ (pruned / n) / cost.sum())
 
     # -------------------------------------------------------------- plan
     def source(self) -> dict[str, Any]:
@@ -246,4 +283,5 @@ class Experiment:
             "exclude": list(self.cfg.exclude),
             "data": self.data_spec.to_dict(),
             "batch_size": self.cfg.batch_size,
+            **({"left_dense": dict(self.left_dense)} if self.left_dense else {}),
         }

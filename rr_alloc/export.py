@@ -18,7 +18,6 @@ import numpy as np
 from .errors import UserError
 from .io_utils import atomic_path, write_text_atomic
 from .plan import Plan
-from .pruning import plan_masks
 from .repair import RepairPipeline
 
 __all__ = [
@@ -119,12 +118,12 @@ def residual_stream_layers(model) -> list[str]:
     import operator
 
     import torch
-    import torch.fx as fx
     from torch import nn
 
-    try:
-        graph = fx.Tracer().trace(model)
-    except Exception:
+    from .repair.propagate import trace
+
+    graph = trace(model).graph
+    if graph is None:  # untraceable: no layer is known to feed the stream
         return []
     mods = dict(model.named_modules())
     adds = {operator.add, operator.iadd, torch.add}
@@ -353,7 +352,7 @@ def export_plan(
             )
         masks = masks_fn()
     else:
-        masks = plan_masks(model, plan.counts, plan.nm)
+        masks = plan.pruning().keep_masks(model)
     masks = {k: v.cpu().bool() for k, v in masks.items() if k in plan.counts}
     with atomic_path(out) as tmp:
         torch.save(masks, tmp)

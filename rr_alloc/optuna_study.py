@@ -147,11 +147,14 @@ def open_study(
 def evaluated(trial: Any) -> bool:
     """A trial that scored a candidate: COMPLETE, or PRUNED by the search's screen (it carries ``screen``).
 
-    Trials a worker pruned because the study was full carry no score and do not count.
+    Trials a worker pruned because the study was full carry no score and do not count (marked ``surplus``:
+    a retried trial inherits the killed attempt's ``screen``, so the screen alone does not tell).
     """
     from optuna.trial import TrialState
 
-    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.PRUNED and "screen" in trial.user_attrs)
+    attrs = trial.user_attrs
+    screened_out = trial.state == TrialState.PRUNED and "screen" in attrs and not attrs.get("surplus")
+    return trial.state == TrialState.COMPLETE or screened_out
 
 
 def n_evaluated(study: Any) -> int:
@@ -197,6 +200,7 @@ def optimize(
         trial.set_user_attr("worker", wid)
         if total is not None and _surplus(study, trial.number, total):
             study.stop()  # every slot is taken: leave without sampling (the trial ends PRUNED, no parameters)
+            trial.set_user_attr("surplus", True)
             raise optuna.TrialPruned(f"the study holds --total-trials {total}")
         return objective(trial)
 

@@ -44,7 +44,7 @@ from torch import nn
 from .errors import UserError
 from .io_utils import check_input_file, write_text_atomic
 from .plan_schema import Violation, schema_violations
-from .pruning import parse_pattern
+from .pruning import Pruning, parse_pattern
 from .version import __version__
 
 __all__ = ["Plan", "LayerPlan", "SCHEMA", "SCHEMA_VERSION"]
@@ -147,10 +147,13 @@ class Plan:
     @property
     def nm(self) -> tuple[int, int] | None:
         """``(N, M)`` of an N:M plan, else ``None``."""
-        if not self.pattern:
-            return None
-        n, m = self.pattern.split(":")
-        return int(n), int(m)
+        return parse_pattern(self.pattern) if self.pattern else None
+
+    def pruning(self) -> Pruning:
+        """What the plan removes: its N:M pattern over its layers, else its per-layer counts."""
+        if self.pattern:
+            return Pruning(nm=self.nm, layers=tuple(layer.name for layer in self.layers))
+        return Pruning(counts=self.counts)
 
     @property
     def counts(self) -> dict[str, int]:

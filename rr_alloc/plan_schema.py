@@ -1,7 +1,8 @@
 """The plan's JSON Schema: the one declared source of what a plan file may hold.
 
-``Plan.from_dict`` validates every plan against it (after its own friendlier checks of the
-core fields); ``docs/plan.schema.json`` is this schema, written by
+``Plan.from_dict`` validates every plan against it first (explaining a violation of a core field in
+that field's words), then checks only what a schema cannot say (unique names, shapes, totals);
+``docs/plan.schema.json`` is this schema, written by
 ``python -m rr_alloc.plan_schema > docs/plan.schema.json`` (a test checks the two match), so
 downstream tools can validate plans without rr_alloc.
 """

@@ -26,7 +26,6 @@ __all__ = [
     "parse_pattern",
     "apply_masks",
     "masks_for_plan",
-    "plan_masks",
 ]
 
 
@@ -99,6 +98,10 @@ class Pruning:
     layers: tuple[str, ...] = ()
     masks: Mapping[str, torch.Tensor] | None = None
 
+    def __post_init__(self) -> None:
+        if (self.counts is not None) + (self.masks is not None) + (self.nm is not None and self.masks is None) != 1:
+            raise ValueError("a Pruning holds exactly one of counts, an N:M pattern (nm, layers) or masks")
+
     @classmethod
     def of(
         cls, value: "Pruning | Mapping[str, int] | Mapping[str, torch.Tensor]", nm: tuple[int, int] | None = None
@@ -108,6 +111,8 @@ class Pruning:
             return value
         if value and isinstance(next(iter(value.values())), torch.Tensor):
             return cls(masks=value, nm=nm)
+        if nm is not None:
+            raise ValueError("an N:M pattern goes with keep-masks or a Pruning(nm=...), not with counts")
         return cls(counts={k: int(v) for k, v in value.items()})
 
     def keep_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,15 +130,6 @@ class Pruning:
         masks = self.keep_masks(model)
         names = self.layers or tuple(masks)
         return {n: int((~masks[n]).sum()) if n in masks else 0 for n in names}
-
-
-def plan_masks(
-    model: nn.Module, counts: Mapping[str, int], nm: tuple[int, int] | None = None
-) -> dict[str, torch.Tensor]:
-    """Magnitude keep-masks of a plan: layer-local ``counts``, or N:M groups for an N:M plan."""
-    if nm is not None:
-        return nm_masks(model, list(counts), *nm)
-    return masks_for_plan(model, counts)
 
 
 def masks_for_plan(model: nn.Module, counts: Mapping[str, int]) -> dict[str, torch.Tensor]:

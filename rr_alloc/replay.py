@@ -15,7 +15,7 @@ from .io_utils import sha256_file
 from .models import build_model, load_checkpoint
 from .models.registry import ZOO
 from .plan import Plan
-from .pruning import apply_masks, plan_masks
+from .pruning import apply_masks
 from .workbench import Workbench
 
 __all__ = [
@@ -131,5 +131,5 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module
     """Magnitude-prune ``model`` by ``plan`` (layer-local counts, or its N:M pattern); no repair."""
     plan.check_model(model)
     target = model if inplace else copy.deepcopy(model)
-    apply_masks(target, plan_masks(target, plan.counts, plan.nm))
+    apply_masks(target, plan.pruning().keep_masks(target))
     return target

@@ -67,7 +67,7 @@ def search(
                 f"--pattern {nm[0]}:{nm[1]} prunes nothing on this model: no prunable layer has a multiple of "
                 f"{nm[1]} input channels: pass a pattern whose M divides them (e.g. 2:4)"
             )
-        budget = wb.problem(0.5).achieved(counts) if budget is None else budget
+        budget = wb.achieved(counts) if budget is None else budget
         allocator = f"{nm[0]}:{nm[1]}"
     else:
         if budget is None:
@@ -80,6 +80,6 @@ def search(
         ref_name = "global" if nm else cfg.reference_allocator
         ref_counts = wb.allocate(ref_name, budget)
         ref = wb.verify(ref_counts, cfg.repair)
-        verify_info = verify_block(wb, m, ref, ref_name, wb.problem(budget).achieved(ref_counts), cfg.repair)
+        verify_info = verify_block(wb, m, ref, ref_name, wb.achieved(ref_counts), cfg.repair)
     plan = wb.make_plan(counts, budget, allocator, cfg.repair, verify_info)
     return plan, wb

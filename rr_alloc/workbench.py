@@ -79,8 +79,8 @@ class Workbench:
     def problem(self, budget: float, needs: Needs = Needs(), layer_weights: str | None = None) -> AllocationProblem:
         return self.experiment.problem(budget, needs, layer_weights)
 
-    def achieved(self, counts: dict[str, int], budget: float = 0.5) -> float:
-        return self.experiment.achieved(counts, budget)
+    def achieved(self, counts: dict[str, int]) -> float:
+        return self.experiment.achieved(counts)
 
     # the evaluator's
     @property

@@ -161,21 +161,21 @@ def test_non_utf8_and_nan_plans_are_one_line_errors(tmp_path):
         Plan.load(nan)
 
 
-EARLIER = Path(__file__).resolve().parent / "data" / "earlier_plans"
+STORED = Path(__file__).resolve().parent / "data" / "plans_v1_v2"
 
 
 @pytest.mark.parametrize("name", ["global", "nm", "optuna", "flops"])
-def test_plans_written_by_earlier_code_still_load_and_round_trip(name, tmp_path):
-    """Plans of every kind (v1 magnitude, v2 obs with N:M, a searched plan, a FLOP budget) written by an
-    earlier build of this version (tests/data/earlier_plans) load unchanged and save to the same JSON."""
-    src = EARLIER / f"{name}.json"
+def test_stored_plans_of_schema_versions_1_and_2_load_and_round_trip(name, tmp_path):
+    """Stored plans of every kind (v1 magnitude, v2 obs with N:M, a searched plan, a FLOP budget) load
+    unchanged and save to the same JSON."""
+    src = STORED / f"{name}.json"
     plan = Plan.load(src)
     assert plan.to_dict() == json.loads(src.read_text())
     assert Plan.load(plan.save(tmp_path / "again.json")).to_dict() == plan.to_dict()
 
 
-def test_an_earlier_nm_obs_plan_verifies(capsys):
+def test_a_stored_nm_obs_plan_verifies(capsys):
     from rr_alloc.cli import main
 
-    assert main(["verify", "--plan", str(EARLIER / "nm.json")]) == 0
+    assert main(["verify", "--plan", str(STORED / "nm.json")]) == 0
     assert "2:4 + repair" in capsys.readouterr().out

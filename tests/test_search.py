@@ -426,3 +426,37 @@ def test_search_repair_scores_candidates_and_repair_verifies(tmp_path):
     )
     plan = json.loads(out.read_text())
     assert plan["repair"] == "bn" and plan["search"]["repair"] == "bn>naive@block+logits"
+
+
+def test_cmaes_state_is_the_same_for_every_worker_however_trials_finish():
+    """Generations are told in trial-number order once no lower trial is open: two workers (or a resumed
+    run) rebuild the same CMA-ES state from one study, and no trial is told twice."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from rr_alloc.allocators.samplers import CmaSampler
+
+    names = ["a:x", "a:y"]
+    dist = {n: FloatDistribution(-3, 3) for n in names}
+    rng = np.random.default_rng(0)
+    trials = []
+    for _ in range(12):
+        x = rng.normal(size=2)
+        trials.append(create_trial(params=dict(zip(names, x)), distributions=dist, value=float((x**2).sum())))
+    study2 = optuna.create_study()
+    for t in trials:
+        study2.add_trial(t)
+    a, b = (CmaSampler(names, np.zeros(2), 0.2, (-3.0, 3.0), seed=s) for s in (0, 1))
+    ma, mb = a.optimizer(study2), b.optimizer(study2)
+    pop = ma.population_size
+    assert a.told == b.told == set(range(pop * (12 // pop)))
+    assert np.allclose(ma.mean, mb.mean)
+    # with a lower-numbered trial still open, later completed trials wait for it
+    study3 = optuna.create_study()
+    study3.add_trial(create_trial(state=TrialState.WAITING, params={}, distributions={}))
+    for t in trials:
+        study3.add_trial(t)
+    c = CmaSampler(names, np.zeros(2), 0.2, (-3.0, 3.0), seed=0)
+    c.optimizer(study3)
+    assert c.told == set()

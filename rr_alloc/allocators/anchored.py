@@ -1,4 +1,4 @@
-"""Search spaces anchored at global magnitude (pure functions; the Optuna samplers live in ``search.py``).
+"""Search spaces anchored at global magnitude (pure functions; the Optuna samplers live in ``samplers.py``).
 
 Two spaces, both with global magnitude as an exact member and every point meeting the budget:
 

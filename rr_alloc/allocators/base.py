@@ -2,7 +2,7 @@
 
 Every allocator sees the same ``AllocationProblem`` (layer shapes, budget,
 bounds, and whatever evidence it needs: weights for magnitude rules, the RR
-profile for RR rules, an evaluation callback for search) and returns
+profile for RR rules, a candidate scorer for search) and returns
 continuous per-layer sparsities; ``Allocator.allocate`` turns them into
 integer counts that meet the budget exactly (weights) or to within one
 weight per layer (FLOPs).
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from ..layers import LayerInfo
 
 __all__ = [
     "AllocationProblem",
+    "CandidateScorer",
     "Allocator",
     "Needs",
     "ALLOCATORS",
@@ -39,12 +40,23 @@ __all__ = [
 BUDGET_UNITS = ("weights", "flops")
 
 
+@runtime_checkable
+class CandidateScorer(Protocol):
+    """The end-to-end loss of per-layer pruned counts (in layer order); lower is better.
+
+    A scorer may also offer ``score(counts, beat=None)`` returning a ``Screened`` (a cheap screen first,
+    the full score only when the screen does not lose to ``beat``): the evolutionary search then screens.
+    """
+
+    def __call__(self, counts: np.ndarray) -> float: ...
+
+
 @dataclass(frozen=True)
 class Needs:
     """The evidence an allocator reads from its problem (so a run computes only that).
 
     ``weights``: the layers' weight tensors (magnitude rules); ``profile``: the RR profile (and
-    layer weights of its objective); ``evaluate``: an end-to-end loss callback (search).
+    layer weights of its objective); ``evaluate``: a ``CandidateScorer`` (search).
     """
 
     weights: bool = False
@@ -77,9 +89,8 @@ class AllocationProblem:
     weights: Mapping[str, torch.Tensor] | None = None
     profile: Any = None  # RRProfile
     layer_weights: np.ndarray | None = None  # objective weights w_l for RR allocators
-    evaluate: Callable[[np.ndarray], float] | None = None  # counts -> loss (search allocators)
+    evaluate: CandidateScorer | None = None  # per-layer counts -> end-to-end loss (search allocators)
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         L = len(self.layers)

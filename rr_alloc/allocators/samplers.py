@@ -22,11 +22,11 @@ import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["EvoSampler", "CmaSampler", "PARENT", "ANCHOR", "scored_as_given"]
+__all__ = ["EvoSampler", "CmaSampler", "PARENT", "PARENT_DISTRIBUTION", "ANCHOR", "scored_as_given"]
 
 PARENT = "evo:parent"  # parameter: the trial number of a child's parent (-1: no parent)
+PARENT_DISTRIBUTION = IntDistribution(-1, 2**31 - 1)
 ANCHOR = "anchor"  # user attribute of an enqueued warm-start trial: which plan it is
-_MAX_TRIAL = 2**31 - 1
 _REDRAWS = 40  # a child already in the study teaches nothing: draw again, wider every 10 tries
 
 
@@ -55,7 +55,7 @@ class EvoSampler(optuna.samplers.BaseSampler):
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return {PARENT: IntDistribution(-1, _MAX_TRIAL), **self.space}
+        return {PARENT: PARENT_DISTRIBUTION, **self.space}
 
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -76,6 +76,8 @@ class EvoSampler(optuna.samplers.BaseSampler):
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
+        if param_name == PARENT:  # a trial scored as given that lacks the parameter: it has no known parent
+            return -1
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 
     def reseed_rng(self) -> None:
@@ -92,7 +94,7 @@ class CmaSampler(optuna.samplers.BaseSampler):
         self.names = list(names)
         self.x0, self.sigma0, self.bounds, self.seed = np.asarray(x0, float), float(sigma0), bounds, seed
         self._cma: Any = None
-        self._told = 0  # completed children already told to the optimiser
+        self.told: set[int] = set()  # numbers of the completed children already told to the optimiser
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -103,24 +105,34 @@ class CmaSampler(optuna.samplers.BaseSampler):
     ) -> dict[str, Any]:
         if scored_as_given(trial):
             return {}
-        x = self._optimizer(study).ask()
+        x = self.optimizer(study).ask()
         return {n: float(v) for n, v in zip(self.names, x)}
 
-    def _optimizer(self, study: optuna.Study) -> Any:
-        """The CMA-ES state after every full generation of completed children, in trial order."""
+    def optimizer(self, study: optuna.Study) -> Any:
+        """The CMA-ES state after every full generation of completed children.
+
+        A generation is the next ``popsize`` completed children in trial-number order, told only once no
+        lower-numbered trial is still running or waiting: every worker (and a resumed run) tells the same
+        trials in the same order, however the trials finished.
+        """
         import cmaes
 
         if self._cma is None:
             bounds = np.tile(np.asarray(self.bounds, float), (len(self.names), 1))
             self._cma = cmaes.CMA(mean=self.x0.copy(), sigma=self.sigma0, bounds=bounds, seed=self.seed)
-        done = [
-            t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if ANCHOR not in t.user_attrs
+        trials = study.get_trials(deepcopy=False)
+        unfinished = [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        first_open = min(unfinished, default=None)
+        fresh = [
+            t
+            for t in trials
+            if t.state == TrialState.COMPLETE and ANCHOR not in t.user_attrs and t.number not in self.told
         ]
         pop = self._cma.population_size
-        while len(done) - self._told >= pop:
-            batch = done[self._told : self._told + pop]
+        while len(fresh) >= pop and (first_open is None or fresh[pop - 1].number < first_open):
+            batch, fresh = fresh[:pop], fresh[pop:]
             self._cma.tell([(np.array([t.params[n] for n in self.names]), float(t.value)) for t in batch])
-            self._told += pop
+            self.told.update(t.number for t in batch)
         return self._cma
 
     def sample_independent(

@@ -10,9 +10,9 @@ Three optimisers (``SearchOptions.optimizer``), all started at plans users alrea
   another worker continues from it. A child is *screened* on a seeded random subset of the selection
   images and scored on the whole split unless the screen is worse than its parent's (ties go on);
   otherwise it is recorded as PRUNED, so scores of different fidelities never mix.
-- ``cmaes``: Optuna's CMA-ES over per-layer log-multipliers of the magnitude scores
-  (``anchored.multiplier_counts``), ``x0 = 0`` (global magnitude), every trial at full fidelity. RR
-  guidance is evo's only: ``cmaes`` and ``tpe-mix`` ignore ``guidance``.
+- ``cmaes``: CMA-ES (``samplers.CmaSampler`` on the ``cmaes`` package) over per-layer log-multipliers
+  of the magnitude scores (``anchored.multiplier_counts``), ``x0 = 0`` (global magnitude), every trial at
+  full fidelity. RR guidance is evo's only: ``cmaes`` and ``tpe-mix`` ignore ``guidance``.
 - ``tpe-mix``: TPE over mixes of six anchor plans plus three depth offsets.
 
 The score is measured end to end: prune, repair (the run's pipeline) on the calibration split, loss on
@@ -34,7 +34,7 @@ from .. import optuna_study as ost
 from ..errors import UserError
 from .anchored import block_moves, count_bounds, multiplier_counts, rr_move_probabilities
 from .base import AllocationProblem, Allocator, Needs, get_allocator, register, round_to_budget, solve_increasing
-from .samplers import ANCHOR, PARENT, CmaSampler, EvoSampler
+from .samplers import ANCHOR, PARENT, PARENT_DISTRIBUTION, CmaSampler, EvoSampler
 
 __all__ = [
     "OptunaSearch",
@@ -180,7 +180,7 @@ class OptunaSearch(Allocator):
             return block_moves(problem, k, step, n_moves, rng, p_donor, p_recv)
 
         def objective(trial: "optuna.Trial") -> float:
-            parent = trial.suggest_int(PARENT, -1, 2**31 - 1)
+            parent = trial.suggest_int(PARENT, PARENT_DISTRIBUTION.low, PARENT_DISTRIBUTION.high)
             counts = np.array([trial.suggest_int(p, int(lo), int(hi)) for p, lo, hi in zip(names, kmin, kmax)])
             self._record(trial, counts)
             beat = _parent_screen(trial, parent)
@@ -254,16 +254,13 @@ class OptunaSearch(Allocator):
 
 
 def _parent_screen(trial: Any, parent: int) -> float | None:
-    """The parent's screen score (None without a parent or a screen), recorded on the child's trial."""
+    """The parent's screen score (None without a parent, a stored parent or a screen), recorded on the child."""
     if parent < 0:
         return None
+    found = next((t for t in trial.study.get_trials(deepcopy=False) if t.number == parent), None)
+    if found is None:
+        return None
     trial.set_user_attr("parent", parent)
-    trials = trial.study.get_trials(deepcopy=False)
-    found = (
-        trials[parent]
-        if parent < len(trials) and trials[parent].number == parent
-        else next(t for t in trials if t.number == parent)
-    )
     screen = found.user_attrs.get("screen")
     if screen is not None:
         trial.set_user_attr("parent_screen", screen)

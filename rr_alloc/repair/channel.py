@@ -62,12 +62,25 @@ class DenseSiteCache:
         self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.notes: list[str] = []  # one line per step whose site kinds the model partly lacks
 
-    def sites(self, kinds: tuple[str, ...]) -> list[Site]:
-        """Sites of ``kinds`` in forward order; kinds the model lacks are skipped, said once in one line."""
+    def sites(self, kinds: tuple[str, ...], optional: bool = False) -> list[Site]:
+        """Sites of ``kinds`` in forward order; kinds the model lacks are skipped, said once in one line.
+
+        A model with none of ``kinds`` is an error, unless ``optional`` (the default pipeline, whose sites
+        the user did not choose): then the step is skipped, also said in one line.
+        """
         if kinds not in self._sites:
             x0 = next(iter(self.batches))[0][:2].to(self.device)
             missing: list[str] = []
-            found = discover_sites(self.dense, kinds, example=x0, missing=missing)
+            try:
+                found = discover_sites(self.dense, kinds, example=x0, missing=missing)
+            except UserError as e:
+                if not optional or "does not exist in this model" not in str(e):
+                    raise
+                note = f"repair step on {'+'.join(kinds)} skipped: {str(e).split(': ', 1)[1].split(';')[0]}"
+                if note not in self.notes:
+                    self.notes.append(note)
+                    print(f"note: {note}", flush=True)
+                return []
             if missing:
                 self.notes.append(missing_note(kinds, missing))
                 print(f"note: {self.notes[-1]}", flush=True)
@@ -181,7 +194,9 @@ class ChannelRepair(StepKind):
             if ctx.dense is None:
                 raise ValueError("channel-wise repair needs the dense model or a DenseSiteCache")
             ctx.cache = DenseSiteCache(ctx.dense, ctx.batches, ctx.device)
-        sites = ctx.cache.sites(tuple(step.sites))
+        sites = ctx.cache.sites(tuple(step.sites), optional=ctx.optional_sites)
+        if not sites:
+            return
         correct = _SiteCorrection(pruned, step, ctx.cache.moments(sites), ctx.report)
         if ctx.staged:
             runner, _ = StagedRunner.build(pruned, sites, ctx.max_cache_bytes)

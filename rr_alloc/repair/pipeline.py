@@ -82,6 +82,7 @@ def run_repair(
     max_cache_bytes: float = 4e9,
     masks: dict[str, torch.Tensor] | None = None,
     nm: tuple[int, int] | None = None,
+    optional_sites: bool = False,
 ) -> RepairReport:
     """Repair ``pruned`` in place with ``pipeline`` on calibration ``batches``.
 
@@ -92,8 +93,9 @@ def run_repair(
     fall back to one partial forward per site. Reconstruction steps (``lsq``,
     ``obs``) re-fit every Conv2d/Linear layer against the dense model; ``masks``
     (keep-masks, default: the non-zero weights) and ``nm`` (the N:M pattern
-    they follow) tell them what is pruned. Returns where each correction was
-    placed, how many calibration passes were spent, and the final masks.
+    they follow) tell them what is pruned. ``optional_sites``: a channel step whose sites the model lacks
+    is skipped with a note instead of refused (for the default pipeline, whose sites nobody chose).
+    Returns where each correction was placed, how many calibration passes were spent, and the final masks.
     """
     if isinstance(pipeline, str):
         pipeline = RepairPipeline.parse(pipeline)
@@ -107,6 +109,7 @@ def run_repair(
         nm=nm,
         staged=staged,
         max_cache_bytes=max_cache_bytes,
+        optional_sites=optional_sites,
     )
     for step in pipeline.steps:
         kind_of(step).apply(step, pruned, ctx)

@@ -49,6 +49,7 @@ class StepContext:
     nm: tuple[int, int] | None = None  # the N:M pattern the masks follow
     staged: bool = True  # node-by-node propagation where the model traces (propagate.py)
     max_cache_bytes: float = 4e9  # cap on the activations a channel step caches
+    optional_sites: bool = False  # a channel step whose sites the model lacks is skipped, not refused
 
 
 class StepKind:
