@@ -18,6 +18,7 @@ import torch
 
 from .errors import UserError
 from .images import align_classes, image_folder
+from .io_utils import removing_new_folders
 from .transforms import TransformSpec
 
 __all__ = [
@@ -166,13 +167,14 @@ def _torchvision_sets(spec: DataSpec, tf) -> tuple[Any, Any]:
             "to --train-data, or set download: true in the config"
         )
     try:
-        tr = cls(str(root_p), train=True, transform=tf, download=spec.download)
-        te = cls(
-            str(Path(spec.test).expanduser() if spec.test else root_p),
-            train=False,
-            transform=tf,
-            download=spec.download,
-        )
+        with removing_new_folders(root_p):
+            tr = cls(str(root_p), train=True, transform=tf, download=spec.download)
+            te = cls(
+                str(Path(spec.test).expanduser() if spec.test else root_p),
+                train=False,
+                transform=tf,
+                download=spec.download,
+            )
     except RuntimeError as e:
         raise UserError(
             f"cannot read {spec.kind} under {root_p} ({str(e).splitlines()[0]}): "

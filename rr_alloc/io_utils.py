@@ -107,6 +107,20 @@ def check_output(
     return check_writable(p, flag, is_dir)
 
 
+@contextlib.contextmanager
+def removing_new_folders(path: str | os.PathLike) -> Iterator[None]:
+    """Folders of ``path`` that do not exist yet are removed again, if still empty, when the body fails
+    (a download that could not reach its server leaves no empty folder behind)."""
+    new = [p for p in (Path(path), *Path(path).parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for d in new:  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
 def check_input_file(path: str | os.PathLike, what: str, flag: str, want: str) -> Path:
     """An input that must be a readable regular file: a missing path, a folder, a pipe or a device is a
     one-line error saying which it is (``want``: what to pass instead, e.g. "a plan written by search")."""

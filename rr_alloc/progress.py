@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["bar", "end_line"]
+__all__ = ["bar", "end_line", "start"]
 
 _drawn = False
 
@@ -25,6 +25,12 @@ def bar(iterable: Any = None, **kwargs: Any) -> Any:
     if not kwargs.get("disable", False):
         _drawn = True
     return tqdm(iterable, file=sys.stderr, **kwargs)
+
+
+def start() -> None:
+    """A new command begins: no bar of its own has been drawn yet."""
+    global _drawn
+    _drawn = False
 
 
 def end_line() -> None:

@@ -99,3 +99,38 @@ def raises(num_classes: int = 10) -> nn.Module:
 
 def returns_none(num_classes: int = 10):
     return None
+
+
+class AuxHeadCNN(nn.Module):
+    """An auxiliary classifier that runs only in training mode (as in Inception and GoogLeNet)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.body = tiny_digits_cnn(num_classes)
+        self.aux = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        out = self.body(x)
+        if self.training:
+            return out, self.aux(torch.flatten(x, 1))
+        return out
+
+
+def aux_head_cnn(num_classes: int = 10) -> nn.Module:
+    return AuxHeadCNN(num_classes)
+
+
+class AllConvNet(nn.Module):
+    """No nn.Linear, no residual block: the classifier is a 1x1 conv averaged over space (SqueezeNet-like)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.classifier = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        return self.classifier(self.features(x)).mean((2, 3))
+
+
+def all_conv_net(num_classes: int = 10) -> nn.Module:
+    return AllConvNet(num_classes)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from ..errors import UserError, system_error_line
 from ..progress import end_line
+from ..progress import start as progress_start
 from ..runtime import tune_malloc
 from . import apply_cmd, compare_cmd, search_cmd
 from .flags import Parser
@@ -34,6 +35,7 @@ def build_parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        progress_start()
         args = build_parser().parse_args(argv)
         tune_malloc()  # a command-line run: large activations reuse heap memory (see runtime.py)
         return args.handler(args)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
 from ..errors import UserError
+from ..io_utils import removing_new_folders
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 from .cifar_resnet import CIFAR_DEPTHS, cifar_resnet
 from .digits import DigitsResNet, pretrained_digits_resnet
@@ -120,7 +122,13 @@ def build_model(
         kw = {}
         if num_classes is not None and not pretrained:
             kw["num_classes"] = num_classes
-        return torchvision.models.get_model(tv, weights="DEFAULT" if pretrained else None, **kw)
+        if not pretrained:
+            return torchvision.models.get_model(tv, weights=None, **kw)
+        import torch
+
+        # the download goes to torch's hub folder: one it had to create is removed again if it fails
+        with removing_new_folders(Path(torch.hub.get_dir()) / "checkpoints"):
+            return torchvision.models.get_model(tv, weights="DEFAULT", **kw)
     fn = _import_factory(name)
     call = f"{name}()" if num_classes is None else f"{name}(num_classes={num_classes})"
     try:

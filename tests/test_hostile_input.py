@@ -1,0 +1,260 @@
+"""A hostile but realistic user: wrong numbers are never printed with exit 0, good files are never replaced,
+every refusal is one ``error:`` line, and input that would be ignored is refused instead."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_bad_input import _bad_search, _one_error
+
+from rr_alloc.cli import main
+
+QUICK = ("--calib-size", "64", "--selection-size", "32")
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    """A plan from ``search --budget 0.9`` on the embedded default."""
+    out = tmp_path_factory.mktemp("good") / "plan.json"
+    assert main(["search", "--budget", "0.9", "--no-verify", *QUICK, "--out", str(out)]) == 0
+    return out
+
+
+def _copy(plan: Path, tmp_path: Path, **changes) -> Path:
+    d = json.loads(plan.read_text())
+    d.update(changes)
+    p = tmp_path / "changed.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+def _refused(capsys, argv: list[str]) -> str:
+    return _one_error(capsys, main(argv))
+
+
+# -------------------------------------------------------------- a plan decides what it is
+@pytest.mark.parametrize("cmd", ["verify", "apply", "export"])
+def test_replaying_commands_refuse_flags_the_plan_decides(good, tmp_path, capsys, cmd):
+    extra = {"apply": ["--out", str(tmp_path / "p.pt")], "export": ["--format", "csv", "--out", str(tmp_path / "x")]}
+    err = _refused(capsys, [cmd, "--plan", str(good), "--pattern", "2:4", *extra.get(cmd, [])])
+    assert "--pattern" in err
+    assert "--n-trials" in _refused(capsys, [cmd, "--plan", str(good), "--n-trials", "3", *extra.get(cmd, [])])
+    assert not list(tmp_path.iterdir())
+
+
+def test_plan_totals_must_agree_with_its_layers(good, tmp_path, capsys):
+    err = _refused(capsys, ["verify", "--plan", str(_copy(good, tmp_path, achieved_sparsity=0.1))])
+    assert "achieved_sparsity 0.1 contradicts its layers" in err
+    err = _refused(capsys, ["verify", "--plan", str(_copy(good, tmp_path, budget=0.5))])
+    assert "budget 0.5 contradicts its layers" in err
+
+
+def test_plan_numbers_too_large_or_empty_layers_are_one_line(good, tmp_path, capsys):
+    text = good.read_text().replace('"n_weights": 144', '"n_weights": 1e400', 1)
+    (tmp_path / "big.json").write_text(text)
+    assert "n_weights" in _refused(capsys, ["verify", "--plan", str(tmp_path / "big.json")])
+    d = json.loads(good.read_text())
+    d["layers"][0].update(n_weights=0, n_pruned=0, sparsity=0.0)
+    (tmp_path / "zero.json").write_text(json.dumps(d))
+    err = _refused(capsys, ["verify", "--plan", str(tmp_path / "zero.json")])
+    assert "layers[0].n_weights: 0 is less than the minimum of 1" in err
+
+
+def test_torch_pruning_export_ignores_the_models_classifier_whatever_the_plan_lists(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["search", "--budget", "0.9", "--no-verify", *QUICK, "--exclude", "linear", "--out", str(plan)]) == 0
+    last_planned = json.loads(plan.read_text())["layers"][-1]["name"]
+    out = tmp_path / "tp.py"
+    assert main(["export", "--plan", str(plan), "--format", "torch-pruning", "--out", str(out)]) == 0
+    import ast
+
+    line = next(line for line in out.read_text().splitlines() if line.startswith("IGNORED = "))
+    ignored = ast.literal_eval(line.split("=", 1)[1].strip())
+    # the classifier comes first: the model's own, not the plan's last layer
+    assert ignored[0] == "linear" and last_planned == "layer2.0.shortcut.0"
+    assert "classifier 'linear'" in out.read_text()
+
+
+# ------------------------------------------------------------------- checkpoints and sizes
+@pytest.mark.parametrize("dtype", [torch.int8, torch.complex64])
+def test_quantised_or_complex_checkpoints_are_refused(tmp_path, capsys, dtype):
+    from rr_alloc.models import build_model
+
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in build_model("cifar_resnet20").state_dict().items()}
+    ck = tmp_path / "ck.pt"
+    torch.save(sd, ck)
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--model", "cifar_resnet20", "--checkpoint", str(ck))
+    assert str(dtype).replace("torch.", "") in err and "floating-point checkpoint" in err
+
+
+def test_an_eval_size_beyond_the_test_set_is_refused(tmp_path, capsys):
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--eval-size", "100000", *QUICK)
+    assert "exceeds the 397 test images" in err
+
+
+# ------------------------------------------------------------------- good files are kept
+@pytest.mark.parametrize("cmd", ["apply", "export"])
+def test_an_output_that_is_the_input_plan_is_refused(good, tmp_path, capsys, cmd):
+    plan = tmp_path / "plan.json"
+    plan.write_text(good.read_text())
+    before = plan.read_bytes()
+    extra = ["--format", "csv"] if cmd == "export" else []
+    err = _refused(capsys, [cmd, "--plan", str(plan), *extra, "--out", str(plan)])
+    assert "is the input" in err and plan.read_bytes() == before
+
+
+def test_an_interrupted_search_leaves_the_old_plan(good, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "plan.json"
+    out.write_text(good.read_text())
+    before = out.read_bytes()
+    from rr_alloc.experiment import Experiment
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Experiment, "profile", interrupted)
+    code = main(["search", "--budget", "0.8", "--no-verify", "--allocator", "rr-greedy", *QUICK, "--out", str(out)])
+    assert code == 130 and "error: interrupted" in capsys.readouterr().err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_a_failing_profile_repair_replaces_nothing(good, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    out.write_text(good.read_text())
+    before = out.read_bytes()
+    args = ["search", "--budget", "0.9", "--profile-repair", "obs", "--no-verify", "--allocator", "rr-greedy"]
+    assert "--profile-repair obs" in _refused(capsys, [*args, *QUICK, "--out", str(out)])
+    assert out.read_bytes() == before
+
+
+def test_outputs_that_are_links_devices_or_another_output_are_refused(good, tmp_path, capsys):
+    link = tmp_path / "link.json"
+    link.symlink_to(good)
+    assert "symbolic link" in _refused(capsys, ["search", "--budget", "0.9", "--out", str(link)])
+    assert "symbolic link" in _refused(capsys, ["search", "--budget", "0.9", "--out", "/proc/self/fd/1"])
+    assert "character device" in _refused(capsys, ["search", "--budget", "0.9", "--out", "/dev/null"])
+    err = _refused(capsys, ["search", "--budget", "0.9", "--out", str(tmp_path / "r" / "profile.csv")])
+    assert "another file" in err
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "profile.csv").mkdir()
+    assert "not a regular file" in _refused(
+        capsys, ["search", "--budget", "0.9", "--out", str(tmp_path / "s" / "p.json")]
+    )
+    assert link.resolve() == good.resolve()
+
+
+# --------------------------------------------------------------------------- patterns
+@pytest.mark.parametrize(
+    "pattern,words", [("1:3", "prunes nothing"), ("1:99999999999999999999", "prunes nothing"), (" 2:4", "must be N:M")]
+)
+def test_patterns_that_prune_nothing_or_are_malformed_are_one_line(tmp_path, capsys, pattern, words):
+    assert words in _bad_search(tmp_path, capsys, "--pattern", pattern, *QUICK)
+
+
+# --------------------------------------------------------------------------- commands
+@pytest.mark.parametrize("flag,values", [("--budgets", ["0.9", "0.9"]), ("--allocators", ["global", "global"])])
+def test_compare_refuses_repeated_values_before_writing(tmp_path, capsys, flag, values):
+    args = ["compare", flag, *values, *QUICK, "--out-dir", str(tmp_path / "c")]
+    if flag == "--allocators":
+        args[1:1] = ["--budgets", "0.9"]
+    assert "twice" in _refused(capsys, args)
+    assert not (tmp_path / "c").exists()
+
+
+def test_split_selection_needs_selection_images(good, tmp_path, capsys):
+    err = _refused(capsys, ["verify", "--plan", str(good), "--split", "selection", "--selection-size", "0"])
+    assert "--selection-size is 0" in err
+    args = ["compare", "--budgets", "0.9", "--split", "selection", "--selection-size", "0", "--out-dir", str(tmp_path)]
+    assert "--selection-size is 0" in _refused(capsys, args)
+
+
+def test_inputs_that_are_folders_or_pipes_are_named(tmp_path, capsys):
+    assert "is a folder" in _refused(capsys, ["search", "--budget", "0.9", "--config", str(tmp_path) + "/"])
+    args = ["search", "--budget", "0.9", "--model", "cifar_resnet20", "--checkpoint", str(tmp_path) + "/"]
+    assert "is a folder" in _refused(capsys, args)
+    r, w = os.pipe()
+    try:
+        err = _refused(capsys, ["verify", "--plan", f"/proc/self/fd/{r}"])
+    finally:
+        os.close(r)
+        os.close(w)
+    assert "named pipe" in err
+
+
+@pytest.mark.parametrize("suffix", ["db", "log"])
+def test_zero_trials_on_a_new_storage_leaves_no_file(tmp_path, capsys, suffix):
+    path = tmp_path / f"new.{suffix}"
+    storage = f"sqlite:///{path}" if suffix == "db" else str(path)
+    args = ["search", "--budget", "0.9", "--allocator", "optuna", "--n-trials", "0", "--storage", storage, *QUICK]
+    assert "no Optuna study" in _refused(capsys, [*args, "--out", str(tmp_path / "o" / "plan.json")])
+    assert not path.exists() and not (tmp_path / "o").exists()
+
+
+def test_an_error_after_a_progress_bar_starts_its_own_line(tmp_path):
+    import subprocess
+
+    code = (
+        "import sys; from rr_alloc.progress import bar; from rr_alloc.cli import main\n"
+        "b = bar(total=3, desc='x', disable=False); b.update(1); b.close()\n"
+        "sys.exit(main(['search', '--budget', '2']))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert any(line.startswith("error: ") for line in r.stderr.split("\n")), repr(r.stderr)
+
+
+def test_a_cached_profile_of_the_wrong_shape_is_rebuilt(tmp_path, capsys, monkeypatch):
+    from rr_alloc.cache import ProfileCache
+
+    monkeypatch.setenv("RR_ALLOC_CACHE", str(tmp_path / "cache"))
+    args = ["search", "--budget", "0.9", "--allocator", "rr-greedy", "--no-verify", *QUICK]
+    assert main([*args, "--out", str(tmp_path / "a.json")]) == 0
+    (entry,) = (tmp_path / "cache" / "profiles").glob("*.json")
+    d = json.loads(entry.read_text())
+    d["payload"]["d_raw"] = d["payload"]["d_raw"][:-1]  # one layer short, checksum made to match
+    cache = ProfileCache(entry.parent)
+    cache.put(entry.stem, d["payload"])
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "b.json")]) == 0
+    assert "does not fit this run: rebuilding it" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- input that would be ignored
+def test_search_flags_without_the_search_are_refused(tmp_path, capsys):
+    assert "--search-repair" in _bad_search(tmp_path, capsys, "--budget", "0.9", "--search-repair", "bn")
+
+
+def test_train_data_without_a_dataset_is_refused(tmp_path, capsys):
+    assert "--dataset imagefolder" in _bad_search(tmp_path, capsys, "--budget", "0.9", "--train-data", str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "text,words", [("budget: 0.5\n", "not a config key"), ("seed: 1\nseed: 2\n", "duplicate key 'seed'")]
+)
+def test_config_keys_that_would_be_ignored_are_refused(tmp_path, capsys, text, words):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    assert words in _bad_search(tmp_path, capsys, "--budget", "0.9", "--config", str(cfg))
+
+
+# ------------------------------------------------------------------------------ models
+def test_a_layer_that_never_runs_in_eval_mode_is_left_dense_and_named(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["search", "--budget", "0.8", "--model", "factories:aux_head_cnn", *QUICK, "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert "aux" not in [layer["name"] for layer in plan["layers"]]
+    assert plan["source"]["left_dense"] == {"aux": "never runs in eval mode"}
+    assert "left dense, never run in eval mode: aux" in capsys.readouterr().out
+
+
+def test_the_default_repair_skips_what_a_model_lacks_and_still_plans(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["search", "--budget", "0.8", "--model", "factories:all_conv_net", *QUICK, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["verify"]["top1"] is not None
+    notes = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: repair step on block+logits skipped")
