@@ -69,7 +69,7 @@ class Experiment:
         self.dense = self.dense.to(self.device).eval()
         self.layers = prunable_layers(self.dense, cfg.include, cfg.exclude)
         self.left_dense: dict[str, str] = {}  # prunable layers left out of the plan, and why
-        self.data_spec = cfg.data_spec(default_transform(cfg.model, cfg.pretrained))
+        self.data_spec = cfg.data_spec(default_transform(cfg.model, cfg.pretrained, self.dense))
         self.splits: Splits = load_splits(self.data_spec, cfg.batch_size)
         if self.splits.calib.n == 0:
             raise UserError("the calibration split is empty: raise --calib-size")

@@ -43,6 +43,7 @@ from .repair.refit import (
     input_patches,
     keep_rows,
     lsq_residuals,
+    seen_input,
     unsupported_reason,
     weight_rows,
 )
@@ -222,7 +223,13 @@ def _probe(layer: nn.Module, x: torch.Tensor, stack: torch.Tensor, bias: torch.T
     if isinstance(layer, nn.Conv2d):
         C = layer.out_channels
         fused = _fuses_bias(x)
-        y = layer._conv_forward(x, stack, bias if fused else None)  # padding_mode, stride, dilation, groups
+        if type(layer).forward is nn.Conv2d.forward:
+            y = layer._conv_forward(x, stack, bias if fused else None)  # padding_mode, stride, dilation, groups
+        else:  # a forward of its own (TF-style same padding): convolve what the layer's conv2d really sees
+            seen, pads = seen_input(layer, x)
+            y = F.conv2d(
+                F.pad(seen, pads), stack, bias if fused else None, layer.stride, 0, layer.dilation, layer.groups
+            )
         z = y.view(y.shape[0], C, -1, y.shape[2] * y.shape[3])
         if not fused:  # only the dense row has a bias: add it there, not to all G+1 rows
             z[:, :, 0].add_(bias.view(C, -1)[:, :1])

@@ -64,8 +64,8 @@ def config_from_plan(plan: Plan) -> dict[str, Any]:
 
 
 def is_code_spec(name: str) -> bool:
-    """``package.module:factory`` (imports and runs code), as opposed to a zoo or torchvision name."""
-    return ":" in name and not name.startswith("torchvision:") and name not in ZOO
+    """``package.module:factory`` (imports and runs code), as opposed to a zoo, torchvision or timm name."""
+    return ":" in name and not name.startswith(("torchvision:", "timm:")) and name not in ZOO
 
 
 def check_plan_model(plan: Plan, cfg_model: str, cli_model: str | None, trust: bool) -> None:

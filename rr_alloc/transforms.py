@@ -10,6 +10,7 @@ from .errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class TransformSpec:
     resize: int | None = None
     crop: int | None = None
     grayscale: bool = False
+    interpolation: str = "bilinear"  # of the resize: bilinear, bicubic or nearest (timm models name theirs)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -48,6 +50,10 @@ class TransformSpec:
             v = d.get(k)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise UserError(f"transform {k} must be a whole number of pixels >= 1, got {v!r}")
+        if d.get("interpolation", "bilinear") not in _INTERPOLATIONS:
+            raise UserError(
+                f"transform interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {d['interpolation']!r}"
+            )
         if not isinstance(d.get("grayscale", False), bool):
             raise UserError(f"transform grayscale must be true or false, got {d['grayscale']!r}")
         spec = cls(**d)
@@ -67,7 +73,7 @@ class TransformSpec:
         if self.grayscale:
             ops.append(T.Grayscale(1))
         if self.resize:
-            ops.append(T.Resize(self.resize))
+            ops.append(T.Resize(self.resize, interpolation=T.InterpolationMode(self.interpolation)))
         if self.crop:
             ops.append(T.CenterCrop(self.crop))
         ops += [T.ToTensor(), T.Normalize(self.mean, self.std)]

@@ -1,4 +1,5 @@
-"""Checkpoint loading: tensors only (``weights_only=True``), common wrappers unwrapped."""
+"""Checkpoint loading without running code: ``torch.load(weights_only=True)`` (common wrappers unwrapped) or
+``.safetensors`` files (tensors only by design)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
     ``_orig_mod.`` (torch.compile) prefixes. Tensors saved on CUDA land on
     ``map_location``.
     """
-    path = check_input_file(path, "checkpoint", "--checkpoint", "a state_dict file (.pt, .pth, .th)")
+    path = check_input_file(path, "checkpoint", "--checkpoint", "a state_dict file (.pt, .pth, .th, .safetensors)")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, map_location)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -61,6 +64,26 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(
             f"checkpoint {path} holds no state_dict of tensors: save it as torch.save(model.state_dict(), path)"
         )
+    for p in _PREFIXES:
+        if obj and all(k.startswith(p) for k in obj):
+            obj = {k[len(p) :]: v for k, v in obj.items()}
+    return obj
+
+
+def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file: tensors and their names only, read without unpickling anything."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    device = str(map_location) if not isinstance(map_location, str) else map_location
+    try:
+        obj = load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(
+            f"cannot read checkpoint {path} as safetensors ({why}): the file is corrupt or truncated; "
+            "pass an intact .safetensors file"
+        ) from None
     for p in _PREFIXES:
         if obj and all(k.startswith(p) for k in obj):
             obj = {k[len(p) :]: v for k, v in obj.items()}

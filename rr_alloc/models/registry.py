@@ -21,6 +21,8 @@ from ..io_utils import removing_new_folders
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 from .cifar_resnet import CIFAR_DEPTHS, cifar_resnet
 from .digits import DigitsResNet, pretrained_digits_resnet
+from .timm_source import PREFIX as TIMM
+from .timm_source import timm_model, timm_transform
 
 __all__ = ["ZooEntry", "ZOO", "build_model", "list_models", "default_transform"]
 
@@ -83,10 +85,12 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     return fn
 
 
-def default_transform(name: str, pretrained: bool = False) -> TransformSpec | None:
-    """The model's own input transform (``None`` for the embedded digits model)."""
+def default_transform(name: str, pretrained: bool = False, model: nn.Module | None = None) -> TransformSpec | None:
+    """The model's own input transform (``None`` for the embedded digits model; timm's needs the ``model``)."""
     if name in ZOO:
         return ZOO[name].transform
+    if name.startswith(TIMM):
+        return timm_transform(model) if model is not None else IMAGENET_TRANSFORM
     tv = name.split(":", 1)[1] if name.startswith("torchvision:") else name
     if ":" not in name or name.startswith("torchvision:"):
         if pretrained:
@@ -108,6 +112,8 @@ def build_model(
         if name == "digits_resnet":  # trained on first use, cached in the run's cache directory
             kw.update(pretrained=True, cache_dir=cache_dir)
         return ZOO[name].factory(**kw)
+    if name.startswith(TIMM):
+        return timm_model(name, num_classes, pretrained)
     if name.startswith("torchvision:") or ":" not in name:
         tv = name.split(":", 1)[1] if name.startswith("torchvision:") else name
         names = _torchvision_names()

@@ -58,6 +58,7 @@ from .refit import (
     DEFAULT_OBS_BLOCK,
     MAX_SOLVE_FLOPS,
     GramStats,
+    check_patches,
     damping,
     input_patches,
     keep_rows,
@@ -208,8 +209,11 @@ class _LayerFit:
         t = self.targets.get(name)
         gram = GramStats(t is not None)
         layer, dense_layer = self.pruned.get_submodule(name), self.dense.get_submodule(name)
-        for xp, xd in pairs:
-            gram.add(input_patches(layer, xp), output_rows(layer, dense_layer(xd)))
+        for i, (xp, xd) in enumerate(pairs):
+            yd = dense_layer(xd)
+            if i == 0:  # the patches must be what the layer really multiplies (padding inside its forward)
+                check_patches(name, dense_layer, xd, yd)
+            gram.add(input_patches(layer, xp), output_rows(layer, yd))
         self.keep[name] = fit_layer(name, self.pruned, dense_layer, gram, self.keep[name], self.step, t, self.nm)
         self.report.fitted.append(name)
         self.report.bias[name] = "bias" if t == "bias" else ("next-bn" if t else "none")

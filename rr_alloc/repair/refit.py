@@ -13,9 +13,13 @@ matrix of the dense inputs for the closed-form residual (``lsq_residuals``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import UserError
 
 __all__ = [
     "DEFAULT_DAMP",
@@ -23,6 +27,8 @@ __all__ = [
     "MAX_SOLVE_FLOPS",
     "unsupported_reason",
     "input_patches",
+    "seen_input",
+    "check_patches",
     "output_rows",
     "GramStats",
     "weight_rows",
@@ -62,8 +68,6 @@ def unsupported_reason(layer: nn.Module) -> str | None:
             return f"grouped convolution (groups={layer.groups}): per-group Gram matrices are not implemented"
         if layer.padding_mode != "zeros":
             return f"padding_mode={layer.padding_mode!r}: patches are extracted with zero padding"
-        if isinstance(layer.padding, str):
-            return f"padding={layer.padding!r}: pass explicit padding"
         return None
     return f"{type(layer).__name__} is not a Conv2d or Linear"
 
@@ -76,12 +80,68 @@ def input_patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
-    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    x, pads = seen_input(layer, x)
+    xp = F.pad(x, pads) if any(pads) else x
     v = xp.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # (B, C, Ho, Wo, span_h, span_w)
     if dh > 1 or dw > 1:
         v = v[..., ::dh, ::dw]
     return v.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+
+
+def seen_input(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """The input the convolution really sees and its zero padding ``(left, right, top, bottom)``.
+
+    A plain ``nn.Conv2d`` pads by its ``padding`` (``"same"`` as PyTorch places it: the odd pixel right and
+    below). A conv with a forward of its own (TF-style "same" padding, as timm's ``Conv2dSame``, or padding
+    done in a wrapper) is run once on ``x`` and what reaches ``F.conv2d`` is recorded.
+    """
+    if type(layer).forward is nn.Conv2d.forward:
+        return x, _pads(layer, layer.padding)
+    from torch.overrides import TorchFunctionMode
+
+    seen: dict[str, Any] = {}
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = kwargs or {}
+            if func in (F.conv2d, torch.conv2d) and "x" not in seen:
+                seen["x"] = args[0]
+                seen["padding"] = args[4] if len(args) > 4 else kwargs.get("padding", 0)
+            return func(*args, **kwargs)
+
+    with torch.no_grad(), Record():
+        layer.forward(x)  # not layer(x): the caller may be one of the layer's own hooks
+    if "x" not in seen:
+        raise UserError(f"{type(layer).__name__} never calls conv2d in its forward: its patches are unknown")
+    return seen["x"], _pads(layer, seen["padding"])
+
+
+def _pads(layer: nn.Conv2d, padding: Any) -> tuple[int, int, int, int]:
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        (kh, kw), (dh, dw) = layer.kernel_size, layer.dilation
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = (padding, padding) if isinstance(padding, int) else tuple(padding)
+    return (pw, pw, ph, ph)
+
+
+def check_patches(name: str, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The patches of ``x`` times the layer's weights must give its output ``y``: else a one-line error naming
+    the layer (its forward does something to the input that the patches do not see)."""
+    w = layer.weight.detach().flatten(1).to(x.dtype)
+    rows = input_patches(layer, x) @ w.T
+    if layer.bias is not None:
+        rows = rows + layer.bias.detach().to(x.dtype)
+    want = output_rows(layer, y)
+    if rows.shape != want.shape or (rows - want).abs().max() > 1e-3 * (1.0 + want.abs().max()):
+        raise UserError(
+            f"layer {name}: its input patches do not reproduce its output ({type(layer).__name__} transforms its "
+            "input in a way the reconstruction does not see): exclude it with --exclude "
+            f"{name} or repair without lsq/obs"
+        )
 
 
 def output_rows(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,57 @@
+"""``--model timm:NAME``: models from timm (an optional extra), with timm's own input transform.
+
+Weights are random unless ``--pretrained``, which downloads them through timm's usual path (the Hugging
+Face hub) for users with a network; tests build timm models with random weights only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from ..errors import UserError
+from ..transforms import TransformSpec
+
+__all__ = ["PREFIX", "timm_model", "timm_transform"]
+
+PREFIX = "timm:"
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise UserError(
+            '--model timm:NAME needs timm, which is not installed: pip install -e ".[timm]" -c constraints.txt '
+            "(or pip install timm)"
+        ) from None
+    return timm
+
+
+def timm_model(spec: str, num_classes: int | None = None, pretrained: bool = False) -> nn.Module:
+    """``timm.create_model`` for ``timm:NAME`` (an unknown name is a one-line error)."""
+    timm = _timm()
+    name = spec[len(PREFIX) :]
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:8]}*")[:3]
+        hint = f" (e.g. {', '.join(close)})" if close else ""
+        raise UserError(f"unknown timm model {name!r}{hint}: pass a name from timm.list_models()")
+    kw = {} if num_classes is None else {"num_classes": num_classes}
+    return timm.create_model(name, pretrained=pretrained, **kw)
+
+
+def timm_transform(model: nn.Module) -> TransformSpec:
+    """The evaluation transform of timm's data config for ``model``: resize, center crop, mean and std."""
+    timm = _timm()
+    cfg = timm.data.resolve_model_data_config(model)
+    size = int(cfg["input_size"][-1])
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    return TransformSpec(
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        resize=int(math.floor(size / crop_pct)),
+        crop=size,
+        interpolation=str(cfg.get("interpolation") or "bilinear"),
+    )
