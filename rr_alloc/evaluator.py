@@ -30,6 +30,7 @@ class Evaluator:
     def __init__(self, experiment: Experiment) -> None:
         self.experiment = experiment
         self.site_cache = DenseSiteCache(experiment.dense, experiment.splits.calib, experiment.device)
+        self.last_report: RepairReport | None = None  # of the last verified plan: what the repair did
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -86,7 +87,7 @@ class Evaluator:
         nm: tuple[int, int] | None = None,
     ) -> dict[str, Metrics]:
         """One prune + repair, evaluated on several splits (e.g. selection for choosing, test for reporting)."""
-        model, _ = self.repaired_model(pruning, repair, nm=nm)
+        model, self.last_report = self.repaired_model(pruning, repair, nm=nm)
         exp = self.experiment
         out = {}
         for split in splits:

@@ -115,7 +115,23 @@ PLAN_SCHEMA: dict[str, Any] = {
                 "s_max": _FRACTION,
             },
         },
-        "verify": {**_METRICS, "properties": {**_METRICS["properties"], "reference": _METRICS}},
+        "verify": {
+            **_METRICS,
+            "properties": {
+                **_METRICS["properties"],
+                "reference": _METRICS,
+                "repair_left": {
+                    "type": "object",
+                    "description": "layers the repair left as they were: why",
+                    "additionalProperties": _TEXT,
+                },
+                "repair_swept": {
+                    "type": "array",
+                    "description": "layers re-fitted by SparseGPT's sweep (above the exact re-fit's budget)",
+                    "items": _TEXT,
+                },
+            },
+        },
         "search": {
             "type": "object",
             "description": "provenance of a searched plan: optimiser, trials, best "

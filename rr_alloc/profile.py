@@ -321,7 +321,7 @@ def profile_rr(
         grams = {
             l.name: GramStats(targets.get(l.name) is not None)
             for l in layers
-            if unsupported_reason(model.get_submodule(l.name)) is None
+            if unsupported_reason(model.get_submodule(l.name), exact=True) is None
         }
     n_images = 0
     with torch.inference_mode(), forward_hooks(model, _probe_hooks(layers, stacks, acc, grams)):

@@ -77,9 +77,14 @@ def search(
     verify_info: dict[str, Any] = {}
     if verify:
         m = wb.verify(wb.pruning(counts), cfg.repair)
+        report = wb.evaluator.last_report
         ref_name = "global" if nm else cfg.reference_allocator
         ref_counts = wb.allocate(ref_name, budget)
         ref = wb.verify(ref_counts, cfg.repair)
         verify_info = verify_block(wb, m, ref, ref_name, wb.achieved(ref_counts), cfg.repair)
+        if report is not None and report.skipped:  # layers the repair left as they were, and why
+            verify_info["repair_left"] = dict(report.skipped)
+        if report is not None and report.swept:
+            verify_info["repair_swept"] = list(report.swept)
     plan = wb.make_plan(counts, budget, allocator, cfg.repair, verify_info)
     return plan, wb

@@ -292,3 +292,101 @@ def test_version_1_plan_cannot_claim_obs_masks(obs_plan):
     d["version"] = 1
     with pytest.raises(UserError, match="mask_rule"):
         Plan.from_dict(d)
+
+
+def _reference_sparsegpt(W, H, lam, n_prune, block):
+    """SparseGPT's algorithm written out plainly: eager updates of every later column, no lazy batches."""
+    W = W.clone()
+    rows, d = W.shape
+    Hinv = torch.linalg.cholesky(torch.linalg.inv(H + lam * torch.eye(d, dtype=H.dtype)), upper=True)
+    prune = torch.zeros(rows, d, dtype=torch.bool)
+    done = 0
+    for i1 in range(0, d, block):
+        i2 = min(i1 + block, d)
+        k = n_prune - done if i2 == d else round(n_prune * (i2 * rows) / (rows * d)) - done
+        done += k
+        sal = (W[:, i1:i2] ** 2 / torch.diagonal(Hinv)[i1:i2][None, :] ** 2).flatten()
+        mask = torch.zeros(sal.numel(), dtype=torch.bool)
+        mask[torch.sort(sal, stable=True).indices[:k]] = True
+        prune[:, i1:i2] = mask.view(rows, i2 - i1)
+        for i in range(i1, i2):
+            q = torch.where(prune[:, i], torch.zeros_like(W[:, i]), W[:, i])
+            err = (W[:, i] - q) / Hinv[i, i]
+            W[:, i:] -= err[:, None] * Hinv[i, i:][None, :]
+            W[:, i] = q
+    return ~prune, W
+
+
+def test_the_sweep_equals_sparsegpts_reference_arithmetic_and_keeps_the_count():
+    from rr_alloc.repair.refit import sweep
+
+    torch.manual_seed(0)
+    X = torch.randn(400, 24, dtype=torch.float64)
+    H = X.T @ X
+    W = torch.randn(7, 24, dtype=torch.float64)
+    for n_prune in (0, 50, 120, 167):
+        keep, out = sweep(W, H, 0.1, 24, n_prune=n_prune, block=5)
+        ref_keep, ref = _reference_sparsegpt(W, H, 0.1, n_prune, 5)
+        assert torch.equal(keep, ref_keep) and int((~keep).sum()) == n_prune
+        assert torch.allclose(out, ref, atol=1e-10) and torch.all(out[~keep] == 0)
+
+
+def test_the_sweep_with_fixed_masks_removes_exactly_those_weights():
+    from rr_alloc.repair.refit import sweep
+
+    torch.manual_seed(1)
+    X = torch.randn(300, 12, dtype=torch.float64)
+    H = X.T @ X
+    W = torch.randn(5, 12, dtype=torch.float64)
+    prune = torch.rand(5, 12) < 0.6
+    keep, out = sweep(W, H, 0.05, 12, prune=prune, block=4)
+    assert torch.equal(keep, ~prune) and torch.all(out[prune] == 0)
+    # the error it leaves is never above that of just zeroing the pruned weights
+    loss = lambda w: float(torch.einsum("ri,ij,rj->", w - W, H, w - W))  # noqa: E731
+    assert loss(out) <= loss(W.masked_fill(prune, 0.0)) + 1e-9
+
+
+@pytest.mark.parametrize("method", ["lsq", "obs"])
+def test_layers_above_the_exact_budget_are_reconstructed_by_the_sweep(method, monkeypatch):
+    """With the exact budget lowered below every layer, the sweep re-fits them all: counts kept exactly,
+    and the result is close to the exact re-fit (the sweep is SparseGPT's approximation of it)."""
+    import copy
+    import importlib
+
+    from rr_alloc.pruning import apply_masks, masks_for_plan
+
+    rec = importlib.import_module("rr_alloc.repair.reconstruct")
+    from rr_alloc.repair import run_repair
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+    x = torch.randn(64, 3, 8, 8)
+    batches = [(x[i : i + 16], None) for i in range(0, 64, 16)]
+    counts = {"0": 130, "2": 400, "6": 20}
+
+    def repaired(solve):
+        m = copy.deepcopy(dense)
+        masks = masks_for_plan(m, counts)
+        apply_masks(m, masks)
+        report = run_repair(m, f"{method}:solve={solve}", batches, dense=dense, masks=masks)
+        return m, report
+
+    exact, _ = repaired("exact")
+    swept, report = repaired("sweep")
+    for name, k in counts.items():
+        assert int((swept.get_submodule(name).weight == 0).sum()) >= k
+    with torch.no_grad():
+        y, ye, ys = dense(x), exact(x), swept(x)
+    err_e, err_s = float(((ye - y) ** 2).mean()), float(((ys - y) ** 2).mean())
+    assert err_s < 3 * err_e + 1e-6  # close to the exact re-fit, far from doing nothing
+    monkeypatch.setattr(rec, "MAX_SOLVE_FLOPS", 1.0)
+    auto, _ = repaired("auto")
+    assert all(torch.equal(a, b) for a, b in zip(auto.state_dict().values(), swept.state_dict().values()))

@@ -257,7 +257,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {k:<22} {cls.description}")
     print(
         "repair pipelines (steps joined by '>'; channel steps METHOD@SITES[:noshift][:lam=mean|median]; "
-        "reconstruction steps lsq[:damp=X], obs[:damp=X][:block=B]):"
+        "reconstruction steps lsq[:damp=X][:solve=S], obs[:damp=X][:block=B][:solve=S]):"
     )
     for k, v in PRESETS.items():
         print(f"  {k:<26} {v}")

@@ -36,6 +36,9 @@ __all__ = [
     "damping",
     "solve_kept",
     "obs_select",
+    "sweep",
+    "solve_all_kept",
+    "exact_solve_flops",
     "nm_column_order",
     "lsq_residuals",
 ]
@@ -43,18 +46,26 @@ __all__ = [
 DEFAULT_DAMP = 0.01
 DEFAULT_OBS_BLOCK = 128
 # The exact re-fit factorises one (d+1)^2 system per output row: rows * d^3 / 3 flops. Layers above this
-# (ImageNet-sized convs: 512 rows x 4608 inputs is 1.6e13) are skipped with a reason instead of running for
-# hours; every CIFAR ResNet layer is far below it (64 x 577^3 / 3 = 4e9).
+# (ImageNet-sized convs: 512 rows x 4608 inputs is 1.6e13) get SparseGPT's sweep instead (one shared
+# factorisation, d^3 + rows d^2), which a few seconds bound; every CIFAR ResNet layer is below it
+# (64 x 577^3 / 3 = 4e9), where studies/sweep_vs_exact.py compares the two.
 MAX_SOLVE_FLOPS = 5e10
 # rows solved per batched factorisation: bounds each (rows, d, d) float64 stack (the system and its
 # Cholesky factor) to about 64 MB, so the solves add little to the activations' peak memory
 SOLVE_BYTES = 64 * 2**20
 
 
-def unsupported_reason(layer: nn.Module) -> str | None:
-    """Why ``layer`` cannot be reconstructed, or ``None``."""
+def exact_solve_flops(layer: nn.Module) -> float:
+    """Flops of the exact per-row re-fit of ``layer``: one ``(d+1)^2`` factorisation per output row."""
+    rows, d = layer.weight.shape[0], layer.weight[0].numel() + 1
+    return rows * d**3 / 3
+
+
+def unsupported_reason(layer: nn.Module, exact: bool = False) -> str | None:
+    """Why ``layer`` cannot be reconstructed, or ``None``; ``exact``: by the exact per-row re-fit (the RR
+    profile's closed form), which is refused above ``MAX_SOLVE_FLOPS`` (the sweep has no such limit)."""
     w = getattr(layer, "weight", None)
-    if w is not None and w.dim() >= 2:
+    if exact and w is not None and w.dim() >= 2:
         rows, d = w.shape[0], w[0].numel() + 1
         if rows * d**3 / 3 > MAX_SOLVE_FLOPS:
             return (
@@ -288,6 +299,18 @@ def _sweep_block(
     return Err1
 
 
+def solve_all_kept(H: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
+    """Every row's least-squares optimum with all columns kept: one shared factorisation,
+    ``O(d^3 + rows d^2)`` (the rows differ only in their right-hand sides)."""
+    d = H.shape[0]
+    eye = torch.eye(d, dtype=torch.float64, device=H.device)
+    Hl = H.double() + lam * eye
+    L, info = torch.linalg.cholesky_ex(Hl)
+    if int(info) != 0:  # dead inputs: a little more damping, as the inverse factor does
+        L = torch.linalg.cholesky(Hl + 1e-8 * torch.diagonal(Hl).mean() * eye)
+    return torch.cholesky_solve(rhs.double().T, L).T
+
+
 def obs_select(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -298,6 +321,21 @@ def obs_select(
     block: int = DEFAULT_OBS_BLOCK,
     perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The OBS keep-mask of ``sweep`` (the exact re-fit then solves the kept weights again)."""
+    return sweep(W, H, lam, n_cols, n_prune=n_prune, nm=nm, block=block, perm=perm)[0]
+
+
+def sweep(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    lam: float,
+    n_cols: int,
+    n_prune: int | None = None,
+    prune: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
+    block: int = DEFAULT_OBS_BLOCK,
+    perm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT's sweep: the keep-mask over the first ``n_cols`` columns of ``W`` (rows x cols).
 
     ``W`` (float64) is the layer's least-squares optimum with every weight kept; the loss of a
@@ -306,14 +344,19 @@ def obs_select(
     updated ``w``) are pruned and their error is spread over the columns not yet visited.
     Unstructured: block ``b`` prunes its share of ``n_prune`` (cumulative rounding), so the layer
     count is exact. N:M (``nm = (n, m)``): per row, ``m - n`` of every ``m`` consecutive columns
-    in ``perm`` order are pruned. Columns past ``n_cols`` (the bias) are never pruned.
+    in ``perm`` order are pruned. ``prune`` (rows x n_cols, in column order) fixes the mask instead:
+    those weights are removed in turn, with the same updates. Columns past ``n_cols`` (the bias) are
+    never pruned. Returns the keep-mask and the updated weights (pruned ones zero), in column order:
+    SparseGPT's reconstruction, ``O(d^3 + rows d^2)``.
     """
     rows, d = W.shape
     perm = torch.arange(n_cols, device=W.device) if perm is None else perm
     full = torch.cat([perm, torch.arange(n_cols, d, device=W.device)])
     Wp = W[:, full].clone()
     Hinv = _inverse_factor(H, full, lam)
+    fixed = prune[:, perm] if prune is not None else None
     prune = torch.zeros(rows, n_cols, dtype=torch.bool, device=W.device)
+    n_prune = int(fixed.sum()) if fixed is not None else n_prune
     total = rows * n_cols
     if nm is not None:  # groups must not straddle blocks
         block = max(nm[1], block - block % nm[1])
@@ -322,7 +365,9 @@ def obs_select(
         i2 = min(i1 + block, n_cols)
         W1 = Wp[:, i1:i2].clone()
         Hinv1 = Hinv[i1:i2, i1:i2]
-        if nm is None:
+        if fixed is not None:
+            mask1 = fixed[:, i1:i2].clone()
+        elif nm is None:
             # this block's share of the layer's count, by cumulative rounding: exact in total
             k = min(round(n_prune * (i2 * rows) / total) - done, W1.numel())
             if i2 == n_cols:
@@ -331,12 +376,15 @@ def obs_select(
             mask1 = _lowest_saliency(W1, torch.diagonal(Hinv1), k)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        Err1 = _sweep_block(W1, Hinv1, mask1, nm)
+        Err1 = _sweep_block(W1, Hinv1, mask1, nm if fixed is None else None)
         prune[:, i1:i2] = mask1
+        Wp[:, i1:i2] = W1.masked_fill(mask1, 0.0)  # the block's final weights, pruned ones exactly 0
         Wp[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     keep = torch.ones(rows, n_cols, dtype=torch.bool, device=W.device)
     keep[:, perm] = ~prune
-    return keep
+    out = torch.empty_like(Wp)
+    out[:, full] = Wp
+    return keep, out
 
 
 def nm_column_order(layer: nn.Module, m: int) -> torch.Tensor | None:

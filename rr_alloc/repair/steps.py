@@ -30,6 +30,7 @@ class RepairReport:
     masks: dict[str, torch.Tensor] | None = None  # final keep-masks when a step chose them (obs)
     reconstructed: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # layer -> why reconstruction skipped it
+    swept: list[str] = field(default_factory=list)  # layers re-fitted by the sweep, not the exact solve
 
     @property
     def affine_sites(self) -> list[str]:
