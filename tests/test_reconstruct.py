@@ -390,3 +390,70 @@ def test_layers_above_the_exact_budget_are_reconstructed_by_the_sweep(method, mo
     monkeypatch.setattr(rec, "MAX_SOLVE_FLOPS", 1.0)
     auto, _ = repaired("auto")
     assert all(torch.equal(a, b) for a, b in zip(auto.state_dict().values(), swept.state_dict().values()))
+
+
+def test_a_grouped_conv_is_fitted_per_group_as_its_block_diagonal_dense_conv():
+    """lsq on a grouped conv equals lsq on the dense conv holding its weights block-diagonally (the other
+    blocks pruned): each group is its own least-squares problem (float64, no damping)."""
+    import copy
+
+    from rr_alloc.repair import run_repair
+
+    torch.manual_seed(0)
+    g = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=True).double()
+    d = nn.Conv2d(4, 6, 3, padding=1, bias=True).double()
+    with torch.no_grad():
+        d.weight.zero_()
+        d.weight[:3, :2] = g.weight[:3]
+        d.weight[3:, 2:] = g.weight[3:]
+        d.bias.copy_(g.bias)
+    x = torch.randn(32, 4, 6, 6, dtype=torch.float64)
+    batches = [(x[i : i + 8], None) for i in range(0, 32, 8)]
+    keep_g = torch.rand(g.weight.shape) > 0.5
+    keep_d = torch.zeros(d.weight.shape, dtype=torch.bool)
+    keep_d[:3, :2], keep_d[3:, 2:] = keep_g[:3], keep_g[3:]
+    fits = []
+    for dense, keep in ((g, keep_g), (d, keep_d)):
+        dense_model = nn.Sequential(dense).eval()
+        pruned = copy.deepcopy(dense_model)
+        with torch.no_grad():
+            pruned[0].weight.mul_(keep)
+        report = run_repair(pruned, "lsq:damp=0", batches, dense=dense_model, masks={"0": keep})
+        assert report.reconstructed == ["0"] and not report.skipped
+        fits.append(pruned[0])
+    fg, fd = fits
+    assert torch.allclose(fd.weight[:3, :2], fg.weight[:3], atol=1e-9)
+    assert torch.allclose(fd.weight[3:, 2:], fg.weight[3:], atol=1e-9)
+    assert torch.allclose(fd.bias, fg.bias, atol=1e-9) and torch.all(fg.weight[~keep_g] == 0)
+
+
+def test_depthwise_convs_are_reconstructed_and_keep_their_counts():
+    import copy
+
+    from rr_alloc.pruning import apply_masks, masks_for_plan
+    from rr_alloc.repair import run_repair
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(
+        nn.Conv2d(3, 16, 1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    ).eval()
+    x = torch.randn(48, 3, 8, 8)
+    batches = [(x[i : i + 16], None) for i in range(0, 48, 16)]
+    counts = {"0": 24, "2": 90, "6": 30}
+    pruned = copy.deepcopy(dense)
+    masks = masks_for_plan(pruned, counts)
+    apply_masks(pruned, masks)
+    before = copy.deepcopy(pruned)
+    report = run_repair(pruned, "obs", batches, dense=dense, masks=masks)
+    assert "2" in report.reconstructed and "2" not in report.skipped
+    assert int((pruned[2].weight == 0).sum()) >= 90 and int((~report.masks["2"]).sum()) == 90
+    with torch.no_grad():
+        h = lambda m: m[:3](x)  # noqa: E731 - the depthwise layer's output (after its input conv)
+        err_after, err_before = float(((h(pruned) - h(dense)) ** 2).mean()), float(((h(before) - h(dense)) ** 2).mean())
+    assert err_after < err_before

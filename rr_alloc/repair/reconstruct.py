@@ -122,8 +122,10 @@ class ReconstructStep:
         return s
 
     def sweeps(self, layer: nn.Module) -> bool:
-        """Whether ``layer`` is re-fitted by the sweep rather than the exact per-row solve."""
-        return self.solve == "sweep" or (self.solve == "auto" and exact_solve_flops(layer) > MAX_SOLVE_FLOPS)
+        """Whether ``layer`` (each of its groups) is re-fitted by the sweep rather than the exact solve."""
+        groups = getattr(layer, "groups", 1)
+        flops = exact_solve_flops(layer) / groups  # per group: C_out / g rows of C_in / g * k^2 inputs
+        return self.solve == "sweep" or (self.solve == "auto" and flops > MAX_SOLVE_FLOPS)
 
 
 @dataclass
@@ -200,30 +202,33 @@ def fit_layer(
     step: ReconstructStep,
     bias_to: str | None,
     nm: tuple[int, int] | None = None,
+    rows: slice = slice(None),
 ) -> torch.Tensor:
-    """Re-fit ``pruned.<name>`` from its Gram pair; returns the (possibly new, for obs) keep-mask."""
+    """Re-fit the output ``rows`` of ``pruned.<name>`` (all, or one group of a grouped conv) from their Gram
+    pair; returns their (possibly new, for obs) keep-mask."""
     layer = pruned.get_submodule(name)
     d = dense_layer.weight[0].numel()
-    w_aug = weight_rows(dense_layer, gram.with_const)  # (C_out, d [+1 bias column])
+    w_aug = weight_rows(dense_layer, gram.with_const)[rows]  # (rows, d [+1 bias column])
     H = gram.H
     lam = damping(H, step.damp, d)
     rhs = gram.R.T + lam * w_aug  # rows of X_p^T y_d + lam w_d
-    keep2 = keep.flatten(1)
+    keep2 = keep.flatten(1)[rows]
     if step.sweeps(layer):
         keep2, x = _sweep_fit(layer, H, rhs, lam, keep2, step, nm)
     else:
         if step.method == "obs":
             keep2 = _obs_keep(layer, H, rhs, lam, keep2, step, nm)
         x = solve_kept(H, rhs, keep_rows(keep2, gram.with_const).to(H.device), lam)
-    layer.weight.copy_(x[:, :d].to(layer.weight.dtype).view_as(layer.weight))
+    weight = layer.weight[rows]
+    layer.weight[rows] = x[:, :d].to(layer.weight.dtype).view_as(weight)
     if gram.with_const:
         b_new = x[:, d].to(layer.weight.dtype)
         if bias_to == "bias":
-            layer.bias.copy_(b_new)
+            layer.bias[rows] = b_new
         else:  # BN(y + c) in eval mode equals BN(y) with running_mean - c
             bn = pruned.get_submodule(bias_to)
-            bn.running_mean.sub_(b_new.to(bn.running_mean.dtype))
-    return keep2.view_as(layer.weight).clone()
+            bn.running_mean[rows] -= b_new.to(bn.running_mean.dtype)
+    return keep2.view_as(weight).clone()
 
 
 class _LayerFit:
@@ -244,14 +249,22 @@ class _LayerFit:
 
     def __call__(self, name: str, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         t = self.targets.get(name)
-        gram = GramStats(t is not None)
         layer, dense_layer = self.pruned.get_submodule(name), self.dense.get_submodule(name)
+        g = getattr(layer, "groups", 1)  # a grouped conv is g independent problems: one Gram pair each
+        grams = [GramStats(t is not None) for _ in range(g)]
+        og, dg = layer.weight.shape[0] // g, layer.weight[0].numel()
         for i, (xp, xd) in enumerate(pairs):
             yd = dense_layer(xd)
             if i == 0:  # the patches must be what the layer really multiplies (padding inside its forward)
                 check_patches(name, dense_layer, xd, yd)
-            gram.add(input_patches(layer, xp), output_rows(layer, yd))
-        self.keep[name] = fit_layer(name, self.pruned, dense_layer, gram, self.keep[name], self.step, t, self.nm)
+            p, y = input_patches(layer, xp), output_rows(layer, yd)
+            for gi, gram in enumerate(grams):
+                gram.add(p[:, gi * dg : (gi + 1) * dg] if g > 1 else p, y[:, gi * og : (gi + 1) * og] if g > 1 else y)
+        keep = self.keep[name].clone()
+        for gi, gram in enumerate(grams):
+            rows = slice(gi * og, (gi + 1) * og) if g > 1 else slice(None)
+            keep[rows] = fit_layer(name, self.pruned, dense_layer, gram, keep, self.step, t, self.nm, rows)
+        self.keep[name] = keep
         self.report.fitted.append(name)
         self.report.bias[name] = "bias" if t == "bias" else ("next-bn" if t else "none")
 
