@@ -35,7 +35,7 @@ from rr_alloc.data import Batches
 from rr_alloc.io_utils import write_text_atomic
 from rr_alloc.layers import prunable_layers
 from rr_alloc.profile import profile_rr
-from rr_alloc.pruning import apply_masks
+from rr_alloc.pruning import Pruning, apply_masks
 from rr_alloc.repair.reconstruct import ReconstructStep, reconstruct
 from rr_alloc.workbench import Workbench
 
@@ -44,7 +44,11 @@ def setup(model_name: str, batch_size: int) -> tuple[Workbench, Batches, dict]:
     wb = Workbench(
         model_config(model_name, batch_size=batch_size, selection_size=0, eval_size=16, cache=False), progress=False
     )
-    return wb, Batches(wb.splits.calib.x, wb.splits.calib.y, batch_size), wb.masks(wb.allocate("global", 0.9))
+    return (
+        wb,
+        Batches(wb.splits.calib.x, wb.splits.calib.y, batch_size),
+        Pruning(counts=wb.allocate("global", 0.9)).keep_masks(wb.dense),
+    )
 
 
 def run_reconstruct(wb: Workbench, batches: Batches, masks: dict, method: str) -> None:

@@ -29,7 +29,7 @@ from bench_profile import dense_pass, median_time
 from common import ROOT, machine, model_config, run_main, shared_dir
 
 from rr_alloc.io_utils import write_text_atomic
-from rr_alloc.pruning import apply_masks
+from rr_alloc.pruning import Pruning, apply_masks
 from rr_alloc.repair import CHANNEL_REPAIR, RepairPipeline, run_repair
 from rr_alloc.selection import make_objective
 from rr_alloc.workbench import Workbench
@@ -37,7 +37,7 @@ from rr_alloc.workbench import Workbench
 
 def phases(wb: Workbench, counts: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each phase of one candidate."""
-    masks = wb.masks(counts)
+    masks = Pruning(counts=counts).keep_masks(wb.dense)
     pipe = RepairPipeline.parse(CHANNEL_REPAIR)
     bn_only, channel = RepairPipeline(pipe.steps[:1]), RepairPipeline(pipe.steps[1:])
     state: dict = {}

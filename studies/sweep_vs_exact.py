@@ -1,4 +1,5 @@
-"""Is SparseGPT's sweep (``obs:solve=sweep``) within noise of the exact per-row re-fit (``obs:solve=exact``)?
+"""Is the cheap re-fit (``obs:solve=sweep``: SparseGPT's sweep, then conjugate gradients on the kept weights)
+within noise of the exact per-row re-fit (``obs:solve=exact``)?
 
 On CIFAR ResNets every layer is below the exact-solve budget, so both run on every layer: global-magnitude
 counts at the budget, ``obs:solve=S>bn>naive@block+logits`` on the calibration split, scored on the

@@ -67,6 +67,7 @@ from .refit import (
     nm_column_order,
     obs_select,
     output_rows,
+    refine_kept,
     solve_all_kept,
     solve_kept,
     sweep,
@@ -99,6 +100,10 @@ __all__ = [
 ]
 
 RECONSTRUCT_METHODS = ("lsq", "obs")
+# conjugate-gradient steps after the sweep: on CIFAR ResNet-20's layers (global 0.9) 25 to 100 steps reach
+# the exact re-fit's weights to 1e-8 relative and below (the sweep alone leaves up to 5x its loss); most
+# layers stop earlier at the 1e-10 residual
+CG_STEPS = 100
 SOLVES = ("auto", "exact", "sweep")  # auto: the exact re-fit up to MAX_SOLVE_FLOPS, the sweep above
 
 
@@ -178,8 +183,10 @@ def _sweep_fit(
     step: ReconstructStep,
     nm: tuple[int, int] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT's reconstruction from the all-kept optimum: ``obs`` chooses the masks on the way (the same
-    count, or N:M groups), ``lsq`` removes the given ones; ``O(d^3 + rows d^2)`` instead of ``rows d^3``."""
+    """The re-fit without one factorisation per row: SparseGPT's sweep from the all-kept optimum (``obs``
+    chooses the masks on the way, with the same count or N:M groups; ``lsq`` removes the given ones), then
+    conjugate gradients from the sweep's weights to the exact re-fit of the kept weights.
+    ``O(d^3 + CG_STEPS rows d^2)`` instead of ``rows d^3 / 3``."""
     d = keep2.shape[1]
     W_star = solve_all_kept(H, rhs, lam)
     if step.method == "obs":
@@ -189,6 +196,7 @@ def _sweep_fit(
         keep, x = sweep(W_star, H, lam, d, n_prune=int((~keep2).sum()), nm=nm, block=step.block, perm=perm)
     else:
         keep, x = sweep(W_star, H, lam, d, prune=~keep2.to(H.device), block=step.block)
+    x = refine_kept(H, rhs, keep_rows(keep, x.shape[1] > d).to(H.device), lam, x, CG_STEPS)
     return keep.to(keep2.device), x
 
 

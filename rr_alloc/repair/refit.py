@@ -38,6 +38,7 @@ __all__ = [
     "obs_select",
     "sweep",
     "solve_all_kept",
+    "refine_kept",
     "exact_solve_flops",
     "nm_column_order",
     "lsq_residuals",
@@ -302,6 +303,36 @@ def _sweep_block(
         W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
         Err1[:, i] = err
     return Err1
+
+
+def refine_kept(
+    H: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, lam: float, x0: torch.Tensor, iters: int, tol: float = 1e-10
+) -> torch.Tensor:
+    """Per row ``i``, ``(H_KK + lam I) x_K = rhs_i,K`` (``K = keep[i]``) by Jacobi-preconditioned conjugate
+    gradients from ``x0``, all rows at once: ``solve_kept``'s answer to ``tol`` (relative residual) or after
+    ``iters`` steps, at ``iters * rows * d^2`` flops instead of ``rows * d^3 / 3``."""
+    m = keep.to(torch.float64)
+    Hl = H.double() + lam * torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
+    b = m * rhs.double()
+    x = m * x0.double()
+    r = b - m * (x @ Hl)  # Hl is symmetric: row i of x @ Hl is Hl x_i
+    dinv = m / torch.diagonal(Hl).clamp_min(1e-300)[None, :]
+    z = dinv * r
+    p = z.clone()
+    rz = (r * z).sum(1)
+    bnorm = b.norm(dim=1).clamp_min(1e-300)
+    for _ in range(iters):
+        if bool((r.norm(dim=1) <= tol * bnorm).all()):
+            break
+        ap = m * (p @ Hl)
+        alpha = rz / (p * ap).sum(1).clamp_min(1e-300)
+        x += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        z = dinv * r
+        rz_new = (r * z).sum(1)
+        p = z + (rz_new / rz.clamp_min(1e-300))[:, None] * p
+        rz = rz_new
+    return x * m
 
 
 def solve_all_kept(H: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
