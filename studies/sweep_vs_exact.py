@@ -68,7 +68,8 @@ def run(args: argparse.Namespace, out: Path) -> pd.DataFrame:
 
 def summarise(df: pd.DataFrame, args: argparse.Namespace, seconds: float) -> str:
     lines = [
-        f"# The sweep (SparseGPT's, then conjugate gradients) against the exact re-fit{' (QUICK SMOKE RUN: not a result)' if args.quick else ''}",
+        "# The sweep (SparseGPT's, then conjugate gradients) against the exact re-fit"
+        + (" (QUICK SMOKE RUN: not a result)" if args.quick else ""),
         "",
         f"Command: `python {' '.join(['studies/sweep_vs_exact.py', *sys.argv[1:]])}`  ",
         f"Machine: {machine()}; {seconds / 60:.1f} min.",
