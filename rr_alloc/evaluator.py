@@ -52,7 +52,11 @@ class Evaluator:
         return Pruning(nm=(n, m), layers=tuple(layer.name for layer in self.experiment.layers))
 
     def repaired_model(
-        self, pruning: PruningLike, repair: str | RepairPipeline, nm: tuple[int, int] | None = None
+        self,
+        pruning: PruningLike,
+        repair: str | RepairPipeline,
+        nm: tuple[int, int] | None = None,
+        progress: bool = False,
     ) -> tuple[nn.Module, RepairReport]:
         """Prune and repair a copy of the dense model (``nm``: the pattern of explicit keep-masks)."""
         p = Pruning.of(pruning, nm)
@@ -70,6 +74,7 @@ class Evaluator:
             masks=masks,
             nm=p.nm,
             optional_sites=str(pipeline) == DEFAULT_REPAIR,  # sites nobody chose: skip what the model lacks
+            progress=progress,
         )
         return model, report
 
@@ -87,7 +92,7 @@ class Evaluator:
         nm: tuple[int, int] | None = None,
     ) -> dict[str, Metrics]:
         """One prune + repair, evaluated on several splits (e.g. selection for choosing, test for reporting)."""
-        model, self.last_report = self.repaired_model(pruning, repair, nm=nm)
+        model, self.last_report = self.repaired_model(pruning, repair, nm=nm, progress=self.experiment.progress)
         exp = self.experiment
         out = {}
         for split in splits:

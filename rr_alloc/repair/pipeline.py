@@ -83,6 +83,7 @@ def run_repair(
     masks: dict[str, torch.Tensor] | None = None,
     nm: tuple[int, int] | None = None,
     optional_sites: bool = False,
+    progress: bool = False,
 ) -> RepairReport:
     """Repair ``pruned`` in place with ``pipeline`` on calibration ``batches``.
 
@@ -110,6 +111,7 @@ def run_repair(
         staged=staged,
         max_cache_bytes=max_cache_bytes,
         optional_sites=optional_sites,
+        progress=progress,
     )
     for step in pipeline.steps:
         kind_of(step).apply(step, pruned, ctx)

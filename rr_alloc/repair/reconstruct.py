@@ -47,11 +47,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..progress import bar
 from .propagate import CacheTooLarge, Lockstep, call_order, layer_inputs, trace
 from .refit import (
     DEFAULT_DAMP,
@@ -254,6 +256,7 @@ class _LayerFit:
     ) -> None:
         self.pruned, self.dense, self.step, self.nm = pruned, dense, step, nm
         self.targets, self.keep, self.report = targets, keep, report
+        self.bar: Any = None  # a progress bar over the layers (with the time left), when asked for
 
     def __call__(self, name: str, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         t = self.targets.get(name)
@@ -273,6 +276,8 @@ class _LayerFit:
             rows = slice(gi * og, (gi + 1) * og) if g > 1 else slice(None)
             keep[rows] = fit_layer(name, self.pruned, dense_layer, gram, keep, self.step, t, self.nm, rows)
         self.keep[name] = keep
+        if self.bar is not None:
+            self.bar.update(1)
         self.report.fitted.append(name)
         self.report.bias[name] = "bias" if t == "bias" else ("next-bn" if t else "none")
 
@@ -309,6 +314,7 @@ def reconstruct(
     device: torch.device | str = "cpu",
     max_cache_bytes: float = 3e9,
     staged: bool = True,
+    progress: bool = False,
 ) -> ReconstructReport:
     """Re-fit the kept weights of ``layers`` of ``pruned`` (in place), in forward order.
 
@@ -332,6 +338,7 @@ def reconstruct(
         for n in layers
     }
     fit = _LayerFit(pruned, dense, step, nm, targets, keep, report)
+    fit.bar = bar(total=len(todo), desc=f"{step.method} reconstruction", unit="layer", disable=not progress)
     was_d, was_p = dense.training, pruned.training
     dense.eval()
     pruned.eval()
@@ -341,6 +348,7 @@ def reconstruct(
             fit(name, layer_inputs(pruned, dense, name, batches, device))
             report.passes += 2.0
     finally:
+        fit.bar.close()
         dense.train(was_d)
         pruned.train(was_p)
     report.masks = keep
@@ -400,7 +408,16 @@ class Reconstruction(StepKind):
             raise ValueError("reconstruction repair needs the dense model or a DenseSiteCache")
         layers = [n for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         rec = reconstruct(
-            pruned, ref, ctx.batches, layers, step, masks=ctx.masks, nm=ctx.nm, device=ctx.device, staged=ctx.staged
+            pruned,
+            ref,
+            ctx.batches,
+            layers,
+            step,
+            masks=ctx.masks,
+            nm=ctx.nm,
+            device=ctx.device,
+            staged=ctx.staged,
+            progress=ctx.progress,
         )
         ctx.masks = {n: rec.masks[n] for n in (ctx.masks or rec.masks)}
         report = ctx.report

@@ -51,6 +51,7 @@ class StepContext:
     staged: bool = True  # node-by-node propagation where the model traces (propagate.py)
     max_cache_bytes: float = 4e9  # cap on the activations a channel step caches
     optional_sites: bool = False  # a channel step whose sites the model lacks is skipped, not refused
+    progress: bool = False  # long steps (the reconstruction) show a bar with the time left
 
 
 class StepKind:
