@@ -74,7 +74,7 @@ def main() -> None:
         model=args.model,
         num_classes=10,
         dataset="imagefolder",
-        train_data=str(data / "train"),
+        train_data=str(data / "train-10k"),
         test_data=str(data / "test"),
         transform=tf,
         calib_size=args.images,
