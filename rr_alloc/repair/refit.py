@@ -272,7 +272,7 @@ def _inverse_factor(H: torch.Tensor, full: torch.Tensor, lam: float) -> torch.Te
     Hp = H[full][:, full].double() + lam * eye
     L, info = torch.linalg.cholesky_ex(Hp)
     if int(info) != 0:
-        Hp = Hp + 1e-8 * torch.diagonal(Hp).mean() * eye
+        Hp = Hp + 1e-8 * torch.diagonal(Hp).mean().clamp_min(1e-12) * eye  # an all-zero Gram: a dead layer
         L = torch.linalg.cholesky(Hp)
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
@@ -343,7 +343,7 @@ def solve_all_kept(H: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tens
     Hl = H.double() + lam * eye
     L, info = torch.linalg.cholesky_ex(Hl)
     if int(info) != 0:  # dead inputs: a little more damping, as the inverse factor does
-        L = torch.linalg.cholesky(Hl + 1e-8 * torch.diagonal(Hl).mean() * eye)
+        L = torch.linalg.cholesky(Hl + 1e-8 * torch.diagonal(Hl).mean().clamp_min(1e-12) * eye)
     return torch.cholesky_solve(rhs.double().T, L).T
 
 
