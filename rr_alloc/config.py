@@ -38,7 +38,9 @@ class RunConfig:
         "data",
     )
     checkpoint: str | None = option(None, text, "state_dict file, loaded with weights_only=True", "data")
-    num_classes: int | None = option(None, whole(1), "classifier outputs when building the model", "data", kind=int)
+    num_classes: int | None = option(
+        None, whole(1, 1_000_000), "classifier outputs when building the model", "data", kind=int
+    )
     pretrained: bool = option(False, boolean, "torchvision models: download the DEFAULT weights", "data", kind=bool)
     # data
     dataset: str = option("digits", text, "digits | imagefolder | cifar10 | cifar100 | mnist | fashionmnist", "data")
@@ -61,7 +63,7 @@ class RunConfig:
     seed: int = option(0, whole(0), "seed of the calibration/selection draw", "data", kind=int)
     # execution
     device: str = option("auto", text, "auto | cpu | cuda", "data")
-    threads: int | None = option(None, whole(1), "torch CPU threads", "data", kind=int)
+    threads: int | None = option(None, whole(1, 4096), "torch CPU threads", "data", kind=int)
     cache: bool = option(
         True, boolean, "recompute the RR profile instead of reusing a cached one", "data", kind=bool, flag="--no-cache"
     )
@@ -157,16 +159,16 @@ class RunConfig:
         kind=int,
     )
     heartbeat_interval: int = option(
-        60, whole(1), "seconds between a running trial's heartbeats (database storages)", "search", kind=int
+        60, whole(1, 86400), "seconds between a running trial's heartbeats (database storages)", "search", kind=int
     )
     grace_period: int | None = option(
         None,
-        whole(1),
+        whole(1, 10 * 86400),
         "seconds without a heartbeat after which a trial is failed and re-run (default twice the interval)",
         "search",
         kind=int,
     )
-    max_retry: int = option(2, whole(0), "re-runs of a killed worker's trial", "search", kind=int)
+    max_retry: int = option(2, whole(0, 1000), "re-runs of a killed worker's trial", "search", kind=int)
     objective: str = option(
         "kl",
         text,

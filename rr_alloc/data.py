@@ -193,7 +193,17 @@ def _item(ds, i: int, flag: str) -> tuple[Any, Any]:
             f"cannot decode {_where(ds, i)} ({type(e).__name__}: {why}): the file is corrupt or truncated; "
             f"remove or replace it in the {flag} folder"
         ) from None
-    except RuntimeError as e:  # the transform does not fit the image (Normalize's mean/std vs channels)
+    except Exception as e:
+        from PIL import Image
+
+        if not isinstance(e, (RuntimeError, Image.DecompressionBombError)):
+            raise
+        if isinstance(e, Image.DecompressionBombError):
+            raise UserError(
+                f"{_where(ds, i)} is too large to decode safely ({str(e).splitlines()[0][:120]}): shrink it or "
+                "remove it from the image folder"
+            ) from None
+        # the transform does not fit the image (Normalize's mean/std vs channels)
         raise UserError(
             f"the transform does not fit {_where(ds, i)} ({str(e).splitlines()[0]}): make the config's "
             "transform mean/std as long as the image's channels (3, or 1 with grayscale: true)"

@@ -99,6 +99,11 @@ class Experiment:
                 f"model {self.cfg.model} cannot run on the {self.cfg.dataset} images "
                 f"{tuple(x.shape[1:])} ({str(e).splitlines()[0]}): pass matching --model/--dataset"
             )
+        if not torch.isfinite(out).all():  # e.g. a negative BatchNorm running_var: every metric would be NaN
+            raise UserError(
+                f"model {self.cfg.model} gives non-finite outputs (NaN or inf) on the calibration images: check the "
+                "checkpoint (BatchNorm running statistics, weights) and the transform"
+            )
         idle = [layer.name for layer in self.layers if layer.name not in ran]
         if idle:
             self.left_dense.update({name: "never runs in eval mode" for name in idle})

@@ -86,6 +86,7 @@ def check_output(
     is_dir: bool = False,
     inputs: Sequence[str | os.PathLike | None] = (),
     siblings: Sequence[str | os.PathLike] = (),
+    input_folders: Sequence[str | os.PathLike | None] = (),
 ) -> Path:
     """The one check of an output path, before any work: writable, not a symbolic link or a device, not one
     of the run's ``inputs`` (a plan, a checkpoint) and not one of the other files the run writes
@@ -98,9 +99,15 @@ def check_output(
     for other in inputs:
         if other is not None and _same(p, Path(other)):
             raise UserError(f"{flag} {p} is the input {other}: pass another output path (the input stays as it is)")
+    for folder in input_folders:  # an image folder must not collect a plan (nor lose an image to it)
+        if folder is not None and Path(folder).is_dir() and _inside(p, Path(folder)):
+            raise UserError(f"{flag} {p} lies inside the input folder {folder}: write outputs elsewhere")
     for other in siblings:
         if _same(p, Path(other)):
             raise UserError(f"{flag} {p} is also where this run writes another file: pass another name")
+        for inp in inputs:
+            if inp is not None and _same(Path(other), Path(inp)):
+                raise UserError(f"{other}, which this run writes beside {flag}, is the input {inp}: pass another --out")
         q = Path(other)
         if q.is_symlink() or q.is_dir() or (q.exists() and _kind(q)):
             raise UserError(f"{q}, which this run writes beside {flag}, is not a regular file: move it away")
@@ -133,6 +140,14 @@ def check_input_file(path: str | os.PathLike, what: str, flag: str, want: str) -
     if kind:
         raise UserError(f"{what} {p} is a {kind}, not a file: pass {want} to {flag}")
     return p
+
+
+def _inside(p: Path, folder: Path) -> bool:
+    try:
+        p.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -14,10 +14,10 @@ __all__ = ["Check", "option", "GROUPS", "whole", "real", "text", "boolean", "tex
 Check = Callable[[Any], "str | None"]  # the problem with a value, or None
 
 
-def whole(lo: int) -> Check:
+def whole(lo: int, hi: int | None = None) -> Check:
     def check(v: Any) -> str | None:
-        ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
-        return None if ok else f"a whole number >= {lo}"
+        ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+        return None if ok else (f"a whole number >= {lo}" if hi is None else f"a whole number from {lo} to {hi}")
 
     return check
 

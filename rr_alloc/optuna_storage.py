@@ -145,7 +145,12 @@ def open_storage(storage: str | None, heartbeat: Heartbeat | None = None):
 
         if not path.parent.is_dir():
             raise UserError(f"--storage {storage}: directory {path.parent} does not exist: create it first")
-        return JournalStorage(JournalFileBackend(str(path)))
+        try:
+            return JournalStorage(JournalFileBackend(str(path)))
+        except ValueError as e:  # an existing file that is not an Optuna journal (JSON lines)
+            raise UserError(
+                f"--storage {storage} is not an Optuna journal ({first_line(e)}): pass a new or a journal file"
+            ) from None
     url = _sa_url(storage)
     _check_driver(url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):

@@ -336,13 +336,14 @@ def _layers(entries: list[dict[str, Any]], where: str) -> list[LayerPlan]:
     holds ``n_weights``, and ``n_pruned`` within one weight of ``sparsity * n_weights``."""
     layers, seen = [], set()
     for entry in entries:
-        name, n_w, shape, sp = entry["name"], entry["n_weights"], tuple(entry["shape"]), float(entry["sparsity"])
+        name, n_w, shape = entry["name"], int(entry["n_weights"]), tuple(int(v) for v in entry["shape"])
+        sp = float(entry["sparsity"])
         if name in seen:
             raise UserError(f"{where}: layer {name} is listed twice")
         seen.add(name)
         if math.prod(shape) != n_w:
             raise UserError(f"{where}: layer {name} has n_weights {n_w} but shape {list(shape)}")
-        k = entry["n_pruned"] if "n_pruned" in entry else int(round(sp * n_w))
+        k = int(entry["n_pruned"]) if "n_pruned" in entry else int(round(sp * n_w))
         if not k < n_w or abs(k / n_w - sp) > 1.0 / n_w + 1e-9:
             raise UserError(f"{where}: layer {name} has n_pruned {k} inconsistent with sparsity {sp}")
         layers.append(LayerPlan(name, k, n_w, shape))

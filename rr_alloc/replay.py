@@ -124,6 +124,15 @@ def workbench_for_plan(plan: Plan, cfg: RunConfig, progress: bool = True) -> Wor
             "the plan's layers differ from the model's prunable layers: use the plan's "
             "--include/--exclude or regenerate the plan"
         )
+    if plan.pattern and plan.pruning().pruned_counts(wb.dense) != plan.counts:
+        raise UserError(
+            f"the plan's layer counts are not what its pattern {plan.pattern} prunes on this model: regenerate it"
+        )
+    if plan.budget_unit == "flops" and abs(wb.achieved(plan.counts) - plan.achieved_sparsity) > 1e-6:
+        raise UserError(
+            f"the plan's achieved_sparsity {plan.achieved_sparsity} is not the MAC sparsity of its layers on this "
+            f"model ({wb.achieved(plan.counts):.6f}): regenerate it"
+        )
     return wb
 
 

@@ -258,3 +258,111 @@ def test_the_default_repair_skips_what_a_model_lacks_and_still_plans(tmp_path, c
     assert json.loads(out.read_text())["verify"]["top1"] is not None
     notes = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
     assert len(notes) == 1 and notes[0].startswith("note: repair step on block+logits skipped")
+
+
+# ------------------------------------------------------------ inputs never become outputs
+def test_search_refuses_to_write_over_its_checkpoint_config_or_images(tmp_path, capsys):
+    from test_bad_input import _image_folder
+
+    from rr_alloc.models import build_model
+
+    ck = tmp_path / "ck.pt"
+    torch.save(build_model("cifar_resnet20").state_dict(), ck)
+    before = ck.read_bytes()
+    err = _refused(
+        capsys, ["search", "--budget", "0.9", "--model", "cifar_resnet20", "--checkpoint", str(ck), "--out", str(ck)]
+    )
+    assert "is the input" in err and ck.read_bytes() == before
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed: 1\n")
+    assert "is the input" in _refused(capsys, ["search", "--budget", "0.9", "--config", str(cfg), "--out", str(cfg)])
+    data = _image_folder(tmp_path / "data", per_class=2)
+    args = [
+        "search",
+        "--budget",
+        "0.9",
+        "--model",
+        "cifar_resnet20",
+        "--dataset",
+        "imagefolder",
+        "--train-data",
+        str(data),
+        "--test-data",
+        str(data),
+        "--out",
+        str(data / "class0" / "plan.json"),
+    ]
+    assert "inside the input folder" in _refused(capsys, args)
+
+
+def test_apply_refuses_a_spec_file_that_is_the_plan(good, tmp_path, capsys):
+    plan = tmp_path / "p.pt.repair.json"
+    plan.write_text(good.read_text())
+    before = plan.read_bytes()
+    err = _refused(capsys, ["apply", "--plan", str(plan), "--out", str(tmp_path / "p.pt")])
+    assert "is the input" in err and plan.read_bytes() == before
+
+
+def test_replaying_refuses_config_keys_the_plan_decides(good, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text('pattern: "2:4"\n')
+    assert "key 'pattern' does not apply" in _refused(capsys, ["verify", "--plan", str(good), "--config", str(cfg)])
+
+
+def test_an_nm_plan_whose_counts_contradict_its_pattern_is_refused(tmp_path, capsys):
+    plan = tmp_path / "nm.json"
+    assert main(["search", "--pattern", "2:4", "--no-verify", *QUICK, "--out", str(plan)]) == 0
+    d = json.loads(plan.read_text())
+    layer = next(entry for entry in d["layers"] if entry["n_pruned"])
+    layer["n_pruned"] -= 1
+    layer["sparsity"] = layer["n_pruned"] / layer["n_weights"]
+    total = sum(e["n_pruned"] for e in d["layers"]) / sum(e["n_weights"] for e in d["layers"])
+    d["budget"] = d["achieved_sparsity"] = total
+    plan.write_text(json.dumps(d))
+    capsys.readouterr()
+    assert "not what its pattern 2:4 prunes" in _refused(capsys, ["verify", "--plan", str(plan)])
+
+
+def test_pretrained_for_a_zoo_model_without_weights_and_classes_for_the_digits_are_refused(tmp_path, capsys):
+    assert "no downloadable weights" in _bad_search(
+        tmp_path, capsys, "--budget", "0.9", "--model", "cifar_resnet20", "--pretrained"
+    )
+    assert "10 classes" in _bad_search(tmp_path, capsys, "--budget", "0.9", "--num-classes", "3")
+
+
+def test_a_model_with_non_finite_outputs_is_refused(tmp_path, capsys):
+    from rr_alloc.models import build_model
+
+    sd = build_model("cifar_resnet20").state_dict()
+    key = next(k for k in sd if k.endswith("running_var"))
+    sd[key] = -torch.ones_like(sd[key])  # a negative variance: NaN after the first BatchNorm
+    ck = tmp_path / "negvar.th"
+    torch.save(sd, ck)
+    err = _bad_search(
+        tmp_path,
+        capsys,
+        "--budget",
+        "0.9",
+        "--model",
+        "cifar_resnet20",
+        "--checkpoint",
+        str(ck),
+        "--dataset",
+        "imagefolder",
+        "--train-data",
+        str(_folder(tmp_path)),
+        "--test-data",
+        str(_folder(tmp_path)),
+        "--calib-size",
+        "4",
+        "--selection-size",
+        "2",
+    )
+    assert "non-finite outputs" in err
+
+
+def _folder(tmp_path):
+    from test_bad_input import _image_folder
+
+    root = tmp_path / "imgs"
+    return root if root.exists() else _image_folder(root, per_class=4)

@@ -118,6 +118,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     ex = exporter(args.format)
     check_output(args.out, "--out", inputs=(args.plan, plan.source.get("checkpoint")))
+    note = reconstruction_note(plan)  # parses the plan's repair: a bad one fails before anything is written
     # every format, not only those that read the model: the README promises that an export checks the
     # plan against its model (layers and shapes) and its checkpoint (SHA-256)
     cfg = config_for_plan(args, plan)
@@ -132,7 +133,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         plan, args.format, args.out, model=model, masks_fn=obs_masks if ex.binary and plan.mask_rule == "obs" else None
     )
     print(f"wrote {path} ({args.format})")
-    note = reconstruction_note(plan)
     if note:
         print(f"note: {note}")
     return 0

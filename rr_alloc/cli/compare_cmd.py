@@ -66,7 +66,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir or Path("runs") / f"compare_{cfg.model.replace(':', '_')}")
     check_output(out_dir, "--out-dir", is_dir=True)  # before any work, not after it
     for name in ("compare.csv", "compare_layers.csv", "compare.png"):
-        check_output(out_dir / name, "--out-dir")
+        check_output(
+            out_dir / name,
+            "--out-dir",
+            inputs=(cfg.checkpoint, getattr(args, "config", None)),
+            input_folders=(cfg.train_data, cfg.test_data),
+        )
     wb = Workbench(cfg, progress=True)
     print(
         f"compare: {cfg.model}, budgets {args.budgets}, allocators {allocators}, repairs {repairs}, "

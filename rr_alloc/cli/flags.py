@@ -128,7 +128,17 @@ def check_split_size(cfg: RunConfig, split: str) -> None:
 
 
 def config_for_plan(args: argparse.Namespace, plan: Plan) -> RunConfig:
-    """The run config of a command that replays ``plan``; refuses plan-named code before any import."""
+    """The run config of a command that replays ``plan``; refuses plan-named code before any import, and
+    config-file keys the plan decides (its pattern, allocation and search), which would be ignored or would
+    contradict what the plan reports."""
+    if getattr(args, "config", None):
+        groups = {f.name: f.metadata["group"] for f in option_fields()}
+        for key in load_config_file(args.config):
+            if groups.get(key) in ("alloc", "search") or key == "out":
+                raise UserError(
+                    f"config file {args.config}: key {key!r} does not apply when replaying a plan (the plan decides "
+                    "it): drop it, or use a config of model, data and repair keys only"
+                )
     cfg = config_from_args(args, base=config_from_plan(plan))
     check_plan_model(plan, cfg.model, getattr(args, "model", None), bool(getattr(args, "trust_plan_model", False)))
     return cfg

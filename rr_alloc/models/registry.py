@@ -108,6 +108,10 @@ def build_model(
 ) -> nn.Module:
     """Instantiate a model by name (see module docstring). Weights: zoo default or random."""
     if name in ZOO:
+        if pretrained and name != "digits_resnet":
+            raise UserError(f"--pretrained: {name} has no downloadable weights: pass --checkpoint FILE instead")
+        if name == "digits_resnet" and num_classes not in (None, 10):
+            raise UserError("--num-classes: the embedded digits model has 10 classes: leave --num-classes out")
         kw = {} if num_classes is None else {"num_classes": num_classes}
         if name == "digits_resnet":  # trained on first use, cached in the run's cache directory
             kw.update(pretrained=True, cache_dir=cache_dir)
