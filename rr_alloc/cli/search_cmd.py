@@ -101,13 +101,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if out.is_dir() or str(out_arg or "").endswith(("/", "\\")):
         out = out / "plan.json"
     searching = cfg.allocator == "optuna" and not cfg.pattern
-    side = [out.with_name(n) for n in SIDE_FILES + (("search_progress.png", "optuna.db") if searching else ())]
-    inputs = (cfg.checkpoint, getattr(args, "config", None))
     storage = storage_file(cfg.storage) if searching and cfg.storage else None
-    # before any work, not after it
-    check_output(out, "--out", inputs=(*inputs, storage), siblings=side, input_folders=(cfg.train_data, cfg.test_data))
-    if storage is not None and any(_same_path(storage, s) for s in side):
-        raise UserError(f"--storage {cfg.storage} is a file this run writes beside the plan: pass another storage")
+    default_db = ("optuna.db",) if searching and not cfg.storage else ()  # the storage made beside the plan
+    side = [out.with_name(n) for n in SIDE_FILES + (("search_progress.png",) if searching else ()) + default_db]
+    inputs = (cfg.checkpoint, getattr(args, "config", None), storage)
+    # before any work, not after it; an explicit storage may well be the optuna.db beside the plan
+    check_output(out, "--out", inputs=inputs, siblings=side, input_folders=(cfg.train_data, cfg.test_data))
     # names that are otherwise only parsed inside the work (in an Optuna trial, after the profile)
     allocator_class(cfg.allocator)
     if not cfg.pattern:
@@ -142,10 +141,6 @@ def cmd_search(args: argparse.Namespace) -> int:
             discard_if_empty(db, made)
         raise
     return 0
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve()
 
 
 def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = True) -> Plan:
