@@ -180,10 +180,13 @@ class OptunaSearch(Allocator):
             return block_moves(problem, k, step, n_moves, rng, p_donor, p_recv)
 
         def objective(trial: "optuna.Trial") -> float:
+            # a retried trial (a killed worker's, re-enqueued with its attributes) already carries its counts:
+            # it is scored in full, as the run that died would have been asked to finish it
+            retried = "counts" in trial.user_attrs
             parent = trial.suggest_int(PARENT, PARENT_DISTRIBUTION.low, PARENT_DISTRIBUTION.high)
             counts = np.array([trial.suggest_int(p, int(lo), int(hi)) for p, lo, hi in zip(names, kmin, kmax)])
             self._record(trial, counts)
-            beat = _parent_screen(trial, parent)
+            beat = None if retried else _parent_screen(trial, parent)
             if score is None:  # a plain callable: no screening
                 return float(problem.evaluate(counts))
             r = score(counts, beat=beat)
