@@ -123,7 +123,7 @@ class RunConfig:
     profile_repair: str = option(
         "channel",
         text,
-        "repair the RR profile measures: channel or lsq[:damp=X] "
+        "repair the RR profile measures: channel, lsq[:damp=X] or obs[:damp=X] "
         "(least-squares re-fit of the kept weights; the RR allocators then plan for it)",
         "alloc",
     )
@@ -219,6 +219,35 @@ class RunConfig:
         "e.g. the fast channel-wise bn>naive@block+logits while --repair obs>... "
         "verifies the plan",
         "search",
+    )
+    level_inputs: str = option(
+        "auto",
+        text,
+        "evo under a reconstruction repair (lsq/obs first): score candidates stitched from a per-layer level "
+        "database fitted on the anchor's sequential inputs (anchor), the dense inputs (dense) or the "
+        "uniformly pruned model's (uniform); off: a full reconstruction per candidate; auto: anchor when "
+        "the search repair reconstructs, else off",
+        "search",
+        choices=("auto", "off", "anchor", "dense", "uniform"),
+        study_key="evo",
+    )
+    ladder_step: float = option(
+        0.1,
+        real(0.0, 0.5),
+        "level database: each level keeps 1 - STEP of the previous level's weights (a search move is one level)",
+        "search",
+        kind=float,
+        study_key="evo",
+    )
+    stages: tuple[int, ...] = option(
+        (),
+        lambda v: None if all(isinstance(x, int) and x >= 1 for x in v) else "positive integers",
+        "level search: selection images of each screening stage before the full score "
+        "(default an eighth and a half of the split)",
+        "search",
+        kind=int,
+        many=True,
+        study_key="evo",
     )
     validation_size: int = option(
         0,

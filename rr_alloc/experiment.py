@@ -23,10 +23,11 @@ from .evaluate import Metrics, compare_logits, logits_of
 from .hooks import forward_hooks
 from .io_utils import sha256_file
 from .layers import LayerInfo, prunable_layers
+from .level_db import LevelCache, LevelDatabase, build_database, ladder, reconstructed_layers
 from .models import build_model, default_transform, load_checkpoint
 from .profile import RRProfile, profile_rr, validate_grid
 from .repair import RepairPipeline
-from .repair.reconstruct import DEFAULT_DAMP
+from .repair.reconstruct import DEFAULT_DAMP, ReconstructStep
 from .sensitivity import output_sensitivity
 
 __all__ = ["Experiment", "layer_macs"]
@@ -76,11 +77,13 @@ class Experiment:
         if cfg.validation_size == 1:
             raise UserError("--validation-size 1 cannot bound a mean difference: pass 0 (no check) or >= 2")
         self._check_forward()
+        self.level_rule()  # a contradictory --level-inputs is refused before any work
         self.timings["load"] = time.perf_counter() - t0
         self._dense_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._profile: RRProfile | None = None
         self._macs: np.ndarray | None = None
         self._sensitivity: np.ndarray | None = None
+        self._databases: dict[str, LevelDatabase] = {}
 
     def _check_forward(self) -> None:
         """One forward on two calibration images: the model must run on the data, and a layer that never
@@ -145,20 +148,15 @@ class Experiment:
 
     # ----------------------------------------------------------- profile
     def profile_repair(self) -> tuple[str, float]:
-        """``(kind, damp)`` of ``cfg.profile_repair``: ``channel``, or ``lsq`` with its damping."""
+        """``(kind, damp)`` of ``cfg.profile_repair``: ``channel``, or ``lsq``/``obs`` with its damping."""
         text = (self.cfg.profile_repair or "channel").strip()
         if text == "channel":
             return "channel", DEFAULT_DAMP
         head = text.split(":")[0]
-        if head == "obs":
-            raise UserError(
-                "--profile-repair obs has no cheap exact form (OBS chooses its masks in a sequential "
-                "sweep): use --profile-repair lsq (same re-fit, magnitude masks) or channel"
-            )
-        if head != "lsq":
-            raise UserError(f"unknown --profile-repair {text!r}: use channel or lsq[:damp=X]")
+        if head not in ("lsq", "obs"):
+            raise UserError(f"unknown --profile-repair {text!r}: use channel, lsq[:damp=X] or obs[:damp=X]")
         step = RepairPipeline.parse(text).steps[0]
-        return "lsq", step.damp
+        return head, step.damp
 
     def profile_key(self) -> str:
         """The cache key of the RR profile: model weights, calibration images, layers and profile settings."""
@@ -229,6 +227,63 @@ class Experiment:
     def profile_meta(self) -> dict[str, Any]:
         """The profile's metadata when it was computed or loaded in this run (else empty)."""
         return self._profile.meta if self._profile is not None else {}
+
+    # --------------------------------------------------- level database
+    def level_rule(self) -> str | None:
+        """The level database's input rule of the search (``cfg.level_inputs``), or ``None`` for none."""
+        rule = self.cfg.level_inputs
+        steps = RepairPipeline.parse(self.cfg.loop_repair).steps
+        reconstructs = bool(steps) and isinstance(steps[0], ReconstructStep)
+        if rule == "auto":
+            return "anchor" if reconstructs else None
+        if rule != "off" and not reconstructs:
+            raise UserError(
+                f"--level-inputs {rule} needs a search repair that starts with a reconstruction (lsq or obs), "
+                f"got {self.cfg.loop_repair!r}: pass --search-repair obs>bn>naive@block+logits or --level-inputs off"
+            )
+        return None if rule == "off" else rule
+
+    def level_database(self, anchor: dict[str, int], rule: str) -> LevelDatabase:
+        """Every reconstructed layer fitted at every ladder level (the anchor's counts among them) by the
+        search repair's reconstruction step, under input ``rule``; from the cache when its key is there."""
+        step = RepairPipeline.parse(self.cfg.loop_repair).steps[0]
+        names = reconstructed_layers(self.dense)
+        anchor = {n: int(anchor.get(n, 0)) for n in names}
+        prunable = {layer.name for layer in self.layers}
+        ladders = {
+            n: ladder(self.dense.get_submodule(n).weight.numel(), self.cfg.s_max, self.cfg.ladder_step, [anchor[n]])
+            if n in prunable
+            else np.array([0], np.int64)  # left dense: re-fitted to its pruned inputs, never pruned
+            for n in names
+        }
+        parts = {
+            "model": fingerprint_model(self.dense),
+            "calib": fingerprint_tensor(self.splits.calib.x),
+            "repair": str(step),
+            "rule": rule,
+            "ladders": {n: [int(k) for k in v] for n, v in ladders.items()},
+            "anchor": anchor,
+        }
+        key = LevelCache.key(parts)
+        if key in self._databases:
+            return self._databases[key]
+        t0 = time.perf_counter()
+        cache = LevelCache(self.cache_dir / "levels") if self.cfg.cache else None
+        db = cache.get(key) if cache else None
+        if db is not None:
+            db.meta["cache"] = "hit"
+        else:
+            log = (lambda m: print(m, flush=True)) if self.progress else (lambda m: None)
+            db = build_database(
+                self.dense, self.splits.calib, ladders, step, rule, anchor, self.device, progress=self.progress, log=log
+            )
+            db.meta["cache"] = "miss" if cache else "off"
+            if cache:
+                cache.put(key, db)
+        db.meta["ladder_step"] = self.cfg.ladder_step
+        self.timings["level_database"] = time.perf_counter() - t0
+        self._databases[key] = db
+        return db
 
     # -------------------------------------------------------- allocation
     def layer_weights(self, kind: str | None = None) -> np.ndarray | None:

@@ -43,6 +43,7 @@ from .repair.refit import (
     input_patches,
     keep_rows,
     lsq_residuals,
+    obs_select,
     seen_input,
     unsupported_reason,
     weight_rows,
@@ -280,7 +281,7 @@ def _probe_hooks(
     return {l.name: make_hook(l.name) for l in layers}
 
 
-PROFILE_REPAIRS = ("channel", "lsq")
+PROFILE_REPAIRS = ("channel", "lsq", "obs")
 
 
 def profile_rr(
@@ -316,7 +317,7 @@ def profile_rr(
     stacks = {l.name: probe_weights(model.get_submodule(l.name), grid) for l in layers}
     acc = {l.name: GramMoments() for l in layers}
     grams = None
-    if profile_repair == "lsq":
+    if profile_repair in ("lsq", "obs"):
         targets = bias_targets(model)
         grams = {
             l.name: GramStats(targets.get(l.name) is not None)
@@ -329,7 +330,7 @@ def profile_rr(
             x = x.to(device=device, dtype=dtype or x.dtype, non_blocking=True)
             model(x)
             n_images += x.shape[0]
-    d_raw, d_res = _distortions(model, layers, grid, acc, grams, lam, mean_shift, damp)
+    d_raw, d_res = _distortions(model, layers, grid, acc, grams, lam, mean_shift, damp, profile_repair == "obs")
     meta = {
         "n_images": n_images,
         "lambda": lam,
@@ -338,7 +339,9 @@ def profile_rr(
     }
     if grams is not None:
         meta["profile_repair"] = (
-            f"lsq (damp={damp:g}; others channel-wise)" if len(grams) < len(layers) else f"lsq (damp={damp:g})"
+            f"{profile_repair} (damp={damp:g}; others channel-wise)"
+            if len(grams) < len(layers)
+            else f"{profile_repair} (damp={damp:g})"
         )
     return RRProfile(layers, np.asarray(grid), d_raw, d_res, meta)
 
@@ -352,6 +355,7 @@ def _distortions(
     lam: str | float,
     mean_shift: bool,
     damp: float,
+    obs: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``D_raw`` and ``D_res`` (layers x grid) from the accumulated moments (and Gram statistics for lsq)."""
     d_raw = np.zeros((len(layers), len(grid)))
@@ -361,12 +365,16 @@ def _distortions(
         raw, res = distortions(mom, lam=lam, mean_shift=mean_shift)
         d_raw[i], d_res[i] = raw.cpu().numpy(), res.cpu().numpy()
         if grams is not None and l.name in grams:
-            d_res[i] = _lsq_d_res(model.get_submodule(l.name), grams[l.name], grid, damp, float(mom["v_d"].sum()))
+            layer = model.get_submodule(l.name)
+            d_res[i] = _lsq_d_res(layer, grams[l.name], grid, damp, float(mom["v_d"].sum()), obs)
     return d_raw, d_res
 
 
-def _lsq_d_res(layer: nn.Module, gram: GramStats, grid: Sequence[float], damp: float, v_d_sum: float) -> np.ndarray:
-    """``D_res`` under the least-squares re-fit at each grid sparsity (magnitude masks, dense inputs)."""
+def _lsq_d_res(
+    layer: nn.Module, gram: GramStats, grid: Sequence[float], damp: float, v_d_sum: float, obs: bool = False
+) -> np.ndarray:
+    """``D_res`` under the least-squares re-fit at each grid sparsity (dense inputs): of the magnitude masks,
+    or (``obs``) of the masks OBS chooses with the same count, as the ``obs`` step does with dense inputs."""
     H = gram.H
     w = weight_rows(layer, gram.with_const)
     d = layer.weight[0].numel()
@@ -374,9 +382,13 @@ def _lsq_d_res(layer: nn.Module, gram: GramStats, grid: Sequence[float], damp: f
     order = magnitude_order(layer.weight)
     out = np.zeros(len(grid))
     for j, s in enumerate(grid):
-        keep = torch.ones(layer.weight.numel(), dtype=torch.bool, device=w.device)
-        keep[order[: n_pruned(s, keep.numel())]] = False
-        keep = keep_rows(keep.view(w.shape[0], d), gram.with_const)
+        k = n_pruned(s, layer.weight.numel())
+        if obs:  # with dense inputs the all-kept optimum is the dense weights themselves
+            keep = obs_select(w.double(), H, lam, k, d)[:, :d]
+        else:
+            keep = torch.ones(layer.weight.numel(), dtype=torch.bool, device=w.device)
+            keep[order[:k]] = False
+        keep = keep_rows(keep.reshape(w.shape[0], d), gram.with_const)
         e = lsq_residuals(H, w, keep, lam).sum().clamp_min(0.0)
         out[j] = float(e) / gram.n / max(v_d_sum, 1e-300)
     return out

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .allocators import OptunaSearch, round_to_budget
+from .allocators.level_search import LevelSpace
 from .allocators.search import SearchOptions, trial_counts
 from .cache import fingerprint_model, fingerprint_tensor
 from .config import RunConfig, study_key_fields
@@ -26,6 +27,7 @@ from .experiment import Experiment
 from .optuna_storage import Heartbeat, open_storage
 from .optuna_study import StudySettings, best_trial, check_study_matches, evaluated, open_study, optimize
 from .selection import SelectionScorer, paired_upper_bound
+from .stitched import StitchedScorer
 
 __all__ = ["SearchRunner", "SearchProvenance", "study_key"]
 
@@ -53,9 +55,11 @@ class SearchProvenance:
     validation_diff: float | None = None
     validation_bound: float | None = None
     fallback: bool | None = None
+    stages: list[int] | None = None  # level search: images of each screening stage
+    database: dict[str, Any] | None = None  # level search: the level database's provenance
     note: str | None = None
 
-    _OPTIONAL = ("validation", "global_validation", "validation_diff", "validation_bound", "note")
+    _OPTIONAL = ("validation", "global_validation", "validation_diff", "validation_bound", "stages", "database", "note")
 
     def to_dict(self) -> dict[str, Any]:
         """The plan's ``search`` block (keys of checks that did not run are left out)."""
@@ -94,32 +98,43 @@ class SearchRunner:
         self.experiment, self.evaluator, self.progress = experiment, evaluator, progress
         self.provenance: dict[float, SearchProvenance] = {}
         self.last_study: Any = None
+        self.database: Any = None  # the level database of the last search (None: candidates reconstructed)
 
     def run(self, budget: float, global_counts: dict[str, int]) -> dict[str, int]:
         """The searched plan's per-layer counts (global magnitude's when the validation check rejects it)."""
         exp, cfg = self.experiment, self.experiment.cfg
         t0 = time.perf_counter()
-        scorer = self.evaluator.scorer(cfg.loop_repair, cfg.objective, cfg.screen_size)
-        study = self._optimize(budget, scorer)
+        rule = exp.level_rule() if cfg.optimizer == "evo" else None
+        if rule is None:
+            scorer = self.evaluator.scorer(cfg.loop_repair, cfg.objective, cfg.screen_size)
+            problem = exp.problem(budget, OptunaSearch.needs, evaluate=scorer)
+            space = OptunaSearch(SearchOptions(cfg.optimizer, cfg.guidance, cfg.search_step)).space(problem)
+            self.database = None
+        else:
+            self.database = db = exp.level_database(global_counts, rule)
+            scorer = StitchedScorer(self.evaluator, cfg.loop_repair, db, cfg.objective, cfg.stages)
+            problem = exp.problem(budget, OptunaSearch.needs, evaluate=scorer)
+            ladders = [db.counts[n] for n in problem.names]
+            anchor = np.array([db.level_of(n, global_counts[n]) for n in problem.names])
+            space = LevelSpace(problem, ladders, anchor, cfg.guidance == "rr")
+        study = self._optimize(budget, problem, space)
         best = best_trial(study)
-        problem = exp.problem(budget)
         k = round_to_budget(problem, np.asarray(trial_counts(best), float) / problem.n)
         counts = {layer.name: int(v) for layer, v in zip(exp.layers, k)}
         return self.validate(counts, global_counts, budget, study, scorer, time.perf_counter() - t0)
 
-    def _optimize(self, budget: float, scorer: SelectionScorer) -> Any:
+    def _optimize(self, budget: float, problem: Any, space: Any) -> Any:
+        """Add this worker's trials of ``space`` (its sampler, warm start and objective) to the study."""
         import optuna
 
         cfg = self.experiment.cfg
-        problem = self.experiment.problem(budget, OptunaSearch.needs, evaluate=scorer)
-        space = OptunaSearch(SearchOptions(cfg.optimizer, cfg.guidance, cfg.search_step)).space(problem)
         settings = StudySettings(cfg.n_trials, cfg.timeout, cfg.total_trials)
         storage = open_storage(cfg.storage, heartbeat(cfg))
         key = study_key(self.experiment, budget)
         name = cfg.study_name or f"rr_alloc-{key}"
         optuna.logging.set_verbosity(logging.WARNING)
         study, created = open_study(
-            name, storage, space.make_sampler, problem.seed, space.enqueue, load_only=settings.n_trials == 0
+            name, storage, space.sampler, problem.seed, space.enqueue, load_only=settings.n_trials == 0
         )
         check_study_matches(
             study,
@@ -197,6 +212,9 @@ class SearchRunner:
             selection_size=splits.selection.n,
             seconds=round(seconds, 1),
         )
+        if isinstance(scorer, StitchedScorer):
+            prov.stages = list(scorer.sizes)
+            prov.database = dict(scorer.db.meta)
         val = splits.validation
         if val is None or val.n == 0:
             prov.validation_size = 0

@@ -188,9 +188,20 @@ def test_pipeline_text_round_trip_and_mask_rule():
     assert not RepairPipeline.parse("bn").reconstructs
 
 
-def _brute_lsq_profile(model, batches, grid, damp):
+def _obs_mask_alone(model, batches, name, k, damp):
+    """The keep-mask the ``obs`` step chooses for layer ``name`` pruned alone (its inputs dense)."""
+    from rr_alloc.repair.reconstruct import ReconstructStep, reconstruct
+
+    alone = copy.deepcopy(model)
+    keep = magnitude_mask(alone.get_submodule(name).weight, k)
+    apply_masks(alone, {name: keep})
+    return reconstruct(alone, model, batches, [name], ReconstructStep("obs", damp), masks={name: keep}).masks[name]
+
+
+def _brute_lsq_profile(model, batches, grid, damp, obs=False):
     """Explicit float64 re-fit of each layer alone on dense inputs; residual energy / sum v_d (the profile's
-    closed form is for dense convs: the grouped one keeps its channel-wise curve)."""
+    closed form is for dense convs: the grouped one keeps its channel-wise curve). ``obs``: on the masks the
+    ``obs`` step chooses for the layer alone."""
     targets = bias_targets(model)
     out = {}
     for name in [n for n in LAYERS if n != "block.conv"]:
@@ -207,7 +218,9 @@ def _brute_lsq_profile(model, batches, grid, damp):
         const = targets[name] is not None
         vals = []
         for s in grid:
-            keep = magnitude_mask(layer.weight, n_pruned(s, layer.weight.numel())).flatten(1).numpy()
+            k = n_pruned(s, layer.weight.numel())
+            keep = _obs_mask_alone(model, batches, name, k, damp) if obs else magnitude_mask(layer.weight, k)
+            keep = keep.flatten(1).numpy()
             err = 0.0
             for i in range(w.shape[0]):
                 A, x0 = X[:, keep[i]], w[i, keep[i]]
@@ -220,12 +233,12 @@ def _brute_lsq_profile(model, batches, grid, damp):
     return out
 
 
-@pytest.mark.parametrize("damp", [1e-6, 0.05])
-def test_lsq_profile_equals_brute_force(toy, toy_batches, damp):
+@pytest.mark.parametrize("method,damp", [("lsq", 1e-6), ("lsq", 0.05), ("obs", 0.01)])
+def test_lsq_and_obs_profiles_equal_brute_force(toy, toy_batches, method, damp):
     dense, batches = _double(toy, toy_batches)
     grid = (0.3, 0.7, 0.95)
-    prof = profile_rr(dense, batches, grid, profile_repair="lsq", damp=damp)
-    want = _brute_lsq_profile(dense, batches, grid, damp)
+    prof = profile_rr(dense, batches, grid, profile_repair=method, damp=damp)
+    want = _brute_lsq_profile(dense, batches, grid, damp, obs=method == "obs")
     for i, name in enumerate(prof.names):
         if name in want:
             np.testing.assert_allclose(prof.d_res[i], want[name], rtol=1e-6, err_msg=name)
@@ -233,7 +246,10 @@ def test_lsq_profile_equals_brute_force(toy, toy_batches, damp):
     np.testing.assert_allclose(prof.d_raw, chan.d_raw)  # the raw distortion does not depend on the repair
     i = prof.names.index("block.conv")  # skipped by the re-fit: keeps the channel-wise curve
     np.testing.assert_allclose(prof.d_res[i], chan.d_res[i])
-    assert "lsq" in prof.meta["profile_repair"]
+    assert method in prof.meta["profile_repair"]
+    if method == "obs":  # OBS chooses masks that the re-fit repairs better than magnitude's
+        lsq = profile_rr(dense, batches, grid, profile_repair="lsq", damp=damp)
+        assert (prof.d_res <= lsq.d_res * (1 + 1e-9)).mean() > 0.8
 
 
 @pytest.fixture(scope="module")

@@ -460,3 +460,85 @@ def test_cmaes_state_is_the_same_for_every_worker_however_trials_finish():
     c = CmaSampler(names, np.zeros(2), 0.2, (-3.0, 3.0), seed=0)
     c.optimizer(study3)
     assert c.told == set()
+
+
+# ---------------------------------------------------------- level search
+OBS_REPAIR = "obs>bn>naive@block+logits"
+
+
+def _level_search(tmp_path, out, *extra: str) -> list[str]:
+    return [
+        "search",
+        "--budget",
+        "0.8",
+        "--allocator",
+        "optuna",
+        "--repair",
+        OBS_REPAIR,
+        "--out",
+        str(out),
+        "--no-verify",
+        "--calib-size",
+        "64",
+        "--selection-size",
+        "64",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--storage",
+        f"sqlite:///{(tmp_path / 'optuna.db').resolve()}",
+        *extra,
+    ]
+
+
+def test_level_search_meets_budget_reads_cached_database_and_resumes(tmp_path):
+    import optuna
+
+    out = tmp_path / "plan.json"
+    assert main(_level_search(tmp_path, out, "--n-trials", "12")) == 0
+    plan = json.loads(out.read_text())
+    total = sum(l["n_weights"] for l in plan["layers"])
+    assert sum(l["n_pruned"] for l in plan["layers"]) == round(0.8 * total)  # the budget, to the weight
+    db = plan["search"]["database"]
+    assert db["input_rule"] == "anchor" and db["repair"] == "obs" and db["cache"] == "miss" and db["levels"] > 0
+    assert plan["search"]["stages"] == [16, 32] and plan["search"]["trials"] == 12
+    assert len(list((tmp_path / "cache" / "levels").glob("*.pt"))) == 1
+
+    assert main(_level_search(tmp_path, out, "--n-trials", "5")) == 0  # resumed: same study, database cached
+    plan = json.loads(out.read_text())
+    assert plan["search"]["database"]["cache"] == "hit" and plan["search"]["trials"] == 17
+    (name,) = optuna.get_all_study_names(f"sqlite:///{(tmp_path / 'optuna.db').resolve()}")
+    trials = optuna.load_study(study_name=name, storage=f"sqlite:///{(tmp_path / 'optuna.db').resolve()}").trials
+    assert len([t for t in trials if "fixed_params" in t.system_attrs]) == 1  # the anchor, once
+    assert all(t.user_attrs.get("parent") is not None for t in trials[12:])
+    best = min((t for t in trials if t.value is not None), key=lambda t: t.value)
+    assert [l["n_pruned"] for l in plan["layers"]] == best.user_attrs["counts"] or plan["search"]["fallback"]
+    anchor = trials[0]
+    assert anchor.user_attrs["counts"] == anchor.user_attrs["level_counts"]  # global magnitude is on the ladder
+
+
+def test_level_search_anchor_trial_scores_the_full_pipeline(tmp_path):
+    """Under the anchor rule the stitched global-magnitude candidate is the full sequential pipeline."""
+    import optuna
+
+    out = tmp_path / "plan.json"
+    assert main(_level_search(tmp_path, out, "--n-trials", "1")) == 0
+    plan = json.loads(out.read_text())
+    storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
+    (name,) = optuna.get_all_study_names(storage)
+    (anchor,) = optuna.load_study(study_name=name, storage=storage).trials
+    wb = Workbench(RunConfig(calib_size=64, selection_size=64, repair=OBS_REPAIR, cache=False), progress=False)
+    full = wb.evaluator.scorer(OBS_REPAIR)(wb.allocate("global", 0.8))
+    assert anchor.value == pytest.approx(full, rel=1e-5, abs=1e-7)
+    assert plan["search"]["global_selection"] == anchor.value
+
+
+def test_level_inputs_off_reconstructs_every_candidate_and_bad_rule_is_refused(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(_level_search(tmp_path, out, "--n-trials", "3", "--level-inputs", "off")) == 0
+    assert "database" not in json.loads(out.read_text())["search"]
+    args = _level_search(tmp_path, tmp_path / "p2.json", "--n-trials", "3", "--level-inputs", "dense")
+    args[args.index(OBS_REPAIR)] = "bn"
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--level-inputs dense needs a search repair" in err[0]

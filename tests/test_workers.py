@@ -181,11 +181,18 @@ def rdb_url(request, tmp_path):
 
 
 # ------------------------------------------------------------------- tests
-def test_killed_worker_trial_is_retried(rdb_url, tmp_path):
-    """Two workers; one SIGKILLed mid-trial; a resumed worker finishes the study."""
+@pytest.mark.parametrize("search", ["default", "level"])
+def test_killed_worker_trial_is_retried(rdb_url, tmp_path, search):
+    """Two workers; one SIGKILLed mid-trial; a resumed worker finishes the study (candidates reconstructed by
+    the default repair, or stitched from the level database under ``obs``)."""
     from optuna.trial import TrialState
 
     worker, plan_cmd = readme_commands()
+    if search == "level":  # later flags win: the search under obs, scored through the level database
+        worker, plan_cmd = (
+            [*c, "--repair", "obs>bn>naive@block+logits", "--cache-dir", str(tmp_path / "cache")]
+            for c in (worker, plan_cmd)
+        )
     logs = {k: tmp_path / f"{k}.log" for k in "abc"}
     # a stops after 3 trials of its own, so the resumed worker c has work left
     a = start(

@@ -107,7 +107,7 @@ class SearchOptions:
 class SearchSpace:
     """One optimiser on one problem: its sampler (given a seed), the warm-start trials and the objective."""
 
-    make_sampler: Callable[[int], Any]
+    sampler: Callable[[int], Any]
     enqueue: Callable[[Any], None]
     objective: Callable[[Any], float]
 
@@ -150,7 +150,7 @@ class OptunaSearch(Allocator):
         study, _ = ost.open_study(
             "rr_alloc",
             optuna.storages.InMemoryStorage(),
-            space.make_sampler,
+            space.sampler,
             problem.seed,
             space.enqueue,
             log=lambda s: None,

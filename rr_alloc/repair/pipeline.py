@@ -32,6 +32,7 @@ from torch import nn
 from .channel import CHANNEL_METHODS, DenseSiteCache, RepairStep
 from .propagate import site_moments
 from .reconstruct import ReconstructStep
+from .reconstruct_kind import Reconstruction  # noqa: F401  (registers the lsq/obs kind)
 from .steps import RepairReport, StepContext, kind_of, parse_step
 
 __all__ = [

@@ -45,14 +45,13 @@ solves. Models that do not trace, or whose live activations exceed
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import UserError
 from ..progress import bar
 from .propagate import CacheTooLarge, Lockstep, call_order, layer_inputs, trace
 from .refit import (
@@ -77,7 +76,6 @@ from .refit import (
     weight_rows,
 )
 from .sites import conv_consumers
-from .steps import StepContext, StepKind, register
 
 __all__ = [
     "ReconstructStep",
@@ -98,7 +96,9 @@ __all__ = [
     "unsupported_reason",
     "fit_layer",
     "nm_column_order",
-    "Reconstruction",
+    "fit_groups",
+    "layer_grams",
+    "GramObserver",
 ]
 
 RECONSTRUCT_METHODS = ("lsq", "obs")
@@ -171,8 +171,7 @@ def _obs_keep(
     perm = nm_column_order(layer, nm[1]) if nm is not None else None
     if nm is not None and perm is None:  # the layer stays dense under N:M: nothing to choose
         return torch.ones_like(keep2)
-    full = torch.ones(rhs.shape, dtype=torch.bool, device=H.device)
-    W_star = solve_kept(H, rhs, full, lam)
+    W_star = solve_all_kept(H, rhs, lam)  # all columns kept: one shared factorisation
     return obs_select(W_star, H, lam, int((~keep2).sum()), keep2.shape[1], nm=nm, block=step.block, perm=perm)
 
 
@@ -241,6 +240,48 @@ def fit_layer(
     return keep2.view_as(weight).clone()
 
 
+def fit_groups(
+    name: str,
+    pruned: nn.Module,
+    dense_layer: nn.Module,
+    grams: list[GramStats],
+    keep: torch.Tensor,
+    step: ReconstructStep,
+    bias_to: str | None,
+    nm: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Re-fit every group of ``pruned.<name>`` from its Gram pair (one for an ungrouped layer); returns the
+    layer's keep-mask after the fit."""
+    g = len(grams)
+    og = dense_layer.weight.shape[0] // g
+    keep = keep.clone()
+    for gi, gram in enumerate(grams):
+        rows = slice(gi * og, (gi + 1) * og) if g > 1 else slice(None)
+        keep[rows] = fit_layer(name, pruned, dense_layer, gram, keep, step, bias_to, nm, rows)
+    return keep
+
+
+def layer_grams(
+    name: str, layer: nn.Module, dense_layer: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], const: bool
+) -> list[GramStats]:
+    """One Gram pair per group of ``layer`` from ``(pruned input, dense input)`` batches."""
+    g = getattr(layer, "groups", 1)  # a grouped conv is g independent problems: one Gram pair each
+    grams = [GramStats(const) for _ in range(g)]
+    og, dg = layer.weight.shape[0] // g, layer.weight[0].numel()
+    for i, (xp, xd) in enumerate(pairs):
+        yd = dense_layer(xd)
+        if i == 0:  # the patches must be what the layer really multiplies (padding inside its forward)
+            check_patches(name, dense_layer, xd, yd)
+        p, y = input_patches(layer, xp), output_rows(layer, yd)
+        for gi, gram in enumerate(grams):
+            gram.add(p[:, gi * dg : (gi + 1) * dg] if g > 1 else p, y[:, gi * og : (gi + 1) * og] if g > 1 else y)
+    return grams
+
+
+# called with each layer's name and Gram pairs, in forward order, instead of the layer's own re-fit
+GramObserver = Callable[[str, list[GramStats]], None]
+
+
 class _LayerFit:
     """Accumulates one layer's Gram pair from ``(pruned input, dense input)`` batches and re-fits it."""
 
@@ -253,29 +294,21 @@ class _LayerFit:
         targets: dict[str, str | None],
         keep: dict[str, torch.Tensor],
         report: ReconstructReport,
+        observer: GramObserver | None = None,
     ) -> None:
         self.pruned, self.dense, self.step, self.nm = pruned, dense, step, nm
         self.targets, self.keep, self.report = targets, keep, report
+        self.observer = observer
         self.bar: Any = None  # a progress bar over the layers (with the time left), when asked for
 
     def __call__(self, name: str, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         t = self.targets.get(name)
         layer, dense_layer = self.pruned.get_submodule(name), self.dense.get_submodule(name)
-        g = getattr(layer, "groups", 1)  # a grouped conv is g independent problems: one Gram pair each
-        grams = [GramStats(t is not None) for _ in range(g)]
-        og, dg = layer.weight.shape[0] // g, layer.weight[0].numel()
-        for i, (xp, xd) in enumerate(pairs):
-            yd = dense_layer(xd)
-            if i == 0:  # the patches must be what the layer really multiplies (padding inside its forward)
-                check_patches(name, dense_layer, xd, yd)
-            p, y = input_patches(layer, xp), output_rows(layer, yd)
-            for gi, gram in enumerate(grams):
-                gram.add(p[:, gi * dg : (gi + 1) * dg] if g > 1 else p, y[:, gi * og : (gi + 1) * og] if g > 1 else y)
-        keep = self.keep[name].clone()
-        for gi, gram in enumerate(grams):
-            rows = slice(gi * og, (gi + 1) * og) if g > 1 else slice(None)
-            keep[rows] = fit_layer(name, self.pruned, dense_layer, gram, keep, self.step, t, self.nm, rows)
-        self.keep[name] = keep
+        grams = layer_grams(name, layer, dense_layer, pairs, t is not None)
+        if self.observer is not None:  # the observer decides what the layer becomes
+            self.observer(name, grams)
+        else:
+            self.keep[name] = fit_groups(name, self.pruned, dense_layer, grams, self.keep[name], self.step, t, self.nm)
         if self.bar is not None:
             self.bar.update(1)
         self.report.fitted.append(name)
@@ -315,12 +348,14 @@ def reconstruct(
     max_cache_bytes: float = 3e9,
     staged: bool = True,
     progress: bool = False,
+    observer: GramObserver | None = None,
 ) -> ReconstructReport:
     """Re-fit the kept weights of ``layers`` of ``pruned`` (in place), in forward order.
 
     ``masks``: keep-masks per layer (default: the pruned weights' non-zeros). ``nm``: the N:M
     pattern the masks follow, so ``obs`` re-selects within the same groups. Returns the report
-    with the final keep-masks (``obs`` changes them; ``lsq`` keeps them).
+    with the final keep-masks (``obs`` changes them; ``lsq`` keeps them). ``observer``: called with each
+    layer's Gram pairs instead of its re-fit (it may write the layer itself: the level database does).
     """
     report = ReconstructReport()
     targets = bias_targets(dense)  # traced in the caller's train/eval mode, before the switch below
@@ -337,7 +372,7 @@ def reconstruct(
         )
         for n in layers
     }
-    fit = _LayerFit(pruned, dense, step, nm, targets, keep, report)
+    fit = _LayerFit(pruned, dense, step, nm, targets, keep, report, observer)
     fit.bar = bar(total=len(todo), desc=f"{step.method} reconstruction", unit="layer", disable=not progress)
     was_d, was_p = dense.training, pruned.training
     dense.eval()
@@ -353,76 +388,3 @@ def reconstruct(
         pruned.train(was_p)
     report.masks = keep
     return report
-
-
-def _parse_options(method: str, opts: list[str], part: str, text: str) -> ReconstructStep:
-    damp, block, solve = DEFAULT_DAMP, DEFAULT_OBS_BLOCK, "auto"
-    for o in opts:
-        key, _, val = o.partition("=")
-        try:
-            if key == "damp":
-                damp = float(val)
-                if not damp >= 0 or damp == float("inf"):
-                    raise ValueError
-            elif key == "block" and method == "obs":
-                block = int(val)
-                if block < 1:
-                    raise ValueError
-            elif key == "solve" and val in SOLVES:
-                solve = val
-            else:
-                allowed = "damp=X" + (", block=B" if method == "obs" else "") + f" or solve={'|'.join(SOLVES)}"
-                raise UserError(
-                    f"unknown option {o!r} in repair step {part!r}: use {allowed} (e.g. {method}:damp=0.01)"
-                )
-        except ValueError:
-            raise UserError(
-                f"bad value in {o!r} of repair step {part!r} (in --repair {text!r}): damp is a "
-                "number >= 0, block a positive integer"
-            )
-    return ReconstructStep(method, damp, block, solve)
-
-
-@register
-class Reconstruction(StepKind):
-    """``lsq``/``obs``: re-fit the kept weights of every Conv2d/Linear layer against the dense model."""
-
-    methods = RECONSTRUCT_METHODS
-    usage = ", ".join(RECONSTRUCT_METHODS)
-    usage_rank = 1
-    rewrites_weights = True
-
-    def owns(self, step) -> bool:
-        return isinstance(step, ReconstructStep)
-
-    def chooses_masks(self, step: ReconstructStep) -> bool:
-        return step.method == "obs"
-
-    def parse(self, part: str, text: str) -> ReconstructStep | None:
-        head, *opts = part.split(":")
-        return _parse_options(head, opts, part, text) if head in RECONSTRUCT_METHODS else None
-
-    def apply(self, step: ReconstructStep, pruned: nn.Module, ctx: StepContext) -> None:
-        ref = ctx.dense if ctx.dense is not None else (ctx.cache.dense if ctx.cache is not None else None)
-        if ref is None:
-            raise ValueError("reconstruction repair needs the dense model or a DenseSiteCache")
-        layers = [n for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        rec = reconstruct(
-            pruned,
-            ref,
-            ctx.batches,
-            layers,
-            step,
-            masks=ctx.masks,
-            nm=ctx.nm,
-            device=ctx.device,
-            staged=ctx.staged,
-            progress=ctx.progress,
-        )
-        ctx.masks = {n: rec.masks[n] for n in (ctx.masks or rec.masks)}
-        report = ctx.report
-        report.masks = ctx.masks
-        report.reconstructed = rec.fitted
-        report.swept = [n for n in rec.fitted if step.sweeps(pruned.get_submodule(n))]
-        report.skipped.update(rec.skipped)
-        report.calib_passes += rec.passes

@@ -242,26 +242,40 @@ def damping(H: torch.Tensor, damp: float, n_weight_cols: int) -> float:
 def solve_kept(H: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
     """Per row ``i``: ``x_K = (H_KK + lam I)^-1 rhs_i,K`` with ``K = keep[i]``, zeros elsewhere.
 
-    Batched over rows by masking: ``A_i = M (H + lam I) M + (I - M)`` is ``H_KK + lam I`` on the kept
-    block and the identity on the pruned one. Cholesky first; rows whose block is singular are
-    solved by least squares (minimum-norm), so dead inputs never crash the solve.
+    Batched over rows on their kept columns only: each row's ``H_KK + lam I`` is gathered into a
+    ``k x k`` block (``k`` the largest kept count of the chunk, shorter rows padded with the identity),
+    so a row at sparsity ``s`` costs ``((1 - s) d)^3 / 3``, not ``d^3 / 3``. Cholesky first; rows whose
+    block is singular are solved by least squares (minimum-norm), so dead inputs never crash the solve.
     """
     rows, d = rhs.shape
     out = torch.zeros_like(rhs, dtype=torch.float64)
     Hl = H.double() + lam * torch.eye(d, dtype=torch.float64, device=H.device)
-    chunk = max(1, int(SOLVE_BYTES // (8 * d * d)))
+    counts = keep.sum(1)
+    # rows in order of their kept counts, so each chunk pads little
+    order = torch.argsort(counts, stable=True)
+    kmax_all = int(counts.max()) if rows else 0
+    chunk = max(1, int(SOLVE_BYTES // (8 * max(kmax_all, 1) ** 2)))
     for r0 in range(0, rows, chunk):
-        m = keep[r0 : r0 + chunk].to(torch.float64)  # (r, d)
-        A = Hl.expand(len(m), d, d).clone()  # in place below: one (r, d, d) buffer
-        A.mul_(m[:, :, None]).mul_(m[:, None, :])
-        A.diagonal(dim1=1, dim2=2).add_(1.0 - m)
-        b = (m * rhs[r0 : r0 + chunk].double()).unsqueeze(-1)
+        sel = order[r0 : r0 + chunk]
+        k = int(counts[sel].max())
+        if k == 0:
+            continue
+        # kept columns first (in column order), then padding: a stable sort of ~keep
+        idx = torch.argsort((~keep[sel]).to(torch.int8), dim=1, stable=True)[:, :k]
+        v = torch.arange(k, device=keep.device)[None, :] < counts[sel][:, None]  # (r, k) real columns
+        vf = v.to(torch.float64)
+        A = Hl[idx[:, :, None], idx[:, None, :]]
+        A.mul_(vf[:, :, None]).mul_(vf[:, None, :])
+        A.diagonal(dim1=1, dim2=2).add_(1.0 - vf)
+        b = (vf * torch.gather(rhs[sel].double(), 1, idx)).unsqueeze(-1)
         L, info = torch.linalg.cholesky_ex(A)
         x = torch.cholesky_solve(b, L)
         bad = info != 0
         if bad.any():
             x[bad] = torch.linalg.lstsq(A[bad].cpu(), b[bad].cpu(), driver="gelsd").solution.to(x)
-        out[r0 : r0 + chunk] = x.squeeze(-1) * m
+        block = torch.zeros(len(sel), d, dtype=torch.float64, device=out.device)
+        block.scatter_add_(1, idx, x.squeeze(-1) * vf)  # padded entries add 0
+        out[sel] = block
         del A, L
     return out
 
