@@ -222,9 +222,7 @@ def _entry(
     if target == "bias":
         move = layer.bias.detach().to("cpu", mdtype).clone()
     elif target:
-        move = (dense.get_submodule(target).running_mean - model.get_submodule(target).running_mean).to(
-            "cpu", mdtype
-        )
+        move = (dense.get_submodule(target).running_mean - model.get_submodule(target).running_mean).to("cpu", mdtype)
     else:
         move = None
     return bits, values, move
