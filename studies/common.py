@@ -18,7 +18,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rr_alloc.config import RunConfig, load_config_file  # noqa: E402
+from rr_alloc.config import RunConfig  # noqa: E402
+from rr_alloc.config_file import load_config_file  # noqa: E402
 from rr_alloc.errors import UserError  # noqa: E402
 from rr_alloc.runtime import tune_malloc  # noqa: E402
 

@@ -78,6 +78,9 @@ def part_rules(args) -> None:
         log(f"{rule}: database built in {time.perf_counter() - t0:.1f} s, {dbs[rule].meta}")
     cands = candidates(wb, dbs[args.rules[0]], budget, args.candidates, args.seeds[0])
     full_scorer = wb.evaluator.scorer(REPAIR)
+    r0 = args.rules[0]
+    staged = StitchedScorer(wb.evaluator, REPAIR, dbs[r0])
+    base = staged.score_levels(staged.db_levels(dbs[r0].levels_of(glob)))  # global magnitude's stage means
     t_full = t_stitched = 0.0
     for c, lv in enumerate(cands):
         counts = {name: int(dbs[args.rules[0]].counts[name][v]) for name, v in zip(names, lv)}
@@ -90,9 +93,13 @@ def part_rules(args) -> None:
             sc = StitchedScorer(wb.evaluator, REPAIR, db)
             levels = sc.db_levels({name: db.level_of(name, counts[name]) for name in names})
             t0 = time.perf_counter()
-            row[rule] = sc.score_levels(levels).full
-            if rule == args.rules[0]:
+            r = sc.score_levels(levels)
+            row[rule] = r.full
+            if rule == r0:
                 t_stitched += time.perf_counter() - t0
+                for i, m in enumerate(r.stages):  # does stage i decide as the full score does (vs global)?
+                    row[f"stage{i + 1}_beats_global"] = m <= base.stages[i]
+                row["full_beats_global"] = r.full <= base.full
                 half = _half(db)
                 row[f"{rule}_fp16"] = StitchedScorer(wb.evaluator, REPAIR, half).score_levels(levels).full
         rows.append(row)
@@ -120,7 +127,12 @@ def part_rules(args) -> None:
             f"| {rule} | {rho:.3f} | {err:.4f} | {m['build_seconds']:.1f} | {m['levels']} | {m['passes']} | "
             f"{m['megabytes']:.1f} |"
         )
-    r0 = args.rules[0]
+    stage_lines = []
+    for i, size in enumerate(staged.sizes):
+        col = df[f"stage{i + 1}_beats_global"]
+        agree = float((col == df.full_beats_global).mean())
+        lost = int((~col & df.full_beats_global).sum())
+        stage_lines.append(f"| {size} | {agree:.2f} | {lost} of {int(df.full_beats_global.sum())} |")
     rho16 = stats.spearmanr(df[f"{r0}_fp16"], df[r0]).statistic
     d16 = float((df[f"{r0}_fp16"] - df[r0]).abs().max())
     lines += [
@@ -130,6 +142,14 @@ def part_rules(args) -> None:
         f"Speed at equal selection size (1024 images): a full `obs`-in-the-loop candidate {t_full / n:.1f} s, "
         f"a stitched candidate {t_stitched / n:.1f} s: **{t_full / max(t_stitched, 1e-9):.1f}x** "
         f"(same run). Database build ({r0} rule): {dbs[r0].meta['build_seconds']:.1f} s.",
+        "",
+        f"Staged selection ({r0} rule, candidate against global magnitude on the same images): how often a stage's "
+        "decision equals the full split's, and the candidates that beat global magnitude on all 1024 images but "
+        "a stage would have stopped.",
+        "",
+        "| stage images | agrees with full | better in full, stopped |",
+        "|---|---|---|",
+        *stage_lines,
     ]
     write_text_atomic(OUT / f"rules_{model}.md", "\n".join(lines) + "\n")
     log("\n".join(lines))

@@ -132,7 +132,7 @@ def test_checkpoint_wrappers_and_prefixes(tmp_path, wrap):
 
 
 def test_config_expands_environment_variables(tmp_path, monkeypatch):
-    from rr_alloc.config import load_config_file
+    from rr_alloc.config_file import load_config_file
 
     monkeypatch.setenv("RR_TEST_ROOT", str(tmp_path))
     monkeypatch.setenv("RR_TEST_NAME", "w")

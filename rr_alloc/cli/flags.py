@@ -11,7 +11,8 @@ from dataclasses import Field
 from pathlib import Path
 from typing import Any
 
-from ..config import GROUPS, RunConfig, load_config_file, option_fields
+from ..config import GROUPS, RunConfig, option_fields
+from ..config_file import load_config_file
 from ..errors import UserError
 from ..plan import Plan
 from ..replay import check_plan_model, config_from_plan
