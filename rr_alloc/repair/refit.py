@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 DEFAULT_DAMP = 0.01
-# The exact re-fit factorises one (d+1)^2 system per output row: rows * d^3 / 3 flops. Layers above this
+# The exact re-fit factorises one system per output row on its kept columns: at most rows * d^3 / 3 flops
+# (rows * ((1 - s) d)^3 / 3 at sparsity s). Layers whose bound exceeds this
 # (ImageNet-sized convs: 512 rows x 4608 inputs is 1.6e13) get SparseGPT's sweep instead (one shared
 # factorisation, d^3 + rows d^2), which a few seconds bound; every CIFAR ResNet layer is below it
 # (64 x 577^3 / 3 = 4e9), where studies/sweep_vs_exact.py compares the two.
