@@ -1,8 +1,11 @@
 """The end-to-end search as a run: its study on a storage, the progress bar, the validation check, provenance.
 
-``SearchRunner.run`` builds the optimiser's space (``allocators.search.OptunaSearch.space``) on the
-experiment's problem, opens (or joins) its Optuna study, adds this worker's trials, and keeps the best plan
-only when it beats global magnitude on the validation split (when there is one). What it did is returned
+``SearchRunner.run`` builds the optimiser's space on the experiment's problem: under a reconstruction
+repair with ``evo``, the search over level-database levels (``allocators.level_search.LevelSpace``, scored by
+``stitched.StitchedScorer``); otherwise ``allocators.search.OptunaSearch.space``, every candidate pruned and
+repaired in full. It opens (or joins) the Optuna study, adds this worker's trials, and keeps the best plan
+only when it beats global magnitude on the validation split (when there is one), both through the full
+pipeline. What it did is returned
 as a ``SearchProvenance``, which goes into the plan.
 """
 
