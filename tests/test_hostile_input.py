@@ -127,8 +127,8 @@ def test_a_failing_profile_repair_replaces_nothing(good, tmp_path, capsys):
     out = tmp_path / "plan.json"
     out.write_text(good.read_text())
     before = out.read_bytes()
-    args = ["search", "--budget", "0.9", "--profile-repair", "obs", "--no-verify", "--allocator", "rr-greedy"]
-    assert "--profile-repair obs" in _refused(capsys, [*args, *QUICK, "--out", str(out)])
+    args = ["search", "--budget", "0.9", "--profile-repair", "asr", "--no-verify", "--allocator", "rr-greedy"]
+    assert "--profile-repair 'asr'" in _refused(capsys, [*args, *QUICK, "--out", str(out)])
     assert out.read_bytes() == before
 
 
