@@ -120,21 +120,10 @@ class LevelDatabase:
         flat = np.unpackbits(self.bits[name][level], count=w.numel()).astype(bool)
         return torch.from_numpy(flat).to(w.device).view_as(w)
 
-    @torch.no_grad()
     def write(self, model: nn.Module, dense: nn.Module, name: str, level: int) -> torch.Tensor:
         """Set ``model.<name>`` (and its bias target) to the entry at ``level``; returns its keep-mask."""
-        layer = model.get_submodule(name)
-        keep = self.keep(dense, name, level)
-        w = torch.zeros_like(layer.weight)
-        w[keep] = self.values[name][level].to(w.device, w.dtype)
-        layer.weight.copy_(w)
-        move, target = self.moves[name][level], self.targets[name]
-        if move is not None and target == "bias":
-            layer.bias.copy_(move.to(layer.bias.device, layer.bias.dtype))
-        elif move is not None and target:
-            bn, dense_bn = model.get_submodule(target), dense.get_submodule(target)
-            bn.running_mean.copy_(dense_bn.running_mean - move.to(bn.running_mean.device, bn.running_mean.dtype))
-        return keep
+        entry = self.bits[name][level], self.values[name][level], self.moves[name][level]
+        return _write_entry(model, dense, name, self.targets[name], *entry)
 
     def stitch(self, dense: nn.Module, levels: Mapping[str, int]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         """A copy of ``dense`` with every layer at its level (``levels``: layer -> level index)."""
@@ -229,9 +218,28 @@ def _entry(
 
 
 @torch.no_grad()
-def _write_entry(model, dense, name, target, bits, values, move) -> None:
-    db = LevelDatabase({name: np.zeros(1, np.int64)}, {name: [bits]}, {name: [values]}, {name: [move]}, {name: target})
-    db.write(model, dense, name, 0)
+def _write_entry(
+    model: nn.Module,
+    dense: nn.Module,
+    name: str,
+    target: str | None,
+    bits: np.ndarray,
+    values: torch.Tensor,
+    move: torch.Tensor | None,
+) -> torch.Tensor:
+    """Set ``model.<name>`` to one stored entry (and its bias or BatchNorm move); returns its keep-mask."""
+    layer = model.get_submodule(name)
+    w = torch.zeros_like(layer.weight)
+    flat = np.unpackbits(bits, count=w.numel()).astype(bool)
+    keep = torch.from_numpy(flat).to(w.device).view_as(w)
+    w[keep] = values.to(w.device, w.dtype)
+    layer.weight.copy_(w)
+    if move is not None and target == "bias":
+        layer.bias.copy_(move.to(layer.bias.device, layer.bias.dtype))
+    elif move is not None and target:
+        bn, dense_bn = model.get_submodule(target), dense.get_submodule(target)
+        bn.running_mean.copy_(dense_bn.running_mean - move.to(bn.running_mean.device, bn.running_mean.dtype))
+    return keep
 
 
 def build_database(

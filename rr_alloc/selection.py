@@ -75,9 +75,9 @@ class SelectionScorer:
         self.names = [layer.name for layer in exp.layers]
         n = exp.splits.selection.n
         self.screen_size = min(n, screen_size if screen_size else max(1, n // 4))
-        order = np.random.default_rng(int(exp.cfg.seed)).permutation(n)
-        self.screen_idx = np.sort(order[: self.screen_size])
-        self.rest_idx = np.sort(order[self.screen_size :])
+        self.order = np.random.default_rng(int(exp.cfg.seed)).permutation(n)  # the seeded screening order
+        self.screen_idx = np.sort(self.order[: self.screen_size])
+        self.rest_idx = np.sort(self.order[self.screen_size :])
         self.evaluations = 0
 
     def _counts(self, counts: Any) -> dict[str, int]:

@@ -55,10 +55,9 @@ class StitchedScorer(SelectionScorer):
         super().__init__(evaluator, repair, objective, sizes[0] if sizes else n)
         self.db = db
         self.rest = RepairPipeline(RepairPipeline.parse(repair).steps[1:])  # after the reconstruction step
-        order = np.random.default_rng(int(self.experiment.cfg.seed)).permutation(n)
         self.sizes = sizes
         bounds = (0, *sizes, n)
-        self.chunks = [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]  # nested stages
+        self.chunks = [np.sort(self.order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]  # nested stages
         self.stitched_evaluations = 0
 
     def db_levels(self, levels: Mapping[str, int]) -> dict[str, int]:

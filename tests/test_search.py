@@ -180,22 +180,7 @@ def test_study_resumes_30_plus_10(tmp_path):
 
     out = tmp_path / "plan.json"
     storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
-    args = [
-        "search",
-        "--budget",
-        "0.8",
-        "--allocator",
-        "optuna",
-        "--out",
-        str(out),
-        "--no-verify",
-        "--calib-size",
-        "64",
-        "--selection-size",
-        "64",
-        "--storage",
-        storage,
-    ]
+    args = _small_search(tmp_path, out)
     assert main(args + ["--n-trials", "30"]) == 0
     assert main(args + ["--n-trials", "10"]) == 0
     (name,) = optuna.get_all_study_names(storage)
@@ -466,28 +451,16 @@ def test_cmaes_state_is_the_same_for_every_worker_however_trials_finish():
 OBS_REPAIR = "obs>bn>naive@block+logits"
 
 
-def _level_search(tmp_path, out, *extra: str) -> list[str]:
-    return [
-        "search",
-        "--budget",
-        "0.8",
-        "--allocator",
-        "optuna",
-        "--repair",
-        OBS_REPAIR,
-        "--out",
-        str(out),
-        "--no-verify",
-        "--calib-size",
-        "64",
-        "--selection-size",
-        "64",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--storage",
-        f"sqlite:///{(tmp_path / 'optuna.db').resolve()}",
-        *extra,
+def _small_search(tmp_path, out, *extra: str) -> list[str]:
+    """A search at 0.8 on 64 + 64 digits images, its study in SQLite under ``tmp_path``, no verification."""
+    storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
+    return ["search", "--budget", "0.8", "--allocator", "optuna", "--out", str(out), "--no-verify"] + [
+        *("--calib-size", "64", "--selection-size", "64", "--storage", storage, *extra)
     ]
+
+
+def _level_search(tmp_path, out, *extra: str) -> list[str]:
+    return _small_search(tmp_path, out, "--repair", OBS_REPAIR, "--cache-dir", str(tmp_path / "cache"), *extra)
 
 
 def test_level_search_meets_budget_reads_cached_database_and_resumes(tmp_path):
