@@ -130,3 +130,14 @@ def test_safetensors_checkpoints_load_and_a_corrupt_one_is_one_line(tmp_path, ca
     bad.write_bytes(ck.read_bytes()[:1000])
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--checkpoint", str(bad))
     assert "as safetensors" in err and "corrupt or truncated" in err
+
+
+def test_random_weights_are_the_same_in_every_build_and_leave_the_callers_random_state():
+    from rr_alloc.models import build_model
+
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a, b = build_model("resnet18", 10), build_model("resnet18", 10)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k

@@ -5,6 +5,10 @@ A model is named by
 - a torchvision classification model (``resnet18`` or ``torchvision:resnet18``),
 - or the user's own ``package.module:factory`` (importing it runs the user's code,
   which is exactly what naming it asks for).
+
+Weights a model draws at random (no checkpoint, no ``--pretrained``) come from a fixed seed
+(``INIT_SEED``), so the same name gives the same model in every run, and ``verify``/``apply`` rebuild
+the model a plan was made on; the caller's random state is left as it was.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import UserError
@@ -26,6 +31,7 @@ from .timm_source import timm_model, timm_transform
 
 __all__ = ["ZooEntry", "ZOO", "build_model", "list_models", "default_transform"]
 
+INIT_SEED = 0
 CIFAR_TRANSFORM = TransformSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 IMAGENET_TRANSFORM = TransformSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=256, crop=224)
 
@@ -106,7 +112,13 @@ def default_transform(name: str, pretrained: bool = False, model: nn.Module | No
 def build_model(
     name: str, num_classes: int | None = None, pretrained: bool = False, cache_dir: str | None = None
 ) -> nn.Module:
-    """Instantiate a model by name (see module docstring). Weights: zoo default or random."""
+    """Instantiate a model by name (see module docstring). Weights: zoo default, or random from ``INIT_SEED``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        return _build(name, num_classes, pretrained, cache_dir)
+
+
+def _build(name: str, num_classes: int | None, pretrained: bool, cache_dir: str | None) -> nn.Module:
     if name in ZOO:
         if pretrained and name != "digits_resnet":
             raise UserError(f"--pretrained: {name} has no downloadable weights: pass --checkpoint FILE instead")
@@ -134,8 +146,6 @@ def build_model(
             kw["num_classes"] = num_classes
         if not pretrained:
             return torchvision.models.get_model(tv, weights=None, **kw)
-        import torch
-
         # the download goes to torch's hub folder: one it had to create is removed again if it fails
         with removing_new_folders(Path(torch.hub.get_dir()) / "checkpoints"):
             return torchvision.models.get_model(tv, weights="DEFAULT", **kw)
