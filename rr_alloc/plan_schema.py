@@ -130,6 +130,11 @@ PLAN_SCHEMA: dict[str, Any] = {
                     "description": "layers re-fitted by SparseGPT's sweep (above the exact re-fit's budget)",
                     "items": _TEXT,
                 },
+                "repair_path": {
+                    **_TEXT,
+                    "description": "how the reconstruction reached its layers: one lockstep pass, or per-layer "
+                    "partial passes (a model torch.fx cannot trace, or activations above the memory cap)",
+                },
             },
         },
         "search": {

@@ -86,5 +86,7 @@ def search(
             verify_info["repair_left"] = dict(report.skipped)
         if report is not None and report.swept:
             verify_info["repair_swept"] = list(report.swept)
+        if report is not None and report.path:
+            verify_info["repair_path"] = report.path
     plan = wb.make_plan(counts, budget, allocator, cfg.repair, verify_info)
     return plan, wb

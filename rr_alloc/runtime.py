@@ -19,7 +19,7 @@ import ctypes
 import os
 import sys
 
-__all__ = ["tune_malloc"]
+__all__ = ["available_memory_bytes", "tune_malloc"]
 
 _M_TRIM_THRESHOLD = -1  # <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -48,3 +48,24 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
     # trim threshold first: with it at 2x the mmap threshold freed heap tops are kept, not returned
     _applied = bool(mallopt(_M_TRIM_THRESHOLD, min(2 * threshold, 2**31 - 1)) and mallopt(_M_MMAP_THRESHOLD, threshold))
     return _applied
+
+
+def available_memory_bytes(device: object = "cpu") -> float:
+    """Memory free for new tensors now: the GPU's free memory for a CUDA device, else the kernel's
+    ``MemAvailable`` (what can be allocated without swapping), else free physical pages."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return float(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a modest machine
+        return 8e9

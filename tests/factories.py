@@ -134,3 +134,18 @@ class AllConvNet(nn.Module):
 
 def all_conv_net(num_classes: int = 10) -> nn.Module:
     return AllConvNet(num_classes)
+
+
+def reflect_padded_cnn(num_classes: int = 10) -> nn.Module:
+    """A CNN whose second conv pads by reflection (a layer the reconstruction does not re-fit)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .channel import CHANNEL_METHODS, DenseSiteCache, RepairStep
-from .propagate import site_moments
+from .propagate import activation_cap, site_moments
 from .reconstruct import ReconstructStep
 from .reconstruct_kind import Reconstruction  # noqa: F401  (registers the lsq/obs kind)
 from .steps import RepairReport, StepContext, kind_of, parse_step
@@ -80,7 +80,7 @@ def run_repair(
     device: torch.device | str = "cpu",
     cache: DenseSiteCache | None = None,
     staged: bool = True,
-    max_cache_bytes: float = 4e9,
+    max_cache_bytes: float | None = None,
     masks: dict[str, torch.Tensor] | None = None,
     nm: tuple[int, int] | None = None,
     optional_sites: bool = False,
@@ -91,7 +91,8 @@ def run_repair(
     Channel steps need the dense model (or a ``DenseSiteCache`` built on it) for
     the target statistics. With ``staged`` (default) a channel step runs as one
     pass over the calibration set (see ``propagate.py``); models that ``torch.fx``
-    cannot trace, or whose cached activations would exceed ``max_cache_bytes``,
+    cannot trace, or whose cached activations would exceed ``max_cache_bytes``
+    (default ``activation_cap(device)``: a share of the memory free now),
     fall back to one partial forward per site. Reconstruction steps (``lsq``,
     ``obs``) re-fit every Conv2d/Linear layer against the dense model; ``masks``
     (keep-masks, default: the non-zero weights) and ``nm`` (the N:M pattern
@@ -110,7 +111,7 @@ def run_repair(
         masks=masks,
         nm=nm,
         staged=staged,
-        max_cache_bytes=max_cache_bytes,
+        max_cache_bytes=activation_cap(device) if max_cache_bytes is None else max_cache_bytes,
         optional_sites=optional_sites,
         progress=progress,
     )

@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..hooks import forward_hooks
+from ..runtime import available_memory_bytes
 from ..stats import ChannelMoments, as_bcx
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ __all__ = [
     "trace",
     "StopForward",
     "CacheTooLarge",
+    "ACTIVATION_SHARE",
+    "activation_cap",
     "cache_bytes",
     "StagedRunner",
     "Lockstep",
@@ -90,6 +93,17 @@ class CacheTooLarge(Exception):
     """The cached activations would exceed the memory limit: use partial passes."""
 
 
+# Share of the memory free at the start of a repair that its cached activations may take: the rest is for
+# the two models, the Gram matrices and the pruned forward's temporaries (peaks measured at about twice the
+# cache on ResNet-50, studies/bench_imagenet_scale.py). Above it the repair takes partial passes.
+ACTIVATION_SHARE = 0.4
+
+
+def activation_cap(device: torch.device | str = "cpu") -> float:
+    """Bytes of activations a repair may cache on ``device``: ``ACTIVATION_SHARE`` of its free memory now."""
+    return ACTIVATION_SHARE * available_memory_bytes(device)
+
+
 def cache_bytes(envs: Iterable[Env]) -> int:
     """Bytes held by the tensors of node-by-node environments."""
     return sum(v.numel() * v.element_size() for env in envs for v in env.values() if isinstance(v, torch.Tensor))
@@ -98,7 +112,11 @@ def cache_bytes(envs: Iterable[Env]) -> int:
 def _check_cache(envs: Iterable[Env], max_bytes: float) -> None:
     total = cache_bytes(envs)
     if total > max_bytes:
-        raise CacheTooLarge(f"{total / 1e9:.1f} GB of cached activations")
+        raise CacheTooLarge(f"{_size(total)} of cached activations, above the cap of {_size(max_bytes)}")
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 class _NodeSequence:
@@ -230,7 +248,9 @@ class Lockstep:
         """Per layer in graph order: its name and its ``(pruned input, dense input)`` per batch.
 
         Consume each layer's pairs, and change that layer, before asking for the next layer.
-        The pairs raise ``CacheTooLarge`` after the last batch when the cache exceeds the cap.
+        The pairs raise ``CacheTooLarge`` as soon as the cache exceeds the cap (checked after every batch,
+        so memory never grows far past it), before the layer's last pair: the layer is left to the caller's
+        partial passes.
         """
         d, p = self.d, self.p
         id_, ip = fx.Interpreter(d.gm), fx.Interpreter(p.gm)
@@ -246,8 +266,8 @@ class Lockstep:
                 for ed, ep in zip(env_d, env_p):
                     d.advance(id_, ed, start, stop)
                     p.advance(ip, ep, start, stop)
+                    _check_cache(env_d + env_p, max_cache_bytes)
                     yield ep[arg_p], ed[arg_d]
-                _check_cache(env_d + env_p, max_cache_bytes)
 
             yield name, pairs()
             pos = stop

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from ..progress import bar
-from .propagate import CacheTooLarge, Lockstep, call_order, layer_inputs, trace
+from .propagate import CacheTooLarge, Lockstep, activation_cap, call_order, layer_inputs, trace
 from .refit import (
     DEFAULT_DAMP,
     DEFAULT_OBS_BLOCK,
@@ -322,14 +322,16 @@ def _lockstep(
     report = fit.report
     runner, report.untraced = Lockstep.build(fit.dense, fit.pruned, todo) if staged and todo else (None, "")
     if runner is None:
-        report.path = "per-layer passes"
+        report.path = f"per-layer passes ({report.untraced})" if report.untraced else "per-layer passes"
         return []
     report.path = "lockstep"
     try:
         for name, pairs in runner.layers(batches, todo, device, max_cache_bytes):
             fit(name, pairs)
-    except CacheTooLarge:
-        report.path = "lockstep, then per-layer passes (memory cap)"
+    except CacheTooLarge as e:
+        rest = len(todo) - len(report.fitted)
+        report.path = f"lockstep, then per-layer passes for the last {rest} layers (memory cap: {e})"
+        print(f"note: reconstruction: {report.path}", flush=True)
         return list(report.fitted)
     report.passes += 2.0
     return list(report.fitted)
@@ -345,7 +347,7 @@ def reconstruct(
     masks: dict[str, torch.Tensor] | None = None,
     nm: tuple[int, int] | None = None,
     device: torch.device | str = "cpu",
-    max_cache_bytes: float = 3e9,
+    max_cache_bytes: float | None = None,
     staged: bool = True,
     progress: bool = False,
     observer: GramObserver | None = None,
@@ -356,6 +358,8 @@ def reconstruct(
     pattern the masks follow, so ``obs`` re-selects within the same groups. Returns the report
     with the final keep-masks (``obs`` changes them; ``lsq`` keeps them). ``observer``: called with each
     layer's Gram pairs instead of its re-fit (it may write the layer itself: the level database does).
+    ``max_cache_bytes``: above it the activations of the lockstep pass give way to per-layer partial passes
+    (default ``activation_cap(device)``, a share of the memory free now).
     """
     report = ReconstructReport()
     targets = bias_targets(dense)  # traced in the caller's train/eval mode, before the switch below
@@ -378,7 +382,8 @@ def reconstruct(
     dense.eval()
     pruned.eval()
     try:
-        done = _lockstep(fit, batches, todo, device, max_cache_bytes, staged)
+        cap = activation_cap(device) if max_cache_bytes is None else max_cache_bytes
+        done = _lockstep(fit, batches, todo, device, cap, staged)
         for name in [n for n in call_order(dense, todo, batches, device) if n not in done]:
             fit(name, layer_inputs(pruned, dense, name, batches, device))
             report.passes += 2.0

@@ -74,6 +74,7 @@ class Reconstruction(StepKind):
             nm=ctx.nm,
             device=ctx.device,
             staged=ctx.staged,
+            max_cache_bytes=ctx.max_cache_bytes,
             progress=ctx.progress,
         )
         ctx.masks = {n: rec.masks[n] for n in (ctx.masks or rec.masks)}
@@ -82,4 +83,5 @@ class Reconstruction(StepKind):
         report.reconstructed = rec.fitted
         report.swept = [n for n in rec.fitted if step.sweeps(pruned.get_submodule(n))]
         report.skipped.update(rec.skipped)
+        report.path = rec.path
         report.calib_passes += rec.passes

@@ -31,6 +31,7 @@ class RepairReport:
     reconstructed: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # layer -> why reconstruction skipped it
     swept: list[str] = field(default_factory=list)  # layers re-fitted by the sweep, not the exact solve
+    path: str = ""  # how a reconstruction reached its layers: lockstep, or per-layer passes (and why)
 
     @property
     def affine_sites(self) -> list[str]:
@@ -49,7 +50,7 @@ class StepContext:
     masks: dict[str, torch.Tensor] | None = None  # keep-masks; a step that chooses masks replaces them
     nm: tuple[int, int] | None = None  # the N:M pattern the masks follow
     staged: bool = True  # node-by-node propagation where the model traces (propagate.py)
-    max_cache_bytes: float = 4e9  # cap on the activations a channel step caches
+    max_cache_bytes: float = 4e9  # cap on the activations a step caches (run_repair: activation_cap)
     optional_sites: bool = False  # a channel step whose sites the model lacks is skipped, not refused
     progress: bool = False  # long steps (the reconstruction) show a bar with the time left
 

@@ -1,0 +1,68 @@
+"""Runs that meet the limits of a machine or a model: activations above the free memory, an interrupt in
+the middle of a reconstruction, a layer the reconstruction cannot re-fit."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+import rr_alloc.repair.propagate as propagate
+from rr_alloc.cli import main
+
+reconstruct_mod = importlib.import_module("rr_alloc.repair.reconstruct")  # the package exports a function of that name
+
+OBS = "obs>bn>naive@block+logits"
+
+
+def _search(out: Path, factory: str = "tiny_digits_cnn", *extra: str) -> list[str]:
+    return [
+        *("search", "--budget", "0.8", "--model", f"factories:{factory}", "--repair", OBS),
+        *("--calib-size", "64", "--selection-size", "32", "--eval-size", "64", "--out", str(out), *extra),
+    ]
+
+
+def test_activations_above_the_free_memory_take_partial_passes_with_the_same_result(tmp_path, capsys, monkeypatch):
+    assert main(_search(tmp_path / "lockstep.json")) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    monkeypatch.setattr(propagate, "available_memory_bytes", lambda device="cpu": 1e3)  # a 400-byte cap
+    assert main(_search(tmp_path / "partial.json")) == 0, capsys.readouterr().err
+    assert "note: reconstruction: lockstep, then per-layer passes" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("lockstep.json", "partial.json"))
+    assert a["verify"]["repair_path"] == "lockstep"
+    assert "memory cap" in b["verify"]["repair_path"]
+    assert [x["n_pruned"] for x in a["layers"]] == [x["n_pruned"] for x in b["layers"]]
+    for key in ("top1", "agreement", "kl"):
+        assert b["verify"][key] == pytest.approx(a["verify"][key], rel=1e-4, abs=1e-6)
+
+
+def test_an_interrupt_during_the_reconstruction_leaves_the_old_plan(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "plan.json"
+    assert main(_search(out)) == 0, capsys.readouterr().err
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}  # the plan and its side files
+    fit, calls = reconstruct_mod.fit_groups, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C with one layer re-fitted
+            raise KeyboardInterrupt
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruct_mod, "fit_groups", interrupted)
+    capsys.readouterr()
+    assert main(_search(out)) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
+    assert len(calls) == 2
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing replaced, nothing added
+
+
+def test_a_layer_the_reconstruction_cannot_refit_is_named_in_the_plan(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(_search(out, "reflect_padded_cnn")) == 0, capsys.readouterr().err
+    plan = json.loads(out.read_text())
+    left = plan["verify"]["repair_left"]
+    assert list(left) == ["3"] and "padding_mode='reflect'" in left["3"]
+    pruned = sum(x["n_pruned"] for x in plan["layers"])
+    assert pruned == round(0.8 * sum(x["n_weights"] for x in plan["layers"]))
