@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Metrics", "logits_of", "compare_logits", "wilson_interval"]
+__all__ = ["Metrics", "logits_of", "per_image", "compare_logits", "wilson_interval"]
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,19 @@ def logits_of(
     return torch.cat(outs), torch.cat(ys)
 
 
-def compare_logits(logits: torch.Tensor, labels: torch.Tensor, dense_logits: torch.Tensor) -> Metrics:
-    """Metrics of ``logits`` against ``labels`` and the dense model's logits on the same images."""
-    pred = logits.argmax(1)
-    top1 = float((pred == labels).double().mean())
-    agree = float((pred == dense_logits.argmax(1)).double().mean())
+def per_image(logits: torch.Tensor, dense_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: agreement with the dense model's top-1 (0/1) and KL(p_dense || p_model) in nats (float64)."""
+    agree = (logits.argmax(1) == dense_logits.argmax(1)).double()
     logp_d = F.log_softmax(dense_logits.double(), 1)
     logp = F.log_softmax(logits.double(), 1)
-    kl = float((logp_d.exp() * (logp_d - logp)).sum(1).mean())
-    return Metrics(top1, agree, kl, len(labels))
+    return agree, (logp_d.exp() * (logp_d - logp)).sum(1)
+
+
+def compare_logits(logits: torch.Tensor, labels: torch.Tensor, dense_logits: torch.Tensor) -> Metrics:
+    """Metrics of ``logits`` against ``labels`` and the dense model's logits on the same images."""
+    top1 = float((logits.argmax(1) == labels).double().mean())
+    agree, kl = per_image(logits, dense_logits)
+    return Metrics(top1, float(agree.mean()), float(kl.mean()), len(labels))
 
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:

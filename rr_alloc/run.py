@@ -82,11 +82,7 @@ def search(
         ref_counts = wb.allocate(ref_name, budget)
         ref = wb.verify(ref_counts, cfg.repair)
         verify_info = verify_block(wb, m, ref, ref_name, wb.achieved(ref_counts), cfg.repair)
-        if report is not None and report.skipped:  # layers the repair left as they were, and why
-            verify_info["repair_left"] = dict(report.skipped)
-        if report is not None and report.swept:
-            verify_info["repair_swept"] = list(report.swept)
-        if report is not None and report.path:
-            verify_info["repair_path"] = report.path
+        if report is not None:
+            verify_info.update(report.plan_fields())
     plan = wb.make_plan(counts, budget, allocator, cfg.repair, verify_info)
     return plan, wb

@@ -40,7 +40,7 @@ from common import ROOT, machine, run_main, shared_dir
 from efficientnet_lite1 import TRANSFORM
 
 from rr_alloc.config import RunConfig
-from rr_alloc.evaluate import logits_of
+from rr_alloc.evaluate import logits_of, per_image
 from rr_alloc.io_utils import write_text_atomic
 from rr_alloc.report import write_frame_csv
 from rr_alloc.workbench import Workbench
@@ -65,14 +65,6 @@ def log(out: Path, msg: str) -> None:
     print(msg, flush=True)
     with open(out / "run.log", "a") as f:
         f.write(msg + "\n")
-
-
-def per_image(logits: torch.Tensor, dense: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image agreement with the dense top-1 (0/1) and KL(p_dense || p_model) in nats."""
-    agree = (logits.argmax(1) == dense.argmax(1)).double()
-    lp_d, lp = F.log_softmax(dense.double(), 1), F.log_softmax(logits.double(), 1)
-    kl = (lp_d.exp() * (lp_d - lp)).sum(1)
-    return agree.numpy(), kl.numpy()
 
 
 def write_dense_stats(dense: torch.Tensor, out: Path) -> None:
@@ -139,7 +131,7 @@ def run(args: argparse.Namespace, out: Path) -> pd.DataFrame:
                 t0 = time.perf_counter()
                 pruned, _ = wb.repaired_model(counts, REPAIRS[rname])
                 t_repair = time.perf_counter() - t0
-                agree, kl = per_image(logits_of(pruned, wb.split("test"), wb.device)[0], dense)
+                agree, kl = (t.numpy() for t in per_image(logits_of(pruned, wb.split("test"), wb.device)[0], dense))
                 row = {"sparsity": s, "plan": plan, "repair": rname, "seed": args.seed, "n": len(kl)}
                 row.update(agreement=agree.mean(), agreement_sd=agree.std(ddof=1), kl=kl.mean(), kl_sd=kl.std(ddof=1))
                 row.update(repair_seconds=t_repair, achieved=wb.achieved(counts))

@@ -33,6 +33,11 @@ class RepairReport:
     swept: list[str] = field(default_factory=list)  # layers re-fitted by the sweep, not the exact solve
     path: str = ""  # how a reconstruction reached its layers: lockstep, or per-layer passes (and why)
 
+    def plan_fields(self) -> dict[str, Any]:
+        """What a plan's ``verify`` block records of this repair: layers left, swept, and the path taken."""
+        fields = {"repair_left": dict(self.skipped), "repair_swept": list(self.swept), "repair_path": self.path}
+        return {k: v for k, v in fields.items() if v}
+
     @property
     def affine_sites(self) -> list[str]:
         return sorted({c["site"] for c in self.corrections if c["placement"] == "affine"})
