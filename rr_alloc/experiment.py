@@ -64,7 +64,7 @@ class Experiment:
             torch.set_num_threads(cfg.threads)
         self.grid = validate_grid(cfg.grid, cfg.s_max)
         self.cache_dir = usable_cache_dir(cfg.cache_dir)
-        self.dense = build_model(cfg.model, cfg.num_classes, cfg.pretrained, cache_dir=str(self.cache_dir))
+        self.dense = build_model(cfg.model, cfg.num_classes, cfg.pretrained)
         if cfg.checkpoint:
             load_checkpoint(self.dense, cfg.checkpoint, map_location="cpu")
         self.dense = self.dense.to(self.device).eval()

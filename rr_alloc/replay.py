@@ -8,7 +8,6 @@ from typing import Any
 
 from torch import nn
 
-from .cache import usable_cache_dir
 from .config import RunConfig
 from .errors import UserError
 from .io_utils import sha256_file
@@ -102,7 +101,7 @@ def model_from_plan(plan: Plan, cfg: RunConfig) -> nn.Module:
     """The plan's dense model (checkpoint hash checked), without loading any data."""
     if cfg.checkpoint == plan.source.get("checkpoint"):
         check_checkpoint_hash(plan)
-    model = build_model(cfg.model, cfg.num_classes, cfg.pretrained, cache_dir=str(usable_cache_dir(cfg.cache_dir)))
+    model = build_model(cfg.model, cfg.num_classes, cfg.pretrained)
     if cfg.checkpoint:
         load_checkpoint(model, cfg.checkpoint)
     model = model.eval()

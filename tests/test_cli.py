@@ -223,7 +223,7 @@ def test_flop_budget_is_named_in_plan(tmp_path):
     from rr_alloc.models.digits import pretrained_digits_resnet
     from rr_alloc.workbench import layer_macs
 
-    model = pretrained_digits_resnet(verbose=False)
+    model = pretrained_digits_resnet()
     layers = prunable_layers(model)
     a = layer_macs(model, layers, digits_arrays()[0][:1])
     n = np.array([l.n_weights for l in layers], float)
@@ -231,6 +231,22 @@ def test_flop_budget_is_named_in_plan(tmp_path):
     # the MAC-weighted sparsity is the plan's, and each layer is within half a weight of the continuous plan
     assert plan["budget_unit"] == "flops" and plan["achieved_sparsity"] == pytest.approx((a @ k) / (a @ n), rel=1e-12)
     assert abs(plan["achieved_sparsity"] - 0.8) <= 0.5 * a.sum() / (a @ n) + 1e-12
+
+
+def test_the_default_models_weights_ship_in_the_package_and_are_the_trained_ones():
+    import torch
+
+    from rr_alloc.data import digits_arrays, digits_split_indices
+    from rr_alloc.models import build_model
+    from rr_alloc.models.digits import WEIGHTS
+
+    assert WEIGHTS.is_file() and WEIGHTS.parent.name == "models"  # package data, no training on first use
+    a, b = build_model("digits_resnet"), build_model("digits_resnet")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    x, y = digits_arrays()
+    _, test_idx = digits_split_indices(len(x))
+    with torch.no_grad():
+        assert (a(x[test_idx]).argmax(1) == y[test_idx]).float().mean() > 0.98
 
 
 SHARED = Path(os.environ.get("RR_ALLOC_SHARED", ROOT.parent / "shared"))

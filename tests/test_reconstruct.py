@@ -285,7 +285,7 @@ def test_obs_plan_is_version_2_and_apply_reproduces_verified_top1(obs_plan, tmp_
     masks = torch.load(tmp_path / "m.pt", weights_only=True)
     from rr_alloc.models.digits import pretrained_digits_resnet
 
-    magnitude = masks_for_plan(pretrained_digits_resnet(verbose=False), plan.counts)
+    magnitude = masks_for_plan(pretrained_digits_resnet(), plan.counts)
     for l in plan.layers:
         w = model.get_submodule(l.name).weight
         assert int((~masks[l.name]).sum()) == l.n_pruned and bool((w[~masks[l.name]] == 0).all())

@@ -43,13 +43,13 @@ class ZooEntry:
     description: str
 
 
-def _digits(num_classes: int = 10, pretrained: bool = True, cache_dir: str | None = None) -> nn.Module:
-    return pretrained_digits_resnet(cache_dir=cache_dir) if pretrained else DigitsResNet(num_classes)
+def _digits(num_classes: int = 10, pretrained: bool = True) -> nn.Module:
+    return pretrained_digits_resnet() if pretrained else DigitsResNet(num_classes)
 
 
 ZOO: dict[str, ZooEntry] = {
     "digits_resnet": ZooEntry(
-        _digits, None, "embedded default: 7-layer residual CNN on sklearn digits, trained on first use"
+        _digits, None, "embedded default: 7-layer residual CNN on sklearn digits, weights shipped in the package"
     ),
 }
 for _d in CIFAR_DEPTHS:
@@ -109,24 +109,22 @@ def default_transform(name: str, pretrained: bool = False, model: nn.Module | No
     return None
 
 
-def build_model(
-    name: str, num_classes: int | None = None, pretrained: bool = False, cache_dir: str | None = None
-) -> nn.Module:
+def build_model(name: str, num_classes: int | None = None, pretrained: bool = False) -> nn.Module:
     """Instantiate a model by name (see module docstring). Weights: zoo default, or random from ``INIT_SEED``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
-        return _build(name, num_classes, pretrained, cache_dir)
+        return _build(name, num_classes, pretrained)
 
 
-def _build(name: str, num_classes: int | None, pretrained: bool, cache_dir: str | None) -> nn.Module:
+def _build(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
     if name in ZOO:
         if pretrained and name != "digits_resnet":
             raise UserError(f"--pretrained: {name} has no downloadable weights: pass --checkpoint FILE instead")
         if name == "digits_resnet" and num_classes not in (None, 10):
             raise UserError("--num-classes: the embedded digits model has 10 classes: leave --num-classes out")
         kw = {} if num_classes is None else {"num_classes": num_classes}
-        if name == "digits_resnet":  # trained on first use, cached in the run's cache directory
-            kw.update(pretrained=True, cache_dir=cache_dir)
+        if name == "digits_resnet":  # its trained weights ship in the package
+            kw["pretrained"] = True
         return ZOO[name].factory(**kw)
     if name.startswith(TIMM):
         return timm_model(name, num_classes, pretrained)
