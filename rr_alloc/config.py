@@ -221,7 +221,8 @@ class RunConfig:
         text,
         "evo under a reconstruction repair (lsq/obs first): score candidates stitched from a per-layer level "
         "database fitted on the anchor's sequential inputs (anchor), the dense inputs (dense) or the "
-        "uniformly pruned model's (uniform); off: a full reconstruction per candidate; auto: anchor when "
+        "uniformly pruned model's (uniform); off: the same level moves, every candidate through the full sequential "
+        "pipeline (no database); auto: anchor when "
         "the search repair reconstructs, else off",
         "search",
         choices=("auto", "off", "anchor", "dense", "uniform"),

@@ -230,32 +230,38 @@ class Experiment:
 
     # --------------------------------------------------- level database
     def level_rule(self) -> str | None:
-        """The level database's input rule of the search (``cfg.level_inputs``), or ``None`` for none."""
+        """How the level search scores candidates (``cfg.level_inputs``: an input rule of the level database,
+        or ``off`` for the full sequential pipeline), or ``None`` when the search repair does not reconstruct
+        (candidates then move by ``--search-step`` fractions)."""
         rule = self.cfg.level_inputs
         steps = RepairPipeline.parse(self.cfg.loop_repair).steps
         reconstructs = bool(steps) and isinstance(steps[0], ReconstructStep)
-        if rule == "auto":
-            return "anchor" if reconstructs else None
-        if rule != "off" and not reconstructs:
+        if not reconstructs:
+            if rule in ("auto", "off"):
+                return None
             raise UserError(
                 f"--level-inputs {rule} needs a search repair that starts with a reconstruction (lsq or obs), "
                 f"got {self.cfg.loop_repair!r}: pass --search-repair obs>bn>naive@block+logits or --level-inputs off"
             )
-        return None if rule == "off" else rule
+        return "anchor" if rule == "auto" else rule
+
+    def level_ladders(self, anchor: dict[str, int]) -> dict[str, np.ndarray]:
+        """Pruned counts of each level of every reconstructed layer (the anchor's among them; a layer that is
+        not prunable has the one level 0: re-fitted to its pruned inputs, never pruned)."""
+        prunable, cfg = {layer.name for layer in self.layers}, self.cfg
+        return {
+            n: ladder(self.dense.get_submodule(n).weight.numel(), cfg.s_max, cfg.ladder_step, [anchor.get(n, 0)])
+            if n in prunable
+            else np.array([0], np.int64)
+            for n in reconstructed_layers(self.dense)
+        }
 
     def level_database(self, anchor: dict[str, int], rule: str) -> LevelDatabase:
         """Every reconstructed layer fitted at every ladder level (the anchor's counts among them) by the
         search repair's reconstruction step, under input ``rule``; from the cache when its key is there."""
         step = RepairPipeline.parse(self.cfg.loop_repair).steps[0]
-        names = reconstructed_layers(self.dense)
-        anchor = {n: int(anchor.get(n, 0)) for n in names}
-        prunable = {layer.name for layer in self.layers}
-        ladders = {
-            n: ladder(self.dense.get_submodule(n).weight.numel(), self.cfg.s_max, self.cfg.ladder_step, [anchor[n]])
-            if n in prunable
-            else np.array([0], np.int64)  # left dense: re-fitted to its pruned inputs, never pruned
-            for n in names
-        }
+        anchor = {n: int(anchor.get(n, 0)) for n in reconstructed_layers(self.dense)}
+        ladders = self.level_ladders(anchor)
         parts = {
             "model": fingerprint_model(self.dense),
             "calib": fingerprint_tensor(self.splits.calib.x),

@@ -1,12 +1,13 @@
 """The end-to-end search as a run: its study on a storage, the progress bar, the validation check, provenance.
 
 ``SearchRunner.run`` builds the optimiser's space on the experiment's problem: under a reconstruction
-repair with ``evo``, the search over level-database levels (``allocators.level_search.LevelSpace``, scored by
-``stitched.StitchedScorer``); otherwise ``allocators.search.OptunaSearch.space``, every candidate pruned and
-repaired in full. It opens (or joins) the Optuna study, adds this worker's trials, and keeps the best plan
-only when it beats global magnitude on the validation split (when there is one), both through the full
-pipeline. What it did is returned
-as a ``SearchProvenance``, which goes into the plan.
+repair with ``evo``, the search over ladder levels (``allocators.level_search.LevelSpace``, scored by
+``stitched.StitchedScorer`` from the level database, or with ``--level-inputs off`` by
+``stitched.SequentialLevelScorer`` through the full pipeline); otherwise
+``allocators.search.OptunaSearch.space``, every candidate pruned and repaired in full. It opens (or joins)
+the Optuna study, adds this worker's trials, and keeps the best plan only when it beats global magnitude on
+the validation split (when there is one), both through the full pipeline. What it did is returned as a
+``SearchProvenance``, which goes into the plan.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .experiment import Experiment
 from .optuna_storage import Heartbeat, open_storage
 from .optuna_study import StudySettings, best_trial, check_study_matches, evaluated, open_study, optimize
 from .selection import SelectionScorer, paired_upper_bound
-from .stitched import StitchedScorer
+from .stitched import LevelScorer, SequentialLevelScorer, StitchedScorer
 
 __all__ = ["SearchRunner", "SearchProvenance", "study_key"]
 
@@ -59,10 +60,14 @@ class SearchProvenance:
     validation_bound: float | None = None
     fallback: bool | None = None
     stages: list[int] | None = None  # level search: images of each screening stage
+    level_inputs: str | None = None  # level search: the database's input rule, or off (the full pipeline)
     database: dict[str, Any] | None = None  # level search: the level database's provenance
     note: str | None = None
 
-    _OPTIONAL = ("validation", "global_validation", "validation_diff", "validation_bound", "stages", "database", "note")
+    _OPTIONAL = (
+        *("validation", "global_validation", "validation_diff", "validation_bound"),
+        *("stages", "level_inputs", "database", "note"),
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The plan's ``search`` block (keys of checks that did not run are left out)."""
@@ -114,11 +119,16 @@ class SearchRunner:
             space = OptunaSearch(SearchOptions(cfg.optimizer, cfg.guidance, cfg.search_step)).space(problem)
             self.database = None
         else:
-            self.database = db = exp.level_database(global_counts, rule)
-            scorer = StitchedScorer(self.evaluator, cfg.loop_repair, db, cfg.objective, cfg.stages)
+            if rule == "off":  # the level search, every candidate through the full sequential pipeline
+                self.database = None
+                ladders = exp.level_ladders(global_counts)
+                scorer = SequentialLevelScorer(self.evaluator, cfg.loop_repair, ladders, cfg.objective, cfg.stages)
+            else:
+                self.database = db = exp.level_database(global_counts, rule)
+                scorer = StitchedScorer(self.evaluator, cfg.loop_repair, db, cfg.objective, cfg.stages)
             problem = exp.problem(budget, OptunaSearch.needs, evaluate=scorer)
-            ladders = [db.counts[n] for n in problem.names]
-            anchor = np.array([db.level_of(n, global_counts[n]) for n in problem.names])
+            ladders = [scorer.ladders[n] for n in problem.names]
+            anchor = np.array([int(np.searchsorted(lad, global_counts[n])) for lad, n in zip(ladders, problem.names)])
             space = LevelSpace(problem, ladders, anchor, cfg.guidance == "rr")
         study = self._optimize(budget, problem, space)
         best = best_trial(study)
@@ -215,8 +225,9 @@ class SearchRunner:
             selection_size=splits.selection.n,
             seconds=round(seconds, 1),
         )
+        if isinstance(scorer, LevelScorer):
+            prov.stages, prov.level_inputs = list(scorer.sizes), self.experiment.level_rule()
         if isinstance(scorer, StitchedScorer):
-            prov.stages = list(scorer.sizes)
             prov.database = dict(scorer.db.meta)
         val = splits.validation
         if val is None or val.n == 0:

@@ -1,4 +1,5 @@
-"""Stitched candidates: a level per layer from the level database, the cheap rest of the repair, staged scores.
+"""Level candidates, staged scores: stitched from the level database with the cheap rest of the repair, or
+(the reference) pruned and repaired by the full sequential pipeline.
 
 A candidate's model is the dense model with every layer's database entry at the candidate's level (what the
 pipeline's reconstruction step would have produced under the database's input rule), then the steps of the
@@ -7,6 +8,8 @@ scored on the selection split in *stages* of growing, nested, seeded image subse
 whose mean loss is worse than its parent's on the same images stops (EvoPress's staged selection, for a
 (1 + 1) search whose every candidate is an Optuna trial). Plans that are kept (the validation check, the
 verification) always go through the full sequential pipeline (``model``), never the stitched one.
+``SequentialLevelScorer`` scores the same levels, stages included, with the full pipeline per candidate:
+what the stitched score approximates, at a full reconstruction per candidate.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .level_db import LevelDatabase
 from .repair import RepairPipeline, run_repair
 from .selection import SelectionScorer
 
-__all__ = ["StitchedScorer", "Staged", "default_stages"]
+__all__ = ["LevelScorer", "StitchedScorer", "SequentialLevelScorer", "Staged", "default_stages"]
 
 
 def default_stages(n: int) -> tuple[int, ...]:
@@ -39,8 +42,57 @@ class Staged:
     full: float | None
 
 
-class StitchedScorer(SelectionScorer):
-    """Scores per-layer levels (``{layer: level}``) of ``db`` stitched into the dense model."""
+class LevelScorer(SelectionScorer):
+    """Staged scores of per-layer levels (``{layer: level}``) on ``ladders`` (layer -> pruned counts of each
+    level); ``candidate`` builds a candidate's repaired model."""
+
+    def __init__(
+        self,
+        evaluator: Any,
+        repair: str,
+        ladders: Mapping[str, np.ndarray],
+        objective: str = "kl",
+        stages: Sequence[int] = (),
+    ) -> None:
+        n = evaluator.experiment.splits.selection.n
+        sizes = tuple(sorted({int(k) for k in stages if 0 < int(k) < n})) if stages else default_stages(n)
+        super().__init__(evaluator, repair, objective, sizes[0] if sizes else n)
+        self.ladders = dict(ladders)
+        self.sizes = sizes
+        bounds = (0, *sizes, n)
+        self.chunks = [np.sort(self.order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]  # nested stages
+        self.level_evaluations = 0
+
+    def all_levels(self, levels: Mapping[str, int]) -> dict[str, int]:
+        """Levels of every laddered layer: ``levels``, and level 0 (count 0) for layers left out of the plan."""
+        return {n: int(levels.get(n, 0)) for n in self.ladders}
+
+    def candidate(self, levels: Mapping[str, int]) -> torch.nn.Module:
+        """The candidate's repaired model at ``levels``."""
+        raise NotImplementedError
+
+    def score_levels(self, levels: Mapping[str, int], beat: Sequence[float] | None = None) -> Staged:
+        """Stage by stage; stops after a stage whose mean is worse than ``beat``'s (the parent's) there.
+
+        A tie goes on (0/1 objectives tie often). ``beat``: the parent's stage means (``Staged.stages``).
+        """
+        self.level_evaluations += 1
+        model = self.candidate(levels)
+        losses: list[np.ndarray] = []
+        means: list[float] = []
+        for i, idx in enumerate(self.chunks):
+            losses.append(self.losses(model, "selection", idx))
+            mean = float(np.concatenate(losses).mean())
+            if i == len(self.chunks) - 1:
+                return Staged(tuple(means), self.sizes, mean)
+            means.append(mean)
+            if beat is not None and i < len(beat) and mean > beat[i]:
+                return Staged(tuple(means), self.sizes, None)
+        raise AssertionError("unreachable: the last chunk returns")
+
+
+class StitchedScorer(LevelScorer):
+    """Scores per-layer levels of ``db`` stitched into the dense model."""
 
     def __init__(
         self,
@@ -50,19 +102,12 @@ class StitchedScorer(SelectionScorer):
         objective: str = "kl",
         stages: Sequence[int] = (),
     ) -> None:
-        n = evaluator.experiment.splits.selection.n
-        sizes = tuple(sorted({int(k) for k in stages if 0 < int(k) < n})) if stages else default_stages(n)
-        super().__init__(evaluator, repair, objective, sizes[0] if sizes else n)
+        super().__init__(evaluator, repair, db.counts, objective, stages)
         self.db = db
         self.rest = RepairPipeline(RepairPipeline.parse(repair).steps[1:])  # after the reconstruction step
-        self.sizes = sizes
-        bounds = (0, *sizes, n)
-        self.chunks = [np.sort(self.order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]  # nested stages
-        self.stitched_evaluations = 0
 
-    def db_levels(self, levels: Mapping[str, int]) -> dict[str, int]:
-        """Levels of every database layer: ``levels``, and level 0 (count 0) for layers left out of the plan."""
-        return {n: int(levels.get(n, 0)) for n in self.db.names}
+    def candidate(self, levels: Mapping[str, int]) -> torch.nn.Module:
+        return self.stitched(levels)
 
     def stitched(self, levels: Mapping[str, int]) -> torch.nn.Module:
         """The candidate's model: database entries at ``levels``, then the cheap rest of the repair."""
@@ -79,21 +124,11 @@ class StitchedScorer(SelectionScorer):
         )
         return model
 
-    def score_levels(self, levels: Mapping[str, int], beat: Sequence[float] | None = None) -> Staged:
-        """Stage by stage; stops after a stage whose mean is worse than ``beat``'s (the parent's) there.
 
-        A tie goes on (0/1 objectives tie often). ``beat``: the parent's stage means (``Staged.stages``).
-        """
-        self.stitched_evaluations += 1
-        model = self.stitched(levels)
-        losses: list[np.ndarray] = []
-        means: list[float] = []
-        for i, idx in enumerate(self.chunks):
-            losses.append(self.losses(model, "selection", idx))
-            mean = float(np.concatenate(losses).mean())
-            if i == len(self.chunks) - 1:
-                return Staged(tuple(means), self.sizes, mean)
-            means.append(mean)
-            if beat is not None and i < len(beat) and mean > beat[i]:
-                return Staged(tuple(means), self.sizes, None)
-        raise AssertionError("unreachable: the last chunk returns")
+class SequentialLevelScorer(LevelScorer):
+    """Scores per-layer levels through the full sequential pipeline: each candidate pruned at its levels'
+    counts and repaired as a verification would (the reference the stitched score approximates)."""
+
+    def candidate(self, levels: Mapping[str, int]) -> torch.nn.Module:
+        counts = {n: int(self.ladders[n][levels.get(n, 0)]) for n in self.names}
+        return self.model(counts)

@@ -12,7 +12,9 @@ scores with values stored in float16.
 ``--part compare``: per model, budget and calibration seed, the level search (``--allocator optuna``,
 evo, anchor inputs, ``--profile-repair obs`` guidance, validation check on 1024 training images) against
 global magnitude, uniform, LAMP, ERK and rr-greedy on the ``obs`` profile; test top-1 (reporting only),
-paired by seed with 95% intervals. ``--guidance none`` repeats the search without RR guidance.
+paired by seed with 95% intervals. ``--guidance none`` repeats the search without RR guidance;
+``--level-inputs off`` is the reference arm: the same level search, every candidate scored through the full
+sequential pipeline instead of stitched from the database.
 
     python studies/level_search.py --part rules --models resnet20              # ~20 min here
     python studies/level_search.py --part compare --models resnet20 --budgets 0.9 0.95 --seeds 0 1 2
@@ -80,7 +82,7 @@ def part_rules(args) -> None:
     full_scorer = wb.evaluator.scorer(REPAIR)
     r0 = args.rules[0]
     staged = StitchedScorer(wb.evaluator, REPAIR, dbs[r0])
-    base = staged.score_levels(staged.db_levels(dbs[r0].levels_of(glob)))  # global magnitude's stage means
+    base = staged.score_levels(staged.all_levels(dbs[r0].levels_of(glob)))  # global magnitude's stage means
     t_full = t_stitched = 0.0
     for c, lv in enumerate(cands):
         counts = {name: int(dbs[args.rules[0]].counts[name][v]) for name, v in zip(names, lv)}
@@ -91,7 +93,7 @@ def part_rules(args) -> None:
         row["sparsity"] = wb.achieved(counts)
         for rule, db in dbs.items():
             sc = StitchedScorer(wb.evaluator, REPAIR, db)
-            levels = sc.db_levels({name: db.level_of(name, counts[name]) for name in names})
+            levels = sc.all_levels({name: db.level_of(name, counts[name]) for name in names})
             t0 = time.perf_counter()
             r = sc.score_levels(levels)
             row[rule] = r.full
@@ -188,6 +190,7 @@ def compare_cell(args, model: str, budget: float, seed: int) -> list[dict]:
         profile_repair="obs",
         validation_size=1024,
         guidance=args.guidance,
+        level_inputs=args.level_inputs,
         storage=f"sqlite:///{storage}",
         study_name=f"{model}-b{budget}-s{seed}-{args.guidance}{args.tag}",
     )
@@ -213,6 +216,7 @@ def compare_cell(args, model: str, budget: float, seed: int) -> list[dict]:
                     "budget": budget,
                     "seed": seed,
                     "guidance": args.guidance,
+                    "level_inputs": args.level_inputs,
                     "plan": label,
                     "split": split,
                     "top1": m.top1,
@@ -247,7 +251,8 @@ def summarize(df: pd.DataFrame, args) -> None:
         "",
         f"`python studies/level_search.py --part compare --models {' '.join(args.models)} --budgets "
         f"{' '.join(map(str, args.budgets))} --seeds {' '.join(map(str, args.seeds))} --trials {args.trials} "
-        f"--guidance {args.guidance}` on {machine()}.",
+        f"--guidance {args.guidance} --level-inputs {args.level_inputs}{' --tag ' + args.tag if args.tag else ''}` "
+        f"on {machine()}.",
         "Test top-1 (10,000 CIFAR-10 test images, reporting only) in %, mean ± 95% t-interval over seeds; "
         "`search` is the search's best plan before the validation check, `returned` what `search` writes "
         "(global magnitude when the check rejects the searched plan). Differences are paired by seed.",
@@ -286,6 +291,7 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=30)
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--guidance", default="rr", choices=("rr", "none"))
+    p.add_argument("--level-inputs", default="anchor", choices=("anchor", "dense", "uniform", "off"))
     p.add_argument("--tag", default="")
     args = p.parse_args()
     shared_dir(args.shared)

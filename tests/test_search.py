@@ -505,10 +505,24 @@ def test_level_search_anchor_trial_scores_the_full_pipeline(tmp_path):
     assert plan["search"]["global_selection"] == anchor.value
 
 
-def test_level_inputs_off_reconstructs_every_candidate_and_bad_rule_is_refused(tmp_path, capsys):
+def test_level_inputs_off_scores_level_candidates_by_the_full_pipeline_and_bad_rule_is_refused(tmp_path, capsys):
+    import optuna
+
     out = tmp_path / "plan.json"
-    assert main(_level_search(tmp_path, out, "--n-trials", "3", "--level-inputs", "off")) == 0
-    assert "database" not in json.loads(out.read_text())["search"]
+    assert main(_level_search(tmp_path, out, "--n-trials", "4", "--level-inputs", "off")) == 0
+    plan = json.loads(out.read_text())
+    total = sum(l["n_weights"] for l in plan["layers"])
+    assert sum(l["n_pruned"] for l in plan["layers"]) == round(0.8 * total)  # the budget, to the weight
+    assert "database" not in plan["search"] and not (tmp_path / "cache" / "levels").exists()  # none built
+    assert plan["search"]["level_inputs"] == "off" and plan["search"]["stages"] == [16, 32]
+    storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    assert all("level_counts" in t.user_attrs for t in trials)  # candidates move on the ladder levels
+    wb = Workbench(RunConfig(calib_size=64, selection_size=64, repair=OBS_REPAIR, cache=False), progress=False)
+    for t in (t for t in trials if t.value is not None):  # a completed level candidate is the full pipeline's
+        counts = dict(zip((layer.name for layer in wb.layers), t.user_attrs["level_counts"]))
+        assert t.value == pytest.approx(wb.evaluator.scorer(OBS_REPAIR)(counts), rel=1e-5, abs=1e-7)
     args = _level_search(tmp_path, tmp_path / "p2.json", "--n-trials", "3", "--level-inputs", "dense")
     args[args.index(OBS_REPAIR)] = "bn"
     capsys.readouterr()

@@ -162,7 +162,7 @@ class LevelSpace:
         trial.set_user_attr("level_counts", [int(k) for k in self.counts(lv)])
         beat = None if retried else _parent_stages(trial, parent)
         levels = dict(zip(self.problem.names, (int(v) for v in lv)))
-        r = scorer.score_levels(scorer.db_levels(levels), beat=beat)
+        r = scorer.score_levels(scorer.all_levels(levels), beat=beat)
         trial.set_user_attr("stages", list(r.stages))
         trial.set_user_attr("screen", r.stages[0] if r.stages else r.full)  # an evaluated trial (optuna_study)
         if r.full is None:
