@@ -41,7 +41,8 @@ def prunable_layers(
 ) -> list[LayerInfo]:
     """Prunable layers of ``model`` in ``named_modules()`` order.
 
-    Raises ``UserError`` when none is left, since nothing could be allocated.
+    Raises ``UserError`` when none is left, since nothing could be allocated, and when an ``include`` or
+    ``exclude`` pattern matches no prunable layer.
     """
     found: dict[str, LayerInfo] = {}
     for name, m in model.named_modules():
@@ -49,6 +50,14 @@ def prunable_layers(
             found[name] = LayerInfo(name, tuple(m.weight.shape), m.weight.numel(), "conv", m.groups)
         elif isinstance(m, nn.Linear):
             found[name] = LayerInfo(name, tuple(m.weight.shape), m.weight.numel(), "linear")
+    for flag, patterns in (("--include", include or ()), ("--exclude", exclude or ())):
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in found)]
+        if unmatched:  # a typo would otherwise prune (or protect) other layers than the user meant
+            shown = ", ".join(list(found)[:4]) + (", ..." if len(found) > 4 else "")
+            raise UserError(
+                f"{flag} pattern {unmatched[0]!r} matches no prunable layer: use dotted layer names or "
+                f"shell-style patterns over them (this model's: {shown})"
+            )
     keep = select_layers(list(found), include, exclude)
     if not keep:
         why = " after include/exclude patterns" if (include or exclude) else ""
