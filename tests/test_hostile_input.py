@@ -156,6 +156,14 @@ def test_patterns_that_prune_nothing_or_are_malformed_are_one_line(tmp_path, cap
     assert words in _bad_search(tmp_path, capsys, "--pattern", pattern, *QUICK)
 
 
+@pytest.mark.parametrize(
+    "flag", [("--allocator", "rr-greedy"), ("--reference", "lamp"), ("--unit", "flops"), ("--layer-weights", "uniform")]
+)
+def test_allocation_flags_beside_a_pattern_are_refused_not_ignored(tmp_path, capsys, flag):
+    err = _bad_search(tmp_path, capsys, "--pattern", "2:4", *QUICK, *flag)
+    assert f"{flag[0]} does not apply with --pattern" in err and "--budget instead" in err
+
+
 # --------------------------------------------------------------------------- commands
 @pytest.mark.parametrize("flag,values", [("--budgets", ["0.9", "0.9"]), ("--allocators", ["global", "global"])])
 def test_compare_refuses_repeated_values_before_writing(tmp_path, capsys, flag, values):

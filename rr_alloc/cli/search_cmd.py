@@ -89,12 +89,27 @@ def metrics_row(name: str, m: Metrics, sparsity: float | None) -> dict[str, Any]
     }
 
 
+PATTERN_IGNORES = ("allocator", "reference", "unit", "layer_weights")  # flags of a budget's allocation
+
+
+def refuse_budget_flags(args: argparse.Namespace) -> None:
+    """An N:M pattern fixes every layer's count: allocation flags would be ignored, so they are refused."""
+    given = [name for name in PATTERN_IGNORES if getattr(args, name, None) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UserError(
+            f"{flag} does not apply with --pattern (the N:M pattern fixes every layer's count, and it is verified "
+            f"beside global magnitude at the same sparsity): drop {flag}, or pass --budget instead of --pattern"
+        )
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if (args.budget is None) == (cfg.pattern is None):
         raise UserError("pass --budget B (a fraction in (0, 1)) or --pattern N:M, exactly one of them")
     if cfg.pattern:
         parse_pattern(cfg.pattern)  # a malformed pattern fails before any model or data is loaded
+        refuse_budget_flags(args)
     refuse_search_flags(args, cfg.allocator == "optuna" and not cfg.pattern)
     out_arg = args.out or cfg.out  # the flag, else the config file's out: key
     out = Path(out_arg) if out_arg else default_out(cfg, args.budget)
