@@ -310,6 +310,12 @@ class RunConfig:
                 "train_data/test_data (--train-data/--test-data) name image folders, but the dataset is the "
                 "built-in digits: pass --dataset imagefolder (or cifar10, mnist, ...)"
             )
+        if self.dataset == "digits" and (self.transform or self.download):
+            key = "transform" if self.transform else "download"
+            raise UserError(
+                f"config key {key!r} does not apply to the built-in digits (8x8 arrays, nothing to download or "
+                "transform): drop it, or set dataset: imagefolder (or cifar10, mnist, ...)"
+            )
         return self
 
     def updated(self, **kw: Any) -> "RunConfig":

@@ -242,6 +242,16 @@ def test_train_data_without_a_dataset_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    "text,key", [("transform: {mean: [0.5], std: [0.5]}\n", "transform"), ("download: true\n", "download")]
+)
+def test_config_keys_the_built_in_digits_would_ignore_are_refused(tmp_path, capsys, text, key):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--config", str(cfg))
+    assert f"config key {key!r} does not apply to the built-in digits" in err
+
+
+@pytest.mark.parametrize(
     "text,words", [("budget: 0.5\n", "not a config key"), ("seed: 1\nseed: 2\n", "duplicate key 'seed'")]
 )
 def test_config_keys_that_would_be_ignored_are_refused(tmp_path, capsys, text, words):

@@ -174,9 +174,12 @@ def test_lsq_survives_dead_inputs_without_damping():
         ("lsq:foo=1", "unknown option"),
         ("obs:block=0", "bad value"),
         ("lsq:block=8", "unknown option"),
+        ("obs:solve=exact:solve=sweep", "'solve' is given twice"),
+        ("obs>naive@block:noshift:shift", "sets 'shift' twice"),
+        ("bn>asr@block:lam=0.5:lam=mean", "sets 'lam' twice"),
     ],
 )
-def test_bad_reconstruct_steps(text, msg):
+def test_bad_or_repeated_repair_step_options_are_refused(text, msg):
     with pytest.raises(UserError, match=msg):
         RepairPipeline.parse(text)
 

@@ -116,7 +116,12 @@ class BnRecalibration(StepKind):
 
 def _parse_options(opts: list[str], part: str) -> tuple[bool, str | float]:
     shift, lam = True, "mean"
+    seen: set[str] = set()
     for o in opts:
+        key = "shift" if o in ("shift", "noshift") else o.partition("=")[0]
+        if key in seen:  # the last value would silently win
+            raise UserError(f"repair step {part!r} sets {key!r} twice ({', '.join(opts)}): keep one")
+        seen.add(key)
         if o == "noshift":
             shift = False
         elif o == "shift":

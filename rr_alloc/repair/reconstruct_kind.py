@@ -14,8 +14,12 @@ __all__ = ["Reconstruction"]
 
 def _parse_options(method: str, opts: list[str], part: str, text: str) -> ReconstructStep:
     damp, block, solve = DEFAULT_DAMP, DEFAULT_OBS_BLOCK, "auto"
+    seen: set[str] = set()
     for o in opts:
         key, _, val = o.partition("=")
+        if key in seen:  # the last value would silently win
+            raise UserError(f"option {key!r} is given twice in repair step {part!r} (in --repair {text!r}): keep one")
+        seen.add(key)
         try:
             if key == "damp":
                 damp = float(val)
