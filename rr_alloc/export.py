@@ -24,6 +24,7 @@ __all__ = [
     "EXPORTERS",
     "Exporter",
     "exporter",
+    "check_exportable",
     "export_plan",
     "weight_to_channel_ratio",
     "FORMAT_HELP",
@@ -233,19 +234,29 @@ def _yaml_dump(obj) -> str:
 def to_llm_compressor(plan: Plan) -> str:
     # one sparsity per module matched by targets, in named_modules order (the plan's order);
     # explicit names as targets so the match list and the sparsity list cannot disagree in length
+    structure = plan.pattern or "0:0"
     body = {
         "sparsity_stage": {
             "sparsity_modifiers": {
                 "SparseGPTModifier": {
                     "sparsity": [round(l.sparsity, 6) for l in plan.layers],
-                    "mask_structure": "0:0",
+                    "mask_structure": structure,
                     "targets": [l.name for l in plan.layers],
                 }
             }
         }
     }
+    note = (
+        f"# NOTE: llm-compressor's {structure} groups {structure.split(':')[1]} consecutive weights of each "
+        "flattened row (for a Conv2d, kernel positions of one input channel first); this plan's groups are input "
+        "channels at one kernel position: the same N:M sparsity, other groups. For the plan's exact masks: "
+        "rr_alloc export --format masks\n"
+        if plan.pattern
+        else ""
+    )
     # force quotes: an unquoted 0:0 is a sexagesimal number to some YAML 1.1 readers
-    return _header(plan) + _yaml_dump(body).replace("mask_structure: 0:0", "mask_structure: '0:0'")
+    text = _yaml_dump(body).replace(f"mask_structure: {structure}", f"mask_structure: '{structure}'")
+    return _header(plan) + note + text
 
 
 def to_sparseml(plan: Plan) -> str:
@@ -302,19 +313,20 @@ class Exporter:
     render: Callable[[Plan, Any], str] | None
     needs_model: bool = False
     binary: bool = False
+    nm: bool = False  # it can carry an N:M plan (the others only have unstructured per-layer fractions)
 
 
 EXPORTERS: dict[str, Exporter] = {
     "torch-prune": Exporter(lambda p, m: to_torch_prune(p)),
     # the model tells which layers feed the residual stream (left to Torch-Pruning's ignored_layers)
     "torch-pruning": Exporter(to_torch_pruning, needs_model=True),
-    "llm-compressor": Exporter(lambda p, m: to_llm_compressor(p)),
+    "llm-compressor": Exporter(lambda p, m: to_llm_compressor(p), nm=True),
     "sparseml": Exporter(lambda p, m: to_sparseml(p)),
     "nni": Exporter(lambda p, m: to_nni(p)),
     "nni-v2": Exporter(lambda p, m: to_nni(p, 2)),
-    "csv": Exporter(lambda p, m: to_csv(p)),
-    "markdown": Exporter(lambda p, m: to_markdown(p)),
-    "masks": Exporter(None, needs_model=True, binary=True),
+    "csv": Exporter(lambda p, m: to_csv(p), nm=True),
+    "markdown": Exporter(lambda p, m: to_markdown(p), nm=True),
+    "masks": Exporter(None, needs_model=True, binary=True, nm=True),
 }
 FORMAT_HELP = ", ".join(EXPORTERS)
 
@@ -324,6 +336,16 @@ def exporter(fmt: str) -> Exporter:
     if fmt not in EXPORTERS:
         raise UserError(f"unknown export format {fmt!r}: use one of {FORMAT_HELP}")
     return EXPORTERS[fmt]
+
+
+def check_exportable(plan: Plan, fmt: str) -> None:
+    """An N:M plan in a format that only has per-layer fractions would be pruned unstructured: refused."""
+    if plan.pattern and not exporter(fmt).nm:
+        able = ", ".join(k for k, v in EXPORTERS.items() if v.nm)
+        raise UserError(
+            f"--format {fmt} has no N:M form: its per-layer fractions would prune this {plan.pattern} plan "
+            f"unstructured; use one of {able} (masks: the plan's exact keep-masks)"
+        )
 
 
 def export_plan(
@@ -336,6 +358,7 @@ def export_plan(
     (they are not magnitude masks).
     """
     ex = exporter(fmt)
+    check_exportable(plan, fmt)
     if ex.needs_model and model is None and fmt == "masks":
         raise UserError("the masks export needs the plan's model: its source block must rebuild it")
     if model is not None:

@@ -390,3 +390,37 @@ def _folder(tmp_path):
 def test_a_layer_pattern_that_matches_no_layer_is_refused_naming_it(tmp_path, capsys, flag, pattern):
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", *QUICK, flag, "layer1.*", flag, pattern)
     assert f"{flag} pattern {pattern!r} matches no prunable layer" in err and "layer1.0.conv1" in err
+
+
+@pytest.fixture(scope="module")
+def nm_plan(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("nm") / "plan.json"
+    assert main(["search", "--pattern", "2:4", "--no-verify", *QUICK, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["torch-prune", "torch-pruning", "sparseml", "nni", "nni-v2"])
+def test_an_nm_plan_is_not_exported_as_unstructured_fractions(nm_plan, tmp_path, capsys, fmt):
+    out = tmp_path / "out.txt"
+    err = _refused(capsys, ["export", "--plan", str(nm_plan), "--format", fmt, "--out", str(out)])
+    assert f"--format {fmt} has no N:M form" in err and "masks" in err and not out.exists()
+
+
+def test_an_nm_plan_exports_its_pattern_and_exact_masks(nm_plan, tmp_path, capsys):
+    import yaml
+
+    from rr_alloc.models import build_model
+    from rr_alloc.plan import Plan
+
+    recipe = tmp_path / "recipe.yaml"
+    assert main(["export", "--plan", str(nm_plan), "--format", "llm-compressor", "--out", str(recipe)]) == 0
+    text = recipe.read_text()
+    body = yaml.safe_load(text)["sparsity_stage"]["sparsity_modifiers"]["SparseGPTModifier"]
+    assert body["mask_structure"] == "2:4" and "other groups" in text
+    masks = tmp_path / "masks.pt"
+    assert main(["export", "--plan", str(nm_plan), "--format", "masks", "--out", str(masks)]) == 0
+    plan, saved = Plan.load(nm_plan), torch.load(masks, weights_only=True)
+    want = plan.pruning().keep_masks(build_model("digits_resnet"))
+    assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k].cpu()) for k in saved)
+    assert all(int((~saved[k]).sum()) == plan.counts[k] for k in saved)
+    assert all(plan.counts[k] == 0 for k in plan.counts.keys() - saved.keys())  # inputs not a multiple of 4

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from ..evaluate import compare_logits, logits_of
-from ..export import FORMAT_HELP, export_plan, exporter, reconstruction_note
+from ..export import FORMAT_HELP, check_exportable, export_plan, exporter, reconstruction_note
 from ..io_utils import atomic_path, check_output
 from ..plan import Plan
 from ..repair.persist import save_pruned, spec_path
@@ -117,6 +117,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     ex = exporter(args.format)
+    check_exportable(plan, args.format)  # before the output check and any model is built
     check_output(args.out, "--out", inputs=(args.plan, plan.source.get("checkpoint")))
     note = reconstruction_note(plan)  # parses the plan's repair: a bad one fails before anything is written
     # every format, not only those that read the model: the README promises that an export checks the
