@@ -171,6 +171,9 @@ def part_compare(args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []
     csv = OUT / f"compare{args.tag}.csv"
+    if args.summarise:  # the table of the cells in the CSV (e.g. of a run stopped before its last cell)
+        summarize(pd.read_csv(csv), args)
+        return
     for model in args.models:
         for budget in args.budgets:
             for seed in args.seeds:
@@ -202,7 +205,7 @@ def compare_cell(args, model: str, budget: float, seed: int) -> list[dict]:
     problem = wb.problem(budget)
     best = round_to_budget(problem, np.asarray(trial_counts(_best(wb.last_study)), float) / problem.n)
     plans = {"search": {layer.name: int(k) for layer, k in zip(wb.layers, best)}, "returned": returned}
-    for b in BASELINES:
+    for b in args.baselines:
         plans[b] = wb.allocate(b, budget)
     out, verified = [], {}
     for label, counts in plans.items():
@@ -251,31 +254,33 @@ def summarize(df: pd.DataFrame, args) -> None:
         "",
         f"`python studies/level_search.py --part compare --models {' '.join(args.models)} --budgets "
         f"{' '.join(map(str, args.budgets))} --seeds {' '.join(map(str, args.seeds))} --trials {args.trials} "
-        f"--guidance {args.guidance} --level-inputs {args.level_inputs}{' --tag ' + args.tag if args.tag else ''}` "
+        f"--guidance {args.guidance} --level-inputs {args.level_inputs}"
+        f"{' --baselines ' + ' '.join(args.baselines) if list(args.baselines) != list(BASELINES) else ''}"
+        f"{' --tag ' + args.tag if args.tag else ''}` "
         f"on {machine()}.",
         "Test top-1 (10,000 CIFAR-10 test images, reporting only) in %, mean ± 95% t-interval over seeds; "
         "`search` is the search's best plan before the validation check, `returned` what `search` writes "
         "(global magnitude when the check rejects the searched plan). Differences are paired by seed.",
         "",
         "| model | budget | "
-        + " | ".join(["search", "returned", *BASELINES])
-        + " | search - global | search - best baseline | fallbacks | search min |",
-        "|---|---|" + "---|" * (len(BASELINES) + 6),
+        + " | ".join(["search", "returned", *args.baselines])
+        + " | search - global | search - best baseline | fallbacks | seeds | search min |",
+        "|---|---|" + "---|" * (len(args.baselines) + 7),
     ]
     for (model, budget), g in test.groupby(["model", "budget"]):
         piv = g.pivot_table(index="seed", columns="plan", values="top1") * 100
         cells = []
-        for p in ["search", "returned", *BASELINES]:
+        for p in ["search", "returned", *args.baselines]:
             m, h, _ = t_interval(piv[p])
             cells.append(f"{m:.2f} ± {h:.2f}")
         m, h, _ = t_interval(piv["search"] - piv["global"])
-        best_base = piv[list(BASELINES)].mean().idxmax()
+        best_base = piv[list(args.baselines)].mean().idxmax()
         mb, hb, _ = t_interval(piv["search"] - piv[best_base])
         fb = g.drop_duplicates("seed").fallback.astype(bool).sum()
         mins = g.drop_duplicates("seed").search_seconds.mean() / 60
         lines.append(
             f"| {model} | {budget} | " + " | ".join(cells) + f" | {m:+.2f} ± {h:.2f} | {mb:+.2f} ± {hb:.2f} "
-            f"({best_base}) | {fb}/{len(piv)} | {mins:.1f} |"
+            f"({best_base}) | {fb}/{len(piv)} | {' '.join(map(str, piv.index))} | {mins:.1f} |"
         )
     write_text_atomic(OUT / f"compare{args.tag}.md", "\n".join(lines) + "\n")
     log("\n".join(lines))
@@ -292,8 +297,12 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--guidance", default="rr", choices=("rr", "none"))
     p.add_argument("--level-inputs", default="anchor", choices=("anchor", "dense", "uniform", "off"))
+    p.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=BASELINES)
+    p.add_argument("--summarise", action="store_true", help="rebuild the table from the CSV and stop")
     p.add_argument("--tag", default="")
     args = p.parse_args()
+    if "global" not in args.baselines:
+        p.error("--baselines must include global: the margins are over global magnitude")
     shared_dir(args.shared)
     (part_rules if args.part == "rules" else part_compare)(args)
 
