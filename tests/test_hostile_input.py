@@ -174,6 +174,22 @@ def test_compare_refuses_repeated_values_before_writing(tmp_path, capsys, flag, 
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--pattern", "2:4"], "--pattern does not apply to compare"),
+        (["--allocator", "lamp"], "--allocator does not apply to compare"),
+        (["--reference", "lamp"], "--reference does not apply to compare"),
+        (["--repair", "bn", "--repairs", "bn>naive@block+logits"], "--repair is the default of --repairs"),
+        (["--budget", "0.9"], "unrecognized arguments: --budget"),  # no prefix of --budgets
+        (["--out", "x"], "unrecognized arguments: --out"),  # no prefix of --out-dir
+    ],
+)
+def test_compare_refuses_flags_it_would_ignore_or_guess(tmp_path, capsys, extra, words):
+    args = ["compare", "--budgets", "0.8", *QUICK, "--out-dir", str(tmp_path / "c"), *extra]
+    assert words in _refused(capsys, args) and not (tmp_path / "c").exists()
+
+
 def test_split_selection_needs_selection_images(good, tmp_path, capsys):
     err = _refused(capsys, ["verify", "--plan", str(good), "--split", "selection", "--selection-size", "0"])
     assert "--selection-size is 0" in err

@@ -50,6 +50,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for b in args.budgets:
         if not 0 < b < 1:
             raise UserError(f"--budgets must lie in (0, 1), got {b}: pass fractions such as 0.9")
+    for flag, instead in (
+        ("pattern", "compare allocates budgets: drop --pattern, or run search --pattern N:M"),
+        ("allocator", "pass --allocators A B ..."),
+        ("reference", "every allocator of --allocators is verified side by side"),
+    ):
+        if getattr(args, flag, None) is not None:
+            raise UserError(f"--{flag} does not apply to compare: {instead}")
+    if args.repair is not None and args.repairs:
+        raise UserError("--repair is the default of --repairs, which is given too: list every pipeline in --repairs")
     cfg = config_from_args(args)
     allocators = args.allocators or [a for a in ALLOCATORS if not ALLOCATORS[a].needs.evaluate]
     for a in allocators:

@@ -51,6 +51,11 @@ def parse_budget(text: str) -> float:
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        # no prefixes: compare --budget would be taken for --budgets, --out for --out-dir
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kw)
+
     def error(self, message: str) -> None:  # one line, exit 2, as every other bad input
         raise UserError(f"{message} (see --help)")
 
