@@ -84,23 +84,30 @@ def check_plan_model(plan: Plan, cfg_model: str, cli_model: str | None, trust: b
     )
 
 
-def check_checkpoint_hash(plan: Plan) -> None:
-    """The plan's checkpoint still exists and has the recorded SHA-256."""
-    ck, want = plan.source.get("checkpoint"), plan.source.get("checkpoint_sha256")
-    if ck and want:
-        if not Path(ck).is_file():
-            raise UserError(f"the plan's checkpoint {ck} does not exist: pass --checkpoint with its new location")
-        if sha256_file(ck) != want:
-            raise UserError(
-                f"checkpoint {ck} changed since the plan was made (SHA-256 differs): "
-                "re-run search on the new checkpoint"
-            )
+def check_checkpoint_hash(plan: Plan, checkpoint: str | None = None) -> None:
+    """The checkpoint a replay loads (``checkpoint``, else the plan's own) exists and has the SHA-256 the
+    plan recorded: a moved checkpoint passes, other weights do not."""
+    own, want = plan.source.get("checkpoint"), plan.source.get("checkpoint_sha256")
+    ck = checkpoint or own
+    if not (ck and want):
+        return
+    if not Path(ck).is_file():
+        raise UserError(f"the plan's checkpoint {ck} does not exist: pass --checkpoint with its new location")
+    if sha256_file(ck) == want:
+        return
+    if ck == own:
+        raise UserError(
+            f"checkpoint {ck} changed since the plan was made (SHA-256 differs): re-run search on the new checkpoint"
+        )
+    raise UserError(
+        f"checkpoint {ck} is not the one the plan was made from ({own}; SHA-256 differs): pass that checkpoint "
+        "(or a copy of it), or re-run search on this one"
+    )
 
 
 def model_from_plan(plan: Plan, cfg: RunConfig) -> nn.Module:
     """The plan's dense model (checkpoint hash checked), without loading any data."""
-    if cfg.checkpoint == plan.source.get("checkpoint"):
-        check_checkpoint_hash(plan)
+    check_checkpoint_hash(plan, cfg.checkpoint)
     model = build_model(cfg.model, cfg.num_classes, cfg.pretrained)
     if cfg.checkpoint:
         load_checkpoint(model, cfg.checkpoint)
@@ -112,10 +119,9 @@ def model_from_plan(plan: Plan, cfg: RunConfig) -> nn.Module:
 def workbench_for_plan(plan: Plan, cfg: RunConfig, progress: bool = True) -> Workbench:
     """Rebuild the plan's model and data as ``cfg`` says (usually ``config_from_plan`` plus overrides).
 
-    Checks the checkpoint hash (when it is the plan's own), the layer shapes and the layer set.
+    Checks the checkpoint's hash against the plan's record, the layer shapes and the layer set.
     """
-    if cfg.checkpoint == plan.source.get("checkpoint"):
-        check_checkpoint_hash(plan)
+    check_checkpoint_hash(plan, cfg.checkpoint)
     wb = Workbench(cfg, progress=progress)
     plan.check_model(wb.dense)
     if {l.name for l in wb.layers} != {l.name for l in plan.layers}:

@@ -185,3 +185,26 @@ def test_apply_torchscript(digits_plan, tmp_path):
     assert main(["apply", "--plan", str(digits_plan), "--out", str(out), "--format", "torchscript"]) == 0
     m = torch.jit.load(str(out))
     assert m(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_a_moved_checkpoint_replays_and_other_weights_are_refused(tmp_path, capsys):
+    from rr_alloc.models.digits import pretrained_digits_resnet
+
+    ck = tmp_path / "ck.pt"
+    torch.save(pretrained_digits_resnet().state_dict(), ck)
+    plan_path = tmp_path / "plan.json"
+    assert main(["search", "--budget", "0.5", "--checkpoint", str(ck), "--out", str(plan_path), "--no-verify"]) == 0
+    moved = tmp_path / "moved.pt"
+    ck.rename(moved)
+    csv = tmp_path / "plan.csv"
+    export = ["export", "--plan", str(plan_path), "--format", "csv", "--checkpoint", str(moved), "--out", str(csv)]
+    assert main(export) == 0
+    sd = torch.load(moved, weights_only=True)
+    sd["conv1.weight"] += 1.0
+    other = tmp_path / "other.pt"
+    torch.save(sd, other)
+    capsys.readouterr()
+    out = tmp_path / "o.pt"
+    assert main(["apply", "--plan", str(plan_path), "--checkpoint", str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {other} is not the one the plan was made from" in err and not out.exists()
