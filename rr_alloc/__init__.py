@@ -10,22 +10,34 @@ Library API (mirrors the CLI)::
 Importing the library imports no command-line code (``rr_alloc.cli`` is separate).
 """
 
-from .config import RunConfig
-from .errors import UserError
-from .plan import LayerPlan, Plan
-from .repair.persist import load_pruned, save_pruned
-from .replay import apply_plan
-from .run import search
+from importlib import import_module
+from typing import Any
+
 from .version import __version__
 
-__all__ = [
-    "__version__",
-    "RunConfig",
-    "UserError",
-    "Plan",
-    "LayerPlan",
-    "search",
-    "apply_plan",
-    "load_pruned",
-    "save_pruned",
-]
+# the public names and the modules that define them, imported on first use: ``python -m rr_alloc`` starts
+# without loading torch first (a Ctrl-C while it loads is then one line), and ``--help`` is quick
+_EXPORTS = {
+    "RunConfig": ".config",
+    "UserError": ".errors",
+    "Plan": ".plan",
+    "LayerPlan": ".plan",
+    "search": ".run",
+    "apply_plan": ".replay",
+    "load_pruned": ".repair.persist",
+    "save_pruned": ".repair.persist",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rr_alloc' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
