@@ -84,7 +84,7 @@ class ProfileCache:
     def get(self, key: str) -> dict[str, Any] | None:
         """The stored payload, or ``None`` when missing, corrupt or stale (then it is removed)."""
         p = self.path(key)
-        if not p.exists():
+        if not p.is_file():  # missing, or a pipe or folder in its place (reading a pipe would block): a miss
             return None
         try:
             entry = json.loads(p.read_text(encoding="utf-8"))

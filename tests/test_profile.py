@@ -141,6 +141,14 @@ def test_profile_cache_hit_and_corruption(tmp_path):
     cache.put(other, {"x": [1]})
     cache.path(other).rename(cache.path(key))
     assert cache.get(key) is None
+    # a pipe in an entry's place is a miss (reading it would block), and the next write replaces it
+    import os
+
+    cache.path(key).unlink(missing_ok=True)
+    os.mkfifo(cache.path(key))
+    assert cache.get(key) is None
+    cache.put(key, {"x": [4]})
+    assert cache.path(key).is_file() and cache.get(key) == {"x": [4]}
 
 
 def test_workbench_reuses_cached_profile(tmp_path, monkeypatch):
