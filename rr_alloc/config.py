@@ -46,7 +46,7 @@ class RunConfig:
     download: bool = option(False, boolean)  # config files only: torchvision datasets
     calib_size: int | None = option(
         None,
-        whole(1),
+        whole(2),  # the RR profile's shrinkage and the channel-wise repair take variances over images
         "calibration images from the training data (default 1024; 512 for the 1,400-image digits pool)",
         "data",
         kind=int,

@@ -50,6 +50,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder inside ``folder`` to write a run's files into; they are moved into ``folder``
+    together only when the block succeeds, so a failure halfway leaves an earlier run's files as they were.
+
+    Each moved file gets the mode a plain ``open()`` of its final path would leave, as ``atomic_path`` does.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staged.", dir=folder))
+    try:
+        yield staging
+        for f in sorted(staging.iterdir()):
+            os.chmod(f, _target_mode(folder / f.name))
+            os.replace(f, folder / f.name)
+    finally:
+        for f in staging.iterdir():
+            f.unlink()
+        staging.rmdir()
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically and return the path."""
     with atomic_path(path) as tmp:

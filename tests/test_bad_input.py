@@ -710,6 +710,7 @@ def test_search_out_folder_means_plan_json(tmp_path, capsys, how):
         (["--grid", "0.5", "inf"], "--grid"),
         (["--s-max", "nan"], "--s-max"),
         (["--calib-size", "0"], "--calib-size"),
+        (["--calib-size", "1"], "--calib-size) must be a whole number >= 2"),
         (["--seed", "-1"], "--seed"),
         (["--num-classes", "0"], "--num-classes"),
     ],

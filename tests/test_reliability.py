@@ -58,6 +58,24 @@ def test_an_interrupt_during_the_reconstruction_leaves_the_old_plan(tmp_path, ca
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing replaced, nothing added
 
 
+def test_a_failure_while_the_side_files_are_written_leaves_the_earlier_runs_files(tmp_path, capsys, monkeypatch):
+    import rr_alloc.cli.search_cmd as search_cmd
+
+    out = tmp_path / "plan.json"
+    args = ["search", "--budget", "0.9", "--calib-size", "64", "--selection-size", "32", "--out", str(out)]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken_figure(*args, **kwargs):  # the CSV is written by then; the figure fails
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(search_cmd, "plot_rr_curves", broken_figure)
+    capsys.readouterr()
+    assert main([*args[:3], "0.8", *args[4:]]) == 2
+    assert capsys.readouterr().err.strip().startswith("error:")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing replaced, nothing left
+
+
 def test_a_layer_the_reconstruction_cannot_refit_is_named_in_the_plan(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(_search(out, "reflect_padded_cnn")) == 0, capsys.readouterr().err

@@ -13,7 +13,7 @@ from ..allocators import ALLOCATORS, allocator_class
 from ..config import RunConfig
 from ..errors import UserError
 from ..evaluate import Metrics, wilson_interval
-from ..io_utils import check_output
+from ..io_utils import check_output, staged_folder
 from ..models import list_models
 from ..optuna_storage import check_storage, discard_if_empty, storage_file
 from ..optuna_study import StudySettings, summary_lines
@@ -178,26 +178,24 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     prof = prof or wb.profile()
     ref_name = "global" if cfg.pattern else cfg.reference_allocator
     table = layer_table(plan, prof, {ref_name: wb.allocate(ref_name, plan.budget)})
-    # every output is computed before any is written, and the plan goes last: an error or Ctrl-C before
-    # this point leaves the files of an earlier run as they were
-    extra = [
-        write_profile_csv(prof, out.with_name("profile.csv")),
+    # every output is computed before any is written, the side files move into place together, and the
+    # plan goes last: an error or Ctrl-C before that leaves the files of an earlier run as they were
+    with staged_folder(out.parent) as staging:
+        write_profile_csv(prof, staging / "profile.csv")
         plot_rr_curves(
             prof,
-            out.with_name("rr_curves.png"),
+            staging / "rr_curves.png",
             plan.sparsities,
             title=f"{cfg.model}: RR profile, {plan.allocator} plan at {plan.budget:g}",
-        ),
-    ]
-    if plan.search and wb.last_study is not None:
-        extra.append(
+        )
+        if plan.search and wb.last_study is not None:
             plot_search_progress(
                 wb.last_study.get_trials(deepcopy=False),
                 plan.search.get("global_selection"),
-                out.with_name("search_progress.png"),
+                staging / "search_progress.png",
                 f"{cfg.model}: {plan.search['optimizer']} at {plan.budget:g}",
             )
-        )
+        extra = [out.with_name(f.name) for f in sorted(staging.iterdir())]
     plan.save(out)
     print()
     print(table.to_string(index=False))
