@@ -235,13 +235,16 @@ def to_llm_compressor(plan: Plan) -> str:
     # one sparsity per module matched by targets, in named_modules order (the plan's order);
     # explicit names as targets so the match list and the sparsity list cannot disagree in length
     structure = plan.pattern or "0:0"
+    # an N:M modifier prunes N of every M whatever the sparsity says: layers the pattern leaves dense stay out
+    layers = [l for l in plan.layers if l.n_pruned > 0] if plan.pattern else list(plan.layers)
+    dense = [l.name for l in plan.layers if l not in layers]
     body = {
         "sparsity_stage": {
             "sparsity_modifiers": {
                 "SparseGPTModifier": {
-                    "sparsity": [round(l.sparsity, 6) for l in plan.layers],
+                    "sparsity": [round(l.sparsity, 6) for l in layers],
                     "mask_structure": structure,
-                    "targets": [l.name for l in plan.layers],
+                    "targets": [l.name for l in layers],
                 }
             }
         }
@@ -254,6 +257,8 @@ def to_llm_compressor(plan: Plan) -> str:
         if plan.pattern
         else ""
     )
+    if dense:
+        note += f"# left dense, not targeted: {_inline(', '.join(dense))}\n"
     # force quotes: an unquoted 0:0 is a sexagesimal number to some YAML 1.1 readers
     text = _yaml_dump(body).replace(f"mask_structure: {structure}", f"mask_structure: '{structure}'")
     return _header(plan) + note + text

@@ -51,9 +51,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(folder: str | os.PathLike, last: str | None = None) -> Iterator[Path]:
     """A temporary folder inside ``folder`` to write a run's files into; they are moved into ``folder``
-    together only when the block succeeds, so a failure halfway leaves an earlier run's files as they were.
+    together only when the block succeeds (the file named ``last``, e.g. the plan, after the others), so a
+    failure while they are written leaves an earlier run's files as they were.
 
     Each moved file gets the mode a plain ``open()`` of its final path would leave, as ``atomic_path`` does.
     """
@@ -62,7 +63,7 @@ def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=".staged.", dir=folder))
     try:
         yield staging
-        for f in sorted(staging.iterdir()):
+        for f in sorted(staging.iterdir(), key=lambda f: (f.name == last, f.name)):
             os.chmod(f, _target_mode(folder / f.name))
             os.replace(f, folder / f.name)
     finally:

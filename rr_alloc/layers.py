@@ -55,8 +55,8 @@ def prunable_layers(
         if unmatched:  # a typo would otherwise prune (or protect) other layers than the user meant
             shown = ", ".join(list(found)[:4]) + (", ..." if len(found) > 4 else "")
             raise UserError(
-                f"{flag} pattern {unmatched[0]!r} matches no prunable layer: use dotted layer names or "
-                f"shell-style patterns over them (this model's: {shown})"
+                f"{flag} pattern {unmatched[0]!r} (a flag, config key or a replayed plan's {flag[2:]}) matches no "
+                f"prunable layer: use dotted layer names or shell-style patterns over them (this model's: {shown})"
             )
     keep = select_layers(list(found), include, exclude)
     if not keep:

@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import RunConfig
 from .errors import UserError
-from .io_utils import sha256_file
+from .io_utils import check_input_file, sha256_file
 from .models import build_model, load_checkpoint
 from .models.registry import ZOO
 from .plan import Plan
@@ -91,7 +91,9 @@ def check_checkpoint_hash(plan: Plan, checkpoint: str | None = None) -> None:
     ck = checkpoint or own
     if not (ck and want):
         return
-    if not Path(ck).is_file():
+    if ck != own:  # the user's file: missing, a folder or a pipe is named as such
+        check_input_file(ck, "checkpoint", "--checkpoint", "a copy of the plan's checkpoint")
+    elif not Path(ck).is_file():
         raise UserError(f"the plan's checkpoint {ck} does not exist: pass --checkpoint with its new location")
     if sha256_file(ck) == want:
         return

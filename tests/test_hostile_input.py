@@ -405,7 +405,7 @@ def _folder(tmp_path):
 @pytest.mark.parametrize("flag,pattern", [("--include", "layer3.*"), ("--exclude", "fc"), ("--exclude", "Linear")])
 def test_a_layer_pattern_that_matches_no_layer_is_refused_naming_it(tmp_path, capsys, flag, pattern):
     err = _bad_search(tmp_path, capsys, "--budget", "0.9", *QUICK, flag, "layer1.*", flag, pattern)
-    assert f"{flag} pattern {pattern!r} matches no prunable layer" in err and "layer1.0.conv1" in err
+    assert f"{flag} pattern {pattern!r} (" in err and "matches no prunable layer" in err and "layer1.0.conv1" in err
 
 
 @pytest.fixture(scope="module")
@@ -433,6 +433,9 @@ def test_an_nm_plan_exports_its_pattern_and_exact_masks(nm_plan, tmp_path, capsy
     text = recipe.read_text()
     body = yaml.safe_load(text)["sparsity_stage"]["sparsity_modifiers"]["SparseGPTModifier"]
     assert body["mask_structure"] == "2:4" and "other groups" in text
+    dense = [l.name for l in Plan.load(nm_plan).layers if l.n_pruned == 0]  # conv1: one input channel
+    assert dense and not set(dense) & set(body["targets"]) and f"not targeted: {dense[0]}" in text
+    assert len(body["targets"]) == len(body["sparsity"])
     masks = tmp_path / "masks.pt"
     assert main(["export", "--plan", str(nm_plan), "--format", "masks", "--out", str(masks)]) == 0
     plan, saved = Plan.load(nm_plan), torch.load(masks, weights_only=True)

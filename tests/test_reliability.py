@@ -71,7 +71,7 @@ def test_a_failure_while_the_side_files_are_written_leaves_the_earlier_runs_file
 
     monkeypatch.setattr(search_cmd, "plot_rr_curves", broken_figure)
     capsys.readouterr()
-    assert main([*args[:3], "0.8", *args[4:]]) == 2
+    assert main([*args[:3], "0.8", *args[4:], "--seed", "1"]) == 2  # another seed: another profile.csv
     assert capsys.readouterr().err.strip().startswith("error:")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing replaced, nothing left
 

@@ -523,6 +523,16 @@ def test_level_inputs_off_scores_level_candidates_by_the_full_pipeline_and_bad_r
     for t in (t for t in trials if t.value is not None):  # a completed level candidate is the full pipeline's
         counts = dict(zip((layer.name for layer in wb.layers), t.user_attrs["level_counts"]))
         assert t.value == pytest.approx(wb.evaluator.scorer(OBS_REPAIR)(counts), rel=1e-5, abs=1e-7)
+    # and so is a candidate away from the anchor (children are often stopped early, so score one directly)
+    from rr_alloc.stitched import SequentialLevelScorer
+
+    glob = wb.allocate("global", 0.8)
+    scorer = SequentialLevelScorer(wb.evaluator, OBS_REPAIR, wb.experiment.level_ladders(glob))
+    levels = {n: max(0, int(np.searchsorted(scorer.ladders[n], glob[n])) - 1) for n in glob}  # a level denser
+    counts = {n: int(scorer.ladders[n][levels[n]]) for n in glob}
+    assert counts != glob
+    full = scorer.score_levels(scorer.all_levels(levels)).full
+    assert full == pytest.approx(wb.evaluator.scorer(OBS_REPAIR)(counts), rel=1e-5, abs=1e-7)
     args = _level_search(tmp_path, tmp_path / "p2.json", "--n-trials", "3", "--level-inputs", "dense")
     args[args.index(OBS_REPAIR)] = "bn"
     capsys.readouterr()

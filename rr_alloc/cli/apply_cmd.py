@@ -118,11 +118,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     ex = exporter(args.format)
     check_exportable(plan, args.format)  # before the output check and any model is built
-    check_output(args.out, "--out", inputs=(args.plan, plan.source.get("checkpoint")))
+    cfg = config_for_plan(args, plan)
+    check_output(args.out, "--out", inputs=(args.plan, plan.source.get("checkpoint"), cfg.checkpoint))
     note = reconstruction_note(plan)  # parses the plan's repair: a bad one fails before anything is written
     # every format, not only those that read the model: the README promises that an export checks the
     # plan against its model (layers and shapes) and its checkpoint (SHA-256)
-    cfg = config_for_plan(args, plan)
     model = model_from_plan(plan, cfg)
 
     def obs_masks() -> dict:

@@ -178,9 +178,9 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     prof = prof or wb.profile()
     ref_name = "global" if cfg.pattern else cfg.reference_allocator
     table = layer_table(plan, prof, {ref_name: wb.allocate(ref_name, plan.budget)})
-    # every output is computed before any is written, the side files move into place together, and the
-    # plan goes last: an error or Ctrl-C before that leaves the files of an earlier run as they were
-    with staged_folder(out.parent) as staging:
+    # every output is computed before any is written, and the side files and the plan (last) move into place
+    # together: an error or Ctrl-C while they are written leaves the files of an earlier run as they were
+    with staged_folder(out.parent, last=out.name) as staging:
         write_profile_csv(prof, staging / "profile.csv")
         plot_rr_curves(
             prof,
@@ -196,7 +196,7 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
                 f"{cfg.model}: {plan.search['optimizer']} at {plan.budget:g}",
             )
         extra = [out.with_name(f.name) for f in sorted(staging.iterdir())]
-    plan.save(out)
+        plan.save(staging / out.name)
     print()
     print(table.to_string(index=False))
     target = "N:M pattern" if cfg.pattern else f"target {budget:.4f}"
