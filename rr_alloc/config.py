@@ -310,6 +310,8 @@ class RunConfig:
                 "train_data/test_data (--train-data/--test-data) name image folders, but the dataset is the "
                 "built-in digits: pass --dataset imagefolder (or cifar10, mnist, ...)"
             )
+        if self.transform:  # a malformed transform is named as such, whatever the dataset
+            TransformSpec.from_dict(self.transform)
         if self.dataset == "digits" and (self.transform or self.download):
             key = "transform" if self.transform else "download"
             raise UserError(
