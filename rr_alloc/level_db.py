@@ -73,6 +73,14 @@ def ladder(n: int, s_max: float, step: float = DEFAULT_LADDER_STEP, extra: Seque
     return np.array(sorted(counts), np.int64)
 
 
+def level_index(ladder: np.ndarray, count: int, name: str = "the layer") -> int:
+    """The level of ``count`` pruned weights on a layer's ``ladder`` (it must be on it)."""
+    i = int(np.searchsorted(ladder, count))
+    if i >= len(ladder) or ladder[i] != count:
+        raise KeyError(f"{count} pruned weights of {name} is not a level of the ladder")
+    return i
+
+
 def reconstructed_layers(model: nn.Module) -> list[str]:
     """The layers a reconstruction step re-fits (every Conv2d/Linear), in module order."""
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -95,10 +103,7 @@ class LevelDatabase:
 
     def level_of(self, name: str, count: int) -> int:
         """The level index of ``count`` pruned weights of ``name`` (it must be on the ladder)."""
-        i = int(np.searchsorted(self.counts[name], count))
-        if i >= len(self.counts[name]) or self.counts[name][i] != count:
-            raise KeyError(f"{count} pruned weights of {name} is not a level of the database")
-        return i
+        return level_index(self.counts[name], count, name)
 
     def levels_of(self, counts: Mapping[str, int]) -> dict[str, int]:
         """Level indices of per-layer counts (layers not named stay at their count-0 level)."""

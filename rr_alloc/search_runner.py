@@ -28,6 +28,7 @@ from .cache import fingerprint_model, fingerprint_tensor
 from .config import RunConfig, study_key_fields
 from .evaluator import Evaluator
 from .experiment import Experiment
+from .level_db import level_index
 from .optuna_storage import Heartbeat, open_storage
 from .optuna_study import StudySettings, best_trial, check_study_matches, evaluated, open_study, optimize
 from .selection import SelectionScorer, paired_upper_bound
@@ -128,7 +129,7 @@ class SearchRunner:
                 scorer = StitchedScorer(self.evaluator, cfg.loop_repair, db, cfg.objective, cfg.stages)
             problem = exp.problem(budget, OptunaSearch.needs, evaluate=scorer)
             ladders = [scorer.ladders[n] for n in problem.names]
-            anchor = np.array([int(np.searchsorted(lad, global_counts[n])) for lad, n in zip(ladders, problem.names)])
+            anchor = np.array([level_index(lad, global_counts[n], n) for lad, n in zip(ladders, problem.names)])
             space = LevelSpace(problem, ladders, anchor, cfg.guidance == "rr")
         study = self._optimize(budget, problem, space)
         best = best_trial(study)

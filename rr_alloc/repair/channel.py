@@ -22,7 +22,7 @@ from .affine import fold_correction
 from .bn import recalibrate_bn
 from .propagate import CacheTooLarge, StagedRunner, site_moments
 from .sites import SITE_KINDS, Site, discover_sites, forward_order, missing_note
-from .steps import RepairReport, StepContext, StepKind, register
+from .steps import RepairReport, StepContext, StepKind, first_repeat, register
 
 __all__ = ["RepairStep", "CHANNEL_METHODS", "DenseSiteCache", "BnRecalibration", "ChannelRepair"]
 
@@ -116,12 +116,10 @@ class BnRecalibration(StepKind):
 
 def _parse_options(opts: list[str], part: str) -> tuple[bool, str | float]:
     shift, lam = True, "mean"
-    seen: set[str] = set()
+    twice = first_repeat(["shift" if o in ("shift", "noshift") else o.partition("=")[0] for o in opts])
+    if twice:
+        raise UserError(f"repair step {part!r} sets {twice!r} twice ({', '.join(opts)}): keep one")
     for o in opts:
-        key = "shift" if o in ("shift", "noshift") else o.partition("=")[0]
-        if key in seen:  # the last value would silently win
-            raise UserError(f"repair step {part!r} sets {key!r} twice ({', '.join(opts)}): keep one")
-        seen.add(key)
         if o == "noshift":
             shift = False
         elif o == "shift":

@@ -7,19 +7,18 @@ from torch import nn
 from ..errors import UserError
 from .reconstruct import RECONSTRUCT_METHODS, SOLVES, ReconstructStep, reconstruct
 from .refit import DEFAULT_DAMP, DEFAULT_OBS_BLOCK
-from .steps import StepContext, StepKind, register
+from .steps import StepContext, StepKind, first_repeat, register
 
 __all__ = ["Reconstruction"]
 
 
 def _parse_options(method: str, opts: list[str], part: str, text: str) -> ReconstructStep:
     damp, block, solve = DEFAULT_DAMP, DEFAULT_OBS_BLOCK, "auto"
-    seen: set[str] = set()
+    twice = first_repeat([o.partition("=")[0] for o in opts])
+    if twice:
+        raise UserError(f"option {twice!r} is given twice in repair step {part!r} (in --repair {text!r}): keep one")
     for o in opts:
         key, _, val = o.partition("=")
-        if key in seen:  # the last value would silently win
-            raise UserError(f"option {key!r} is given twice in repair step {part!r} (in --repair {text!r}): keep one")
-        seen.add(key)
         try:
             if key == "damp":
                 damp = float(val)

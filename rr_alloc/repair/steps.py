@@ -8,6 +8,7 @@ A kind registers under the method names its text form starts with (``bn``;
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -83,6 +84,11 @@ class StepKind:
     def chooses_masks(self, step: Any) -> bool:
         """Whether ``step`` chooses the keep-masks itself (instead of the layer-local magnitude rule)."""
         return False
+
+
+def first_repeat(keys: Sequence[str]) -> str | None:
+    """The first option key given twice in one step (the last value would silently win), or ``None``."""
+    return next((k for i, k in enumerate(keys) if k in keys[:i]), None)
 
 
 STEP_KINDS: dict[str, StepKind] = {}  # method name -> its kind
