@@ -18,7 +18,7 @@ from .data import DataSpec
 from .errors import UserError
 from .options import GROUPS, boolean, fractions, mapping, option, real, text, texts, whole
 from .profile import DEFAULT_GRID
-from .repair import DEFAULT_REPAIR
+from .repair import DEFAULT_REPAIR, DistillStep, RepairPipeline
 from .transforms import TransformSpec
 
 __all__ = ["RunConfig", "resolve_device", "option_fields", "study_key_fields", "GROUPS"]
@@ -115,6 +115,14 @@ class RunConfig:
     # repair / verification (bn>naive@block+logits: studies/repair_ablation.py, selection split)
     repair: str = option(
         DEFAULT_REPAIR, text, "repair pipeline for verification, e.g. bn or lsq>bn>naive@block+logits", "repair"
+    )
+    distill_size: int = option(
+        0,
+        whole(0),
+        "images the kd repair step fits on: the calibration split plus further training images, disjoint from "
+        "selection and validation (0: the calibration split alone)",
+        "repair",
+        kind=int,
     )
     profile_repair: str = option(
         "channel",
@@ -270,6 +278,7 @@ class RunConfig:
             calib_size=calib,
             selection_size=sel,
             validation_size=self.validation_size,
+            distill_size=self.distill_size,
             eval_size=self.eval_size,
             seed=self.seed,
             download=self.download,
@@ -309,6 +318,15 @@ class RunConfig:
             raise UserError(
                 "train_data/test_data (--train-data/--test-data) name image folders, but the dataset is the "
                 "built-in digits: pass --dataset imagefolder (or cifar10, mnist, ...)"
+            )
+        if self.distill_size and not any(
+            isinstance(step, DistillStep)
+            for text in {self.repair, self.loop_repair}
+            for step in RepairPipeline.parse(text).steps
+        ):
+            raise UserError(
+                f"--distill-size applies to the kd repair step, which --repair {self.repair!r} does not run: add it "
+                "(e.g. --repair obs>bn>naive@block+logits>kd) or drop --distill-size"
             )
         if self.transform:  # a malformed transform is named as such, whatever the dataset
             TransformSpec.from_dict(self.transform)

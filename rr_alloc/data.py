@@ -78,12 +78,13 @@ class DataSpec:
     calib_size: int = 1024
     selection_size: int = 1024
     validation_size: int = 0
+    distill_size: int = 0  # images the kd step fits on: calibration plus this many minus it (0: calibration)
     eval_size: int | None = None  # None: the whole test set
     seed: int = 0
     download: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "distill_size" or self.distill_size}
         d["transform"] = self.transform.to_dict() if self.transform else None
         return d
 
@@ -132,6 +133,8 @@ class Splits:
     description: str = ""
     validation: Batches | None = None
     validation_indices: list[int] = field(default_factory=list)
+    distill: Batches | None = None  # the kd step's images: calibration plus further ones (None: calibration)
+    distill_indices: list[int] = field(default_factory=list)  # the further ones
 
 
 def _require_dir(path: str | None, what: str, flag: str) -> Path:
@@ -235,22 +238,35 @@ def _materialise(ds, indices: np.ndarray, desc: str, flag: str = "--train-data")
 
 
 def _draw(
-    n_pool: int, calib: int, selection: int, seed: int, what: str, validation: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Disjoint calibration, selection and validation indices: consecutive slices of one seeded permutation."""
+    n_pool: int, calib: int, selection: int, seed: int, what: str, validation: int = 0, distill: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint calibration, selection, validation and extra distillation indices: consecutive slices of one
+    seeded permutation (so a larger ``distill`` leaves the other three as they were)."""
     if calib < 1 or selection < 0 or validation < 0:
         raise UserError(
             f"calibration size must be >= 1, selection and validation sizes >= 0, got {calib}/{selection}/{validation}"
         )
-    if calib + selection + validation > n_pool:
+    if distill and distill < calib:
         raise UserError(
-            f"calibration ({calib}) + selection ({selection}) + validation ({validation}) images "
-            f"exceed the {n_pool} training images of {what}: lower --calib-size/--selection-size/"
-            "--validation-size"
+            f"--distill-size {distill} is below the {calib} calibration images it includes: pass 0 (the "
+            f"calibration split alone) or at least --calib-size"
+        )
+    extra = max(0, distill - calib)
+    if calib + selection + validation + extra > n_pool:
+        raise UserError(
+            f"calibration ({calib}) + selection ({selection}) + validation ({validation}) + further distillation "
+            f"({extra}) images exceed the {n_pool} training images of {what}: lower --calib-size/--selection-size/"
+            "--validation-size/--distill-size"
         )
     perm = np.random.default_rng(seed).permutation(n_pool)
     end = calib + selection
-    return np.sort(perm[:calib]), np.sort(perm[calib:end]), np.sort(perm[end : end + validation])
+    val_end = end + validation
+    return (
+        np.sort(perm[:calib]),
+        np.sort(perm[calib:end]),
+        np.sort(perm[end:val_end]),
+        np.sort(perm[val_end : val_end + extra]),
+    )
 
 
 def _eval_indices(n: int, eval_size: int | None) -> np.ndarray:
@@ -270,11 +286,18 @@ def load_splits(spec: DataSpec, batch_size: int = 256) -> Splits:
     if spec.kind == "digits":
         x, y = digits_arrays()
         pool, test = digits_split_indices(len(x))
-        c, s, v = _draw(
-            len(pool), spec.calib_size, spec.selection_size, spec.seed, "the digits training pool", spec.validation_size
+        c, s, v, d = _draw(
+            len(pool),
+            spec.calib_size,
+            spec.selection_size,
+            spec.seed,
+            "the digits training pool",
+            spec.validation_size,
+            spec.distill_size,
         )
-        ci, si, vi = pool[c], pool[s], pool[v]
+        ci, si, vi, di = pool[c], pool[s], pool[v], pool[d]
         ti = test[_eval_indices(len(test), spec.eval_size)]
+        distill = Batches(x[np.concatenate([ci, di])], y[np.concatenate([ci, di])], batch_size) if len(di) else None
         return Splits(
             Batches(x[ci], y[ci], batch_size),
             Batches(x[si], y[si], batch_size),
@@ -285,16 +308,25 @@ def load_splits(spec: DataSpec, batch_size: int = 256) -> Splits:
             f"sklearn digits: {len(pool)} train pool / {len(test)} test",
             Batches(x[vi], y[vi], batch_size),
             vi.tolist(),
+            distill,
+            di.tolist(),
         )
     tf = (spec.transform or TransformSpec()).build()
     train_ds, test_ds = _torchvision_sets(spec, tf)
-    c, s, v = _draw(
-        len(train_ds), spec.calib_size, spec.selection_size, spec.seed, spec.train or spec.kind, spec.validation_size
+    c, s, v, d = _draw(
+        len(train_ds),
+        spec.calib_size,
+        spec.selection_size,
+        spec.seed,
+        spec.train or spec.kind,
+        spec.validation_size,
+        spec.distill_size,
     )
     t = _eval_indices(len(test_ds), spec.eval_size)
     cx, cy = _materialise(train_ds, c, "calibration")
     sx, sy = _materialise(train_ds, s, "selection")
     vx, vy = _materialise(train_ds, v, "validation")
+    dx, dy = _materialise(train_ds, d, "distillation")
     tx, ty = _materialise(test_ds, t, "test", "--test-data")
     if len(tx) and len(cx) and tx.shape[1:] != cx.shape[1:]:
         raise UserError(
@@ -311,4 +343,6 @@ def load_splits(spec: DataSpec, batch_size: int = 256) -> Splits:
         f"{spec.kind}: {len(train_ds)} train / {len(test_ds)} test",
         Batches(vx, vy, batch_size),
         v.tolist(),
+        Batches(torch.cat([cx, dx]), torch.cat([cy, dy]), batch_size) if len(d) else None,
+        d.tolist(),
     )

@@ -75,6 +75,8 @@ class Evaluator:
             nm=p.nm,
             optional_sites=str(pipeline) == DEFAULT_REPAIR,  # sites nobody chose: skip what the model lacks
             progress=progress,
+            seed=exp.cfg.seed,
+            distill_batches=exp.splits.distill,
         )
         return model, report
 

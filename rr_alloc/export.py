@@ -41,7 +41,7 @@ def reconstruction_note(plan: Plan) -> str | None:
         "its masks are OBS-chosen (same per-layer counts), not the smallest |w|; " if plan.mask_rule == "obs" else ""
     )
     return (
-        f"this plan was verified with rr_alloc's reconstruction repair ({plan.repair}): {masks}re-pruning "
+        f"this plan was verified with a repair that rewrites the kept weights ({plan.repair}): {masks}re-pruning "
         "by magnitude with these sparsities loses that quality; take the weights from `rr_alloc apply`, "
         "or let the downstream tool recompute its own updates (this file is a schedule, not weights)"
     )

@@ -91,6 +91,7 @@ PLAN_SCHEMA: dict[str, Any] = {
                         "calib_size": {"type": "integer", "minimum": 1},
                         "selection_size": {"type": "integer", "minimum": 0},
                         "validation_size": {"type": "integer", "minimum": 0},
+                        "distill_size": {"type": "integer", "minimum": 0},
                         "eval_size": {"type": ["integer", "null"], "minimum": 1},
                         "seed": {"type": "integer"},
                         "download": {"type": "boolean"},
@@ -104,6 +105,7 @@ PLAN_SCHEMA: dict[str, Any] = {
                 "size": {"type": "integer", "minimum": 0},
                 "selection_size": {"type": "integer", "minimum": 0},
                 "validation_size": {"type": "integer", "minimum": 0},
+                "distill_size": {"type": "integer", "minimum": 0},
                 "seed": {"type": "integer"},
             },
         },
@@ -129,6 +131,10 @@ PLAN_SCHEMA: dict[str, Any] = {
                     "type": "array",
                     "description": "layers re-fitted by SparseGPT's sweep (above the exact re-fit's budget)",
                     "items": _TEXT,
+                },
+                "repair_distill": {
+                    "type": "object",
+                    "description": "the kd step's settings, the images it fitted on and its first and last loss",
                 },
                 "repair_path": {
                     **_TEXT,

@@ -46,6 +46,7 @@ def config_from_plan(plan: Plan) -> dict[str, Any]:
         "calib_size": data.get("calib_size"),
         "selection_size": data.get("selection_size"),
         "validation_size": data.get("validation_size", 0),
+        "distill_size": data.get("distill_size", 0),
         "eval_size": data.get("eval_size"),
         "seed": data.get("seed", 0),
         "download": data.get("download", False),

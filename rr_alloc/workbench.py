@@ -163,6 +163,7 @@ class Workbench:
                 "size": self.splits.calib.n,
                 "selection_size": self.splits.selection.n,
                 "validation_size": self.splits.validation.n if self.splits.validation else 0,
+                **({"distill_size": self.splits.distill.n} if self.splits.distill is not None else {}),
                 "seed": cfg.seed,
             },
             search=dict(self.search_info.get(float(budget), {})) if allocator == "optuna" else {},

@@ -1,14 +1,15 @@
-"""Training-free repair: BN recalibration, channel-wise corrections (LW, naive, ASR) and re-fits (lsq, obs).
+"""Training-free repair: BN recalibration, channel-wise corrections (LW, naive, ASR), re-fits (lsq, obs), kd.
 
 Modules: ``pipeline`` (text form, ``run_repair``), ``steps`` (the registry of
 step kinds), ``channel`` (the ``bn`` and channel-wise kinds), ``reconstruct``
-(the ``lsq``/``obs`` kind), ``refit`` (its arithmetic), ``propagate`` (tracing
+(the ``lsq``/``obs`` kind), ``distill`` (the ``kd`` kind), ``refit`` (its arithmetic), ``propagate`` (tracing
 and the passes over the calibration set), ``sites``, ``affine``, ``bn``,
 ``persist``.
 """
 
 from .affine import ChannelAffine, affine_modules, attach_output_affine, fold_correction
 from .bn import recalibrate_bn
+from .distill import DistillStep, distill
 from .pipeline import (
     CHANNEL_METHODS,
     DenseSiteCache,
@@ -32,6 +33,8 @@ PRESETS: dict[str, str] = {
     "channel-wise pipeline on the selection split in studies/repair_ablation.py)",
     "lsq>bn>naive@block+logits": "least-squares re-fit of the kept weights (magnitude masks), then the "
     "channel-wise default (options lsq:damp=0.01)",
+    "obs>bn>naive@block+logits>kd": "the reconstruction pipeline, then distillation of the kept weights to the "
+    "dense model on unlabeled images (kd: KL to the dense logits, masks fixed; --distill-size draws more images)",
     "obs>bn>naive@block+logits": "OBS-chosen masks (SparseGPT sweep, same per-layer counts) and least-squares "
     "re-fit, then the channel-wise pipeline: best on the selection split of "
     "studies/repair_ablation.py --reconstruct; the CIFAR configs select it",
@@ -50,6 +53,8 @@ __all__ = [
     "attach_output_affine",
     "fold_correction",
     "recalibrate_bn",
+    "DistillStep",
+    "distill",
     "CHANNEL_METHODS",
     "DenseSiteCache",
     "RepairPipeline",

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .channel import CHANNEL_METHODS, DenseSiteCache, RepairStep
+from .distill import Distillation, DistillStep  # noqa: F401  (registers the kd kind)
 from .propagate import activation_cap, site_moments
 from .reconstruct import ReconstructStep
 from .reconstruct_kind import Reconstruction  # noqa: F401  (registers the lsq/obs kind)
@@ -48,7 +49,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RepairPipeline:
-    steps: tuple[RepairStep | ReconstructStep, ...] = ()
+    steps: tuple[RepairStep | ReconstructStep | DistillStep, ...] = ()
 
     def __str__(self) -> str:
         return ">".join(str(s) for s in self.steps) or "none"
@@ -85,6 +86,8 @@ def run_repair(
     nm: tuple[int, int] | None = None,
     optional_sites: bool = False,
     progress: bool = False,
+    seed: int = 0,
+    distill_batches=None,
 ) -> RepairReport:
     """Repair ``pruned`` in place with ``pipeline`` on calibration ``batches``.
 
@@ -98,14 +101,16 @@ def run_repair(
     (keep-masks, default: the non-zero weights) and ``nm`` (the N:M pattern
     they follow) tell them what is pruned. ``optional_sites``: a channel step whose sites the model lacks
     is skipped with a note instead of refused (for the default pipeline, whose sites nobody chose).
-    Returns where each correction was placed, how many calibration passes were spent, and the final masks.
+    ``seed`` seeds a step's own randomness and ``distill_batches`` are the images the ``kd`` step fits on
+    (default: ``batches``). Returns where each correction was placed, how many calibration passes were spent,
+    and the final masks.
     """
     if isinstance(pipeline, str):
         pipeline = RepairPipeline.parse(pipeline)
     ctx = StepContext(
         batches,
         RepairReport(str(pipeline)),
-        dense=dense,
+        dense=dense if dense is not None or cache is None else cache.dense,  # every step reads it from here
         device=device,
         cache=cache,
         masks=masks,
@@ -114,6 +119,8 @@ def run_repair(
         max_cache_bytes=activation_cap(device) if max_cache_bytes is None else max_cache_bytes,
         optional_sites=optional_sites,
         progress=progress,
+        seed=seed,
+        distill_batches=distill_batches,
     )
     for step in pipeline.steps:
         kind_of(step).apply(step, pruned, ctx)

@@ -63,7 +63,7 @@ class Reconstruction(StepKind):
         return _parse_options(head, opts, part, text) if head in RECONSTRUCT_METHODS else None
 
     def apply(self, step: ReconstructStep, pruned: nn.Module, ctx: StepContext) -> None:
-        ref = ctx.dense if ctx.dense is not None else (ctx.cache.dense if ctx.cache is not None else None)
+        ref = ctx.dense  # run_repair sets it from the cache when only that was given
         if ref is None:
             raise ValueError("reconstruction repair needs the dense model or a DenseSiteCache")
         layers = [n for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

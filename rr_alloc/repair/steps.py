@@ -33,10 +33,16 @@ class RepairReport:
     skipped: dict[str, str] = field(default_factory=dict)  # layer -> why reconstruction skipped it
     swept: list[str] = field(default_factory=list)  # layers re-fitted by the sweep, not the exact solve
     path: str = ""  # how a reconstruction reached its layers: lockstep, or per-layer passes (and why)
+    distill: dict[str, Any] = field(default_factory=dict)  # the kd step's settings, images and losses
 
     def plan_fields(self) -> dict[str, Any]:
-        """What a plan's ``verify`` block records of this repair: layers left, swept, and the path taken."""
-        fields = {"repair_left": dict(self.skipped), "repair_swept": list(self.swept), "repair_path": self.path}
+        """What a plan's ``verify`` block records of this repair: layers left, swept, the path, distillation."""
+        fields = {
+            "repair_left": dict(self.skipped),
+            "repair_swept": list(self.swept),
+            "repair_path": self.path,
+            "repair_distill": dict(self.distill),
+        }
         return {k: v for k, v in fields.items() if v}
 
     @property
@@ -59,6 +65,8 @@ class StepContext:
     max_cache_bytes: float = 4e9  # cap on the activations a step caches (run_repair: activation_cap)
     optional_sites: bool = False  # a channel step whose sites the model lacks is skipped, not refused
     progress: bool = False  # long steps (the reconstruction) show a bar with the time left
+    seed: int = 0  # seeds a step's own randomness (kd's image draws and augmentation)
+    distill_batches: Any = None  # images the kd step fits on (default: ``batches``)
 
 
 class StepKind:
