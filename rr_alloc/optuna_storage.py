@@ -13,6 +13,7 @@ parameters (at most ``max_retry`` times). Studies on a storage live in ``optuna_
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import time
 import warnings
@@ -145,6 +146,7 @@ def open_storage(storage: str | None, heartbeat: Heartbeat | None = None):
 
         if not path.parent.is_dir():
             raise UserError(f"--storage {storage}: directory {path.parent} does not exist: create it first")
+        _check_journal(path, storage)  # before Optuna appends its first record to someone else's file
         try:
             return JournalStorage(JournalFileBackend(str(path)))
         except ValueError as e:  # an existing file that is not an Optuna journal (JSON lines)
@@ -153,11 +155,17 @@ def open_storage(storage: str | None, heartbeat: Heartbeat | None = None):
             ) from None
     url = _sa_url(storage)
     _check_driver(url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        if not Path(url.database).parent.is_dir():
+    if url.get_backend_name() == "sqlite":
+        if url.database in (None, "", ":memory:") or str(url.database).startswith("file::memory:"):
             raise UserError(
-                f"--storage {storage}: directory {Path(url.database).parent} does not exist: create it first"
+                f"--storage {storage} is an in-memory SQLite database, which keeps no study beyond this run: pass "
+                "sqlite:///FILE, or leave --storage out (a SQLite file beside the plan)"
             )
+        db = Path(url.database)
+        if not db.parent.is_dir():
+            raise UserError(f"--storage {storage}: directory {db.parent} does not exist: create it first")
+        if db.is_file() and db.stat().st_size and _head(db, len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+            raise UserError(f"--storage {storage}: {db} is not a SQLite database: pass a new file or an Optuna one")
     _ping(url)
     kw: dict[str, Any] = {"engine_kwargs": _engine_kwargs(url)}
     if heartbeat is not None:
@@ -169,6 +177,33 @@ def open_storage(storage: str | None, heartbeat: Heartbeat | None = None):
             ),
         )
     return _with_schema_lock(url, lambda: quiet(lambda: optuna.storages.RDBStorage(storage, **kw)))
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _head(path: Path, n: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as e:
+        raise UserError(f"cannot read the storage {path} ({first_line(e)}): fix its permissions or pass another")
+
+
+def _check_journal(path: Path, storage: str) -> None:
+    """An existing non-empty file must begin with an Optuna journal record (one JSON object with an op_code)."""
+    if not path.is_file() or not path.stat().st_size:
+        return
+    line = _head(path, 1 << 16).split(b"\n", 1)[0]
+    try:
+        ok = "op_code" in json.loads(line)
+    except (ValueError, TypeError):  # not JSON, not an object, not UTF-8
+        ok = False
+    if not ok:
+        raise UserError(
+            f"--storage {storage} is not an Optuna journal (its first line is no journal record): pass a new file "
+            "or a journal an earlier search wrote"
+        )
 
 
 def _ping(url) -> None:

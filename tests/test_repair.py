@@ -250,3 +250,28 @@ def test_sites_on_torchvision_models(name):
     run_repair(pruned, pipe, batches, dense=model)
     assert all(not m._forward_hooks for m in pruned.modules())
     assert torch.isfinite(_out(pruned, batches)).all()
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("bn>asr@block:lam=nan", "finite number >= 0"),
+        ("bn>asr@block:lam=-1", "finite number >= 0"),
+        ("bn>asr@block:lam=inf", "finite number >= 0"),
+        ("bn>naive@block:lam=0.5", "lam applies to asr only"),
+        ("bn>lw@block:lam=median", "lam applies to asr only"),
+    ],
+)
+def test_a_lambda_that_would_be_ignored_or_meaningless_is_refused(text, words):
+    with pytest.raises(UserError) as e:
+        RepairPipeline.parse(text)
+    assert words in str(e.value)
+
+
+def test_list_shows_every_registered_step_form(capsys):
+    from rr_alloc.cli import main
+    from rr_alloc.repair.steps import step_kinds
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(kind.grammar and kind.grammar in out for kind in step_kinds())

@@ -10,11 +10,12 @@ import torch
 
 from ..evaluate import compare_logits, logits_of
 from ..export import FORMAT_HELP, check_exportable, export_plan, exporter, reconstruction_note
-from ..io_utils import atomic_path, check_output
+from ..io_utils import atomic_path
 from ..plan import Plan
 from ..repair.persist import save_pruned, spec_path
 from ..replay import model_from_plan, workbench_for_plan
 from .flags import REPLAY_GROUPS, add_plan_flags, add_run_flags, config_for_plan
+from .outputs import check_command_output
 
 __all__ = ["register"]
 
@@ -57,7 +58,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     cfg = config_for_plan(args, plan)
     # before any work, not after it: never the plan or the checkpoint, never a link or a device
-    check_output(args.out, "--out", inputs=(args.plan, cfg.checkpoint), siblings=(spec_path(args.out),))
+    check_command_output(args.out, "--out", args, cfg, plan, siblings=(spec_path(args.out),))
     wb = workbench_for_plan(plan, cfg)
     model, report = wb.repaired_model(wb.pruning(plan.counts), cfg.repair)
     rows, ok = [], True
@@ -119,7 +120,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     ex = exporter(args.format)
     check_exportable(plan, args.format)  # before the output check and any model is built
     cfg = config_for_plan(args, plan)
-    check_output(args.out, "--out", inputs=(args.plan, plan.source.get("checkpoint"), cfg.checkpoint))
+    check_command_output(args.out, "--out", args, cfg, plan)
     note = reconstruction_note(plan)  # parses the plan's repair: a bad one fails before anything is written
     # every format, not only those that read the model: the README promises that an export checks the
     # plan against its model (layers and shapes) and its checkpoint (SHA-256)

@@ -11,11 +11,11 @@ import pandas as pd
 
 from ..allocators import ALLOCATORS, allocator_class
 from ..errors import UserError
-from ..io_utils import check_output
 from ..repair import RepairPipeline
 from ..report import save_figure, search_lines, write_frame_csv
 from ..workbench import Workbench
 from .flags import add_run_flags, check_split_size, config_from_args, refuse_search_flags
+from .outputs import check_command_output
 
 __all__ = ["register", "compare_figure"]
 
@@ -73,14 +73,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_split_size(cfg, args.split)
     refuse_search_flags(args, any(ALLOCATORS[a].needs.evaluate for a in allocators))
     out_dir = Path(args.out_dir or Path("runs") / f"compare_{cfg.model.replace(':', '_')}")
-    check_output(out_dir, "--out-dir", is_dir=True)  # before any work, not after it
+    check_command_output(out_dir, "--out-dir", args, cfg, is_dir=True)  # before any work, not after it
     for name in ("compare.csv", "compare_layers.csv", "compare.png"):
-        check_output(
-            out_dir / name,
-            "--out-dir",
-            inputs=(cfg.checkpoint, getattr(args, "config", None)),
-            input_folders=(cfg.train_data, cfg.test_data),
-        )
+        check_command_output(out_dir / name, "--out-dir", args, cfg)
     wb = Workbench(cfg, progress=True)
     print(
         f"compare: {cfg.model}, budgets {args.budgets}, allocators {allocators}, repairs {repairs}, "

@@ -13,13 +13,14 @@ from ..allocators import ALLOCATORS, allocator_class
 from ..config import RunConfig
 from ..errors import UserError
 from ..evaluate import Metrics, wilson_interval
-from ..io_utils import check_output, staged_folder
+from ..io_utils import staged_folder
 from ..models import list_models
 from ..optuna_storage import check_storage, discard_if_empty, storage_file
 from ..optuna_study import StudySettings, summary_lines
 from ..plan import Plan
 from ..pruning import parse_pattern
-from ..repair import CHANNEL_METHODS, PRESETS, RECONSTRUCT_METHODS, SITE_KINDS, RepairPipeline
+from ..repair import PRESETS, RepairPipeline
+from ..repair.steps import step_kinds
 from ..replay import workbench_for_plan
 from ..report import layer_table, plot_rr_curves, plot_search_progress, search_lines, write_profile_csv
 from ..run import search
@@ -37,6 +38,7 @@ from .flags import (
     parse_budget,
     refuse_search_flags,
 )
+from .outputs import check_command_output
 
 __all__ = ["register", "metrics_row", "run_search", "SIDE_FILES"]
 
@@ -116,12 +118,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     if out.is_dir() or str(out_arg or "").endswith(("/", "\\")):
         out = out / "plan.json"
     searching = cfg.allocator == "optuna" and not cfg.pattern
-    storage = storage_file(cfg.storage) if searching and cfg.storage else None
     default_db = ("optuna.db",) if searching and not cfg.storage else ()  # the storage made beside the plan
     side = [out.with_name(n) for n in SIDE_FILES + (("search_progress.png",) if searching else ()) + default_db]
-    inputs = (cfg.checkpoint, getattr(args, "config", None), storage)
     # before any work, not after it; an explicit storage may well be the optuna.db beside the plan
-    check_output(out, "--out", inputs=inputs, siblings=side, input_folders=(cfg.train_data, cfg.test_data))
+    check_command_output(out, "--out", args, cfg, siblings=side)
     # names that are otherwise only parsed inside the work (in an Optuna trial, after the profile)
     allocator_class(cfg.allocator)
     if not cfg.pattern:
@@ -272,13 +272,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("allocators:")
     for k, cls in ALLOCATORS.items():
         print(f"  {k:<22} {cls.description}")
-    print(
-        "repair pipelines (steps joined by '>'; channel steps METHOD@SITES[:noshift][:lam=mean|median]; "
-        "reconstruction steps lsq[:damp=X][:solve=S], obs[:damp=X][:block=B][:solve=S]):"
-    )
+    print("repair pipelines (steps joined by '>'):")
+    width = max(map(len, PRESETS)) + 2
     for k, v in PRESETS.items():
-        print(f"  {k:<26} {v}")
-    print(
-        f"  methods: bn, {', '.join(CHANNEL_METHODS)}, {', '.join(RECONSTRUCT_METHODS)}; sites: {', '.join(SITE_KINDS)}"
-    )
+        print(f"  {k:<{width}}{v}")
+    print("repair steps:")
+    for kind in step_kinds():
+        print(f"  {kind.grammar}")
     return 0

@@ -102,6 +102,7 @@ class BnRecalibration(StepKind):
     methods = ("bn",)
     usage = "bn"
     usage_rank = 0
+    grammar = "bn"
 
     def owns(self, step) -> bool:
         return isinstance(step, RepairStep) and step.method == "bn"
@@ -114,7 +115,7 @@ class BnRecalibration(StepKind):
         ctx.report.calib_passes += 1
 
 
-def _parse_options(opts: list[str], part: str) -> tuple[bool, str | float]:
+def _parse_options(opts: list[str], part: str, method: str) -> tuple[bool, str | float]:
     shift, lam = True, "mean"
     twice = first_repeat(["shift" if o in ("shift", "noshift") else o.partition("=")[0] for o in opts])
     if twice:
@@ -125,6 +126,8 @@ def _parse_options(opts: list[str], part: str) -> tuple[bool, str | float]:
         elif o == "shift":
             shift = True
         elif o.startswith("lam="):
+            if method != "asr":  # only ASR shrinks: a lambda elsewhere would be recorded and ignored
+                raise UserError(f"{o!r} in repair step {part!r}: lam applies to asr only; drop it or use asr@...")
             v = o[4:]
             try:
                 lam = float(v)
@@ -132,6 +135,8 @@ def _parse_options(opts: list[str], part: str) -> tuple[bool, str | float]:
                 if v not in LAMBDA_RULES:
                     raise UserError(f"unknown lambda rule {v!r}: use {', '.join(LAMBDA_RULES)} or a number")
                 lam = v
+            if isinstance(lam, float) and not 0 <= lam < float("inf"):  # refuses nan too
+                raise UserError(f"lambda {v!r} in repair step {part!r} must be a finite number >= 0, mean or median")
         else:
             raise UserError(f"unknown repair option {o!r} in {part!r}: use noshift or lam=RULE")
     return shift, lam
@@ -176,6 +181,10 @@ class ChannelRepair(StepKind):
     methods = CHANNEL_METHODS
     usage = f"METHOD@SITES with METHOD in {', '.join(CHANNEL_METHODS)}"
     usage_rank = 2
+    grammar = (
+        f"METHOD@SITE[+SITE...][:noshift][:lam=mean|median|X] (METHOD: {', '.join(CHANNEL_METHODS)}; "
+        f"SITE: {', '.join(SITE_KINDS)})"
+    )
 
     def owns(self, step) -> bool:
         return isinstance(step, RepairStep) and step.method != "bn"
@@ -190,7 +199,7 @@ class ChannelRepair(StepKind):
             raise UserError(
                 f"repair step {part!r} needs sites from {', '.join(SITE_KINDS)} after '@' (e.g. {method}@block+logits)"
             )
-        return RepairStep(method, sites, *_parse_options(opts, part))
+        return RepairStep(method, sites, *_parse_options(opts, part, method))
 
     def apply(self, step: RepairStep, pruned: nn.Module, ctx: StepContext) -> None:
         if ctx.cache is None:

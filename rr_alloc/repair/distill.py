@@ -243,6 +243,7 @@ class Distillation(StepKind):
     methods = ("kd",)
     usage = "kd[:steps=N][:lr=X][:loss=kl|block|kl+block]"
     usage_rank = 3
+    grammar = _USAGE
     rewrites_weights = True
 
     def owns(self, step) -> bool:

@@ -50,6 +50,7 @@ class Reconstruction(StepKind):
     methods = RECONSTRUCT_METHODS
     usage = ", ".join(RECONSTRUCT_METHODS)
     usage_rank = 1
+    grammar = f"lsq[:damp=X][:solve={'|'.join(SOLVES)}], obs[:damp=X][:block=B][:solve={'|'.join(SOLVES)}]"
     rewrites_weights = True
 
     def owns(self, step) -> bool:

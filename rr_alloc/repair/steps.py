@@ -75,6 +75,7 @@ class StepKind:
     methods: ClassVar[tuple[str, ...]] = ()
     usage: ClassVar[str] = ""  # how the unknown-step message lists this kind
     usage_rank: ClassVar[int] = 0  # its place in that message
+    grammar: ClassVar[str] = ""  # its whole text form, as ``list`` shows it
     rewrites_weights: ClassVar[bool] = False  # re-pruning by magnitude alone would lose what it did
 
     def owns(self, step: Any) -> bool:

@@ -1,0 +1,35 @@
+"""The one output check of every command: the same inputs are protected whichever command writes."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config import RunConfig
+from ..io_utils import check_output
+from ..optuna_storage import storage_file
+from ..plan import Plan
+
+__all__ = ["check_command_output"]
+
+
+def check_command_output(
+    path: str | Path,
+    flag: str,
+    args: argparse.Namespace,
+    cfg: RunConfig,
+    plan: Plan | None = None,
+    siblings: Sequence[str | Path] = (),
+    is_dir: bool = False,
+) -> Path:
+    """``io_utils.check_output`` with every input of the run: the plan, the config file, the checkpoints (the
+    run's and the plan's), the search storage, and the image folders (no output lands inside them)."""
+    inputs = (
+        getattr(args, "plan", None),
+        getattr(args, "config", None),
+        cfg.checkpoint,
+        plan.source.get("checkpoint") if plan is not None else None,
+        storage_file(cfg.storage) if cfg.storage else None,
+    )
+    return check_output(path, flag, is_dir, inputs, siblings, input_folders=(cfg.train_data, cfg.test_data))
