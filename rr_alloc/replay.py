@@ -24,6 +24,8 @@ __all__ = [
     "check_checkpoint_hash",
     "model_from_plan",
     "workbench_for_plan",
+    "check_pattern_counts",
+    "check_mac_totals",
     "apply_plan",
 ]
 
@@ -116,7 +118,37 @@ def model_from_plan(plan: Plan, cfg: RunConfig) -> nn.Module:
         load_checkpoint(model, cfg.checkpoint)
     model = model.eval()
     plan.check_model(model)
+    check_pattern_counts(plan, model)
     return model
+
+
+def check_pattern_counts(plan: Plan, model: nn.Module) -> None:
+    """An N:M plan's counts are what its pattern prunes on ``model`` (an edited pattern contradicts them)."""
+    if plan.pattern and plan.pruning().pruned_counts(model) != plan.counts:
+        raise UserError(
+            f"the plan's layer counts are not what its pattern {plan.pattern} prunes on this model: regenerate it"
+        )
+
+
+def check_mac_totals(plan: Plan, wb: Workbench) -> None:
+    """A FLOP plan's ``achieved_sparsity`` is the MAC sparsity of its layers on this model, and its budget is met
+    to one weight of the costliest layer (both are edited in a file, never re-derived from it)."""
+    if plan.budget_unit != "flops":
+        return
+    achieved = wb.achieved(plan.counts)
+    if abs(achieved - plan.achieved_sparsity) > 1e-6:
+        raise UserError(
+            f"the plan's achieved_sparsity {plan.achieved_sparsity} is not the MAC sparsity of its layers on this "
+            f"model ({achieved:.6f}): regenerate it"
+        )
+    cost = wb.experiment.macs_per_weight
+    n = [layer.n_weights for layer in wb.layers]
+    tol = float(cost.max() / (cost * n).sum()) + 1e-9
+    if abs(plan.budget - achieved) > tol:
+        raise UserError(
+            f"the plan's budget {plan.budget} contradicts its layers, which prune {achieved:.6f} of the model's MACs: "
+            "regenerate it with `rr_alloc search`"
+        )
 
 
 def workbench_for_plan(plan: Plan, cfg: RunConfig, progress: bool = True) -> Workbench:
@@ -132,15 +164,8 @@ def workbench_for_plan(plan: Plan, cfg: RunConfig, progress: bool = True) -> Wor
             "the plan's layers differ from the model's prunable layers: use the plan's "
             "--include/--exclude or regenerate the plan"
         )
-    if plan.pattern and plan.pruning().pruned_counts(wb.dense) != plan.counts:
-        raise UserError(
-            f"the plan's layer counts are not what its pattern {plan.pattern} prunes on this model: regenerate it"
-        )
-    if plan.budget_unit == "flops" and abs(wb.achieved(plan.counts) - plan.achieved_sparsity) > 1e-6:
-        raise UserError(
-            f"the plan's achieved_sparsity {plan.achieved_sparsity} is not the MAC sparsity of its layers on this "
-            f"model ({wb.achieved(plan.counts):.6f}): regenerate it"
-        )
+    check_pattern_counts(plan, wb.dense)
+    check_mac_totals(plan, wb)
     return wb
 
 

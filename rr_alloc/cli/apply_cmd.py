@@ -125,9 +125,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     # every format, not only those that read the model: the README promises that an export checks the
     # plan against its model (layers and shapes) and its checkpoint (SHA-256)
     model = model_from_plan(plan, cfg)
+    # a FLOP plan's MAC totals need the images' size: the data are loaded to check them
+    loaded = workbench_for_plan(plan, cfg, progress=False) if plan.budget_unit == "flops" else None
 
     def obs_masks() -> dict:
-        wb = workbench_for_plan(plan, cfg)
+        wb = loaded or workbench_for_plan(plan, cfg)
         _, report = wb.repaired_model(wb.pruning(plan.counts), cfg.repair)
         return report.masks
 

@@ -79,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(handler=cmd_list)
 
 
-def metrics_row(name: str, m: Metrics, sparsity: float | None) -> dict[str, Any]:
+def metrics_row(name: str, m: Metrics, sparsity: float | None, unit: str = "weights") -> dict[str, Any]:
+    """One row of a verification table; the sparsity column names its unit (weights, or MACs)."""
     lo, hi = wilson_interval(m.top1, m.n)
     return {
         "plan": name,
@@ -87,7 +88,7 @@ def metrics_row(name: str, m: Metrics, sparsity: float | None) -> dict[str, Any]
         "95% CI": f"{100 * lo:.1f}-{100 * hi:.1f}",
         "agreement %": round(100 * m.agreement, 2),
         "KL": round(m.kl, 4),
-        "sparsity": None if sparsity is None else round(sparsity, 4),
+        "sparsity" if unit == "weights" else "MAC sparsity": None if sparsity is None else round(sparsity, 4),
     }
 
 
@@ -230,10 +231,14 @@ def _print_setting(wb: Workbench) -> None:
 def _print_verification(plan: Plan, dense: Metrics, repair: str, n_calib: int) -> None:
     """The verification table: dense, the plan and its reference, each after the repair."""
     v = plan.verify
+    unit = plan.budget_unit
     rows = [
-        metrics_row("dense", dense, 0.0),
+        metrics_row("dense", dense, 0.0, unit),
         metrics_row(
-            f"{plan.allocator} + repair", Metrics(v["top1"], v["agreement"], v["kl"], v["n"]), plan.achieved_sparsity
+            f"{plan.allocator} + repair",
+            Metrics(v["top1"], v["agreement"], v["kl"], v["n"]),
+            plan.achieved_sparsity,
+            unit,
         ),
     ]
     if "reference" in v:
@@ -243,6 +248,7 @@ def _print_verification(plan: Plan, dense: Metrics, repair: str, n_calib: int) -
                 f"{r['allocator']} + repair",
                 Metrics(r["top1"], r["agreement"], r["kl"], v["n"]),
                 r["achieved_sparsity"],
+                unit,
             )
         )
     print(f"\nverification: prune -> {repair} on {n_calib} calibration images -> test split ({v['n']} images)")
@@ -258,7 +264,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     dense = wb.dense_metrics(args.split)
     print(f"plan {args.plan}: {plan.allocator} at budget {plan.budget:g}, achieved {plan.achieved_sparsity:.4f}")
     print(f"verification: prune -> {cfg.repair} -> {args.split} split ({m.n} images)")
-    rows = [metrics_row("dense", dense, 0.0), metrics_row(f"{plan.allocator} + repair", m, plan.weight_sparsity)]
+    unit = plan.budget_unit
+    rows = [
+        metrics_row("dense", dense, 0.0, unit),
+        metrics_row(f"{plan.allocator} + repair", m, plan.achieved_sparsity, unit),
+    ]
     print(pd.DataFrame(rows).to_string(index=False))
     return 0
 
