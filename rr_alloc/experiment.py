@@ -8,6 +8,7 @@ sensitivity of each layer and the RR profile (from the on-disk cache when an int
 from __future__ import annotations
 
 import time
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,20 @@ class Experiment:
                 f"{int(labels.max())}: pass --num-classes or the matching model"
             )
 
+    @cached_property
+    def model_fingerprint(self) -> str:
+        """SHA-256 over the dense model's state (computed once: the dense model never changes)."""
+        return fingerprint_model(self.dense)
+
+    @cached_property
+    def data_fingerprints(self) -> dict[str, str]:
+        """SHA-256 of the decoded calibration, selection and test images (what a replay must see again)."""
+        s = self.splits
+        return {
+            name: fingerprint_tensor(b.x)
+            for name, b in (("calib", s.calib), ("selection", s.selection), ("test", s.test))
+        }
+
     # ------------------------------------------------------------ splits
     def split(self, name: str) -> Batches:
         """``calib``, ``selection``, ``validation`` or ``test`` (a missing validation split is a one-line error)."""
@@ -164,8 +179,8 @@ class Experiment:
         repair = {} if kind == "channel" else {"profile_repair": kind, "damp": damp}
         return ProfileCache.key(
             {
-                "model": fingerprint_model(self.dense),
-                "calib": fingerprint_tensor(self.splits.calib.x),
+                "model": self.model_fingerprint,
+                "calib": self.data_fingerprints["calib"],
                 "layers": [layer.name for layer in self.layers],
                 "grid": [float(g) for g in self.grid],
                 "lambda": self.cfg.lam,
@@ -263,8 +278,8 @@ class Experiment:
         anchor = {n: int(anchor.get(n, 0)) for n in reconstructed_layers(self.dense)}
         ladders = self.level_ladders(anchor)
         parts = {
-            "model": fingerprint_model(self.dense),
-            "calib": fingerprint_tensor(self.splits.calib.x),
+            "model": self.model_fingerprint,
+            "calib": self.data_fingerprints["calib"],
             "repair": str(step),
             "rule": rule,
             "ladders": {n: [int(k) for k in v] for n, v in ladders.items()},
@@ -344,7 +359,8 @@ class Experiment:
             "pretrained": self.cfg.pretrained,
             "checkpoint": ck,
             "checkpoint_sha256": sha256_file(ck) if ck else None,
-            "model_fingerprint": fingerprint_model(self.dense),
+            "model_fingerprint": self.model_fingerprint,
+            "data_fingerprint": dict(self.data_fingerprints),
             "include": list(self.cfg.include),
             "exclude": list(self.cfg.exclude),
             "data": self.data_spec.to_dict(),

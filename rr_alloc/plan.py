@@ -32,9 +32,12 @@ re-pruning it by magnitude.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,12 +189,16 @@ class Plan:
             "created": self.created,
         }
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, folder: str | Path | None = None) -> Path:
         """Write the plan atomically (a failed write never replaces a good plan).
 
-        Non-finite numbers (a NaN metric) are written as ``null``: bare ``NaN`` is not JSON.
+        Relative checkpoint and data paths are written relative to ``folder`` (default: the plan's own
+        folder), so a replay from any working directory finds them. Non-finite numbers (a NaN metric) are
+        written as ``null``: bare ``NaN`` is not JSON.
         """
-        return write_text_atomic(path, json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False) + "\n")
+        d = self.to_dict()
+        d["source"] = paths_relative_to(self.source, folder if folder is not None else Path(path).parent)
+        return write_text_atomic(path, json.dumps(_finite(d), indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "plan") -> "Plan":
@@ -250,7 +257,10 @@ class Plan:
             raise UserError(f"plan {p} is not valid JSON (line {e.lineno}): regenerate it")
         except ValueError as e:
             raise UserError(f"plan {p} is not valid JSON ({e}): regenerate it")
-        return cls.from_dict(d, where=f"plan {p}")
+        plan = cls.from_dict(d, where=f"plan {p}")
+        if plan.source.get("paths") == "plan":  # written relative to the plan's folder: back to usable paths
+            plan.source = paths_resolved_from(plan.source, p.parent)
+        return plan
 
     def check_model(self, model: nn.Module) -> None:
         """Every plan layer exists in ``model`` with the recorded weight shape."""
@@ -308,6 +318,37 @@ def _explain(v: Violation, d: dict[str, Any], where: str) -> str:
     if head == "achieved_sparsity":
         return f"{where}: achieved_sparsity {d.get('achieved_sparsity')!r} is not a fraction in [0, 1): {regen}"
     return f"{where}: {v} (see docs/plan.schema.json): {regen}"
+
+
+_PATH_KEYS = (("checkpoint",), ("data", "train"), ("data", "test"))
+
+
+def _map_paths(source: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
+    """A copy of a plan's ``source`` with ``fn`` applied to its relative checkpoint and data paths."""
+    out = copy.deepcopy(source)
+    for keys in _PATH_KEYS:
+        block: Any = out
+        for k in keys[:-1]:
+            block = block.get(k) if isinstance(block, dict) else None
+        value = block.get(keys[-1]) if isinstance(block, dict) else None
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            block[keys[-1]] = fn(value)
+    return out
+
+
+def paths_relative_to(source: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """``source`` as written into a plan in ``folder``: relative paths become relative to that folder."""
+    if not source:
+        return source
+    base = os.path.abspath(folder)
+    return {**_map_paths(source, lambda v: os.path.relpath(os.path.abspath(v), base)), "paths": "plan"}
+
+
+def paths_resolved_from(source: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """``source`` as read from a plan in ``folder``: its paths usable from the working directory again."""
+    out = _map_paths(source, lambda v: os.path.normpath(os.path.join(folder, v)))
+    out.pop("paths", None)
+    return out
 
 
 def _check_totals(layers: list[LayerPlan], d: dict[str, Any], where: str) -> None:

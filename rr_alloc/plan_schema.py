@@ -78,6 +78,16 @@ PLAN_SCHEMA: dict[str, Any] = {
                 "checkpoint": _OPT_TEXT,
                 "checkpoint_sha256": {"anyOf": [{"type": "string", "pattern": "^[0-9a-f]{64}$"}, {"type": "null"}]},
                 "model_fingerprint": _OPT_TEXT,
+                "data_fingerprint": {
+                    "type": "object",
+                    "description": "SHA-256 of the decoded calibration, selection and test images",
+                    "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                },
+                "paths": {
+                    "enum": ["plan"],
+                    "description": "relative checkpoint and data paths are relative to the plan's folder (else to "
+                    "the working directory)",
+                },
                 "include": {"type": "array", "items": _TEXT},
                 "exclude": {"type": "array", "items": _TEXT},
                 "batch_size": {"type": "integer", "minimum": 1},

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .cache import fingerprint_model
 from .config import RunConfig
 from .errors import UserError
 from .io_utils import check_input_file, sha256_file
@@ -118,8 +120,53 @@ def model_from_plan(plan: Plan, cfg: RunConfig) -> nn.Module:
         load_checkpoint(model, cfg.checkpoint)
     model = model.eval()
     plan.check_model(model)
+    check_model_fingerprint(plan, cfg, fingerprint_model(model))
     check_pattern_counts(plan, model)
     return model
+
+
+def check_model_fingerprint(plan: Plan, cfg: RunConfig, fingerprint: str) -> None:
+    """A plan made without a checkpoint (random weights from the fixed seed, downloaded or factory weights)
+    is replayed on the same weights: the model's fingerprint must be the one recorded."""
+    src = plan.source
+    want = src.get("model_fingerprint")
+    if not want or src.get("checkpoint_sha256") or cfg.checkpoint or fingerprint == want:
+        return
+    raise UserError(
+        f"model {cfg.model} built here has other weights than the one the plan was made from (its fingerprint "
+        "differs: another library version, factory or download): pass --checkpoint with the plan's weights, or "
+        "re-run search here"
+    )
+
+
+_TRAIN_KEYS = ("kind", "train", "transform", "calib_size", "selection_size", "seed")
+_TEST_KEYS = ("kind", "test", "transform", "eval_size")
+
+
+def _same_spec(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    def norm(k: str, v: Any) -> Any:
+        return os.path.abspath(os.path.expanduser(v)) if k in ("train", "test") and isinstance(v, str) else v
+
+    return all(norm(k, a.get(k)) == norm(k, b.get(k)) for k in keys)
+
+
+def check_data_fingerprint(plan: Plan, wb: Workbench) -> None:
+    """The images a replay decodes are the ones the plan was made from, split by split (a split whose
+    source the caller overrode, e.g. another --test-data, is the caller's choice and not compared)."""
+    want = plan.source.get("data_fingerprint") or {}
+    have = wb.experiment.data_fingerprints
+    spec, rebuilt = plan.source.get("data") or {}, wb.experiment.data_spec.to_dict()
+    for split, keys, flag in (
+        ("calib", _TRAIN_KEYS, "--train-data"),
+        ("selection", _TRAIN_KEYS, "--train-data"),
+        ("test", _TEST_KEYS, "--test-data"),
+    ):
+        if split in want and _same_spec(spec, rebuilt, keys) and have[split] != want[split]:
+            where = rebuilt.get("train" if flag == "--train-data" else "test") or rebuilt.get("kind")
+            raise UserError(
+                f"the {split} images read from {where} are not the ones the plan was made from (their fingerprint "
+                f"differs): replay where the plan's paths lead to its data, or pass {flag} with the original images"
+            )
 
 
 def check_pattern_counts(plan: Plan, model: nn.Module) -> None:
@@ -164,6 +211,8 @@ def workbench_for_plan(plan: Plan, cfg: RunConfig, progress: bool = True) -> Wor
             "the plan's layers differ from the model's prunable layers: use the plan's "
             "--include/--exclude or regenerate the plan"
         )
+    check_model_fingerprint(plan, cfg, wb.experiment.model_fingerprint)
+    check_data_fingerprint(plan, wb)
     check_pattern_counts(plan, wb.dense)
     check_mac_totals(plan, wb)
     return wb

@@ -24,7 +24,6 @@ import numpy as np
 from .allocators import OptunaSearch, round_to_budget
 from .allocators.level_search import LevelSpace
 from .allocators.search import SearchOptions, trial_counts
-from .cache import fingerprint_model, fingerprint_tensor
 from .config import RunConfig, study_key_fields
 from .evaluator import Evaluator
 from .experiment import Experiment
@@ -89,9 +88,9 @@ def study_key(experiment: Experiment, budget: float) -> str:
     """
     cfg = experiment.cfg
     parts = {
-        "model": fingerprint_model(experiment.dense),
-        "calib": fingerprint_tensor(experiment.splits.calib.x),
-        "selection": fingerprint_tensor(experiment.splits.selection.x),
+        "model": experiment.model_fingerprint,
+        "calib": experiment.data_fingerprints["calib"],
+        "selection": experiment.data_fingerprints["selection"],
         "budget": float(budget),
         "repair": cfg.loop_repair,
         "layers": [layer.name for layer in experiment.layers],

@@ -197,7 +197,7 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
                 f"{cfg.model}: {plan.search['optimizer']} at {plan.budget:g}",
             )
         extra = [out.with_name(f.name) for f in sorted(staging.iterdir())]
-        plan.save(staging / out.name)
+        plan.save(staging / out.name, folder=out.parent)
     print()
     print(table.to_string(index=False))
     target = "N:M pattern" if cfg.pattern else f"target {budget:.4f}"
