@@ -19,9 +19,17 @@ from .errors import UserError
 from .options import GROUPS, boolean, fractions, mapping, option, real, text, texts, whole
 from .profile import DEFAULT_GRID
 from .repair import DEFAULT_REPAIR, DistillStep, RepairPipeline
+from .stats import LAMBDA_RULES
 from .transforms import TransformSpec
 
 __all__ = ["RunConfig", "resolve_device", "option_fields", "study_key_fields", "GROUPS"]
+
+
+def lambda_rule(v: Any) -> str | None:
+    """The RR profile's ASR shrinkage: ``mean``, ``median`` or a finite number >= 0."""
+    if v in LAMBDA_RULES or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")):
+        return None
+    return f"{' or '.join(LAMBDA_RULES)}, or a finite number >= 0"
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,7 @@ class RunConfig:
         (), texts, "layer-name patterns to allocate (default: all Conv2d/Linear)", "alloc", many=True
     )
     exclude: tuple[str, ...] = option((), texts, "layer-name patterns to leave dense", "alloc", many=True)
-    lam: str = option("mean", text)  # config files only: the ASR shrinkage rule of the RR profile
+    lam: str | float = option("mean", lambda_rule)  # config files only: the ASR shrinkage rule of the RR profile
     # allocation
     allocator: str = option(
         "global",
@@ -310,6 +318,8 @@ class RunConfig:
                 problem = f"one of {', '.join(f.metadata['choices'])}"
             if problem:
                 shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+                if f.metadata["help"] is None:  # no flag: only a config file (or a plan) sets it
+                    raise UserError(f"config key {f.name!r} must be {problem}, got {shown}: fix the config file")
                 raise UserError(
                     f"{f.name} (--{f.name.replace('_', '-')}) must be {problem}, got {shown}: "
                     "fix the flag, the config file key or the plan's value"

@@ -251,13 +251,25 @@ class Plan:
         def no_nan(token: str) -> None:  # bare NaN / Infinity are not JSON
             raise ValueError(f"{token} is not a JSON number")
 
+        def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:  # a repeated key: which value would win?
+            keys = [k for k, _ in pairs]
+            twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+            if twice is not None:
+                raise ValueError(f"key {twice!r} appears twice in one object")
+            return dict(pairs)
+
         try:
-            d = json.loads(text, parse_constant=no_nan)
+            d = json.loads(text, parse_constant=no_nan, object_pairs_hook=unique)
+        except RecursionError:
+            raise UserError(f"plan {p} is nested too deeply to be a plan: pass the JSON written by `rr_alloc search`")
         except json.JSONDecodeError as e:
             raise UserError(f"plan {p} is not valid JSON (line {e.lineno}): regenerate it")
         except ValueError as e:
             raise UserError(f"plan {p} is not valid JSON ({e}): regenerate it")
-        plan = cls.from_dict(d, where=f"plan {p}")
+        try:
+            plan = cls.from_dict(d, where=f"plan {p}")
+        except RecursionError:
+            raise UserError(f"plan {p} is nested too deeply to be a plan: pass the JSON written by `rr_alloc search`")
         if plan.source.get("paths") == "plan":  # written relative to the plan's folder: back to usable paths
             plan.source = paths_resolved_from(plan.source, p.parent)
         return plan

@@ -11,6 +11,7 @@ from .errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+MAX_SIDE = 4096  # pixels: larger images would not fit a calibration split in memory
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class TransformSpec:
             raise UserError(f"unknown transform keys {sorted(unknown)}: use {sorted(known)}")
         d = dict(d)
         for k in ("mean", "std"):
-            if k in d and d[k] is not None:
+            if k in d:
                 v = d[k]
                 try:
                     d[k] = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else None
@@ -48,8 +49,8 @@ class TransformSpec:
                     )
         for k in ("resize", "crop"):
             v = d.get(k)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise UserError(f"transform {k} must be a whole number of pixels >= 1, got {v!r}")
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_SIDE):
+                raise UserError(f"transform {k} must be a whole number of pixels in [1, {MAX_SIDE}], got {v!r}")
         if d.get("interpolation", "bilinear") not in _INTERPOLATIONS:
             raise UserError(
                 f"transform interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {d['interpolation']!r}"

@@ -105,24 +105,36 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
     """Defaults <- base (e.g. a plan's source) <- config file <- flags."""
     kw: dict[str, Any] = dict(base or {})
-    if getattr(args, "config", None):
-        kw.update(load_config_file(args.config))
-    for f in option_fields(with_flag=True):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            kw[f.name] = tuple(v) if isinstance(v, list) else v
+    kw.update(file_config(args))
+    kw.update({k: tuple(v) if isinstance(v, list) else v for k, v in given_flags(args).items()})
     return RunConfig(**kw).validate()
+
+
+def given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given as flags on the command line."""
+    fs = option_fields(with_flag=True)
+    return {f.name: getattr(args, f.name) for f in fs if getattr(args, f.name, None) is not None}
+
+
+def file_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--config`` file's keys (none without one); a key a flag overrides may name an unset variable."""
+    if not getattr(args, "config", None):
+        return {}
+    return load_config_file(args.config, overridden=set(given_flags(args)))
 
 
 def refuse_search_flags(args: argparse.Namespace, searching: bool) -> None:
     """Search flags on a run that does not search would be ignored: refuse them instead."""
     if searching:
         return
+    keys = set(file_config(args))
     for f in option_fields(with_flag=True):
-        if f.metadata["group"] == "search" and getattr(args, f.name, None) is not None:
-            flag = "--" + f.name.replace("_", "-")
+        if f.metadata["group"] != "search":
+            continue
+        if getattr(args, f.name, None) is not None or f.name in keys:
+            given = f"--{f.name.replace('_', '-')}" if f.name not in keys else f"config key {f.name!r}"
             raise UserError(
-                f"{flag} applies to the end-to-end search, which this run does not do: drop it, or search "
+                f"{given} applies to the end-to-end search, which this run does not do: drop it, or search "
                 "with --allocator optuna (compare: --allocators ... optuna)"
             )
 
@@ -139,7 +151,7 @@ def config_for_plan(args: argparse.Namespace, plan: Plan) -> RunConfig:
     contradict what the plan reports."""
     if getattr(args, "config", None):
         groups = {f.name: f.metadata["group"] for f in option_fields()}
-        for key in load_config_file(args.config):
+        for key in file_config(args):
             if groups.get(key) in ("alloc", "search") or key == "out":
                 raise UserError(
                     f"config file {args.config}: key {key!r} does not apply when replaying a plan (the plan decides "

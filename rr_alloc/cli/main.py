@@ -36,6 +36,12 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         progress_start()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        twice = repeated_flag(argv)
+        if twice:  # argparse would keep the last value silently
+            raise UserError(
+                f"{twice} is given twice: keep one (a flag of several values takes them all after one --flag)"
+            )
         args = build_parser().parse_args(argv)
         tune_malloc()  # a command-line run: large activations reuse heap memory (see runtime.py)
         return args.handler(args)
@@ -48,6 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except (OSError, OverflowError, RecursionError) as e:
         return _fail(system_error_line(e), 2)
+
+
+def repeated_flag(argv: Sequence[str]) -> str | None:
+    """The first long flag given twice on the command line, or ``None``."""
+    seen: set[str] = set()
+    for token in argv:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if token.startswith("--") and name in seen:
+            return name
+        seen.add(name)
+    return None
 
 
 def _fail(message: str, code: int) -> int:
