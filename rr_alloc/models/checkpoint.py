@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +48,9 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.suffix == ".safetensors":
         return _read_safetensors(path, map_location)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings (old formats, quantised storages) would precede the
+            warnings.simplefilter("ignore")  # one error line, or say nothing the checks below do not
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         # weights_only=True is named as what rr_alloc does, never the unsafe False as a way out
         raise UserError(
@@ -67,7 +70,26 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
     for p in _PREFIXES:
         if obj and all(k.startswith(p) for k in obj):
             obj = {k[len(p) :]: v for k, v in obj.items()}
-    return obj
+    return _plain_tensors(obj, path)
+
+
+def _plain_tensors(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Dense tensors with values: sparse ones are made dense (the same numbers); tensors without values (the meta
+    device) or quantised ones are refused in one line."""
+    out = {}
+    for k, v in sd.items():
+        if v.is_meta:
+            raise UserError(
+                f"checkpoint {path} stores {k} on the meta device (shapes without values): save it after the "
+                "weights are materialised (model.to('cpu') before torch.save)"
+            )
+        if v.is_quantized:
+            raise UserError(
+                f"checkpoint {path} stores {k} as a quantised tensor ({str(v.dtype).replace('torch.', '')}): pass "
+                "the floating-point checkpoint the quantised model was made from"
+            )
+        out[k] = v.to_dense() if v.layout != torch.strided else v
+    return out
 
 
 def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
@@ -87,7 +109,7 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
     for p in _PREFIXES:
         if obj and all(k.startswith(p) for k in obj):
             obj = {k[len(p) :]: v for k, v in obj.items()}
-    return obj
+    return _plain_tensors(obj, path)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, map_location: str | torch.device = "cpu") -> None:

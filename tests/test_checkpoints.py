@@ -1,0 +1,56 @@
+"""Checkpoints in unusual forms: sparse tensors load as the same numbers; meta-device and quantised tensors
+are refused in one line with no warning before it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from test_cli import run_cli
+
+from rr_alloc.models import build_model
+
+
+@pytest.fixture(scope="module")
+def state():
+    return build_model("digits_resnet", None, False).state_dict()
+
+
+def _search(tmp_path, ckpt):
+    out = tmp_path / "run" / "plan.json"
+    return run_cli("search", "--budget", "0.9", "--checkpoint", str(ckpt), "--out", str(out)), out
+
+
+def test_a_sparse_checkpoint_gives_the_dense_ones_figures(tmp_path, state):
+    torch.save({k: v.to_sparse() if v.dim() > 1 else v for k, v in state.items()}, tmp_path / "sparse.pt")
+    torch.save(state, tmp_path / "dense.pt")
+    (a, _), (b, _) = _search(tmp_path / "a", tmp_path / "sparse.pt"), _search(tmp_path / "b", tmp_path / "dense.pt")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout.split("\n\n")[1:3] == b.stdout.split("\n\n")[1:3]  # the layer table and the totals
+
+
+def _quantised(v):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(v.float(), 0.1, 0, torch.qint8)
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda v: torch.empty_like(v, device="meta"), "on the meta device"),
+        (lambda v: _quantised(v) if v.is_floating_point() and v.dim() > 1 else v, "as a quantised tensor"),
+    ],
+)
+def test_tensors_without_plain_values_are_refused_in_one_line(tmp_path, state, make, words):
+    torch.save({k: make(v) for k, v in state.items()}, tmp_path / "c.pt")
+    r, out = _search(tmp_path, tmp_path / "c.pt")
+    assert r.returncode == 2 and words in r.stderr and not out.exists(), r.stderr
+    assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1  # no warning before the line
+
+
+def test_an_old_format_checkpoint_loads_without_warnings(tmp_path, state):
+    torch.save(state, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    r, _ = _search(tmp_path, tmp_path / "old.pt")
+    assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr
