@@ -23,7 +23,7 @@ from .errors import UserError
 from .evaluate import Metrics, compare_logits, logits_of
 from .hooks import forward_hooks
 from .io_utils import sha256_file
-from .layers import LayerInfo, prunable_layers
+from .layers import LayerInfo, prunable_layers, weight_aliases
 from .level_db import LevelCache, LevelDatabase, build_database, ladder, reconstructed_layers
 from .models import build_model, default_transform, load_checkpoint
 from .profile import RRProfile, profile_rr, validate_grid
@@ -70,6 +70,8 @@ class Experiment:
             load_checkpoint(self.dense, cfg.checkpoint, map_location="cpu")
         self.dense = self.dense.to(self.device).eval()
         self.layers = prunable_layers(self.dense, cfg.include, cfg.exclude)
+        for alias, first in weight_aliases(self.dense).items():
+            print(f"note: {alias} shares its weight tensor with {first}: planned once, as {first}")
         self.left_dense: dict[str, str] = {}  # prunable layers left out of the plan, and why
         self.data_spec = cfg.data_spec(default_transform(cfg.model, cfg.pretrained, self.dense))
         self.splits: Splits = load_splits(self.data_spec, cfg.batch_size)

@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["LayerInfo", "prunable_layers", "select_layers"]
+__all__ = ["LayerInfo", "prunable_layers", "select_layers", "weight_aliases", "reconstructed_layers"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,25 @@ def select_layers(
     return out
 
 
+def weight_aliases(model: nn.Module) -> dict[str, str]:
+    """Conv2d/Linear layers whose weight tensor an earlier layer already holds (tied weights): alias -> first."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            key = id(m.weight)
+            if key in first and first[key] != name:
+                out.setdefault(name, first[key])
+            first.setdefault(key, name)
+    return out
+
+
+def reconstructed_layers(model: nn.Module) -> list[str]:
+    """The layers a reconstruction step re-fits (every Conv2d/Linear, a shared weight once), in module order."""
+    tied = weight_aliases(model)
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in tied]
+
+
 def prunable_layers(
     model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
 ) -> list[LayerInfo]:
@@ -45,7 +64,10 @@ def prunable_layers(
     ``exclude`` pattern matches no prunable layer.
     """
     found: dict[str, LayerInfo] = {}
+    aliases = weight_aliases(model)
     for name, m in model.named_modules():
+        if name in aliases:  # a weight tensor shared with an earlier layer is planned once, under that name
+            continue
         if isinstance(m, nn.Conv2d):
             found[name] = LayerInfo(name, tuple(m.weight.shape), m.weight.numel(), "conv", m.groups)
         elif isinstance(m, nn.Linear):

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .io_utils import atomic_path
+from .layers import reconstructed_layers
 from .pruning import apply_masks, magnitude_mask
 from .repair.reconstruct import ReconstructStep, bias_targets, fit_groups, reconstruct
 from .repair.refit import GramStats
@@ -79,11 +80,6 @@ def level_index(ladder: np.ndarray, count: int, name: str = "the layer") -> int:
     if i >= len(ladder) or ladder[i] != count:
         raise KeyError(f"{count} pruned weights of {name} is not a level of the ladder")
     return i
-
-
-def reconstructed_layers(model: nn.Module) -> list[str]:
-    """The layers a reconstruction step re-fits (every Conv2d/Linear), in module order."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 @dataclass

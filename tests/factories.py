@@ -149,3 +149,23 @@ def reflect_padded_cnn(num_classes: int = 10) -> nn.Module:
         nn.Flatten(),
         nn.Linear(8, num_classes),
     )
+
+
+class _Tied(nn.Module):
+    """Two 3x3 convolutions that share one weight tensor (tied weights), then a classifier."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b(torch.relu(self.a(torch.relu(self.stem(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def tied_convs(num_classes: int = 10) -> nn.Module:
+    return _Tied(num_classes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UserError
+from ..layers import reconstructed_layers
 from .reconstruct import RECONSTRUCT_METHODS, SOLVES, ReconstructStep, reconstruct
 from .refit import DEFAULT_DAMP, DEFAULT_OBS_BLOCK
 from .steps import StepContext, StepKind, first_repeat, register
@@ -67,7 +68,7 @@ class Reconstruction(StepKind):
         ref = ctx.dense  # run_repair sets it from the cache when only that was given
         if ref is None:
             raise ValueError("reconstruction repair needs the dense model or a DenseSiteCache")
-        layers = [n for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        layers = reconstructed_layers(pruned)
         rec = reconstruct(
             pruned,
             ref,

@@ -1,0 +1,35 @@
+"""Which layers a plan holds: a weight tensor shared by two layers is planned once."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from factories import tied_convs
+from test_cli import run_cli
+
+from rr_alloc.layers import prunable_layers, reconstructed_layers, weight_aliases
+
+
+def test_a_tied_weight_is_one_layer():
+    m = tied_convs()
+    assert weight_aliases(m) == {"b": "a"}
+    assert [l.name for l in prunable_layers(m)] == ["stem", "a", "fc"]
+    assert reconstructed_layers(m) == ["stem", "a", "fc"]
+
+
+def test_a_plan_of_a_tied_model_states_the_sparsity_of_its_unique_weights(tmp_path):
+    out = tmp_path / "plan.json"
+    args = ("search", "--budget", "0.8", "--model", "factories:tied_convs", "--allocator", "rr-greedy")
+    r = run_cli(*args, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "note: b shares its weight tensor with a: planned once, as a" in r.stdout
+    plan = json.loads(out.read_text())
+    assert [l["name"] for l in plan["layers"]] == ["stem", "a", "fc"]
+    pruned = tmp_path / "pruned.pt"
+    a = run_cli("apply", "--plan", str(out), "--trust-plan-model", "--out", str(pruned), "--repair", "obs")
+    assert a.returncode == 0, a.stderr
+    sd = torch.load(pruned, weights_only=True)
+    unique = [sd["stem.weight"], sd["a.weight"], sd["fc.weight"]]
+    zeros = sum(int((w == 0).sum()) for w in unique) / sum(w.numel() for w in unique)
+    assert abs(zeros - 0.8) < 0.01 and torch.equal(sd["a.weight"], sd["b.weight"])
