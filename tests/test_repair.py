@@ -275,3 +275,38 @@ def test_list_shows_every_registered_step_form(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(kind.grammar and kind.grammar in out for kind in step_kinds())
+
+
+def test_bn_recalibration_is_exact_and_independent_of_batch_size(toy, toy_batches):
+    from rr_alloc.data import Batches
+
+    x = torch.cat([b[0] for b in toy_batches])
+    results = []
+    for bs in (1, 5, 64):
+        p = _pruned(toy)
+        recalibrate_bn(p, Batches(x, torch.zeros(len(x)), bs))
+        results.append({k: v.clone() for k, v in p.state_dict().items() if "running" in k})
+        # each BatchNorm's statistics are those of its whole input, with the ones before it recalibrated
+        seen = {}
+        with torch.no_grad():
+            h = p.bn3.register_forward_pre_hook(lambda m, i: seen.update(x=i[0]))
+            p.eval()(x)
+            h.remove()
+        torch.testing.assert_close(p.bn3.running_mean, seen["x"].mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.bn3.running_var, seen["x"].var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    for r in results[1:]:
+        for k in r:
+            torch.testing.assert_close(r[k], results[0][k], rtol=1e-5, atol=1e-6)
+
+
+def test_verify_prints_the_same_figures_at_any_batch_size(tmp_path):
+    from test_cli import run_cli
+
+    out = tmp_path / "plan.json"
+    assert run_cli("search", "--budget", "0.9", "--out", str(out)).returncode == 0
+    rows = []
+    for bs in ("1", "256"):
+        r = run_cli("verify", "--plan", str(out), "--batch-size", bs)
+        assert r.returncode == 0, r.stderr
+        rows.append(next(l.split() for l in r.stdout.splitlines() if "+ repair" in l))
+    assert rows[0] == rows[1]

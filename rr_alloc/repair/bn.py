@@ -1,48 +1,69 @@
-"""BatchNorm recalibration ("BN only"), as in REPAIR / airbench."""
+"""BatchNorm recalibration ("BN only", as in REPAIR / airbench), with exact statistics."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["recalibrate_bn", "batchnorms"]
+from ..stats import ChannelMoments
+from .propagate import CacheTooLarge, StagedRunner, input_moments
+from .sites import Site, forward_order
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+__all__ = ["recalibrate_bn", "batchnorms", "BATCHNORMS"]
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+def batchnorms(model: nn.Module) -> dict[str, nn.Module]:
+    """The BatchNorms that keep running statistics, by dotted name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, BATCHNORMS) and m.track_running_stats}
+
+
+def _set_statistics(bn: Any, mom: ChannelMoments) -> None:
+    """Running mean and unbiased variance (torch's convention for running_var) of all the images' inputs."""
+    n = mom.n
+    bn.running_mean.copy_(mom.mean.to(bn.running_mean))
+    bn.running_var.copy_((mom.var * (n / max(n - 1, 1))).to(bn.running_var))
 
 
 @torch.no_grad()
 def recalibrate_bn(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]], device: torch.device | str = "cpu"
+    model: nn.Module, batches: Any, device: torch.device | str = "cpu", max_cache_bytes: float = 4e9
 ) -> int:
-    """Re-estimate every BatchNorm's running statistics on ``batches``.
+    """Re-estimate every BatchNorm's running statistics on ``batches``, exactly.
 
-    Only the BatchNorm modules run in train mode (Dropout and the rest stay in
-    eval); ``momentum=None`` gives the cumulative average over all batches, so
-    the result does not depend on batch order and a second call gives the
-    same statistics (idempotent). Returns the number of BatchNorms updated.
+    In forward order, each BatchNorm gets the mean and unbiased variance of its input over all the images, with
+    the model in eval mode and every BatchNorm before it already recalibrated: the pruned model's own statistics,
+    the same for any batch size or order (train-mode estimates would normalise upstream layers by each batch's
+    statistics, and average per-batch variances). One node-by-node pass where the model traces
+    (``propagate.StagedRunner``), else one partial forward per BatchNorm. Idempotent. Returns how many were updated.
     """
     bns = batchnorms(model)
     if not bns:
         return 0
-    was_training = model.training
-    saved = [(bn, bn.momentum) for bn in bns]
+    was = model.training
     model.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
+    sites = [Site(name, "bn", 1) for name in bns]
+    done: set[str] = set()
+
+    def update(site: Site, mom: ChannelMoments) -> None:
+        _set_statistics(bns[site.name], mom)
+        done.add(site.name)
+
     try:
-        for x, _ in batches:
-            model(x.to(device))
+        runner, _ = StagedRunner.build(model, sites, max_cache_bytes)
+        if runner is not None:
+            try:
+                runner.run_inputs(batches, sites, device, update)
+            except CacheTooLarge:
+                pass  # the BatchNorms updated so far stay; the rest take partial forwards
+        todo = [s for s in sites if s.name not in done]
+        if todo:
+            x0 = next(iter(batches))[0][:2].to(device)
+            for site in forward_order(model, todo, x0):
+                update(site, input_moments(model, site, batches, device))
     finally:
-        for bn, mom in saved:
-            bn.momentum = mom
-        model.train(was_training)
+        model.train(was)
     return len(bns)

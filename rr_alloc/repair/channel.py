@@ -111,7 +111,7 @@ class BnRecalibration(StepKind):
         return RepairStep("bn") if part == "bn" else None
 
     def apply(self, step: RepairStep, pruned: nn.Module, ctx: StepContext) -> None:
-        recalibrate_bn(pruned, ctx.batches, ctx.device)
+        recalibrate_bn(pruned, ctx.batches, ctx.device, ctx.max_cache_bytes)
         ctx.report.calib_passes += 1
 
 

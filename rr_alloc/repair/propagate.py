@@ -212,6 +212,53 @@ class StagedRunner:
         finally:
             r.gm.train(was)
 
+    @torch.no_grad()
+    def run_inputs(
+        self,
+        batches: Batches,
+        sites: list[Site],
+        device: torch.device | str,
+        update: Callable[[Site, ChannelMoments], None],
+    ) -> None:
+        """For each site in forward order: the moments of its *input* -> ``update`` (e.g. a BatchNorm's running
+        statistics) -> the site runs as updated. Raises ``CacheTooLarge`` after the sites already updated."""
+        r = self.seq
+        interp = fx.Interpreter(r.gm)
+        envs = r.envs([x.to(device) for x, _ in batches])
+        pos = 0
+        was = r.gm.training
+        r.gm.eval()
+        try:
+            for site in sorted(sites, key=lambda s: r.at[s.name]):
+                stop = r.at[site.name]
+                inp = _first_arg(r.nodes[stop])
+                mom = ChannelMoments()
+                for env in envs:
+                    r.advance(interp, env, pos, stop, keep=inp)
+                    mom.add_batch(as_bcx(env[inp].float(), site.channel_dim))
+                _check_cache(envs, self.max_cache_bytes)
+                update(site, mom)
+                pos = stop
+        finally:
+            r.gm.train(was)
+
+
+def input_moments(model: nn.Module, site: Site, batches: Batches, device: torch.device | str = "cpu") -> ChannelMoments:
+    """Per-channel moments of ``site``'s input over ``batches``; each forward stops right there."""
+    mom = ChannelMoments()
+
+    def hook(mod: nn.Module, inp: Any) -> None:
+        mom.add_batch(as_bcx(inp[0].float(), site.channel_dim))
+        raise StopForward
+
+    with torch.no_grad(), forward_hooks(model, {site.name: hook}, pre=True):
+        for x, _ in batches:
+            try:
+                model(x.to(device))
+            except StopForward:
+                pass
+    return mom
+
 
 def _first_arg(node: fx.Node) -> fx.Node:
     a = node.args[0]
