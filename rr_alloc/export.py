@@ -267,11 +267,14 @@ def to_llm_compressor(plan: Plan) -> str:
 def to_sparseml(plan: Plan) -> str:
     groups: dict[float, list[str]] = {}
     for l in plan.layers:
-        groups.setdefault(round(l.sparsity, 6), []).append(f"{l.name}.weight")
+        if l.n_pruned:  # a layer the plan keeps dense is no target: GMP would start it at init_sparsity
+            groups.setdefault(round(l.sparsity, 6), []).append(f"{l.name}.weight")
+    dense = [l.name for l in plan.layers if not l.n_pruned]
+    note = f"# left dense, not targeted: {_inline(', '.join(dense))}\n" if dense else ""
     modifier = _Tagged(
         "!GMPruningModifier",
         {
-            "init_sparsity": 0.05,
+            "init_sparsity": min([0.05, *groups]),  # never above a layer's final sparsity
             "final_sparsity": groups,
             "params": [],
             "start_epoch": 0.0,
@@ -280,7 +283,7 @@ def to_sparseml(plan: Plan) -> str:
             "mask_type": "unstructured",
         },
     )
-    return _header(plan) + _yaml_dump({"modifiers": [modifier]})
+    return _header(plan) + note + _yaml_dump({"modifiers": [modifier]})
 
 
 def to_nni(plan: Plan, version: int = 3) -> str:

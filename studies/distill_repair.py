@@ -103,6 +103,8 @@ SCREEN: list[tuple[str, dict[str, Any], int]] = [
     ("lr=1e-4", {"lr": 1e-4}, 1024),
     ("lr=3e-4", {"lr": 3e-4}, 1024),
     ("lr=1e-3", {"lr": 1e-3}, 1024),
+    ("lr=3e-3", {"lr": 3e-3}, 1024),
+    ("lr=1e-2", {"lr": 1e-2}, 1024),
     ("aug=none", {"aug": "none"}, 1024),
     ("aug=flip", {"aug": "flip"}, 1024),
     ("loss=block", {"loss": "block"}, 1024),
@@ -114,6 +116,7 @@ SCREEN: list[tuple[str, dict[str, Any], int]] = [
     ("images=8192", {}, 8192),
     ("images=4096,steps=600", {"steps": 600}, 4096),
     ("images=8192,steps=600", {"steps": 600}, 8192),
+    ("images=8192,steps=900", {"steps": 900}, 8192),
 ]
 
 
@@ -139,7 +142,8 @@ def part_screen(args, out: Path) -> None:
             by_size[size] = workbench(model, seed, distill_size=size, quick=args.quick)
         step = DistillStep(**kw)
         kd, secs = kd_on(by_size[size], repaired, report.masks, step, seed)
-        res.add({"name": name, "model": model, "budget": budget, "seed": seed, "seconds": secs, **scores(wb, kd)})
+        row = {"name": name, "model": model, "budget": budget, "seed": seed, "step": str(step), "seconds": secs}
+        res.add({**row, **scores(wb, kd)})
     # the place in the pipeline: kd before the channel-wise step
     name = "place=obs>bn>kd>naive"
     if not res.has(name=name):
@@ -209,12 +213,13 @@ def write_md(df: pd.DataFrame, path: Path, part: str, setting: str) -> None:
         lines += [
             "Chosen on the selection split (KL, agreement); test top-1 reported only (10,000 test images).",
             "",
-            "| setting | selection KL | selection agreement % | test top-1 % | seconds |",
-            "|---|---|---|---|---|",
+            "| setting | step | selection KL | selection agreement % | test top-1 % | seconds |",
+            "|---|---|---|---|---|---|",
         ]
         for _, r in df.iterrows():
+            step = r.get("step") if isinstance(r.get("step"), str) else ""
             lines.append(
-                f"| {r['name']} | {r.selection_kl:.4f} | {100 * r.selection_agreement:.2f} | "
+                f"| {r['name']} | {step} | {r.selection_kl:.4f} | {100 * r.selection_agreement:.2f} | "
                 f"{100 * r.test_top1:.2f} | {r.seconds:.0f} |"
             )
     else:

@@ -103,8 +103,17 @@ def test_sparseml_recipe_structure(resnet20, tmp_path):
     mods = yaml.load(text, Loader=Loader)["modifiers"]
     gm = mods[0]["GMPruningModifier"]
     got = {p: s for s, params in gm["final_sparsity"].items() for p in params}
-    assert got == {f"{l.name}.weight": pytest.approx(l.sparsity, abs=1e-6) for l in plan.layers}
+    assert got == {f"{l.name}.weight": pytest.approx(l.sparsity, abs=1e-6) for l in plan.layers if l.n_pruned}
     assert gm["mask_type"] == "unstructured" and gm["params"] == []
+    assert 0 < gm["init_sparsity"] <= min(got.values())
+
+
+def test_sparseml_leaves_a_layer_the_plan_keeps_dense_out_of_its_targets(resnet20, tmp_path):
+    plan = _plan_for(resnet20)
+    plan.layers[0] = LayerPlan(plan.layers[0].name, 0, plan.layers[0].n_weights, plan.layers[0].shape)
+    text = export_plan(plan, "sparseml", tmp_path / "recipe.yaml").read_text()
+    assert f"# left dense, not targeted: {plan.layers[0].name}" in text
+    assert f"- {plan.layers[0].name}.weight" not in text
 
 
 @pytest.mark.parametrize("fmt,key", [("nni", "sparse_ratio"), ("nni-v2", "sparsity_per_layer")])
