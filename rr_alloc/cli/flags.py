@@ -15,6 +15,7 @@ from ..config import GROUPS, RunConfig, option_fields
 from ..config_file import load_config_file
 from ..errors import UserError
 from ..plan import Plan
+from ..repair import RepairPipeline
 from ..replay import check_plan_model, config_from_plan
 
 __all__ = [
@@ -158,6 +159,11 @@ def config_for_plan(args: argparse.Namespace, plan: Plan) -> RunConfig:
                     "it): drop it, or use a config of model, data and repair keys only"
                 )
     cfg = config_from_args(args, base=config_from_plan(plan))
+    if plan.mask_rule == "obs" and RepairPipeline.parse(cfg.repair).mask_rule != "obs":
+        raise UserError(
+            f"the plan's masks are chosen by its repair's obs step (mask_rule obs), but --repair {cfg.repair} would "
+            "prune by magnitude: pass a pipeline with an obs step, or leave --repair out (the plan's own)"
+        )
     check_plan_model(plan, cfg.model, getattr(args, "model", None), bool(getattr(args, "trust_plan_model", False)))
     return cfg
 

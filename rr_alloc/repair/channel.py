@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import UserError
 from ..stats import LAMBDA_RULES, ChannelMoments, repair_gamma
 from .affine import fold_correction
-from .bn import recalibrate_bn
+from .bn import batchnorms, recalibrate_bn
 from .propagate import CacheTooLarge, StagedRunner, site_moments
 from .sites import SITE_KINDS, Site, discover_sites, forward_order, missing_note
 from .steps import RepairReport, StepContext, StepKind, first_repeat, register
@@ -111,6 +111,17 @@ class BnRecalibration(StepKind):
         return RepairStep("bn") if part == "bn" else None
 
     def apply(self, step: RepairStep, pruned: nn.Module, ctx: StepContext) -> None:
+        if not batchnorms(pruned):  # nothing to recalibrate: a step that would do nothing is not run silently
+            if not ctx.optional_sites:
+                raise UserError(
+                    "repair step 'bn' has nothing to act on: the model has no BatchNorm; drop bn from --repair"
+                )
+            note = "repair step bn skipped: the model has no BatchNorm"
+            notes = ctx.cache.notes if ctx.cache is not None else []
+            if note not in notes:
+                notes.append(note)
+                print(f"note: {note}", flush=True)
+            return
         recalibrate_bn(pruned, ctx.batches, ctx.device, ctx.max_cache_bytes)
         ctx.report.calib_passes += 1
 
