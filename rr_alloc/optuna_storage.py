@@ -311,10 +311,10 @@ def storage_file(storage: str) -> Path | None:
 
 def discard_if_empty(db: Path, made: list[Path]) -> None:
     """Remove a storage file (SQLite or journal) this run created, and the folders made for it, if it holds
-    no trial.
+    no evaluated trial.
 
-    A run that fails before its first trial leaves nothing behind; any trial, even a failed one,
-    keeps the file, so an interrupted study can still be resumed.
+    A run that ends before its first evaluation (failed or interrupted trials only) leaves nothing behind; a
+    completed or screened-out trial keeps the file, so an interrupted study can still be resumed.
     """
     import optuna
 
@@ -327,7 +327,12 @@ def discard_if_empty(db: Path, made: list[Path]) -> None:
             else:
                 storage = quiet(lambda: optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}"))
             summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-            has_trials = any(s.n_trials > 0 for s in summaries)
+            kept = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # evaluations, not attempts
+            has_trials = any(
+                optuna.load_study(study_name=s.study_name, storage=storage).get_trials(deepcopy=False, states=kept)
+                for s in summaries
+                if s.n_trials
+            )
             if isinstance(storage, optuna.storages.RDBStorage):
                 storage.remove_session()
                 storage.engine.dispose()

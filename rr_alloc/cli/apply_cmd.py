@@ -15,7 +15,7 @@ from ..plan import Plan
 from ..repair.persist import save_pruned, spec_path
 from ..replay import model_from_plan, workbench_for_plan
 from .flags import REPLAY_GROUPS, add_plan_flags, add_run_flags, config_for_plan
-from .outputs import check_command_output
+from .outputs import check_command_output, outputs_in_place
 
 __all__ = ["register"]
 
@@ -97,9 +97,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
             how = "traced (the model does not script)"
         with atomic_path(out) as tmp:
             torch.jit.save(scripted, str(tmp))
+        outputs_in_place()
         print(f"wrote {out} (TorchScript, {how}; load with torch.jit.load)")
         return 0
     spec = save_pruned(model, out, args.plan)
+    outputs_in_place()
     if spec is None:
         print(
             f"wrote {out}: plain state_dict, every correction folded into existing parameters; "
@@ -136,6 +138,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = export_plan(
         plan, args.format, args.out, model=model, masks_fn=obs_masks if ex.binary and plan.mask_rule == "obs" else None
     )
+    outputs_in_place()
     print(f"wrote {path} ({args.format})")
     if note:
         print(f"note: {note}")

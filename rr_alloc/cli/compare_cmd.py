@@ -11,11 +11,12 @@ import pandas as pd
 
 from ..allocators import ALLOCATORS, allocator_class
 from ..errors import UserError
+from ..io_utils import staged_folder
 from ..repair import RepairPipeline
 from ..report import save_figure, search_lines, write_frame_csv
 from ..workbench import Workbench
 from .flags import add_run_flags, check_split_size, config_from_args, refuse_search_flags
-from .outputs import check_command_output
+from .outputs import check_command_output, outputs_in_place
 
 __all__ = ["register", "compare_figure"]
 
@@ -84,10 +85,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     rows, per_layer = _measure(wb, args, allocators, repairs)
     df = pd.DataFrame(rows)
-    write_frame_csv(df, out_dir / "compare.csv")
-    write_frame_csv(pd.DataFrame(per_layer), out_dir / "compare_layers.csv")
     fig = compare_figure(df, pd.DataFrame(per_layer), cfg.model, [layer.name for layer in wb.layers])
-    save_figure(fig, out_dir / "compare.png")
+    # the three files move into place together: an interrupt while they are written leaves the earlier ones
+    with staged_folder(out_dir, last="compare.csv") as staging:
+        write_frame_csv(pd.DataFrame(per_layer), staging / "compare_layers.csv")
+        save_figure(fig, staging / "compare.png")
+        write_frame_csv(df, staging / "compare.csv")
+    outputs_in_place()
     show = df.assign(
         top1=(100 * df.top1).round(2),
         agreement=(100 * df.agreement).round(2),

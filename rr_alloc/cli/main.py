@@ -8,9 +8,14 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import UserError, system_error_line
 from ..progress import end_line
@@ -18,6 +23,8 @@ from ..progress import start as progress_start
 from ..runtime import tune_malloc
 from . import apply_cmd, compare_cmd, search_cmd
 from .flags import Parser
+from .outputs import finished
+from .outputs import reset as out_reset
 
 __all__ = ["main", "build_parser"]
 
@@ -33,7 +40,60 @@ def build_parser() -> Parser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that every ``finally`` (staged files, storages) runs."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+class _ClosedPipeSafe(io.TextIOBase):
+    """Standard output that goes quiet once its reader is gone (``| head``): the run still writes its files."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.closed_pipe = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.closed_pipe:
+            try:
+                self.stream.write(text)
+            except BrokenPipeError:
+                self._close()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_pipe:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._close()
+
+    def _close(self) -> None:
+        self.closed_pipe = True
+        with contextlib.suppress(OSError):  # python's exit flush must not fail on the dead pipe again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    out_reset()
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    stdout = sys.stdout
+    if argv is None:  # the command line itself (tests pass argv and keep their captured streams)
+        sys.stdout = _ClosedPipeSafe(stdout)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout = stdout
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         progress_start()
         argv = list(sys.argv[1:] if argv is None else argv)
@@ -47,8 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except UserError as e:
         return _fail(str(e), 2)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+    except KeyboardInterrupt as e:
+        if finished():  # the signal came after every output was in place: the run is complete
+            print("note: interrupted after the outputs were written; they are complete", file=sys.stderr)
+            return 0
+        return _fail(
+            "terminated" if isinstance(e, Terminated) else "interrupted", 143 if isinstance(e, Terminated) else 130
+        )
     except BrokenPipeError:  # the reader went away (| head): nothing left to tell it
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - python's exit flush must not fail again
         return 141

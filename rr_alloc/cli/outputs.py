@@ -11,7 +11,25 @@ from ..io_utils import check_output
 from ..optuna_storage import storage_file
 from ..plan import Plan
 
-__all__ = ["check_command_output"]
+__all__ = ["check_command_output", "outputs_in_place", "finished", "reset"]
+
+_done = False
+
+
+def reset() -> None:
+    """A new command begins: none of its outputs are in place."""
+    global _done
+    _done = False
+
+
+def outputs_in_place() -> None:
+    """The command's files are all written and moved into place: an interrupt now ends a finished run."""
+    global _done
+    _done = True
+
+
+def finished() -> bool:
+    return _done
 
 
 def check_command_output(

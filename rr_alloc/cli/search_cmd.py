@@ -38,7 +38,7 @@ from .flags import (
     parse_budget,
     refuse_search_flags,
 )
-from .outputs import check_command_output
+from .outputs import check_command_output, outputs_in_place
 
 __all__ = ["register", "metrics_row", "run_search", "SIDE_FILES"]
 
@@ -198,6 +198,7 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
             )
         extra = [out.with_name(f.name) for f in sorted(staging.iterdir())]
         plan.save(staging / out.name, folder=out.parent)
+    outputs_in_place()
     print()
     print(table.to_string(index=False))
     target = "N:M pattern" if cfg.pattern else f"target {budget:.4f}"
