@@ -172,7 +172,7 @@ class Experiment:
         head = text.split(":")[0]
         if head not in ("lsq", "obs"):
             raise UserError(f"unknown --profile-repair {text!r}: use channel, lsq[:damp=X] or obs[:damp=X]")
-        step = RepairPipeline.parse(text).steps[0]
+        step = RepairPipeline.parse(text, flag="--profile-repair").steps[0]
         return head, step.damp
 
     def profile_key(self) -> str:

@@ -117,7 +117,8 @@ def check_output(
     if p.is_symlink():
         raise UserError(f"{flag} {p} is a symbolic link: pass the path of a real file (a link is never replaced)")
     if p.exists() and _kind(p):
-        raise UserError(f"{flag} {p} is a {_kind(p)}, not a file: pass the path of a regular file")
+        what = "a folder" if is_dir else "a regular file"
+        raise UserError(f"{flag} {p} is a {_kind(p)}, not {what}: pass the path of {what}")
     for other in inputs:
         if other is not None and _same(p, Path(other)):
             raise UserError(f"{flag} {p} is the input {other}: pass another output path (the input stays as it is)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import glob
 import os
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,11 @@ __all__ = [
 def config_from_plan(plan: Plan) -> dict[str, Any]:
     """``RunConfig`` keyword arguments that rebuild the plan's model and data."""
     src = plan.source
-    if not src:
-        raise UserError("the plan has no source block: pass --model/--dataset flags to rebuild its model")
+    # the plan's own layer names select its layers (as exact patterns): an include/exclude pattern it was made
+    # with may match nothing on a later build, and the layer set is checked against the plan anyway
+    layers = {"include": tuple(glob.escape(l.name) for l in plan.layers), "exclude": ()}
+    if not src:  # the caller's flags (--model, --dataset, ...) rebuild the model: config_for_plan asks for them
+        return {"repair": plan.repair, "unit": plan.budget_unit, "pattern": plan.pattern, **layers}
     data = src.get("data", {})
     kw = {
         "model": src.get("model"),
@@ -54,8 +58,7 @@ def config_from_plan(plan: Plan) -> dict[str, Any]:
         "eval_size": data.get("eval_size"),
         "seed": data.get("seed", 0),
         "download": data.get("download", False),
-        "include": tuple(src.get("include", ())),
-        "exclude": tuple(src.get("exclude", ())),
+        **layers,
         "batch_size": src.get("batch_size", 256),
         "repair": plan.repair,
         "unit": plan.budget_unit,

@@ -95,6 +95,8 @@ def study_key(experiment: Experiment, budget: float) -> str:
         "repair": cfg.loop_repair,
         "layers": [layer.name for layer in experiment.layers],
         **study_key_fields(cfg),
+        # --level-inputs off once moved by fractions: its level-move studies get a key of their own
+        **({"moves": "levels"} if experiment.level_rule() == "off" else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -28,6 +28,8 @@ __all__ = [
     "config_from_args",
     "config_for_plan",
     "parse_budget",
+    "file_config",
+    "given_flags",
     "default_out",
     "EMBEDDED_NOTE",
 ]
@@ -158,6 +160,8 @@ def config_for_plan(args: argparse.Namespace, plan: Plan) -> RunConfig:
                     f"config file {args.config}: key {key!r} does not apply when replaying a plan (the plan decides "
                     "it): drop it, or use a config of model, data and repair keys only"
                 )
+    if not plan.source and getattr(args, "model", None) is None:
+        raise UserError("the plan has no source block: pass --model (and --checkpoint, --dataset, ...) to rebuild it")
     cfg = config_from_args(args, base=config_from_plan(plan))
     if plan.mask_rule == "obs" and RepairPipeline.parse(cfg.repair).mask_rule != "obs":
         raise UserError(

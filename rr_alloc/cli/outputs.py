@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import RunConfig
+from ..errors import UserError
 from ..io_utils import check_output
 from ..optuna_storage import storage_file
 from ..plan import Plan
@@ -43,6 +44,8 @@ def check_command_output(
 ) -> Path:
     """``io_utils.check_output`` with every input of the run: the plan, the config file, the checkpoints (the
     run's and the plan's), the search storage, and the image folders (no output lands inside them)."""
+    if not str(path).strip():  # Path("") is the working directory: never a place a user asked for
+        raise UserError(f"{flag} is empty: pass the path to write to")
     inputs = (
         getattr(args, "plan", None),
         getattr(args, "config", None),

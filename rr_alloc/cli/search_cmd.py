@@ -19,7 +19,7 @@ from ..optuna_storage import check_storage, discard_if_empty, storage_file
 from ..optuna_study import StudySettings, summary_lines
 from ..plan import Plan
 from ..pruning import parse_pattern
-from ..repair import PRESETS, RepairPipeline
+from ..repair import PRESETS, ReconstructStep, RepairPipeline
 from ..repair.steps import step_kinds
 from ..replay import workbench_for_plan
 from ..report import layer_table, plot_rr_curves, plot_search_progress, search_lines, write_profile_csv
@@ -35,6 +35,7 @@ from .flags import (
     config_for_plan,
     config_from_args,
     default_out,
+    file_config,
     parse_budget,
     refuse_search_flags,
 )
@@ -95,6 +96,20 @@ def metrics_row(name: str, m: Metrics, sparsity: float | None, unit: str = "weig
 PATTERN_IGNORES = ("allocator", "reference", "unit", "layer_weights")  # flags of a budget's allocation
 
 
+def refuse_level_search_flags(args: argparse.Namespace, cfg: RunConfig) -> None:
+    """Under a reconstruction repair the search moves by database levels: fraction-move flags would be ignored."""
+    steps = RepairPipeline.parse(cfg.loop_repair).steps
+    if cfg.allocator != "optuna" or cfg.pattern or not steps or not isinstance(steps[0], ReconstructStep):
+        return
+    keys = file_config(args)
+    for name in ("search_step", "screen_size"):
+        if getattr(args, name, None) is not None or name in keys:
+            raise UserError(
+                f"--{name.replace('_', '-')} applies to the fraction-move search, but the search repair "
+                f"{cfg.loop_repair!r} reconstructs, so the search moves by levels (--ladder-step, --stages): drop it"
+            )
+
+
 def refuse_budget_flags(args: argparse.Namespace) -> None:
     """An N:M pattern fixes every layer's count: allocation flags would be ignored, so they are refused."""
     given = [name for name in PATTERN_IGNORES if getattr(args, name, None) is not None]
@@ -114,6 +129,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         parse_pattern(cfg.pattern)  # a malformed pattern fails before any model or data is loaded
         refuse_budget_flags(args)
     refuse_search_flags(args, cfg.allocator == "optuna" and not cfg.pattern)
+    if args.out is not None and not args.out.strip():
+        raise UserError("--out is empty: pass the plan's path (or leave --out out for runs/<model>_...)")
+    refuse_level_search_flags(args, cfg)
     out_arg = args.out or cfg.out  # the flag, else the config file's out: key
     out = Path(out_arg) if out_arg else default_out(cfg, args.budget)
     if out.is_dir() or str(out_arg or "").endswith(("/", "\\")):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .channel import CHANNEL_METHODS, DenseSiteCache, RepairStep
 from .distill import Distillation, DistillStep  # noqa: F401  (registers the kd kind)
 from .propagate import activation_cap, site_moments
@@ -65,12 +66,17 @@ class RepairPipeline:
         return any(kind_of(s).rewrites_weights for s in self.steps)
 
     @classmethod
-    def parse(cls, text: str) -> "RepairPipeline":
-        """Parse the text form (see module docstring); one-line ``UserError`` on bad input."""
+    def parse(cls, text: str, flag: str = "--repair") -> "RepairPipeline":
+        """Parse the text form (see module docstring); one-line ``UserError`` on bad input, naming ``flag``."""
         text = (text or "").strip()
         if text in ("", "none"):
             return cls(())
-        return cls(tuple(parse_step(part.strip(), text) for part in text.split(">")))
+        try:
+            return cls(tuple(parse_step(part.strip(), text) for part in text.split(">")))
+        except UserError as e:
+            if flag == "--repair":
+                raise
+            raise UserError(str(e).replace("--repair", flag)) from None
 
 
 def run_repair(

@@ -1,0 +1,63 @@
+"""search, compare and the replays refuse what they would ignore or misread, naming the right flag."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import run_cli
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--reference", "optuna"], "--reference optuna is a search, not a rule"),
+        (["--pretrained"], "--pretrained downloads torchvision or timm weights"),
+        (["--out", ""], "--out is empty"),
+        (["--profile-repair", "lsq:damp=nan"], "(in --profile-repair 'lsq:damp=nan')"),
+        (
+            ["--allocator", "optuna", "--repair", "obs>bn>naive@block+logits", "--search-step", "0.1"],
+            "--search-step applies to the fraction-move search",
+        ),
+        (
+            ["--allocator", "optuna", "--repair", "obs>bn>naive@block+logits", "--screen-size", "64"],
+            "--screen-size applies to the fraction-move search",
+        ),
+    ],
+)
+def test_search_refuses_what_it_would_ignore(tmp_path, args, words):
+    r = run_cli("search", "--budget", "0.9", *args, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and words in r.stderr, r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_compare_names_a_device_given_as_its_folder(tmp_path):
+    r = run_cli("compare", "--budgets", "0.9", "--out-dir", "/dev/null")
+    assert r.returncode == 2 and "is a character device, not a folder" in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    assert run_cli("search", "--budget", "0.9", "--exclude", "linear", "--out", str(out)).returncode == 0
+    return out
+
+
+def test_a_plan_without_source_replays_with_the_flags_its_error_asks_for(plan, tmp_path):
+    d = json.loads(plan.read_text())
+    del d["source"]
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps(d))
+    r = run_cli("verify", "--plan", str(p))
+    assert r.returncode == 2 and "pass --model" in r.stderr, r.stderr
+    r = run_cli("verify", "--plan", str(p), "--model", "digits_resnet", "--dataset", "digits")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_plan_whose_pattern_matches_nothing_now_still_replays(plan, tmp_path):
+    d = json.loads(plan.read_text())
+    d["source"]["exclude"] = ["no_such_layer*"]  # as an older build allowed
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps(d))
+    r = run_cli("verify", "--plan", str(p))
+    assert r.returncode == 0, r.stderr
