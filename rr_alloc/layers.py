@@ -6,11 +6,13 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
 
-__all__ = ["LayerInfo", "prunable_layers", "select_layers", "weight_aliases", "reconstructed_layers"]
+__all__ = ["conv2d_as", "LayerInfo", "prunable_layers", "select_layers", "weight_aliases", "reconstructed_layers"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,19 @@ def select_layers(
     if exclude:
         out = [n for n in out if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
     return out
+
+
+def conv2d_as(layer: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``layer``'s convolution (stride, padding and its mode, dilation, groups) with another ``weight``/``bias``."""
+    if layer.padding_mode == "zeros":
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    if layer.padding == "same":  # as torch pads it: the extra pixel of an odd total goes after
+        totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+        pads = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
+    else:
+        pads = [0, 0, 0, 0] if layer.padding == "valid" else [p for p in reversed(layer.padding) for _ in (0, 1)]
+    x = F.pad(x, pads, mode=layer.padding_mode)
+    return F.conv2d(x, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
 
 
 def weight_aliases(model: nn.Module) -> dict[str, str]:

@@ -33,7 +33,7 @@ from torch import nn
 
 from .errors import UserError
 from .hooks import forward_hooks
-from .layers import LayerInfo, prunable_layers
+from .layers import LayerInfo, conv2d_as, prunable_layers
 from .pruning import magnitude_order, n_pruned
 from .repair.reconstruct import bias_targets
 from .repair.refit import (
@@ -225,7 +225,7 @@ def _probe(layer: nn.Module, x: torch.Tensor, stack: torch.Tensor, bias: torch.T
         C = layer.out_channels
         fused = _fuses_bias(x)
         if type(layer).forward is nn.Conv2d.forward:
-            y = layer._conv_forward(x, stack, bias if fused else None)  # padding_mode, stride, dilation, groups
+            y = conv2d_as(layer, x, stack, bias if fused else None)
         else:  # a forward of its own (TF-style same padding): convolve what the layer's conv2d really sees
             seen, pads = seen_input(layer, x)
             y = F.conv2d(

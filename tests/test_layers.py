@@ -33,3 +33,16 @@ def test_a_plan_of_a_tied_model_states_the_sparsity_of_its_unique_weights(tmp_pa
     unique = [sd["stem.weight"], sd["a.weight"], sd["fc.weight"]]
     zeros = sum(int((w == 0).sum()) for w in unique) / sum(w.numel() for w in unique)
     assert abs(zeros - 0.8) < 0.01 and torch.equal(sd["a.weight"], sd["b.weight"])
+
+
+def test_conv2d_as_is_the_layers_own_convolution():
+    from torch import nn
+
+    from rr_alloc.layers import conv2d_as
+
+    x = torch.randn(2, 4, 9, 8, generator=torch.Generator().manual_seed(0))
+    for mode in ("zeros", "reflect", "replicate", "circular"):
+        for kw in ({"padding": 1}, {"padding": (2, 1)}, {"padding": "same", "dilation": 2}, {"padding": "valid"}):
+            torch.manual_seed(0)
+            layer = nn.Conv2d(4, 6, (3, 4) if kw["padding"] == "same" else 3, groups=2, padding_mode=mode, **kw)
+            torch.testing.assert_close(conv2d_as(layer, x, layer.weight, layer.bias), layer(x))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -20,7 +21,7 @@ from .outputs import check_command_output, outputs_in_place
 __all__ = ["register"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Any) -> None:  # argparse's subparsers object (its class is not public)
     a = sub.add_parser(
         "apply",
         help="rebuild a plan's model, prune, repair, and save the pruned weights",

@@ -21,7 +21,7 @@ from .outputs import check_command_output, outputs_in_place
 __all__ = ["register", "compare_figure"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Any) -> None:  # argparse's subparsers object (its class is not public)
     c = sub.add_parser(
         "compare",
         help="allocate several budgets with several allocators, verify all, one table",

@@ -46,7 +46,7 @@ __all__ = ["register", "metrics_row", "run_search", "SIDE_FILES"]
 SIDE_FILES = ("profile.csv", "rr_curves.png")  # written beside every plan
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Any) -> None:  # argparse's subparsers object (its class is not public)
     s = sub.add_parser(
         "search",
         help="profile RR, allocate a global budget, verify, write the plan",

@@ -113,7 +113,7 @@ def fold_correction(
             bn.running_mean.sub_(shift.to(bn.running_mean.dtype))
             return "folded-into-next-bn"
         return "folded"
-    if kind == "bn" and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+    if kind == "bn" and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)) and m.affine:
         m.weight.mul_(scale.to(m.weight.dtype))
         m.bias.mul_(scale.to(m.bias.dtype)).add_(shift.to(m.bias.dtype))
         return "folded"
