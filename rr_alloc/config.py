@@ -16,7 +16,6 @@ from .allocators import BUDGET_UNITS, allocator_class
 from .allocators.search import GUIDANCE, OPTIMIZERS
 from .data import DataSpec
 from .errors import UserError
-from .models.registry import ZOO
 from .options import GROUPS, boolean, fractions, mapping, option, real, text, texts, whole
 from .profile import DEFAULT_GRID
 from .repair import DEFAULT_REPAIR, DistillStep, RepairPipeline
@@ -334,11 +333,6 @@ class RunConfig:
             raise UserError(
                 f"--reference {self.reference} is a search, not a rule to verify beside the plan: pass a rule "
                 "(global, uniform, lamp, erk, rr-greedy, rr-exact), or search with --allocator optuna"
-            )
-        if self.pretrained and (self.model in ZOO or (":" in self.model and not self.model.startswith("timm:"))):
-            raise UserError(
-                f"--pretrained downloads torchvision or timm weights, which model {self.model} does not have: drop it "
-                "(its weights come from --checkpoint)"
             )
         if self.distill_size and not any(
             isinstance(step, DistillStep)

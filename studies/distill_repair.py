@@ -117,6 +117,9 @@ SCREEN: list[tuple[str, dict[str, Any], int]] = [
     ("images=4096,steps=600", {"steps": 600}, 4096),
     ("images=8192,steps=600", {"steps": 600}, 8192),
     ("images=8192,steps=900", {"steps": 900}, 8192),
+    # the winners together (chosen above on the selection split)
+    ("combined,images=1024", {"loss": "kl+block", "params": "all", "steps": 600}, 1024),
+    ("combined,images=8192", {"loss": "kl+block", "params": "all", "steps": 600}, 8192),
 ]
 
 

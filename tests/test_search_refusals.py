@@ -12,7 +12,7 @@ from test_cli import run_cli
     "args, words",
     [
         (["--reference", "optuna"], "--reference optuna is a search, not a rule"),
-        (["--pretrained"], "--pretrained downloads torchvision or timm weights"),
+        (["--pretrained"], "--pretrained: digits_resnet has no downloadable weights"),
         (["--out", ""], "--out is empty"),
         (["--profile-repair", "lsq:damp=nan"], "(in --profile-repair 'lsq:damp=nan')"),
         (

@@ -118,8 +118,8 @@ def build_model(name: str, num_classes: int | None = None, pretrained: bool = Fa
 
 def _build(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
     if name in ZOO:
-        if pretrained and name != "digits_resnet":
-            raise UserError(f"--pretrained: {name} has no downloadable weights: pass --checkpoint FILE instead")
+        if pretrained:  # the digits model's trained weights ship in the package; the others come by --checkpoint
+            raise UserError(f"--pretrained: {name} has no downloadable weights: drop it (weights come by --checkpoint)")
         if name == "digits_resnet" and num_classes not in (None, 10):
             raise UserError("--num-classes: the embedded digits model has 10 classes: leave --num-classes out")
         kw = {} if num_classes is None else {"num_classes": num_classes}
@@ -147,6 +147,8 @@ def _build(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
         # the download goes to torch's hub folder: one it had to create is removed again if it fails
         with removing_new_folders(Path(torch.hub.get_dir()) / "checkpoints"):
             return torchvision.models.get_model(tv, weights="DEFAULT", **kw)
+    if pretrained:  # before the user's code is imported
+        raise UserError(f"--pretrained: {name} has no downloadable weights: drop it (weights come by --checkpoint)")
     fn = _import_factory(name)
     call = f"{name}()" if num_classes is None else f"{name}(num_classes={num_classes})"
     try:
