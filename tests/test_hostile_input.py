@@ -404,7 +404,7 @@ def _folder(tmp_path):
 
 @pytest.mark.parametrize("flag,pattern", [("--include", "layer3.*"), ("--exclude", "fc"), ("--exclude", "Linear")])
 def test_a_layer_pattern_that_matches_no_layer_is_refused_naming_it(tmp_path, capsys, flag, pattern):
-    err = _bad_search(tmp_path, capsys, "--budget", "0.9", *QUICK, flag, "layer1.*", flag, pattern)
+    err = _bad_search(tmp_path, capsys, "--budget", "0.9", *QUICK, flag, "layer1.*", pattern)
     assert f"{flag} pattern {pattern!r} (" in err and "matches no prunable layer" in err and "layer1.0.conv1" in err
 
 

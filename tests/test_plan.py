@@ -174,8 +174,15 @@ def test_stored_plans_of_schema_versions_1_and_2_load_and_round_trip(name, tmp_p
     assert Plan.load(plan.save(tmp_path / "again.json")).to_dict() == plan.to_dict()
 
 
-def test_a_stored_nm_obs_plan_verifies(capsys):
+def test_a_stored_nm_obs_plan_verifies_on_the_weights_it_was_made_from(capsys, tmp_path):
+    """The stored plans were made with digits weights trained on another machine: their recorded fingerprint
+    refuses today's shipped weights; the same plan without a fingerprint (an older build's) verifies."""
     from rr_alloc.cli import main
 
-    assert main(["verify", "--plan", str(STORED / "nm.json")]) == 0
+    assert main(["verify", "--plan", str(STORED / "nm.json")]) == 2
+    assert "has other weights than the one the plan was made from" in capsys.readouterr().err
+    d = json.loads((STORED / "nm.json").read_text())
+    del d["source"]["model_fingerprint"]
+    (tmp_path / "nm.json").write_text(json.dumps(d))
+    assert main(["verify", "--plan", str(tmp_path / "nm.json")]) == 0
     assert "2:4 + repair" in capsys.readouterr().out

@@ -71,7 +71,15 @@ def readme_commands() -> tuple[list[str], list[str]]:
 
 def with_storage(args: list[str], storage: str, out: Path, *extra: str) -> list[str]:
     args = [storage if a == "$RR_ALLOC_STORAGE" else a for a in args]
-    return [*args, *SMALL, "--out", str(out), *extra]  # later flags win over the README's
+    ours = [*SMALL, "--out", str(out), *extra]
+    given = {a for a in ours if a.startswith("--")}
+    kept, dropped = [], False
+    for a in args:  # the README's flags that ours replace are left out (a flag given twice is refused)
+        if a.startswith("--"):
+            dropped = a in given
+        if not dropped:
+            kept.append(a)
+    return [*kept, *ours]
 
 
 def env() -> dict[str, str]:
@@ -358,6 +366,7 @@ def test_study_name_keyed_on_content_not_paths():
     import torch
     from factories import tiny_digits_cnn
 
+    from rr_alloc.cache import fingerprint_model, fingerprint_tensor
     from rr_alloc.config import RunConfig
     from rr_alloc.search_runner import study_key
 
@@ -374,6 +383,9 @@ def test_study_name_keyed_on_content_not_paths():
             splits=splits,
             layers=[SimpleNamespace(name="0")],
             data_spec=SimpleNamespace(to_dict=lambda: {"train": train_path}),
+            model_fingerprint=fingerprint_model(model),
+            data_fingerprints={"calib": fingerprint_tensor(calib), "selection": fingerprint_tensor(x[:4])},
+            level_rule=lambda: None,
         )
 
     a = study_key(wb(x, "/mnt/a/train"), 0.9)
