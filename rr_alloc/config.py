@@ -320,9 +320,10 @@ class RunConfig:
                 shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
                 if f.metadata["help"] is None:  # no flag: only a config file (or a plan) sets it
                     raise UserError(f"config key {f.name!r} must be {problem}, got {shown}: fix the config file")
+                flag = f.metadata["flag"] or f"--{f.name.replace('_', '-')}"
                 raise UserError(
-                    f"{f.name} (--{f.name.replace('_', '-')}) must be {problem}, got {shown}: "
-                    "fix the flag, the config file key or the plan's value"
+                    f"{f.name} ({flag}) must be {problem}, got {shown}: fix the flag, the config file key or the "
+                    "plan's value"
                 )
         if self.dataset == "digits" and (self.train_data or self.test_data):
             raise UserError(

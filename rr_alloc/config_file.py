@@ -113,6 +113,10 @@ def _unique_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any
         if key_node.tag == "tag:yaml.org,2002:merge":  # "<<": merged keys may be overridden (YAML's own rule)
             continue
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:  # a list or mapping as a key
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain name, not {type(key).__name__}", key_node.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark

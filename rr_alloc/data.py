@@ -279,6 +279,25 @@ def _eval_indices(n: int, eval_size: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(_EVAL_SEED).permutation(n)[:eval_size])
 
 
+def _check_memory(spec: DataSpec, n_test: int) -> None:
+    """Decoded splits live in memory: a transform whose images would not fit is refused before decoding."""
+    side = (spec.transform.crop or spec.transform.resize) if spec.transform else None
+    if not side:
+        return
+    from .runtime import available_memory_bytes
+
+    n = spec.calib_size + spec.selection_size + spec.validation_size + max(0, spec.distill_size - spec.calib_size)
+    n += spec.eval_size or n_test
+    need = n * (1 if spec.transform.grayscale else 3) * side * side * 4
+    free = available_memory_bytes("cpu")
+    if free and need > 0.8 * free:
+        raise UserError(
+            f"{n} images of {side}x{side} px take {need / 2**30:.1f} GiB decoded, more than the memory free "
+            f"({free / 2**30:.1f} GiB): lower the transform's crop/resize, --calib-size, --selection-size or "
+            "--eval-size"
+        )
+
+
 def load_splits(spec: DataSpec, batch_size: int = 256) -> Splits:
     """Decode the calibration, selection and test splits described by ``spec``."""
     if spec.kind not in DATASET_KINDS:
@@ -313,6 +332,7 @@ def load_splits(spec: DataSpec, batch_size: int = 256) -> Splits:
         )
     tf = (spec.transform or TransformSpec()).build()
     train_ds, test_ds = _torchvision_sets(spec, tf)
+    _check_memory(spec, len(test_ds))
     c, s, v, d = _draw(
         len(train_ds),
         spec.calib_size,

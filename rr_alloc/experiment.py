@@ -36,17 +36,20 @@ __all__ = ["Experiment", "layer_macs"]
 
 @torch.no_grad()
 def layer_macs(model: nn.Module, layers: list[LayerInfo], example: torch.Tensor) -> np.ndarray:
-    """Multiply-accumulates per weight of each layer (its output positions) for one image."""
+    """Multiply-accumulates per weight of each layer (its output positions) for one image; a weight tensor
+    shared with later layers (tied weights) counts their positions too."""
     pos: dict[str, int] = {}
+    owner = {layer.name: layer.name for layer in layers}
+    owner.update({alias: first for alias, first in weight_aliases(model).items() if first in owner})
 
     def make(name: str):
         def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
             per_image = out[0].numel() if out.dim() > 1 else out.numel()
-            pos[name] = per_image // mod.weight.shape[0]
+            pos[owner[name]] = pos.get(owner[name], 0) + per_image // mod.weight.shape[0]
 
         return hook
 
-    with forward_hooks(model, {layer.name: make(layer.name) for layer in layers}):
+    with forward_hooks(model, {name: make(name) for name in owner}):
         model(example[:1])
     # grouped convs: each weight is used once per output position of its own output channel
     return np.array([pos[layer.name] for layer in layers], dtype=float)

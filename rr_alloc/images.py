@@ -54,10 +54,28 @@ def _to_rgb(img: Any, path: str) -> Any:
     return img.convert("RGB")
 
 
+def check_no_link_loop(root: Path, flag: str) -> None:
+    """A folder link that leads back into the tree above it would be walked forever (or once per loop, counting
+    the same images many times): refused, naming the link."""
+    top = root.resolve()
+    for here, dirs, _ in os.walk(root, followlinks=False):
+        for d in dirs:
+            link = Path(here) / d
+            if link.is_symlink():
+                target = link.resolve()
+                parent = link.parent.resolve()
+                if target == top or top in target.parents or target == parent or target in parent.parents:
+                    raise UserError(
+                        f"{link} links back into {root} (a loop: its images would be read again and again): "
+                        f"remove the link from the {flag} folder"
+                    )
+
+
 def image_folder(root: Path, transform: Any, flag: str, note: Any = print) -> Any:
     """``torchvision.datasets.ImageFolder`` over ``root`` with ``decode``; files it leaves out are named."""
     import torchvision.datasets as D
 
+    check_no_link_loop(root, flag)
     left_out: Counter[str] = Counter()
 
     def valid(path: str) -> bool:

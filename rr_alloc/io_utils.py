@@ -123,7 +123,7 @@ def check_output(
         if other is not None and _same(p, Path(other)):
             raise UserError(f"{flag} {p} is the input {other}: pass another output path (the input stays as it is)")
     for folder in input_folders:  # an image folder must not collect a plan (nor lose an image to it)
-        if folder is not None and Path(folder).is_dir() and _inside(p, Path(folder)):
+        if folder is not None and Path(folder).is_dir() and any(inside(p, r) for r in linked_roots(Path(folder))):
             raise UserError(f"{flag} {p} lies inside the input folder {folder}: write outputs elsewhere")
     for other in siblings:
         if _same(p, Path(other)):
@@ -165,7 +165,24 @@ def check_input_file(path: str | os.PathLike, what: str, flag: str, want: str) -
     return p
 
 
-def _inside(p: Path, folder: Path) -> bool:
+def linked_roots(folder: Path, limit: int = 100_000) -> list[Path]:
+    """``folder`` and every place a symbolic link inside it leads to (a linked image or class folder is as
+    much an input as the folder itself); the walk follows no link."""
+    roots = [folder]
+    seen = 0
+    for here, dirs, files in os.walk(folder, followlinks=False):
+        for name in (*dirs, *files):
+            seen += 1
+            q = Path(here) / name
+            if q.is_symlink():
+                roots.append(q.resolve())
+        if seen > limit:
+            break
+    return roots
+
+
+def inside(p: Path, folder: Path) -> bool:
+    """``p`` is ``folder`` or lies inside it (a linked file counts as the ``folder`` it resolves to)."""
     try:
         p.resolve().relative_to(folder.resolve())
         return True

@@ -164,8 +164,7 @@ def open_storage(storage: str | None, heartbeat: Heartbeat | None = None):
         db = Path(url.database)
         if not db.parent.is_dir():
             raise UserError(f"--storage {storage}: directory {db.parent} does not exist: create it first")
-        if db.is_file() and db.stat().st_size and _head(db, len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-            raise UserError(f"--storage {storage}: {db} is not a SQLite database: pass a new file or an Optuna one")
+        _check_sqlite(db, storage)
     _ping(url)
     kw: dict[str, Any] = {"engine_kwargs": _engine_kwargs(url)}
     if heartbeat is not None:
@@ -190,19 +189,62 @@ def _head(path: Path, n: int) -> bytes:
         raise UserError(f"cannot read the storage {path} ({first_line(e)}): fix its permissions or pass another")
 
 
-def _check_journal(path: Path, storage: str) -> None:
-    """An existing non-empty file must begin with an Optuna journal record (one JSON object with an op_code)."""
-    if not path.is_file() or not path.stat().st_size:
-        return
-    line = _head(path, 1 << 16).split(b"\n", 1)[0]
-    try:
-        ok = "op_code" in json.loads(line)
-    except (ValueError, TypeError):  # not JSON, not an object, not UTF-8
-        ok = False
-    if not ok:
+def _check_regular(path: Path, storage: str) -> None:
+    if (path.exists() or path.is_symlink()) and not (path.is_file() and not path.is_symlink() or _real_file(path)):
         raise UserError(
-            f"--storage {storage} is not an Optuna journal (its first line is no journal record): pass a new file "
-            "or a journal an earlier search wrote"
+            f"--storage {storage}: {path} is not a regular file (a folder, a pipe, a device or a dangling link)"
+        )
+
+
+def _real_file(path: Path) -> bool:
+    """A symbolic link that leads to a regular file (a shared storage may well be reached through one)."""
+    return path.is_symlink() and path.resolve().is_file()
+
+
+def _check_journal(path: Path, storage: str) -> None:
+    """An existing file must be a regular file whose every line is an Optuna journal record (a JSON object with
+    an op_code): Optuna appends to it and then fails on any other line."""
+    _check_regular(path, storage)
+    if not path.exists() or not path.stat().st_size:
+        return
+    n = 0
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                n += 1
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or "op_code" not in record:
+                        raise ValueError
+    except (ValueError, TypeError):  # not JSON, not an object, not UTF-8
+        raise UserError(
+            f"--storage {storage} is not an Optuna journal (line {n} is no journal record): pass a new file or a "
+            "journal an earlier search wrote, intact"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot read the storage {path} ({first_line(e)}): fix its permissions or pass another")
+
+
+def _check_sqlite(db: Path, storage: str) -> None:
+    """An existing file must be a SQLite database that holds an Optuna study or nothing yet: a database of
+    something else would get Optuna's tables added to it."""
+    _check_regular(db, storage)
+    if not db.exists() or not db.stat().st_size:
+        return
+    if _head(db, len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+        raise UserError(f"--storage {storage}: {db} is not a SQLite database: pass a new file or an Optuna one")
+    import sqlite3
+
+    try:  # read only: SQLite's own catalogue of the file's tables
+        with contextlib.closing(sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True)) as con:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as e:
+        raise UserError(f"--storage {storage}: {db} is not a readable SQLite database ({e}): pass a new file")
+    if tables and "studies" not in tables:
+        shown = ", ".join(sorted(tables)[:3])
+        raise UserError(
+            f"--storage {storage}: {db} is another program's database (tables {shown}): pass a new file or an "
+            "Optuna storage"
         )
 
 

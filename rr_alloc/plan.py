@@ -368,6 +368,11 @@ def _check_totals(layers: list[LayerPlan], d: dict[str, Any], where: str) -> Non
     and the budget is met to the weight (an N:M plan's budget is its achieved sparsity). FLOP plans need
     the model's MACs for this and are checked where they are verified."""
     if d.get("budget_unit", "weights") != "weights":
+        if d.get("achieved_sparsity") is None:  # a MAC sparsity cannot be derived from the file alone
+            raise UserError(
+                f"{where} counts its budget in FLOPs but has no achieved_sparsity (its layers' MAC sparsity): "
+                "regenerate it with `rr_alloc search`"
+            )
         return
     n = sum(layer.n_weights for layer in layers)
     sparsity = sum(layer.n_pruned for layer in layers) / n

@@ -133,8 +133,13 @@ def check_model_fingerprint(plan: Plan, cfg: RunConfig, fingerprint: str) -> Non
     is replayed on the same weights: the model's fingerprint must be the one recorded."""
     src = plan.source
     want = src.get("model_fingerprint")
-    if not want or src.get("checkpoint_sha256") or cfg.checkpoint or fingerprint == want:
+    if not want or src.get("checkpoint_sha256") or fingerprint == want:
         return
+    if cfg.checkpoint:
+        raise UserError(
+            f"checkpoint {cfg.checkpoint} gives other weights than the model the plan was made from (which had no "
+            "checkpoint; its fingerprint differs): leave --checkpoint out, or re-run search on this checkpoint"
+        )
     raise UserError(
         f"model {cfg.model} built here has other weights than the one the plan was made from (its fingerprint "
         "differs: another library version, factory or download): pass --checkpoint with the plan's weights, or "
@@ -165,10 +170,16 @@ def check_data_fingerprint(plan: Plan, wb: Workbench) -> None:
         ("test", _TEST_KEYS, "--test-data"),
     ):
         if split in want and _same_spec(spec, rebuilt, keys) and have[split] != want[split]:
-            where = rebuilt.get("train" if flag == "--train-data" else "test") or rebuilt.get("kind")
+            folder = rebuilt.get("train" if flag == "--train-data" else "test")
+            fix = (
+                f"replay where the plan's paths lead to its data, or pass {flag} with the original images"
+                if folder
+                else "the plan's data settings (seed, sizes, transform) were edited or the library changed them: "
+                "regenerate the plan"
+            )
             raise UserError(
-                f"the {split} images read from {where} are not the ones the plan was made from (their fingerprint "
-                f"differs): replay where the plan's paths lead to its data, or pass {flag} with the original images"
+                f"the {split} images read from {folder or rebuilt.get('kind')} are not the ones the plan was made "
+                f"from (their fingerprint differs): {fix}"
             )
 
 

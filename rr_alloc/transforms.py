@@ -11,7 +11,7 @@ from .errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-MAX_SIDE = 4096  # pixels: larger images would not fit a calibration split in memory
+MAX_SIDE = 1024  # pixels: larger images would not fit a calibration split in memory
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,9 @@ class TransformSpec:
                     d[k] = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else None
                 except (TypeError, ValueError):
                     d[k] = None
-                if not d[k] or not all(math.isfinite(x) and (k == "mean" or x > 0) for x in d[k]):
+                if not d[k] or not all(math.isfinite(x) and (k == "mean" or x >= 1e-6) for x in d[k]):
                     raise UserError(
-                        f"transform {k} must be a list of finite numbers{'' if k == 'mean' else ' > 0'}, "
+                        f"transform {k} must be a list of finite numbers{'' if k == 'mean' else ' >= 1e-6'}, "
                         f"got {v!r}: e.g. {k}: [0.5, 0.5, 0.5]"
                     )
         for k in ("resize", "crop"):

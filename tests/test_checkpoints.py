@@ -54,3 +54,15 @@ def test_an_old_format_checkpoint_loads_without_warnings(tmp_path, state):
     torch.save(state, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
     r, _ = _search(tmp_path, tmp_path / "old.pt")
     assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr
+
+
+def test_float8_weights_load_as_their_values_and_nested_tensors_are_refused(tmp_path, state):
+    f8 = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() and v.dim() > 1 else v for k, v in state.items()}
+    torch.save(f8, tmp_path / "f8.pt")
+    r, out = _search(tmp_path / "a", tmp_path / "f8.pt")
+    assert r.returncode == 0 and out.exists(), r.stderr
+    nested = dict(state)
+    nested["conv1.weight"] = torch.nested.nested_tensor([state["conv1.weight"][0], state["conv1.weight"][1]])
+    torch.save(nested, tmp_path / "nested.pt")
+    r, out = _search(tmp_path / "b", tmp_path / "nested.pt")
+    assert r.returncode == 2 and "as a nested tensor" in r.stderr and not out.exists(), r.stderr

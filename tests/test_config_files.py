@@ -24,7 +24,7 @@ def _search(tmp_path, *args: str):
         ("lam: bogus", "config key 'lam' must be mean or median, or a finite number >= 0"),
         ("lam: .nan", "config key 'lam' must be"),
         ("transform: {mean: null}", "transform mean must be a list of finite numbers"),
-        ("transform: {crop: 100000}", "transform crop must be a whole number of pixels in [1, 4096]"),
+        ("transform: {crop: 100000}", "transform crop must be a whole number of pixels in [1, 1024]"),
         ("calib_size: 8\ncalib-size: 9", "sets 'calib_size' twice (as 'calib_size' and 'calib-size')"),
         ("n_trials: 5", "config key 'n_trials' applies to the end-to-end search"),
         ("stages: [4]", "config key 'stages' applies to the end-to-end search"),
@@ -99,3 +99,26 @@ def test_a_deeply_nested_plan_names_the_plan(tmp_path, plan_text):
     p.write_text(json.dumps(d)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
     r = run_cli("verify", "--plan", str(p))
     assert r.returncode == 2 and "nested too deeply to be a plan" in r.stderr and "model" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("text", ["? [a, b]\n: 1\n", "transform: {mean: [0.5], std: [0.5], {a: 1}: 2}\n"])
+def test_a_key_that_is_not_a_plain_name_is_one_line(tmp_path, text):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(UserError, match="a key must be a plain name"):
+        load_config_file(cfg)
+
+
+def test_the_commands_out_overrides_an_unset_variable_in_the_files_out(tmp_path, monkeypatch):
+    monkeypatch.delenv("RR_NOT_SET", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("out: ${RR_NOT_SET}/plan.json\n")
+    r, out = _search(tmp_path, "--config", str(cfg))
+    assert r.returncode == 0 and out.exists(), r.stderr
+
+
+def test_an_option_with_its_own_flag_is_named_by_it(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text('cache: "no"\n')
+    r, _ = _search(tmp_path, "--config", str(cfg))
+    assert r.returncode == 2 and "cache (--no-cache) must be" in r.stderr, r.stderr

@@ -105,3 +105,16 @@ def test_grayscale_images_for_an_rgb_model_are_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err and "cannot run on" in err
+
+
+@pytest.mark.parametrize("link", ["c", "b/x"])
+def test_a_folder_link_that_loops_back_is_refused_at_once(tmp_path, link):
+    from rr_alloc.images import check_no_link_loop
+
+    data = _image_folder(tmp_path / "data", per_class=4)
+    (data / "b").mkdir()
+    target = data if link == "c" else data / "b"
+    (data / link).symlink_to(target, target_is_directory=True)
+
+    with pytest.raises(UserError, match="links back into"):
+        check_no_link_loop(data, "--train-data")

@@ -69,3 +69,16 @@ def test_a_storage_this_run_made_is_removed_when_no_trial_was_evaluated(tmp_path
     study.tell(study.ask(), 1.0)
     discard_if_empty(db, [])
     assert db.exists()
+
+
+def test_a_closed_or_full_standard_output_does_not_lose_the_plan(tmp_path):
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    for name, stdout in (("closed", None), ("full", "/dev/full")):
+        cmd = [sys.executable, "-m", "rr_alloc", "search", "--budget", "0.9", "--no-verify", "--out", f"{name}/p.json"]
+        if stdout is None:  # as `>&-` leaves it: no standard output at all
+            r = subprocess.run(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: os.close(1))  # fmt: skip
+        else:
+            with open(stdout, "w") as full:
+                r = subprocess.run(cmd, cwd=tmp_path, env=env, stdout=full, stderr=subprocess.PIPE, text=True)
+        assert r.returncode == 0 and (tmp_path / name / "p.json").exists(), r.stderr

@@ -46,3 +46,12 @@ def test_conv2d_as_is_the_layers_own_convolution():
             torch.manual_seed(0)
             layer = nn.Conv2d(4, 6, (3, 4) if kw["padding"] == "same" else 3, groups=2, padding_mode=mode, **kw)
             torch.testing.assert_close(conv2d_as(layer, x, layer.weight, layer.bias), layer(x))
+
+
+def test_a_tied_weight_counts_the_macs_of_every_layer_that_uses_it():
+    from rr_alloc.experiment import layer_macs
+
+    m = tied_convs()
+    x = torch.randn(1, 1, 8, 8)
+    macs = layer_macs(m, prunable_layers(m), x)
+    assert macs.tolist() == [64.0, 128.0, 1.0]  # a is used by a and b: twice its 8x8 output positions

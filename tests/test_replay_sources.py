@@ -66,3 +66,18 @@ def test_a_plan_without_a_checkpoint_is_replayed_on_the_same_weights(layout):
     plan.write_text(json.dumps(d))
     r = run_cli("verify", "--plan", "runs/plan.json", cwd=layout / "project")
     assert r.returncode == 2 and "has other weights than the one the plan was made from" in r.stderr, r.stderr
+
+
+def test_a_checkpoint_passed_to_a_plan_made_without_one_must_hold_its_weights(tmp_path):
+    import torch
+
+    from rr_alloc.models import build_model
+
+    out = tmp_path / "plan.json"
+    assert run_cli("search", "--budget", "0.9", "--out", str(out)).returncode == 0
+    sd = build_model("digits_resnet", None, False).state_dict()
+    torch.save(sd, tmp_path / "same.pt")
+    torch.save({k: v * 0.5 if v.is_floating_point() else v for k, v in sd.items()}, tmp_path / "half.pt")
+    assert run_cli("verify", "--plan", str(out), "--checkpoint", str(tmp_path / "same.pt")).returncode == 0
+    r = run_cli("verify", "--plan", str(out), "--checkpoint", str(tmp_path / "half.pt"))
+    assert r.returncode == 2 and "gives other weights than the model the plan was made from" in r.stderr, r.stderr

@@ -61,3 +61,36 @@ def test_a_plan_whose_pattern_matches_nothing_now_still_replays(plan, tmp_path):
     p.write_text(json.dumps(d))
     r = run_cli("verify", "--plan", str(p))
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("text", ["pattern: '2:4'", "allocator: lamp", "out: x/plan.json"])
+def test_compare_refuses_config_keys_it_would_ignore(tmp_path, text):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text + "\n")
+    r = run_cli("compare", "--budgets", "0.9", "--allocators", "uniform", "--config", str(cfg), cwd=tmp_path)
+    assert r.returncode == 2 and "does not apply to compare" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["--stages", "10000"], ["--ladder-step", "0.2"]])
+def test_level_search_flags_are_refused_under_the_fraction_search(tmp_path, args):
+    r = run_cli("search", "--budget", "0.9", "--allocator", "optuna", "--n-trials", "1", *args, cwd=tmp_path)
+    assert r.returncode == 2 and "applies to the level search" in r.stderr and not any(tmp_path.iterdir()), r.stderr
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ({"repair": "bogus>step"}, "in the plan's repair 'bogus>step'"),
+        ({"version": 2, "mask_rule": "obs"}, "has no obs step to choose the masks: the plan was edited"),
+        ({"budget_unit": "flops", "achieved_sparsity": None}, "counts its budget in FLOPs but has no achieved_sparsity"),
+    ],
+)
+def test_an_edited_plan_is_named_as_the_problem(plan, tmp_path, edit, words):
+    d = json.loads(plan.read_text())
+    d.update(edit)
+    if d["achieved_sparsity"] is None:
+        del d["achieved_sparsity"]
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps(d))
+    r = run_cli("verify", "--plan", str(p))
+    assert r.returncode == 2 and words in r.stderr and "--repair" not in r.stderr, r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +91,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.format == "torchscript":
         example = wb.splits.calib.x[:2].to(wb.device)
-        try:
-            scripted = torch.jit.script(model)
-            how = "scripted"
-        except Exception:
-            scripted = torch.jit.trace(model, example)
-            how = "traced (the model does not script)"
-        with atomic_path(out) as tmp:
-            torch.jit.save(scripted, str(tmp))
+        with warnings.catch_warnings():  # torch.jit's deprecation notices say nothing about this file
+            warnings.simplefilter("ignore")
+            try:
+                scripted = torch.jit.script(model)
+                how = "scripted"
+            except Exception:
+                scripted = torch.jit.trace(model, example)
+                how = "traced (the model does not script)"
+            with atomic_path(out) as tmp:
+                torch.jit.save(scripted, str(tmp))
+        spec_path(out).unlink(missing_ok=True)  # a state_dict's repair spec from an earlier run does not apply
         outputs_in_place()
         print(f"wrote {out} (TorchScript, {how}; load with torch.jit.load)")
         return 0

@@ -15,7 +15,7 @@ from ..io_utils import staged_folder
 from ..repair import RepairPipeline
 from ..report import save_figure, search_lines, write_frame_csv
 from ..workbench import Workbench
-from .flags import add_run_flags, check_split_size, config_from_args, refuse_search_flags
+from .flags import add_run_flags, check_split_size, config_from_args, file_config, refuse_search_flags
 from .outputs import check_command_output, outputs_in_place
 
 __all__ = ["register", "compare_figure"]
@@ -51,12 +51,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for b in args.budgets:
         if not 0 < b < 1:
             raise UserError(f"--budgets must lie in (0, 1), got {b}: pass fractions such as 0.9")
+    keys = file_config(args)
     for flag, instead in (
         ("pattern", "compare allocates budgets: drop --pattern, or run search --pattern N:M"),
         ("allocator", "pass --allocators A B ..."),
         ("reference", "every allocator of --allocators is verified side by side"),
+        ("out", "compare writes to --out-dir"),
     ):
-        if getattr(args, flag, None) is not None:
+        if flag in keys:
+            raise UserError(f"config key {flag!r} does not apply to compare: {instead}")
+        if flag != "out" and getattr(args, flag, None) is not None:
             raise UserError(f"--{flag} does not apply to compare: {instead}")
     if args.repair is not None and args.repairs:
         raise UserError("--repair is the default of --repairs, which is given too: list every pipeline in --repairs")

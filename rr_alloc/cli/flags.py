@@ -123,7 +123,9 @@ def file_config(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--config`` file's keys (none without one); a key a flag overrides may name an unset variable."""
     if not getattr(args, "config", None):
         return {}
-    return load_config_file(args.config, overridden=set(given_flags(args)))
+    # a command's own --out overrides the file's out: key too
+    given = set(given_flags(args)) | ({"out"} if getattr(args, "out", None) is not None else set())
+    return load_config_file(args.config, overridden=given)
 
 
 def refuse_search_flags(args: argparse.Namespace, searching: bool) -> None:
@@ -160,10 +162,17 @@ def config_for_plan(args: argparse.Namespace, plan: Plan) -> RunConfig:
                     f"config file {args.config}: key {key!r} does not apply when replaying a plan (the plan decides "
                     "it): drop it, or use a config of model, data and repair keys only"
                 )
+    if getattr(args, "repair", None) is None:  # the plan's own text: its errors name the plan, not a flag
+        RepairPipeline.parse(plan.repair, flag="the plan's repair")
     if not plan.source and getattr(args, "model", None) is None:
         raise UserError("the plan has no source block: pass --model (and --checkpoint, --dataset, ...) to rebuild it")
     cfg = config_from_args(args, base=config_from_plan(plan))
     if plan.mask_rule == "obs" and RepairPipeline.parse(cfg.repair).mask_rule != "obs":
+        if getattr(args, "repair", None) is None:
+            raise UserError(
+                f"the plan's mask_rule is obs, but its repair {plan.repair!r} has no obs step to choose the masks: "
+                "the plan was edited; regenerate it with `rr_alloc search`"
+            )
         raise UserError(
             f"the plan's masks are chosen by its repair's obs step (mask_rule obs), but --repair {cfg.repair} would "
             "prune by magnitude: pass a pipeline with an obs step, or leave --repair out (the plan's own)"

@@ -58,7 +58,7 @@ class _ClosedPipeSafe(io.TextIOBase):
         if not self.closed_pipe:
             try:
                 self.stream.write(text)
-            except BrokenPipeError:
+            except OSError:  # a closed pipe, or a full device (> /dev/full): the files matter more
                 self._close()
         return len(text)
 
@@ -66,7 +66,7 @@ class _ClosedPipeSafe(io.TextIOBase):
         if not self.closed_pipe:
             try:
                 self.stream.flush()
-            except BrokenPipeError:
+            except OSError:
                 self._close()
 
     def _close(self) -> None:
@@ -80,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     stdout = sys.stdout
     if argv is None:  # the command line itself (tests pass argv and keep their captured streams)
-        sys.stdout = _ClosedPipeSafe(stdout)
+        # a closed standard output (>&-) leaves sys.stdout None: the run still writes its files
+        sys.stdout = _ClosedPipeSafe(stdout if stdout is not None else open(os.devnull, "w"))  # noqa: SIM115
     try:
         return _main(argv)
     finally:
@@ -108,6 +109,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except UserError as e:
         return _fail(str(e), 2)
     except KeyboardInterrupt as e:
+        if _main_thread():  # a second Ctrl-C while the process winds down must not become a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if finished():  # the signal came after every output was in place: the run is complete
             print("note: interrupted after the outputs were written; they are complete", file=sys.stderr)
             return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import UserError
-from ..io_utils import check_output
+from ..io_utils import check_output, inside, linked_roots
 from ..optuna_storage import storage_file
 from ..plan import Plan
 
@@ -46,6 +46,8 @@ def check_command_output(
     run's and the plan's), the search storage, and the image folders (no output lands inside them)."""
     if not str(path).strip():  # Path("") is the working directory: never a place a user asked for
         raise UserError(f"{flag} is empty: pass the path to write to")
+    if not is_dir and str(path).endswith(("/", "\\")):
+        raise UserError(f"{flag} {path} names a folder (it ends with a slash): pass the path of a file")
     inputs = (
         getattr(args, "plan", None),
         getattr(args, "config", None),
@@ -53,4 +55,18 @@ def check_command_output(
         plan.source.get("checkpoint") if plan is not None else None,
         storage_file(cfg.storage) if cfg.storage else None,
     )
-    return check_output(path, flag, is_dir, inputs, siblings, input_folders=(cfg.train_data, cfg.test_data))
+    folders = (cfg.train_data, cfg.test_data)
+    # the other places a run writes: the search storage and the profile cache never go into an image folder
+    for where, other in (
+        ("--storage", storage_file(cfg.storage) if cfg.storage else None),
+        ("--cache-dir", cfg.cache_dir),
+    ):
+        for folder in folders:
+            if (
+                other
+                and folder
+                and Path(folder).is_dir()
+                and any(inside(Path(other), r) for r in linked_roots(Path(folder)))
+            ):
+                raise UserError(f"{where} {other} lies inside the input folder {folder}: keep it elsewhere")
+    return check_output(path, flag, is_dir, inputs, siblings, input_folders=folders)

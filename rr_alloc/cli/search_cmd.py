@@ -97,16 +97,24 @@ PATTERN_IGNORES = ("allocator", "reference", "unit", "layer_weights")  # flags o
 
 
 def refuse_level_search_flags(args: argparse.Namespace, cfg: RunConfig) -> None:
-    """Under a reconstruction repair the search moves by database levels: fraction-move flags would be ignored."""
-    steps = RepairPipeline.parse(cfg.loop_repair).steps
-    if cfg.allocator != "optuna" or cfg.pattern or not steps or not isinstance(steps[0], ReconstructStep):
+    """The search moves by database levels under a reconstruction repair and by weight fractions otherwise:
+    the other kind's flags would be ignored, so they are refused."""
+    if cfg.allocator != "optuna" or cfg.pattern:
         return
+    steps = RepairPipeline.parse(cfg.loop_repair).steps
+    levels = bool(steps) and isinstance(steps[0], ReconstructStep)
     keys = file_config(args)
-    for name in ("search_step", "screen_size"):
+    for name in ("search_step", "screen_size") if levels else ("stages", "ladder_step"):
         if getattr(args, name, None) is not None or name in keys:
+            flag = f"--{name.replace('_', '-')}"
+            if levels:
+                raise UserError(
+                    f"{flag} applies to the fraction-move search, but the search repair {cfg.loop_repair!r} "
+                    "reconstructs, so the search moves by levels (--ladder-step, --stages): drop it"
+                )
             raise UserError(
-                f"--{name.replace('_', '-')} applies to the fraction-move search, but the search repair "
-                f"{cfg.loop_repair!r} reconstructs, so the search moves by levels (--ladder-step, --stages): drop it"
+                f"{flag} applies to the level search, which runs when the search repair starts with lsq or obs; "
+                f"{cfg.loop_repair!r} does not, so the search moves by fractions (--search-step): drop it"
             )
 
 

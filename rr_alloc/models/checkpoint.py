@@ -83,6 +83,12 @@ def _plain_tensors(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.T
                 f"checkpoint {path} stores {k} on the meta device (shapes without values): save it after the "
                 "weights are materialised (model.to('cpu') before torch.save)"
             )
+        if v.is_nested:
+            raise UserError(
+                f"checkpoint {path} stores {k} as a nested tensor: save a plain state_dict of dense tensors"
+            )
+        if v.is_floating_point() and v.dtype.itemsize == 1:  # float8 formats: widened to float32 (exact)
+            v = v.float()
         if v.is_quantized:
             raise UserError(
                 f"checkpoint {path} stores {k} as a quantised tensor ({str(v.dtype).replace('torch.', '')}): pass "
