@@ -82,7 +82,7 @@ def test_level_search_flags_are_refused_under_the_fraction_search(tmp_path, args
     [
         ({"repair": "bogus>step"}, "in the plan's repair 'bogus>step'"),
         ({"version": 2, "mask_rule": "obs"}, "has no obs step to choose the masks: the plan was edited"),
-        ({"budget_unit": "flops", "achieved_sparsity": None}, "counts its budget in FLOPs but has no achieved_sparsity"),
+        ({"budget_unit": "flops", "achieved_sparsity": None}, "in FLOPs but has no achieved_sparsity"),
     ],
 )
 def test_an_edited_plan_is_named_as_the_problem(plan, tmp_path, edit, words):
