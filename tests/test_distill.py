@@ -82,14 +82,14 @@ def test_it_composes_in_a_pipeline_and_reports_its_settings(toy, toy_batches):
     pruned = _pruned(toy, masks)
     report = run_repair(pruned, "obs>bn>kd:steps=5:lr=0.001>naive@block", toy_batches, dense=toy, masks=masks)
     assert report.distill["steps"] == 5 and report.distill["lr"] == 0.001 and report.distill["images"] == 36
-    assert report.plan_fields()["repair_distill"]["loss"] == "kl"
+    assert report.plan_fields()["repair_distill"]["loss"] == "kl+block"  # the default
     for name, mask in report.masks.items():  # the masks obs chose are the ones kd kept
         assert int((pruned.get_submodule(name).weight != 0).sum()) == int(mask.sum())
 
 
 def test_text_form_round_trips_and_records_only_what_differs():
-    pipe = RepairPipeline.parse("obs>bn>naive@block+logits>kd:lr=0.0003:loss=kl+block:aug=flip")
-    assert str(pipe) == "obs>bn>naive@block+logits>kd:lr=0.0003:loss=kl+block:aug=flip"
+    pipe = RepairPipeline.parse("obs>bn>naive@block+logits>kd:lr=0.0003:loss=kl:aug=flip")
+    assert str(pipe) == "obs>bn>naive@block+logits>kd:lr=0.0003:loss=kl:aug=flip"
     assert str(RepairPipeline.parse(str(pipe))) == str(pipe)
     assert str(RepairPipeline.parse("kd")) == "kd" and pipe.reconstructs
 

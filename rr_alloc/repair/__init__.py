@@ -34,7 +34,8 @@ PRESETS: dict[str, str] = {
     "lsq>bn>naive@block+logits": "least-squares re-fit of the kept weights (magnitude masks), then the "
     "channel-wise default (options lsq:damp=0.01)",
     "obs>bn>naive@block+logits>kd": "the reconstruction pipeline, then distillation of the kept weights to the "
-    "dense model on unlabeled images (kd: KL to the dense logits, masks fixed; --distill-size draws more images)",
+    "dense model on unlabeled images (kd: KL to the dense logits and per-block error, masks fixed; --distill-size "
+    "draws more images)",
     "obs>bn>naive@block+logits": "OBS-chosen masks (SparseGPT sweep, same per-layer counts) and least-squares "
     "re-fit, then the channel-wise pipeline: best on the selection split of "
     "studies/repair_ablation.py --reconstruct; the CIFAR configs select it",
