@@ -47,8 +47,14 @@ def run_main(main: Callable[[], None]) -> None:
 
 
 def model_config(model: str, **overrides: Any) -> RunConfig:
+    """The model's config file (checkpoint, data, grid) with ``overrides``. The studies verify with
+    ``obs>bn>naive@block+logits`` unless they pass ``repair=``; the file's ``distill_size`` (for its ``kd``
+    step) goes with a repair that has a ``kd`` step only."""
     kw = load_config_file(ROOT / MODELS[model])
+    kw["repair"] = "obs>bn>naive@block+logits"
     kw.update(overrides)
+    if "distill_size" not in overrides and not any(p.split(":")[0] == "kd" for p in kw["repair"].split(">")):
+        kw.pop("distill_size", None)
     return RunConfig(**kw)
 
 

@@ -270,6 +270,10 @@ def test_real_cifar_resnet20_checkpoint(tmp_path, monkeypatch):
                 "64",
                 "--eval-size",
                 "500",
+                "--repair",  # the config's kd, shortened: this test checks the config's paths, not the repair
+                "obs>bn>naive@block+logits>kd:steps=5",
+                "--distill-size",
+                "512",
                 "--out",
                 str(out),
             ]
