@@ -22,6 +22,7 @@ when ``torch.fx`` cannot follow the forward, and every caller falls back.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -178,15 +179,12 @@ class StagedRunner:
         except ValueError as e:
             return None, str(e)
 
-    @torch.no_grad()
-    def run(
-        self,
-        batches: Batches,
-        sites: list[Site],
-        device: torch.device | str,
-        correct: Callable[[Site, ChannelMoments], tuple[torch.Tensor, torch.Tensor]],
-    ) -> None:
-        """For each site in forward order: moments -> ``correct`` (folds, returns scale/shift) -> patch."""
+    def _stages(
+        self, batches: Batches, sites: list[Site], device: torch.device | str, at_input: bool
+    ) -> Iterator[tuple[Site, fx.Node, list[Env], ChannelMoments]]:
+        """Advance every batch to each site in forward order and measure the site's output (or, ``at_input``,
+        its input); yields ``(site, node measured, envs, moments)`` and resumes from there, so whatever the
+        caller changes (a patched value, a module's statistics) is what runs next. Raises ``CacheTooLarge``."""
         r = self.seq
         interp = fx.Interpreter(r.gm)
         envs = r.envs([x.to(device) for x, _ in batches])
@@ -196,21 +194,35 @@ class StagedRunner:
         try:
             for site in sorted(sites, key=lambda s: r.at[s.name]):
                 stop = r.at[site.name]
-                node = r.nodes[stop]
+                node = _first_arg(r.nodes[stop]) if at_input else r.nodes[stop]
+                end = stop if at_input else stop + 1  # the site itself runs after its input is measured
                 mom = ChannelMoments()
                 for env in envs:
-                    r.advance(interp, env, pos, stop + 1, keep=node)
+                    r.advance(interp, env, pos, end, keep=node)
                     mom.add_batch(as_bcx(env[node].float(), site.channel_dim))
                 _check_cache(envs, self.max_cache_bytes)
+                yield site, node, envs, mom
+                pos = end
+        finally:
+            r.gm.train(was)
+
+    @torch.no_grad()
+    def run(
+        self,
+        batches: Batches,
+        sites: list[Site],
+        device: torch.device | str,
+        correct: Callable[[Site, ChannelMoments], tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """For each site in forward order: moments -> ``correct`` (folds, returns scale/shift) -> patch."""
+        with contextlib.closing(self._stages(batches, sites, device, at_input=False)) as stages:
+            for site, node, envs, mom in stages:
                 scale, shift = correct(site, mom)
                 for env in envs:
                     y = env[node]
                     shape = [1] * y.dim()
                     shape[site.channel_dim] = -1
                     env[node] = y * scale.to(y).view(shape) + shift.to(y).view(shape)
-                pos = stop + 1
-        finally:
-            r.gm.train(was)
 
     @torch.no_grad()
     def run_inputs(
@@ -222,25 +234,9 @@ class StagedRunner:
     ) -> None:
         """For each site in forward order: the moments of its *input* -> ``update`` (e.g. a BatchNorm's running
         statistics) -> the site runs as updated. Raises ``CacheTooLarge`` after the sites already updated."""
-        r = self.seq
-        interp = fx.Interpreter(r.gm)
-        envs = r.envs([x.to(device) for x, _ in batches])
-        pos = 0
-        was = r.gm.training
-        r.gm.eval()
-        try:
-            for site in sorted(sites, key=lambda s: r.at[s.name]):
-                stop = r.at[site.name]
-                inp = _first_arg(r.nodes[stop])
-                mom = ChannelMoments()
-                for env in envs:
-                    r.advance(interp, env, pos, stop, keep=inp)
-                    mom.add_batch(as_bcx(env[inp].float(), site.channel_dim))
-                _check_cache(envs, self.max_cache_bytes)
+        with contextlib.closing(self._stages(batches, sites, device, at_input=True)) as stages:
+            for site, _, _, mom in stages:
                 update(site, mom)
-                pos = stop
-        finally:
-            r.gm.train(was)
 
 
 def input_moments(model: nn.Module, site: Site, batches: Batches, device: torch.device | str = "cpu") -> ChannelMoments:
