@@ -1,13 +1,18 @@
 """rr_alloc: decide how much to prune each layer, by Relative Repairability.
 
-Library API (mirrors the CLI)::
+Library API (mirrors the CLI): a ``RunConfig`` loads into a ``Session``; ``allocate`` and ``verify`` return
+values; a plan is built from them::
 
-    from rr_alloc import RunConfig, search, Plan, apply_plan
-    plan, wb = search(RunConfig(), budget=0.9)     # embedded digits default
-    plan.save("plan.json")
-    model = apply_plan(wb.dense, Plan.load("plan.json"))   # pruned copy (no repair)
+    from rr_alloc import RunConfig, Session, allocate, verify, build_plan, apply_plan, Plan
+    session = Session(RunConfig())                          # the embedded digits default
+    alloc = allocate(session, "rr-greedy", 0.9)             # per-layer pruned counts
+    check = verify(session, alloc.counts, session.cfg.repair)
+    print(check["test"].agreement, check.report.plan_fields())
+    build_plan(session, alloc, session.cfg.repair).save("plan.json")
+    model = apply_plan(session.dense, Plan.load("plan.json"))   # pruned copy (no repair)
 
-Importing the library imports no command-line code (``rr_alloc.cli`` is separate).
+``plan_budget(session, 0.9)`` is the ``search`` command's job in one call (allocate, verify the plan and
+its reference rule, build the plan). Importing the library imports no command-line code (``rr_alloc.cli``).
 """
 
 from importlib import import_module
@@ -18,12 +23,18 @@ from .version import __version__
 # the public names and the modules that define them, imported on first use: ``python -m rr_alloc`` starts
 # without loading torch first (a Ctrl-C while it loads is then one line), and ``--help`` is quick
 _EXPORTS = {
-    "RunConfig": ".config",
+    "RunConfig": ".config.run_config",
     "UserError": ".errors",
-    "Plan": ".plan",
-    "LayerPlan": ".plan",
-    "search": ".run",
-    "apply_plan": ".replay",
+    "Session": ".session",
+    "allocate": ".api",
+    "verify": ".api",
+    "Allocation": ".api",
+    "Verification": ".api",
+    "Plan": ".plans.plan",
+    "LayerPlan": ".plans.plan",
+    "build_plan": ".plans.build",
+    "plan_budget": ".plans.build",
+    "apply_plan": ".plans.replay",
     "load_pruned": ".repair.persist",
     "save_pruned": ".repair.persist",
 }

@@ -35,10 +35,11 @@ import numpy as np
 import pandas as pd
 from common import ROOT, UserError, add_common_args, machine, model_config, run_main, shared_dir, t_interval
 
-from rr_alloc.io_utils import write_text_atomic
+from rr_alloc.api import allocate, verify
+from rr_alloc.plans.report import save_figure, write_frame_csv
 from rr_alloc.repair import CHANNEL_REPAIR as DEFAULT_REPAIR  # the study ran with the channel-wise default
-from rr_alloc.report import save_figure, write_frame_csv
-from rr_alloc.workbench import Workbench
+from rr_alloc.session import Session
+from rr_alloc.system.files import write_text_atomic
 
 # (label, allocator, layer weights)
 ALLOCATORS = [
@@ -60,7 +61,7 @@ def run(
     rows = []
     for model in models:
         for seed in seeds:
-            wb = Workbench(
+            session = Session(
                 model_config(model, seed=seed, repair=DEFAULT_REPAIR, n_trials=optuna_trials, **overrides),
                 progress=False,
             )
@@ -70,11 +71,11 @@ def run(
                     plans.append(("optuna", "optuna", "uniform"))
                 for label, alloc, lw in plans:
                     t0 = time.perf_counter()
-                    counts = wb.allocate(alloc, b, layer_weights=lw)
+                    counts = allocate(session, alloc, b, layer_weights=lw).counts
                     t_alloc = time.perf_counter() - t0
                     for rep in repairs:
                         t1 = time.perf_counter()
-                        ms = wb.verify_splits(counts, rep, ("selection", "test"))
+                        ms = verify(session, counts, rep, ("selection", "test")).metrics
                         for split, m in ms.items():
                             rows.append(
                                 {
@@ -88,7 +89,7 @@ def run(
                                     "top1": m.top1,
                                     "agreement": m.agreement,
                                     "kl": m.kl,
-                                    "achieved_sparsity": wb.achieved(counts),
+                                    "achieved_sparsity": session.achieved(counts),
                                     "alloc_seconds": t_alloc,
                                     "verify_seconds": time.perf_counter() - t1,
                                 }

@@ -39,10 +39,12 @@ import numpy as np
 import pandas as pd
 from common import ROOT, model_config, t_interval
 
-from rr_alloc.io_utils import write_text_atomic
+from rr_alloc import evidence
+from rr_alloc.api import allocate, verify
+from rr_alloc.plans.report import save_figure, write_frame_csv
 from rr_alloc.repair import CHANNEL_REPAIR, RECONSTRUCT_REPAIR
-from rr_alloc.report import save_figure, write_frame_csv
-from rr_alloc.workbench import Workbench
+from rr_alloc.session import Session
+from rr_alloc.system.files import write_text_atomic
 
 OUT = ROOT / "studies" / "results" / "allocation_search"
 BASELINE_CSV = ROOT / "studies" / "results" / "allocation_comparison" / "results.csv"
@@ -81,16 +83,16 @@ def run_cell(
         validation_size=settings["validation"],
         **settings.get("overrides", {}),
     )
-    wb = Workbench(cfg, progress=True)  # the search's progress bar goes to the log
-    wb.profile()  # cached across cells: not part of the search's time
+    session = Session(cfg, progress=True)  # the search's progress bar goes to the log
+    evidence.profile(session)  # cached across cells: not part of the search's time
     t0 = time.perf_counter()
-    wb.allocate("optuna", budget)  # the returned plan is read from the provenance below
+    searched_alloc = allocate(session, "optuna", budget)
     seconds = time.perf_counter() - t0
-    info = wb.search_info[float(budget)]
-    study = wb.last_study
+    info = searched_alloc.search.to_dict()
+    study = searched_alloc.study
     best = min((t for t in study.get_trials(deepcopy=False) if t.value is not None), key=lambda t: t.value)
-    searched = dict(zip([l.name for l in wb.layers], best.user_attrs["counts"]))
-    glob = wb.allocate("global", budget)
+    searched = dict(zip([l.name for l in session.layers], best.user_attrs["counts"]))
+    glob = allocate(session, "global", budget).counts
     key = {
         "model": model,
         "budget": budget,
@@ -107,7 +109,7 @@ def run_cell(
     }
     rows = []
     for plan, counts in (("search", searched), ("global", glob)):
-        for split, m in wb.verify_splits(counts, CHANNEL_REPAIR, ("selection", "validation", "test")).items():
+        for split, m in verify(session, counts, CHANNEL_REPAIR, ("selection", "validation", "test")).metrics.items():
             rows.append(
                 {
                     **key,
@@ -118,14 +120,14 @@ def run_cell(
                     "top1": m.top1,
                     "agreement": m.agreement,
                     "kl": m.kl,
-                    "achieved_sparsity": wb.achieved(counts),
-                    "counts": json.dumps([int(counts[l.name]) for l in wb.layers]),
+                    "achieved_sparsity": session.achieved(counts),
+                    "counts": json.dumps([int(counts[l.name]) for l in session.layers]),
                 }
             )
     chosen = "global" if info.get("fallback") else "search"
     rows += [{**r, "plan": "returned"} for r in rows if r["plan"] == chosen]
     if settings["transfer"] and searched != glob:
-        rows += transfer_rows(wb, key, searched, glob)
+        rows += transfer_rows(session, key, searched, glob)
     trials = [
         {
             **{k: key[k] for k in ("model", "budget", "variant", "seed")},
@@ -146,11 +148,11 @@ def run_cell(
     return rows, trials
 
 
-def transfer_rows(wb: Workbench, key: dict, searched: dict, glob: dict) -> list[dict]:
+def transfer_rows(session: Session, key: dict, searched: dict, glob: dict) -> list[dict]:
     """Does a plan searched under the channel-wise repair carry over to the reconstruction repair?"""
     rows = []
     for plan, counts in (("search", searched), ("global", glob)):
-        for split, m in wb.verify_splits(counts, RECONSTRUCT_REPAIR, ("validation", "test")).items():
+        for split, m in verify(session, counts, RECONSTRUCT_REPAIR, ("validation", "test")).metrics.items():
             rows.append(
                 {
                     **key,
@@ -161,7 +163,7 @@ def transfer_rows(wb: Workbench, key: dict, searched: dict, glob: dict) -> list[
                     "top1": m.top1,
                     "agreement": m.agreement,
                     "kl": m.kl,
-                    "achieved_sparsity": wb.achieved(counts),
+                    "achieved_sparsity": session.achieved(counts),
                 }
             )
     return rows
@@ -190,8 +192,8 @@ def run_transfer(settings: dict[str, Any], out: Path, log: Callable[[str], None]
             validation_size=settings["validation"],
             **settings.get("overrides", {}),
         )
-        wb = Workbench(cfg, progress=False)
-        names = [l.name for l in wb.layers]
+        session = Session(cfg, progress=False)
+        names = [l.name for l in session.layers]
         plans = {p: dict(zip(names, c)) for p, c in counts.items()}
         key = g.iloc[0][
             [
@@ -208,7 +210,7 @@ def run_transfer(settings: dict[str, Any], out: Path, log: Callable[[str], None]
                 "validation_bound",
             ]
         ].to_dict()
-        rows += transfer_rows(wb, key, plans["search"], plans["global"])
+        rows += transfer_rows(session, key, plans["search"], plans["global"])
         write_frame_csv(pd.DataFrame(rows), cells_csv)
         log(f"transfer {model} b={budget} {v} seed {seed} done")
 

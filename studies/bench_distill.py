@@ -20,8 +20,10 @@ import time
 import common
 import torch
 
+from rr_alloc.api import allocate
+from rr_alloc.evaluation import repaired_model
 from rr_alloc.repair import RECONSTRUCT_REPAIR, DistillStep, distill
-from rr_alloc.workbench import Workbench
+from rr_alloc.session import Session
 
 
 def main() -> None:
@@ -35,11 +37,11 @@ def main() -> None:
     args = p.parse_args()
     common.shared_dir(args.shared)
     cfg = common.model_config("resnet20", device=args.device, repair=RECONSTRUCT_REPAIR)
-    wb = Workbench(cfg, progress=False)
-    repaired, report = wb.repaired_model(wb.allocate("global", 0.9), RECONSTRUCT_REPAIR)
-    images = wb.splits.calib.x
+    session = Session(cfg, progress=False)
+    repaired, report = repaired_model(session, allocate(session, "global", 0.9).counts, RECONSTRUCT_REPAIR)
+    images = session.splits.calib.x
     n_images = args.steps * args.batch
-    sync = torch.cuda.synchronize if wb.device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if session.device.type == "cuda" else (lambda: None)
 
     @torch.no_grad()
     def dense_forwards() -> float:
@@ -47,7 +49,7 @@ def main() -> None:
         sync()
         t0 = time.perf_counter()
         for i in range(0, n_images, args.batch):
-            wb.dense(images[order[i : i + args.batch]].to(wb.device))
+            session.dense(images[order[i : i + args.batch]].to(session.device))
         sync()
         return time.perf_counter() - t0
 
@@ -56,7 +58,7 @@ def main() -> None:
         step = DistillStep(steps=args.steps, batch=args.batch, loss=loss)
         sync()
         t0 = time.perf_counter()
-        distill(model, wb.dense, images, step, report.masks, wb.device, seed=0)
+        distill(model, session.dense, images, step, report.masks, session.device, seed=0)
         sync()
         return time.perf_counter() - t0
 
@@ -72,7 +74,7 @@ def main() -> None:
         "# bench_distill: the kd step against dense forwards over the same images",
         "",
         f"ResNet-20 at 0.9 (global counts, {RECONSTRUCT_REPAIR}), {args.steps} steps x {args.batch} images, "
-        f"device {wb.device}; median of {args.repeats} interleaved repeats.",
+        f"device {session.device}; median of {args.repeats} interleaved repeats.",
         "",
         f"machine: {common.machine()}",
         "",

@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 from common import ROOT, machine, run_main, shared_dir
 
-from rr_alloc.config import RunConfig
-from rr_alloc.io_utils import write_text_atomic
-from rr_alloc.profile import DEFAULT_GRID, profile_rr
-from rr_alloc.pruning import Pruning, apply_masks
+from rr_alloc.api import allocate
+from rr_alloc.config.run_config import RunConfig
+from rr_alloc.nn.pruning import Pruning, apply_masks
+from rr_alloc.profiling.rr import DEFAULT_GRID, profile_rr
 from rr_alloc.repair.reconstruct import ReconstructStep, reconstruct
-from rr_alloc.workbench import Workbench
+from rr_alloc.session import Session
+from rr_alloc.system.files import write_text_atomic
 
 
 def _hwm_reset() -> None:
@@ -84,29 +85,29 @@ def main() -> None:
         cache=False,
     )
     torch.manual_seed(0)
-    wb = Workbench(cfg, progress=False)
-    calib = wb.splits.calib
-    layers = [layer.name for layer in wb.layers]
-    counts = wb.allocate("global", args.budget)
-    masks = Pruning(counts=counts).keep_masks(wb.dense)
+    session = Session(cfg, progress=False)
+    calib = session.splits.calib
+    layers = [layer.name for layer in session.layers]
+    counts = allocate(session, "global", args.budget).counts
+    masks = Pruning(counts=counts).keep_masks(session.dense)
 
     def dense() -> None:
         with torch.inference_mode():
             for x, _ in calib:
-                wb.dense(x)
+                session.dense(x)
 
     dense()  # warm-up
     t_f, m_f, _ = phase(dense)
-    t_p, m_p, _ = phase(lambda: profile_rr(wb.dense, calib, DEFAULT_GRID, wb.layers))
+    t_p, m_p, _ = phase(lambda: profile_rr(session.dense, calib, DEFAULT_GRID, session.layers))
 
     def obs(cap: float, only: list[str]) -> object:
-        pruned = copy.deepcopy(wb.dense)
+        pruned = copy.deepcopy(session.dense)
         apply_masks(pruned, masks)
-        return reconstruct(pruned, wb.dense, calib, only, ReconstructStep("obs"), masks=masks, max_cache_bytes=cap)
+        return reconstruct(pruned, session.dense, calib, only, ReconstructStep("obs"), masks=masks, max_cache_bytes=cap)
 
     t_o, m_o, rep = phase(lambda: obs(args.cache_gb * 1e9, layers))
     step = ReconstructStep("obs")
-    swept = [n for n in rep.fitted if step.sweeps(wb.dense.get_submodule(n))]
+    swept = [n for n in rep.fitted if step.sweeps(session.dense.get_submodule(n))]
     first = layers[: args.streaming_layers]
     t_s, m_s, rep_s = phase(lambda: obs(0.0, first))  # a cap of 0: every layer by its own partial passes
     G = len(DEFAULT_GRID)

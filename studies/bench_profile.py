@@ -35,14 +35,15 @@ from pathlib import Path
 import torch
 from common import ROOT, machine, model_config, peak_rss_mb, run_main, shared_dir
 
-from rr_alloc.data import Batches
-from rr_alloc.io_utils import write_text_atomic
-from rr_alloc.layers import prunable_layers
-from rr_alloc.profile import profile_rr
-from rr_alloc.pruning import magnitude_mask, n_pruned
-from rr_alloc.runtime import tune_malloc
-from rr_alloc.stats import ChannelMoments, as_bcx
-from rr_alloc.workbench import Workbench
+from rr_alloc import evidence
+from rr_alloc.data.splits import Batches
+from rr_alloc.nn.layers import prunable_layers
+from rr_alloc.nn.pruning import magnitude_mask, n_pruned
+from rr_alloc.nn.stats import ChannelMoments, as_bcx
+from rr_alloc.profiling.rr import profile_rr
+from rr_alloc.session import Session
+from rr_alloc.system.files import write_text_atomic
+from rr_alloc.system.runtime import tune_malloc
 
 GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -85,24 +86,24 @@ def brute_force_pair(model, batches, name: str, s: float) -> None:
         mod.weight.data.copy_(w)
 
 
-def bench_inputs(model_name: str, batch_size: int, device: str = "cpu") -> tuple[Workbench, Batches]:
+def bench_inputs(model_name: str, batch_size: int, device: str = "cpu") -> tuple[Session, Batches]:
     """The model and its calibration images as pre-decoded tensors already on the device (same for every timing)."""
-    wb = Workbench(
+    session = Session(
         model_config(model_name, batch_size=batch_size, selection_size=0, eval_size=16, cache=False, device=device),
         progress=False,
     )
-    return wb, Batches(wb.splits.calib.x.to(wb.device), wb.splits.calib.y, batch_size)
+    return session, Batches(session.splits.calib.x.to(session.device), session.splits.calib.y, batch_size)
 
 
-def bench_model(model_name: str, wb: Workbench, batches: Batches, repeats: int, subset: int) -> dict:
-    model = wb.dense
+def bench_model(model_name: str, session: Session, batches: Batches, repeats: int, subset: int) -> dict:
+    model = session.dense
     layers = prunable_layers(model)
     G, L = len(GRID), len(layers)
     t_f = median_time(lambda: dense_pass(model, batches), repeats)
-    t_p = median_time(lambda: profile_rr(model, batches, GRID, layers, device=wb.device), repeats)
+    t_p = median_time(lambda: profile_rr(model, batches, GRID, layers, device=session.device), repeats)
     # one more profile under getrusage: page faults and the kernel's share of the time (see rr_alloc/runtime.py)
     r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    profile_rr(model, batches, GRID, layers, device=wb.device)
+    profile_rr(model, batches, GRID, layers, device=session.device)
     r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - w0
     faults, sys_share = r1.ru_minflt - r0.ru_minflt, (r1.ru_stime - r0.ru_stime) / max(wall, 1e-9)
     # brute force on an evenly spread subset of (layer, sparsity) pairs, extrapolated to L x G
@@ -112,7 +113,7 @@ def bench_model(model_name: str, wb: Workbench, batches: Batches, repeats: int, 
     t_bf = statistics.mean(t_pairs) * L * G
     return {
         "model": model_name,
-        "device": str(wb.device),
+        "device": str(session.device),
         "layers": L,
         "grid": G,
         "images": batches.n,
@@ -130,16 +131,16 @@ def bench_model(model_name: str, wb: Workbench, batches: Batches, repeats: int, 
     }
 
 
-def op_breakdown(model_name: str, wb: Workbench, batches: Batches) -> str:
+def op_breakdown(model_name: str, session: Session, batches: Batches) -> str:
     """torch.profiler's top operators (self time) for one dense pass and one profile: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if wb.device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if wb.device.type == "cuda" else "self_cpu_time_total"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if session.device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if session.device.type == "cuda" else "self_cpu_time_total"
     out = []
     for label, fn in (
-        ("dense pass", lambda: dense_pass(wb.dense, batches)),
-        ("profile_rr", lambda: profile_rr(wb.dense, batches, GRID, device=wb.device)),
+        ("dense pass", lambda: dense_pass(session.dense, batches)),
+        ("profile_rr", lambda: profile_rr(session.dense, batches, GRID, device=session.device)),
     ):
         fn()  # warm-up
         with profile(activities=acts) as prof:
@@ -157,12 +158,12 @@ def peak_memory(model_name: str, calib: int, batch_size: int) -> tuple[float, fl
     process-lifetime peak is reported instead.
     """
     setup = (
-        f"from common import model_config\nfrom rr_alloc.workbench import Workbench\n"
-        f"from rr_alloc.profile import profile_rr\n"
-        f"wb = Workbench(model_config({model_name!r}, calib_size={calib}, selection_size=0, eval_size=16, "
+        f"from common import model_config\nfrom rr_alloc.session import Session\n"
+        f"from rr_alloc.profiling.rr import profile_rr\n"
+        f"session = Session(model_config({model_name!r}, calib_size={calib}, selection_size=0, eval_size=16, "
         f"batch_size={batch_size}, cache=False), progress=False)\n"
     )
-    return peak_rss_mb(setup, f"profile_rr(wb.dense, wb.splits.calib, {GRID!r})\n")
+    return peak_rss_mb(setup, f"profile_rr(session.dense, session.splits.calib, {GRID!r})\n")
 
 
 def cache_cost(model_name: str) -> dict:
@@ -175,9 +176,9 @@ def cache_cost(model_name: str) -> dict:
         try:
             times = []
             for _ in range(2):
-                wb = Workbench(model_config(model_name, selection_size=0, eval_size=16), progress=False)
+                session = Session(model_config(model_name, selection_size=0, eval_size=16), progress=False)
                 t0 = time.perf_counter()
-                prof = wb.profile()
+                prof = evidence.profile(session)
                 times.append((time.perf_counter() - t0, prof.meta["cache"]))
         finally:
             if old is None:
@@ -210,10 +211,10 @@ def main() -> None:
     shared_dir(args.shared)
     rows, breakdowns = [], []
     for m in args.models:
-        wb, batches = bench_inputs(m, args.batch_size, args.device)
-        rows.append(bench_model(m, wb, batches, args.repeats, args.subset))
+        session, batches = bench_inputs(m, args.batch_size, args.device)
+        rows.append(bench_model(m, session, batches, args.repeats, args.subset))
         if args.breakdown:
-            breakdowns.append(op_breakdown(m, wb, batches))
+            breakdowns.append(op_breakdown(m, session, batches))
     caches = [cache_cost(m) for m in args.models] if args.device == "cpu" else []
     mem = []
     if not args.no_memory:

@@ -31,37 +31,38 @@ import torch
 from bench_profile import GRID, dense_pass, median_time
 from common import ROOT, machine, model_config, peak_rss_mb, run_main, shared_dir
 
-from rr_alloc.data import Batches
-from rr_alloc.io_utils import write_text_atomic
-from rr_alloc.layers import prunable_layers
-from rr_alloc.profile import profile_rr
-from rr_alloc.pruning import Pruning, apply_masks
+from rr_alloc.api import allocate
+from rr_alloc.data.splits import Batches
+from rr_alloc.nn.layers import prunable_layers
+from rr_alloc.nn.pruning import Pruning, apply_masks
+from rr_alloc.profiling.rr import profile_rr
 from rr_alloc.repair.reconstruct import ReconstructStep, reconstruct
-from rr_alloc.workbench import Workbench
+from rr_alloc.session import Session
+from rr_alloc.system.files import write_text_atomic
 
 
-def setup(model_name: str, batch_size: int) -> tuple[Workbench, Batches, dict]:
-    wb = Workbench(
+def setup(model_name: str, batch_size: int) -> tuple[Session, Batches, dict]:
+    session = Session(
         model_config(model_name, batch_size=batch_size, selection_size=0, eval_size=16, cache=False), progress=False
     )
     return (
-        wb,
-        Batches(wb.splits.calib.x, wb.splits.calib.y, batch_size),
-        Pruning(counts=wb.allocate("global", 0.9)).keep_masks(wb.dense),
+        session,
+        Batches(session.splits.calib.x, session.splits.calib.y, batch_size),
+        Pruning(counts=allocate(session, "global", 0.9).counts).keep_masks(session.dense),
     )
 
 
-def run_reconstruct(wb: Workbench, batches: Batches, masks: dict, method: str) -> None:
-    pruned = copy.deepcopy(wb.dense)
+def run_reconstruct(session: Session, batches: Batches, masks: dict, method: str) -> None:
+    pruned = copy.deepcopy(session.dense)
     apply_masks(pruned, masks)
     layers = [n for n, m in pruned.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    reconstruct(pruned, wb.dense, batches, layers, ReconstructStep(method), masks=masks)
+    reconstruct(pruned, session.dense, batches, layers, ReconstructStep(method), masks=masks)
 
 
-def breakdown(wb: Workbench, batches: Batches, masks: dict) -> str:
+def breakdown(session: Session, batches: Batches, masks: dict) -> str:
     pr = cProfile.Profile()
     pr.enable()
-    run_reconstruct(wb, batches, masks, "lsq")
+    run_reconstruct(session, batches, masks, "lsq")
     pr.disable()
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(10)
@@ -72,8 +73,8 @@ def breakdown(wb: Workbench, batches: Batches, masks: dict) -> str:
 
 def peak_memory(model_name: str, calib: int, method: str) -> tuple[float, float]:
     """(peak RSS during the reconstruction, RSS just before it), MB, in a fresh process."""
-    setup = f"from bench_reconstruct import setup, run_reconstruct\nwb, batches, masks = setup({model_name!r}, 256)\n"
-    return peak_rss_mb(setup, f"run_reconstruct(wb, batches, masks, {method!r})\n")
+    setup = f"from bench_reconstruct import setup, run_reconstruct\nsession, batches, masks = setup({model_name!r}, 256)\n"
+    return peak_rss_mb(setup, f"run_reconstruct(session, batches, masks, {method!r})\n")
 
 
 def main() -> None:
@@ -90,13 +91,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows, notes = [], []
     for name in args.models:
-        wb, batches, masks = setup(name, args.batch_size)
-        t_f = median_time(lambda: dense_pass(wb.dense, batches), args.repeats)
-        t_lsq = median_time(lambda: run_reconstruct(wb, batches, masks, "lsq"), args.repeats)
-        t_obs = median_time(lambda: run_reconstruct(wb, batches, masks, "obs"), args.repeats)
-        layers = prunable_layers(wb.dense)
-        t_pc = median_time(lambda: profile_rr(wb.dense, batches, GRID, layers), args.repeats)
-        t_pl = median_time(lambda: profile_rr(wb.dense, batches, GRID, layers, profile_repair="lsq"), args.repeats)
+        session, batches, masks = setup(name, args.batch_size)
+        t_f = median_time(lambda: dense_pass(session.dense, batches), args.repeats)
+        t_lsq = median_time(lambda: run_reconstruct(session, batches, masks, "lsq"), args.repeats)
+        t_obs = median_time(lambda: run_reconstruct(session, batches, masks, "obs"), args.repeats)
+        layers = prunable_layers(session.dense)
+        t_pc = median_time(lambda: profile_rr(session.dense, batches, GRID, layers), args.repeats)
+        t_pl = median_time(lambda: profile_rr(session.dense, batches, GRID, layers, profile_repair="lsq"), args.repeats)
         row = {
             "model": name,
             "images": batches.n,
@@ -118,7 +119,7 @@ def main() -> None:
             f"### {name}: where one lsq reconstruction spends its time (cProfile, self time)",
             "",
             "```",
-            breakdown(wb, batches, masks),
+            breakdown(session, batches, masks),
             "```",
             "",
         ]

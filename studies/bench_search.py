@@ -6,7 +6,7 @@ For CIFAR ResNet-20/32 with the channel-wise default repair in the loop, 1024 ca
 - phases of one candidate (median of ``--repeats``): copy + masks, BN recalibration (one calibration
   pass in train mode), the staged channel-wise repair (one calibration pass with statistics), the
   forward over the selection split; ``T_f`` is one dense forward over the calibration split;
-- candidates per minute of: the unscreened evaluation (``Workbench.verify`` on the whole selection split),
+- candidates per minute of: the unscreened evaluation (``Session.verify`` on the whole selection split),
   a full-fidelity candidate of the scorer (``SelectionScorer``, per-image losses under inference mode),
   and a screened-out candidate (repair + a quarter of the selection split). Whole searches' rates (a mix of
   screened-out and full candidates) are the ``candidates / min`` column of the search study's summary.
@@ -28,40 +28,45 @@ import torch
 from bench_profile import dense_pass, median_time
 from common import ROOT, machine, model_config, run_main, shared_dir
 
-from rr_alloc.io_utils import write_text_atomic
-from rr_alloc.pruning import Pruning, apply_masks
+from rr_alloc.api import allocate, verify
+from rr_alloc.nn.pruning import Pruning, apply_masks
 from rr_alloc.repair import CHANNEL_REPAIR, RepairPipeline, run_repair
-from rr_alloc.selection import make_objective
-from rr_alloc.workbench import Workbench
+from rr_alloc.search.scoring import SelectionScorer
+from rr_alloc.session import Session
+from rr_alloc.system.files import write_text_atomic
 
 
-def phases(wb: Workbench, counts: dict, repeats: int) -> dict[str, float]:
+def phases(session: Session, counts: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each phase of one candidate."""
-    masks = Pruning(counts=counts).keep_masks(wb.dense)
+    masks = Pruning(counts=counts).keep_masks(session.dense)
     pipe = RepairPipeline.parse(CHANNEL_REPAIR)
     bn_only, channel = RepairPipeline(pipe.steps[:1]), RepairPipeline(pipe.steps[1:])
     state: dict = {}
 
     def copy_mask() -> None:
-        state["m"] = copy.deepcopy(wb.dense)
+        state["m"] = copy.deepcopy(session.dense)
         apply_masks(state["m"], masks)
 
     def bn() -> None:
         copy_mask()
-        run_repair(state["m"], bn_only, wb.splits.calib, device=wb.device, cache=wb.evaluator.site_cache, masks=masks)
+        run_repair(
+            state["m"], bn_only, session.splits.calib, device=session.device, cache=session.site_cache, masks=masks
+        )
 
     def bn_channel() -> None:
         bn()
-        run_repair(state["m"], channel, wb.splits.calib, device=wb.device, cache=wb.evaluator.site_cache, masks=masks)
+        run_repair(
+            state["m"], channel, session.splits.calib, device=session.device, cache=session.site_cache, masks=masks
+        )
 
     t_copy = median_time(copy_mask, repeats)
     t_bn = median_time(bn, repeats) - t_copy
     t_all = median_time(bn_channel, repeats)
-    scorer = make_objective(wb, CHANNEL_REPAIR)
+    scorer = SelectionScorer(session, CHANNEL_REPAIR)
     model = scorer.model(counts)
     t_sel = median_time(lambda: scorer.losses(model, "selection"), repeats)
     t_screen = median_time(lambda: scorer.losses(model, "selection", scorer.screen_idx), repeats)
-    t_f = median_time(lambda: dense_pass(wb.dense, wb.splits.calib), repeats)
+    t_f = median_time(lambda: dense_pass(session.dense, session.splits.calib), repeats)
     return {
         "T_f": t_f,
         "copy_masks": t_copy,
@@ -86,17 +91,17 @@ def main() -> None:
     rows = []
     for name in args.models:
         kw = {"model": name, "repair": CHANNEL_REPAIR, "selection_size": args.selection, "eval_size": 16}
-        wb = Workbench(model_config(**kw), progress=False)
-        counts = wb.allocate("global", 0.9)
-        ph = phases(wb, counts, args.repeats)
-        scorer = make_objective(wb, CHANNEL_REPAIR)
-        t_v01 = median_time(lambda: wb.verify(counts, CHANNEL_REPAIR, "selection"), args.repeats)
+        session = Session(model_config(**kw), progress=False)
+        counts = allocate(session, "global", 0.9).counts
+        ph = phases(session, counts, args.repeats)
+        scorer = SelectionScorer(session, CHANNEL_REPAIR)
+        t_v01 = median_time(lambda: verify(session, counts, CHANNEL_REPAIR, ("selection",)), args.repeats)
         t_full = median_time(lambda: scorer.score(counts), args.repeats)
         t_scr = median_time(lambda: scorer.score(counts, beat=-1.0), args.repeats)  # always screened out
         row = {
             "model": name,
-            "calib": wb.splits.calib.n,
-            "selection": wb.splits.selection.n,
+            "calib": session.splits.calib.n,
+            "selection": session.splits.selection.n,
             "screen": scorer.screen_size,
             "threads": torch.get_num_threads(),
             **ph,

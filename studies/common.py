@@ -18,10 +18,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rr_alloc.config import RunConfig  # noqa: E402
-from rr_alloc.config_file import load_config_file  # noqa: E402
+from rr_alloc.config.files import load_config_file  # noqa: E402
+from rr_alloc.config.run_config import RunConfig  # noqa: E402
 from rr_alloc.errors import UserError  # noqa: E402
-from rr_alloc.runtime import tune_malloc  # noqa: E402
+from rr_alloc.system.runtime import tune_malloc  # noqa: E402
 
 tune_malloc()  # studies are programs, run like the CLI (see rr_alloc/runtime.py)
 

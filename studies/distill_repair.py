@@ -29,9 +29,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rr_alloc.evaluate import compare_logits, logits_of
+from rr_alloc.api import allocate
+from rr_alloc.evaluation import repaired_model
+from rr_alloc.nn.metrics import compare_logits, logits_of
 from rr_alloc.repair import RECONSTRUCT_REPAIR, DistillStep, RepairPipeline, distill
-from rr_alloc.workbench import Workbench
+from rr_alloc.session import Session
 
 BASE = RECONSTRUCT_REPAIR  # obs>bn>naive@block+logits
 RULES = ("uniform", "global", "lamp", "erk", "rr-greedy")
@@ -47,11 +49,11 @@ def wilson(k: float, n: int) -> tuple[float, float]:
     return 100 * (centre - half), 100 * (centre + half)
 
 
-def scores(wb: Workbench, model: torch.nn.Module, splits: tuple[str, ...] = ("selection", "test")) -> dict[str, Any]:
+def scores(session: Session, model: torch.nn.Module, splits: tuple[str, ...] = ("selection", "test")) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for split in splits:
-        dense, labels = wb.dense_logits(split)
-        logits, _ = logits_of(model, wb.split(split), wb.device)
+        dense, labels = session.dense_logits(split)
+        logits, _ = logits_of(model, session.split(split), session.device)
         m = compare_logits(logits, labels, dense)
         out[f"{split}_kl"], out[f"{split}_agreement"] = m.kl, m.agreement
         if split == "test":
@@ -59,19 +61,19 @@ def scores(wb: Workbench, model: torch.nn.Module, splits: tuple[str, ...] = ("se
     return out
 
 
-def workbench(model: str, seed: int, distill_size: int = 0, quick: bool = False, **extra: Any) -> Workbench:
+def open_session(model: str, seed: int, distill_size: int = 0, quick: bool = False, **extra: Any) -> Session:
     # the pipelines are passed explicitly below; the run's repair names kd so that --distill-size applies
     over: dict[str, Any] = {"seed": seed, "repair": BASE + ">kd", "distill_size": distill_size, **extra}
     if quick:
         over.update(calib_size=256, selection_size=256, eval_size=512)
-    return Workbench(common.model_config(model, **over), progress=False)
+    return Session(common.model_config(model, **over), progress=False)
 
 
-def kd_on(wb: Workbench, repaired: torch.nn.Module, masks, step: DistillStep, seed: int) -> tuple[Any, float]:
+def kd_on(session: Session, repaired: torch.nn.Module, masks, step: DistillStep, seed: int) -> tuple[Any, float]:
     model = copy.deepcopy(repaired)
-    images = (wb.splits.distill or wb.splits.calib).x
+    images = (session.splits.distill or session.splits.calib).x
     t0 = time.perf_counter()
-    distill(model, wb.dense, images, step, masks, wb.device, seed)
+    distill(model, session.dense, images, step, masks, session.device, seed)
     return model, time.perf_counter() - t0
 
 
@@ -124,34 +126,41 @@ SCREEN: list[tuple[str, dict[str, Any], int]] = [
 def part_screen(args, out: Path) -> None:
     res = Results(out / "screen.csv")
     model, budget, seed = args.models[0], 0.9, args.seeds[0]
-    wb = workbench(model, seed, quick=args.quick)
-    counts = wb.allocate("global", budget)
-    repaired, report = wb.repaired_model(counts, BASE)
+    session = open_session(model, seed, quick=args.quick)
+    counts = allocate(session, "global", budget).counts
+    repaired, report = repaired_model(session, counts, BASE)
     if not res.has(name="none"):
         res.add(
-            {"name": "none", "model": model, "budget": budget, "seed": seed, "seconds": 0.0, **scores(wb, repaired)}
+            {
+                "name": "none",
+                "model": model,
+                "budget": budget,
+                "seed": seed,
+                "seconds": 0.0,
+                **scores(session, repaired),
+            }
         )
-    by_size = {0: wb}
+    by_size = {0: session}
     for name, kw, images in SCREEN:
         if "lr" not in kw:  # every other setting at the learning rate with the lowest selection KL
             lr_rows = res.df[res.df.name.str.startswith("lr=")]
             kw = {**kw, "lr": float(lr_rows.sort_values("selection_kl").name.iloc[0][3:])}
         if res.has(name=name):
             continue
-        size = 0 if images <= wb.splits.calib.n else images
+        size = 0 if images <= session.splits.calib.n else images
         if size not in by_size:
-            by_size[size] = workbench(model, seed, distill_size=size, quick=args.quick)
+            by_size[size] = open_session(model, seed, distill_size=size, quick=args.quick)
         step = DistillStep(**kw)
         kd, secs = kd_on(by_size[size], repaired, report.masks, step, seed)
         row = {"name": name, "model": model, "budget": budget, "seed": seed, "step": str(step), "seconds": secs}
-        res.add({**row, **scores(wb, kd)})
+        res.add({**row, **scores(session, kd)})
     # the place in the pipeline: kd before the channel-wise step
     name = "place=obs>bn>kd>naive"
     if not res.has(name=name):
         t0 = time.perf_counter()
-        m, _ = wb.repaired_model(counts, "obs>bn>kd>naive@block+logits")
+        m, _ = repaired_model(session, counts, "obs>bn>kd>naive@block+logits")
         row = {"name": name, "model": model, "budget": budget, "seed": seed, "seconds": time.perf_counter() - t0}
-        res.add({**row, **scores(wb, m)})
+        res.add({**row, **scores(session, m)})
     write_md(res.df, out / "screen.md", "screen", f"{model} at {budget}, seed {seed}, global magnitude counts")
 
 
@@ -159,17 +168,17 @@ def part_compare(args, out: Path, step: DistillStep) -> None:
     res = Results(out / "compare.csv")
     for model in args.models:
         for seed in args.seeds:
-            wb = None
+            session = None
             for budget in args.budgets:
                 if res.has(model=model, budget=budget, seed=seed, arm="kd"):
                     continue
-                wb = wb or workbench(model, seed, args.distill_size, args.quick)
+                session = session or open_session(model, seed, args.distill_size, args.quick)
                 t0 = time.perf_counter()
                 if ":" in budget:
-                    wb_nm = Workbench(replace_pattern(wb, budget), progress=False)
+                    wb_nm = Session(replace_pattern(session, budget), progress=False)
                     target, pruning = wb_nm, wb_nm.pruning()
                 else:
-                    target, pruning = wb, wb.pruning(wb.allocate("global", float(budget)))
+                    target, pruning = session, session.pruning(allocate(session, "global", float(budget)).counts)
                 repaired, report = target.repaired_model(pruning, BASE)
                 base_s = time.perf_counter() - t0
                 row = {"model": model, "budget": budget, "seed": seed}
@@ -181,29 +190,29 @@ def part_compare(args, out: Path, step: DistillStep) -> None:
     )
 
 
-def replace_pattern(wb: Workbench, pattern: str):
+def replace_pattern(session: Session, pattern: str):
     from dataclasses import replace
 
-    return replace(wb.cfg, pattern=pattern)
+    return replace(session.cfg, pattern=pattern)
 
 
 def part_alloc(args, out: Path, step: DistillStep) -> None:
     res = Results(out / "alloc.csv")
     for model in args.models:
         for seed in args.seeds:
-            wb = None
+            session = None
             for budget in args.budgets:
                 for rule in RULES:
                     if res.has(model=model, budget=budget, seed=seed, rule=rule, arm="kd"):
                         continue
                     # rr-greedy plans on the profile of the pipeline's reconstruction
-                    wb = wb or workbench(model, seed, args.distill_size, args.quick, profile_repair="obs")
-                    counts = wb.allocate(rule, float(budget))
-                    repaired, report = wb.repaired_model(counts, BASE)
+                    session = session or open_session(model, seed, args.distill_size, args.quick, profile_repair="obs")
+                    counts = allocate(session, rule, float(budget)).counts
+                    repaired, report = repaired_model(session, counts, BASE)
                     row = {"model": model, "budget": budget, "seed": seed, "rule": rule}
-                    res.add({**row, "arm": "base", "seconds": 0.0, **scores(wb, repaired)})
-                    kd, secs = kd_on(wb, repaired, report.masks, step, seed)
-                    res.add({**row, "arm": "kd", "seconds": secs, **scores(wb, kd)})
+                    res.add({**row, "arm": "base", "seconds": 0.0, **scores(session, repaired)})
+                    kd, secs = kd_on(session, repaired, report.masks, step, seed)
+                    res.add({**row, "arm": "kd", "seconds": secs, **scores(session, kd)})
     write_md(res.df, out / "alloc.md", "alloc", f"kd settings: {step.settings()}, distill images {args.distill_size}")
 
 

@@ -32,13 +32,17 @@ import numpy as np
 import pandas as pd
 from common import ROOT, add_common_args, machine, model_config, run_main, shared_dir, t_interval
 
+from rr_alloc import evidence
 from rr_alloc.allocators import round_to_budget
-from rr_alloc.allocators.level_search import LevelSpace
-from rr_alloc.allocators.search import trial_counts
-from rr_alloc.io_utils import write_text_atomic
-from rr_alloc.report import write_frame_csv
-from rr_alloc.stitched import StitchedScorer
-from rr_alloc.workbench import Workbench
+from rr_alloc.api import allocate, verify
+from rr_alloc.plans.report import write_frame_csv
+from rr_alloc.search.databases import level_database
+from rr_alloc.search.level_space import LevelSpace
+from rr_alloc.search.optimizers import trial_counts
+from rr_alloc.search.scoring import SelectionScorer
+from rr_alloc.search.stitched import StitchedScorer
+from rr_alloc.session import Session
+from rr_alloc.system.files import write_text_atomic
 
 OUT = ROOT / "studies" / "results" / "level_search"
 REPAIR = "obs>bn>naive@block+logits"
@@ -49,10 +53,10 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def candidates(wb: Workbench, db, budget: float, n: int, seed: int) -> list[np.ndarray]:
+def candidates(session: Session, db, budget: float, n: int, seed: int) -> list[np.ndarray]:
     """``n`` distinct level vectors near global magnitude (1-6 unguided level moves, inside the band)."""
-    problem = wb.problem(budget)
-    glob = wb.allocate("global", budget)
+    problem = evidence.problem(session, budget)
+    glob = allocate(session, "global", budget).counts
     ladders = [db.counts[name] for name in problem.names]
     anchor = np.array([db.level_of(name, glob[name]) for name in problem.names])
     space = LevelSpace(problem, ladders, anchor, guided=False)
@@ -70,18 +74,18 @@ def part_rules(args) -> None:
     from scipy import stats
 
     model, budget = args.models[0], args.budgets[0]
-    wb = Workbench(model_config(model, seed=args.seeds[0], repair=REPAIR, cache=False), progress=False)
-    glob = wb.allocate("global", budget)
-    names = [layer.name for layer in wb.layers]
+    session = Session(model_config(model, seed=args.seeds[0], repair=REPAIR, cache=False), progress=False)
+    glob = allocate(session, "global", budget).counts
+    names = [layer.name for layer in session.layers]
     dbs, rows = {}, []
     for rule in args.rules:
         t0 = time.perf_counter()
-        dbs[rule] = wb.experiment.level_database(glob, rule)
+        dbs[rule] = level_database(session, glob, rule)
         log(f"{rule}: database built in {time.perf_counter() - t0:.1f} s, {dbs[rule].meta}")
-    cands = candidates(wb, dbs[args.rules[0]], budget, args.candidates, args.seeds[0])
-    full_scorer = wb.evaluator.scorer(REPAIR)
+    cands = candidates(session, dbs[args.rules[0]], budget, args.candidates, args.seeds[0])
+    full_scorer = SelectionScorer(session, REPAIR)
     r0 = args.rules[0]
-    staged = StitchedScorer(wb.evaluator, REPAIR, dbs[r0])
+    staged = StitchedScorer(session, REPAIR, dbs[r0])
     base = staged.score_levels(staged.all_levels(dbs[r0].levels_of(glob)))  # global magnitude's stage means
     t_full = t_stitched = 0.0
     for c, lv in enumerate(cands):
@@ -90,9 +94,9 @@ def part_rules(args) -> None:
         full = full_scorer(counts)
         t_full += time.perf_counter() - t0
         row = {"candidate": c, "full": full}
-        row["sparsity"] = wb.achieved(counts)
+        row["sparsity"] = session.achieved(counts)
         for rule, db in dbs.items():
-            sc = StitchedScorer(wb.evaluator, REPAIR, db)
+            sc = StitchedScorer(session, REPAIR, db)
             levels = sc.all_levels({name: db.level_of(name, counts[name]) for name in names})
             t0 = time.perf_counter()
             r = sc.score_levels(levels)
@@ -103,7 +107,7 @@ def part_rules(args) -> None:
                     row[f"stage{i + 1}_beats_global"] = m <= base.stages[i]
                 row["full_beats_global"] = r.full <= base.full
                 half = _half(db)
-                row[f"{rule}_fp16"] = StitchedScorer(wb.evaluator, REPAIR, half).score_levels(levels).full
+                row[f"{rule}_fp16"] = StitchedScorer(session, REPAIR, half).score_levels(levels).full
         rows.append(row)
         log(f"candidate {c}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
     df = pd.DataFrame(rows)
@@ -197,20 +201,21 @@ def compare_cell(args, model: str, budget: float, seed: int) -> list[dict]:
         storage=f"sqlite:///{storage}",
         study_name=f"{model}-b{budget}-s{seed}-{args.guidance}{args.tag}",
     )
-    wb = Workbench(cfg, progress=False)
+    session = Session(cfg, progress=False)
     t0 = time.perf_counter()
-    returned = wb.allocate("optuna", budget)
+    searched = allocate(session, "optuna", budget)
+    returned = searched.counts
     t_search = time.perf_counter() - t0
-    prov = wb.search_info[float(budget)]
-    problem = wb.problem(budget)
-    best = round_to_budget(problem, np.asarray(trial_counts(_best(wb.last_study)), float) / problem.n)
-    plans = {"search": {layer.name: int(k) for layer, k in zip(wb.layers, best)}, "returned": returned}
+    prov = searched.search.to_dict()
+    problem = evidence.problem(session, budget)
+    best = round_to_budget(problem, np.asarray(trial_counts(_best(searched.study)), float) / problem.n)
+    plans = {"search": {layer.name: int(k) for layer, k in zip(session.layers, best)}, "returned": returned}
     for b in args.baselines:
-        plans[b] = wb.allocate(b, budget)
+        plans[b] = allocate(session, b, budget).counts
     out, verified = [], {}
     for label, counts in plans.items():
         same = next((k for k, v in plans.items() if k in verified and v == counts), None)
-        ms = verified[same] if same else wb.verify_splits(counts, REPAIR, ("selection", "test"))
+        ms = verified[same] if same else verify(session, counts, REPAIR, ("selection", "test")).metrics
         verified[label] = ms
         for split, m in ms.items():
             out.append(
@@ -224,7 +229,7 @@ def compare_cell(args, model: str, budget: float, seed: int) -> list[dict]:
                     "split": split,
                     "top1": m.top1,
                     "kl": m.kl,
-                    "sparsity": wb.achieved(counts),
+                    "sparsity": session.achieved(counts),
                     "search_seconds": t_search,
                     "trials": prov["trials"],
                     "complete": prov["complete"],

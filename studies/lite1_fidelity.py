@@ -39,11 +39,13 @@ import torch.nn.functional as F
 from common import ROOT, machine, run_main, shared_dir
 from efficientnet_lite1 import TRANSFORM
 
-from rr_alloc.config import RunConfig
-from rr_alloc.evaluate import logits_of, per_image
-from rr_alloc.io_utils import write_text_atomic
-from rr_alloc.report import write_frame_csv
-from rr_alloc.workbench import Workbench
+from rr_alloc.api import allocate
+from rr_alloc.config.run_config import RunConfig
+from rr_alloc.evaluation import repaired_model
+from rr_alloc.nn.metrics import logits_of, per_image
+from rr_alloc.plans.report import write_frame_csv
+from rr_alloc.session import Session
+from rr_alloc.system.files import write_text_atomic
 
 TAIL = ">bn>naive@block+logits"
 REPAIRS = {
@@ -108,18 +110,19 @@ def run(args: argparse.Namespace, out: Path) -> pd.DataFrame:
     old = pd.read_csv(csv) if csv.exists() else pd.DataFrame()
     done = set() if old.empty else set(zip(old.sparsity, old.plan, old.repair))
     rows = old.to_dict("records")
-    wb = Workbench(config(args, shared_dir(args.shared), out / "optuna.db"), progress=False)
-    dense, _ = wb.dense_logits("test")
+    session = Session(config(args, shared_dir(args.shared), out / "optuna.db"), progress=False)
+    dense, _ = session.dense_logits("test")
     write_dense_stats(dense, out)
     for s in [0.0, *args.sparsities]:
         if s == 0.0:
-            plans = {"dense": {layer.name: 0 for layer in wb.layers}}
+            plans = {"dense": {layer.name: 0 for layer in session.layers}}
         else:
-            plans = {"global": wb.allocate("global", s)}
+            plans = {"global": allocate(session, "global", s).counts}
         if s > 0 and any((s, "search", r) not in done for r in SEARCH_REPAIRS):
             t0 = time.perf_counter()
-            plans["search"] = wb.allocate("optuna", s)
-            prov = wb.search_info[float(s)]
+            searched = allocate(session, "optuna", s)
+            plans["search"] = searched.counts
+            prov = searched.search.to_dict()
             log(
                 out,
                 f"s={s} search {time.perf_counter() - t0:.0f} s, {prov['trials']} trials, fallback {prov['fallback']}",
@@ -129,12 +132,14 @@ def run(args: argparse.Namespace, out: Path) -> pd.DataFrame:
                 if (s, plan, rname) in done:
                     continue
                 t0 = time.perf_counter()
-                pruned, _ = wb.repaired_model(counts, REPAIRS[rname])
+                pruned, _ = repaired_model(session, counts, REPAIRS[rname])
                 t_repair = time.perf_counter() - t0
-                agree, kl = (t.numpy() for t in per_image(logits_of(pruned, wb.split("test"), wb.device)[0], dense))
+                agree, kl = (
+                    t.numpy() for t in per_image(logits_of(pruned, session.split("test"), session.device)[0], dense)
+                )
                 row = {"sparsity": s, "plan": plan, "repair": rname, "seed": args.seed, "n": len(kl)}
                 row.update(agreement=agree.mean(), agreement_sd=agree.std(ddof=1), kl=kl.mean(), kl_sd=kl.std(ddof=1))
-                row.update(repair_seconds=t_repair, achieved=wb.achieved(counts))
+                row.update(repair_seconds=t_repair, achieved=session.achieved(counts))
                 rows.append(row)
                 np.save(out / f"per_image_{s}_{plan}_{rname}.npy", np.stack([agree, kl]))
                 write_frame_csv(pd.DataFrame(rows), csv)
@@ -237,8 +242,8 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.summarise:
         if not (out / "dense.json").exists():
-            wb = Workbench(config(args, shared_dir(args.shared), out / "optuna.db"), progress=False)
-            write_dense_stats(wb.dense_logits("test")[0], out)
+            session = Session(config(args, shared_dir(args.shared), out / "optuna.db"), progress=False)
+            write_dense_stats(session.dense_logits("test")[0], out)
         summarise(pd.read_csv(out / "results.csv"), args, out, None)
         return
     df = run(args, out)

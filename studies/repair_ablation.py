@@ -28,11 +28,12 @@ import numpy as np
 import pandas as pd
 from common import ROOT, UserError, add_common_args, machine, model_config, run_main, shared_dir, t_interval
 
-from rr_alloc.io_utils import write_text_atomic
-from rr_alloc.pruning import Pruning
+from rr_alloc.api import allocate, verify
+from rr_alloc.nn.pruning import Pruning
+from rr_alloc.plans.report import save_figure, write_frame_csv
 from rr_alloc.repair import CHANNEL_REPAIR
-from rr_alloc.report import save_figure, write_frame_csv
-from rr_alloc.workbench import Workbench
+from rr_alloc.session import Session
+from rr_alloc.system.files import write_text_atomic
 
 METHODS = ("lw", "naive", "asr")
 SITE_SETS = ("conv", "bn", "block", "logits", "block+logits")
@@ -60,24 +61,24 @@ def stage1_pipelines() -> tuple[list[str], list[str]]:
     return pipes, excluded
 
 
-def pruning_of(wb: Workbench, name: str) -> Pruning:
+def pruning_of(session: Session, name: str) -> Pruning:
     """``global@B``: global-magnitude counts at budget B; ``nm2:4``: the 2:4 pattern on every layer."""
     if name.startswith("global@"):
-        return Pruning(counts=wb.allocate("global", float(name.split("@")[1])))
-    return wb.evaluator.nm_pruning(2, 4)
+        return Pruning(counts=allocate(session, "global", float(name.split("@")[1])).counts)
+    return Pruning(nm=(2, 4), layers=tuple(layer.name for layer in session.layers))
 
 
 def run_stage(models, prunings, pipes, seeds, split, overrides, log) -> pd.DataFrame:
     rows = []
     for model in models:
         for seed in seeds:
-            wb = Workbench(model_config(model, seed=seed, **overrides), progress=False)
-            dense = wb.dense_metrics(split)
+            session = Session(model_config(model, seed=seed, **overrides), progress=False)
+            dense = session.dense_metrics(split)
             for pr in prunings:
-                pruning = pruning_of(wb, pr)
+                pruning = pruning_of(session, pr)
                 for pipe in pipes:
                     t0 = time.perf_counter()
-                    m = wb.verify(pruning, pipe, split=split)
+                    m = verify(session, pruning, pipe, splits=(split,))[split]
                     rows.append(
                         {
                             "model": model,
@@ -223,14 +224,14 @@ def run_reconstruct(args, models, out: Path, log) -> None:
         screen = pd.read_csv(args.reuse_screen).to_dict("records")
         log(f"reusing the screen in {args.reuse_screen} ({len(screen)} rows)")
     for model in [] if args.reuse_screen else models:
-        wb = Workbench(model_config(model, seed=0, **overrides), progress=False)
-        dense = {"selection": wb.dense_metrics("selection")}
-        counts = wb.allocate("global", 0.9)
+        session = Session(model_config(model, seed=0, **overrides), progress=False)
+        dense = {"selection": session.dense_metrics("selection")}
+        counts = allocate(session, "global", 0.9).counts
         for method in ("lsq", "obs"):
             for damp in DAMPS:
                 pipe = f"{method}:damp={damp:g}>{AFTER}"
                 t0 = time.perf_counter()
-                ms = wb.verify_splits(counts, pipe, ("selection",))
+                ms = verify(session, counts, pipe, ("selection",)).metrics
                 screen += _rows_for(model, 0, "global@0.9", pipe, "global", ms, time.perf_counter() - t0, dense)
                 write_frame_csv(pd.DataFrame(screen), out / "reconstruct_screen.csv")
                 log(
@@ -246,15 +247,15 @@ def run_reconstruct(args, models, out: Path, log) -> None:
     lsq_damp = float(best["lsq"].split(":damp=")[1].split(">")[0])
     for model in models:
         for seed in args.seeds:
-            wb = Workbench(
+            session = Session(
                 model_config(model, seed=seed, profile_repair=f"lsq:damp={lsq_damp:g}", **overrides), progress=False
             )
-            dense = {s: wb.dense_metrics(s) for s in ("selection", "test")}
+            dense = {s: session.dense_metrics(s) for s in ("selection", "test")}
             for pr in prunings:
-                pruning = pruning_of(wb, pr)
+                pruning = pruning_of(session, pr)
                 for pipe in best.values():
                     t0 = time.perf_counter()
-                    ms = wb.verify_splits(pruning, pipe, ("selection", "test"))
+                    ms = verify(session, pruning, pipe, ("selection", "test")).metrics
                     test += _rows_for(
                         model, seed, pr, pipe, "global" if pr != "nm2:4" else "nm", ms, time.perf_counter() - t0, dense
                     )
@@ -265,8 +266,8 @@ def run_reconstruct(args, models, out: Path, log) -> None:
                     )
             for plan in () if args.no_alloc else ("global", "rr-greedy"):
                 t0 = time.perf_counter()
-                counts = wb.allocate(plan, 0.9)
-                ms = wb.verify_splits(counts, best["lsq"], ("selection", "test"))
+                counts = allocate(session, plan, 0.9).counts
+                ms = verify(session, counts, best["lsq"], ("selection", "test")).metrics
                 alloc += _rows_for(model, seed, "0.9", best["lsq"], plan, ms, time.perf_counter() - t0, dense)
                 write_frame_csv(pd.DataFrame(alloc), out / "reconstruct_alloc.csv")
                 log(f"alloc {model} seed {seed} {plan:<10} (lsq profile) test top1 {100 * ms['test'].top1:5.1f}")

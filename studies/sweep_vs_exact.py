@@ -20,10 +20,12 @@ from pathlib import Path
 import pandas as pd
 from common import ROOT, add_common_args, machine, model_config, run_main, shared_dir, t_interval
 
-from rr_alloc.evaluate import compare_logits, logits_of
-from rr_alloc.io_utils import write_text_atomic
-from rr_alloc.report import write_frame_csv
-from rr_alloc.workbench import Workbench
+from rr_alloc.api import allocate
+from rr_alloc.evaluation import repaired_model
+from rr_alloc.nn.metrics import compare_logits, logits_of
+from rr_alloc.plans.report import write_frame_csv
+from rr_alloc.session import Session
+from rr_alloc.system.files import write_text_atomic
 
 TAIL = ">bn>naive@block+logits"
 
@@ -33,17 +35,19 @@ def run(args: argparse.Namespace, out: Path) -> pd.DataFrame:
     overrides = {"calib_size": 256, "selection_size": 256, "eval_size": 1000} if args.quick else {}
     for model in args.models:
         for seed in args.seeds:
-            wb = Workbench(model_config(model, seed=seed, **overrides), progress=False)
-            counts = wb.allocate("global", args.budget)
+            session = Session(model_config(model, seed=seed, **overrides), progress=False)
+            counts = allocate(session, "global", args.budget).counts
             for solve in ("exact", "sweep"):
                 repair = f"obs:solve={solve}{TAIL}"
                 t0 = time.perf_counter()
-                pruned, _ = wb.repaired_model(counts, repair)
+                pruned, _ = repaired_model(session, counts, repair)
                 seconds = time.perf_counter() - t0
                 ms = {}
                 for split in ("selection", "test"):
-                    dense, labels = wb.dense_logits(split)
-                    ms[split] = compare_logits(logits_of(pruned, wb.split(split), wb.device)[0], labels, dense)
+                    dense, labels = session.dense_logits(split)
+                    ms[split] = compare_logits(
+                        logits_of(pruned, session.split(split), session.device)[0], labels, dense
+                    )
                 rows.append(
                     {
                         "model": model,

@@ -23,9 +23,9 @@ import torch
 from common import ROOT, machine, run_main
 from safetensors.torch import load_file, save_file
 
-from rr_alloc.data import digits_arrays, digits_split_indices
-from rr_alloc.io_utils import atomic_path, write_text_atomic
+from rr_alloc.data.splits import digits_arrays, digits_split_indices
 from rr_alloc.models.digits import WEIGHTS, train_digits_resnet
+from rr_alloc.system.files import atomic_path, write_text_atomic
 
 OUT = ROOT / "studies" / "results" / "train_digits"
 

@@ -11,8 +11,8 @@ import torch
 from rr_alloc.allocators import ALLOCATORS, AllocationProblem, get_allocator, lamp_scores, objective, round_to_budget
 from rr_alloc.allocators.rr import layer_curves
 from rr_alloc.errors import UserError
-from rr_alloc.layers import LayerInfo
-from rr_alloc.profile import RRProfile, profile_rr
+from rr_alloc.nn.layers import LayerInfo
+from rr_alloc.profiling.rr import RRProfile, profile_rr
 
 GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 OPTUNA_TRIALS = 12
@@ -212,7 +212,7 @@ def test_optuna_fixed_seed_reproduces_best_plan(toy_problem_parts):
 def test_optuna_anchor_plans_are_members_of_the_family(toy_problem_parts):
     """Each warm-start trial reproduces its anchor plan (to rounding), so search can only improve on them."""
     prof, weights = toy_problem_parts
-    from rr_alloc.allocators.search import ANCHORS, SearchOptions
+    from rr_alloc.search.optimizers import ANCHORS, SearchOptions
 
     pb = _problem(prof, weights, 0.9, evaluate=_fake_eval)
     alloc = get_allocator("optuna", options=SearchOptions(optimizer="tpe-mix"), n_trials=6)

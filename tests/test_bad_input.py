@@ -145,7 +145,7 @@ def test_non_finite_checkpoint_is_refused(tmp_path, capsys, value, which):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_plan_never_writes_nan(tmp_path, bad):
-    from rr_alloc.plan import LayerPlan, Plan
+    from rr_alloc.plans.plan import LayerPlan, Plan
 
     plan = Plan(
         [LayerPlan("fc", 5, 10, (2, 5))],
@@ -239,7 +239,7 @@ def _payloads(marker: Path) -> dict[str, str]:
 
 
 def _simple_plan(**kw):
-    from rr_alloc.plan import LayerPlan, Plan
+    from rr_alloc.plans.plan import LayerPlan, Plan
 
     layers = [LayerPlan(kw.pop("layer", "conv"), 5, 10, (2, 5)), LayerPlan("fc", 3, 10, (10,))]
     return Plan(
@@ -272,7 +272,7 @@ def test_export_quotes_plan_strings(tmp_path, fmt, payload):
 
     import yaml
 
-    from rr_alloc.export import export_plan
+    from rr_alloc.plans.export import export_plan
 
     marker = tmp_path / "executed"
     bad = _payloads(marker)[payload]
@@ -543,7 +543,7 @@ def test_plan_model_code_runs_when_the_caller_says_so(tmp_path, capsys, factory_
 
 @pytest.mark.parametrize("model", ["digits_resnet", "torchvision:resnet18", "resnet18"])
 def test_zoo_and_torchvision_names_need_no_trust(tmp_path, capsys, model):
-    from rr_alloc.replay import check_plan_model
+    from rr_alloc.plans.replay import check_plan_model
 
     plan = _simple_plan(model=model)
     check_plan_model(plan, model, None, False)  # no error: these names import no user code
@@ -790,7 +790,7 @@ def test_summary_survives_other_studies(tmp_path, capsys):
 
 
 def test_ctrl_c_in_a_trial_is_one_line(tmp_path, capsys, monkeypatch):
-    from rr_alloc.selection import SelectionScorer
+    from rr_alloc.search.scoring import SelectionScorer
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt

@@ -218,10 +218,10 @@ def test_flop_budget_is_named_in_plan(tmp_path):
     out = tmp_path / "plan.json"
     assert main(["search", "--budget", "0.8", "--unit", "flops", "--out", str(out), "--no-verify"]) == 0
     plan = json.loads(out.read_text())
-    from rr_alloc.data import digits_arrays
-    from rr_alloc.layers import prunable_layers
+    from rr_alloc.data.splits import digits_arrays
     from rr_alloc.models.digits import pretrained_digits_resnet
-    from rr_alloc.workbench import layer_macs
+    from rr_alloc.nn.layers import prunable_layers
+    from rr_alloc.nn.layers import layer_macs
 
     model = pretrained_digits_resnet()
     layers = prunable_layers(model)
@@ -236,7 +236,7 @@ def test_flop_budget_is_named_in_plan(tmp_path):
 def test_the_default_models_weights_ship_in_the_package_and_are_the_trained_ones():
     import torch
 
-    from rr_alloc.data import digits_arrays, digits_split_indices
+    from rr_alloc.data.splits import digits_arrays, digits_split_indices
     from rr_alloc.models import build_model
     from rr_alloc.models.digits import WEIGHTS
 

@@ -8,7 +8,7 @@ import time
 import pytest
 from test_cli import run_cli
 
-from rr_alloc.config_file import load_config_file
+from rr_alloc.config.files import load_config_file
 from rr_alloc.errors import UserError
 
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from test_cli import run_cli
 
 from rr_alloc.errors import UserError
-from rr_alloc.layers import prunable_layers
-from rr_alloc.pruning import apply_masks, masks_for_plan, n_pruned, nm_mask, nm_masks
+from rr_alloc.nn.layers import prunable_layers
+from rr_alloc.nn.pruning import apply_masks, masks_for_plan, n_pruned, nm_mask, nm_masks
 from rr_alloc.repair import DistillStep, RepairPipeline, distill, run_repair
 
 

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from rr_alloc.cli import main
-from rr_alloc.export import EXPORTERS, export_plan, weight_to_channel_ratio
-from rr_alloc.layers import prunable_layers
 from rr_alloc.models import build_model
-from rr_alloc.plan import LayerPlan, Plan
+from rr_alloc.nn.layers import prunable_layers
+from rr_alloc.plans.export import EXPORTERS, export_plan, weight_to_channel_ratio
+from rr_alloc.plans.plan import LayerPlan, Plan
 
 
 def _plan_for(model, seed=0, low=0.3, high=0.95) -> Plan:
@@ -151,7 +151,7 @@ def test_masks_export_matches_plan(digits_plan, tmp_path):
 
 def test_apply_reload_gives_verified_top1(digits_plan, tmp_path, capsys):
     from rr_alloc import load_pruned
-    from rr_alloc.data import DataSpec, load_splits
+    from rr_alloc.data.splits import DataSpec, load_splits
     from rr_alloc.models.digits import DigitsResNet
 
     out = tmp_path / "pruned.pt"

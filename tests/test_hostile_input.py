@@ -112,12 +112,12 @@ def test_an_interrupted_search_leaves_the_old_plan(good, tmp_path, capsys, monke
     out = tmp_path / "plan.json"
     out.write_text(good.read_text())
     before = out.read_bytes()
-    from rr_alloc.experiment import Experiment
+    from rr_alloc import evidence
 
-    def interrupted(self):
+    def interrupted(session):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Experiment, "profile", interrupted)
+    monkeypatch.setattr(evidence, "profile", interrupted)
     code = main(["search", "--budget", "0.8", "--no-verify", "--allocator", "rr-greedy", *QUICK, "--out", str(out)])
     assert code == 130 and "error: interrupted" in capsys.readouterr().err
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
@@ -223,7 +223,7 @@ def test_an_error_after_a_progress_bar_starts_its_own_line(tmp_path):
     import subprocess
 
     code = (
-        "import sys; from rr_alloc.progress import bar; from rr_alloc.cli import main\n"
+        "import sys; from rr_alloc.system.progress import bar; from rr_alloc.cli import main\n"
         "b = bar(total=3, desc='x', disable=False); b.update(1); b.close()\n"
         "sys.exit(main(['search', '--budget', '2']))"
     )
@@ -233,7 +233,7 @@ def test_an_error_after_a_progress_bar_starts_its_own_line(tmp_path):
 
 
 def test_a_cached_profile_of_the_wrong_shape_is_rebuilt(tmp_path, capsys, monkeypatch):
-    from rr_alloc.cache import ProfileCache
+    from rr_alloc.profiling.store import ProfileCache
 
     monkeypatch.setenv("RR_ALLOC_CACHE", str(tmp_path / "cache"))
     args = ["search", "--budget", "0.9", "--allocator", "rr-greedy", "--no-verify", *QUICK]
@@ -426,7 +426,7 @@ def test_an_nm_plan_exports_its_pattern_and_exact_masks(nm_plan, tmp_path, capsy
     import yaml
 
     from rr_alloc.models import build_model
-    from rr_alloc.plan import Plan
+    from rr_alloc.plans.plan import Plan
 
     recipe = tmp_path / "recipe.yaml"
     assert main(["export", "--plan", str(nm_plan), "--format", "llm-compressor", "--out", str(recipe)]) == 0

@@ -50,7 +50,7 @@ def test_importing_the_library_pulls_no_cli_module():
 
 
 def test_forward_hooks_remove_and_restore_mode_on_error():
-    from rr_alloc.hooks import forward_hooks
+    from rr_alloc.nn.hooks import forward_hooks
 
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU()).train()
 
@@ -79,8 +79,8 @@ class _DeadBranch(nn.Module):
 
 
 def test_output_sensitivity_measures_what_reaches_the_logits():
-    from rr_alloc.layers import prunable_layers
-    from rr_alloc.sensitivity import output_sensitivity
+    from rr_alloc.nn.layers import prunable_layers
+    from rr_alloc.profiling.sensitivity import output_sensitivity
 
     torch.manual_seed(0)
     model = _DeadBranch().train()
@@ -95,8 +95,7 @@ def test_output_sensitivity_measures_what_reaches_the_logits():
 
 
 def test_layer_macs_on_grouped_and_strided_convs():
-    from rr_alloc.layers import prunable_layers
-    from rr_alloc.workbench import layer_macs
+    from rr_alloc.nn.layers import layer_macs, prunable_layers
 
     model = nn.Sequential(
         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),  # depthwise, 10x10 -> 5x5
@@ -132,7 +131,7 @@ def test_checkpoint_wrappers_and_prefixes(tmp_path, wrap):
 
 
 def test_config_expands_environment_variables(tmp_path, monkeypatch):
-    from rr_alloc.config_file import load_config_file
+    from rr_alloc.config.files import load_config_file
 
     monkeypatch.setenv("RR_TEST_ROOT", str(tmp_path))
     monkeypatch.setenv("RR_TEST_NAME", "w")

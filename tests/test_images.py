@@ -12,10 +12,10 @@ from PIL import Image
 from test_bad_input import _bad_search, _image_folder
 
 from rr_alloc.cli import main
-from rr_alloc.data import DataSpec, load_splits
+from rr_alloc.data.images import decode
+from rr_alloc.data.splits import DataSpec, load_splits
+from rr_alloc.data.transforms import TransformSpec
 from rr_alloc.errors import UserError
-from rr_alloc.images import decode
-from rr_alloc.transforms import TransformSpec
 
 TF = TransformSpec(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -109,7 +109,7 @@ def test_grayscale_images_for_an_rgb_model_are_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("link", ["c", "b/x"])
 def test_a_folder_link_that_loops_back_is_refused_at_once(tmp_path, link):
-    from rr_alloc.images import check_no_link_loop
+    from rr_alloc.data.images import check_no_link_loop
 
     data = _image_folder(tmp_path / "data", per_class=4)
     (data / "b").mkdir()

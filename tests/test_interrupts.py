@@ -14,7 +14,7 @@ import optuna
 from test_cli import ROOT
 
 from rr_alloc.cli import main
-from rr_alloc.optuna_storage import discard_if_empty
+from rr_alloc.search.storage import discard_if_empty
 
 
 def _popen(*args: str, cwd: Path) -> subprocess.Popen:

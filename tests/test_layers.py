@@ -8,7 +8,7 @@ import torch
 from factories import tied_convs
 from test_cli import run_cli
 
-from rr_alloc.layers import prunable_layers, reconstructed_layers, weight_aliases
+from rr_alloc.nn.layers import prunable_layers, reconstructed_layers, weight_aliases
 
 
 def test_a_tied_weight_is_one_layer():
@@ -38,7 +38,7 @@ def test_a_plan_of_a_tied_model_states_the_sparsity_of_its_unique_weights(tmp_pa
 def test_conv2d_as_is_the_layers_own_convolution():
     from torch import nn
 
-    from rr_alloc.layers import conv2d_as
+    from rr_alloc.nn.layers import conv2d_as
 
     x = torch.randn(2, 4, 9, 8, generator=torch.Generator().manual_seed(0))
     for mode in ("zeros", "reflect", "replicate", "circular"):
@@ -49,7 +49,7 @@ def test_conv2d_as_is_the_layers_own_convolution():
 
 
 def test_a_tied_weight_counts_the_macs_of_every_layer_that_uses_it():
-    from rr_alloc.experiment import layer_macs
+    from rr_alloc.session import layer_macs
 
     m = tied_convs()
     x = torch.randn(1, 1, 8, 8)

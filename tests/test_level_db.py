@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from rr_alloc.allocators.level_search import into_band, level_counts, level_moves
-from rr_alloc.layers import prunable_layers
-from rr_alloc.level_db import LevelCache, LevelDatabase, build_database, ladder, reconstructed_layers
-from rr_alloc.pruning import apply_masks, magnitude_mask, n_pruned
+from rr_alloc.nn.layers import prunable_layers
+from rr_alloc.nn.pruning import apply_masks, magnitude_mask, n_pruned
 from rr_alloc.repair import RepairPipeline
 from rr_alloc.repair.reconstruct import ReconstructStep, reconstruct
+from rr_alloc.search.level_db import LevelCache, LevelDatabase, build_database, ladder, reconstructed_layers
+from rr_alloc.search.level_space import into_band, level_counts, level_moves
 
 OBS = ReconstructStep("obs")
 

@@ -90,7 +90,7 @@ def test_a_timm_tf_model_reconstructs_with_obs_and_meets_the_budget(folder, tmp_
 
 
 def test_timm_names_are_no_code_and_unknown_names_are_one_line(folder, tmp_path, capsys):
-    from rr_alloc.replay import is_code_spec
+    from rr_alloc.plans.replay import is_code_spec
 
     assert not is_code_spec(f"timm:{TF_MODEL}")
     err = _bad_search(tmp_path, capsys, "--budget", "0.5", "--model", "timm:no_such_net", *_run(folder))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rr_alloc.errors import UserError
-from rr_alloc.plan import LayerPlan, Plan
+from rr_alloc.plans.plan import LayerPlan, Plan
 
 
 def _plan() -> Plan:
@@ -113,14 +113,14 @@ def test_failed_write_keeps_old_plan(tmp_path, monkeypatch):
 
 
 def test_published_schema_is_the_declared_one():
-    """docs/plan.schema.json is generated from rr_alloc.plan_schema (the one source)."""
+    """docs/plan.schema.json is generated from rr_alloc.plans.schema (the one source)."""
     from pathlib import Path
 
-    from rr_alloc.plan_schema import PLAN_SCHEMA
+    from rr_alloc.plans.schema import PLAN_SCHEMA
 
     published = Path(__file__).resolve().parents[1] / "docs" / "plan.schema.json"
     assert json.loads(published.read_text()) == PLAN_SCHEMA, (
-        "regenerate it: python -m rr_alloc.plan_schema > docs/plan.schema.json"
+        "regenerate it: python -m rr_alloc.plans.schema > docs/plan.schema.json"
     )
 
 

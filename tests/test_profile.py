@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from rr_alloc.errors import UserError
-from rr_alloc.layers import prunable_layers
-from rr_alloc.profile import profile_rr, validate_grid
-from rr_alloc.pruning import magnitude_mask, n_pruned
+from rr_alloc.nn.layers import prunable_layers
+from rr_alloc.nn.pruning import magnitude_mask, n_pruned
+from rr_alloc.profiling.rr import profile_rr, validate_grid
 
 
 def _brute_force(model: nn.Module, batches, grid, lam_rule="mean", mean_shift=True):
@@ -70,9 +70,9 @@ GRID = (0.3, 0.5, 0.8, 0.95)
 @pytest.mark.parametrize("mean_shift", [True, False])
 def test_closed_form_matches_brute_force(toy, toy_batches, mean_shift, fused_bias, monkeypatch):
     # both ways of adding the probe's bias (fused on CPU, dense row only on CUDA) run here on CPU
-    import rr_alloc.profile
+    import rr_alloc.profiling.rr
 
-    monkeypatch.setattr(rr_alloc.profile, "_fuses_bias", lambda x: fused_bias)
+    monkeypatch.setattr(rr_alloc.profiling.rr, "_fuses_bias", lambda x: fused_bias)
     prof = profile_rr(toy, toy_batches, GRID, dtype=torch.float64, mean_shift=mean_shift)
     import copy
 
@@ -122,7 +122,7 @@ def test_grid_must_reach_s_max():
 def test_profile_cache_hit_and_corruption(tmp_path):
     import json
 
-    from rr_alloc.cache import ProfileCache
+    from rr_alloc.profiling.store import ProfileCache
 
     cache = ProfileCache(tmp_path)
     key = ProfileCache.key({"model": "abc", "grid": [0.5]})
@@ -151,14 +151,15 @@ def test_profile_cache_hit_and_corruption(tmp_path):
     assert cache.path(key).is_file() and cache.get(key) == {"x": [4]}
 
 
-def test_workbench_reuses_cached_profile(tmp_path, monkeypatch):
-    from rr_alloc.config import RunConfig
-    from rr_alloc.workbench import Workbench
+def test_a_session_reuses_the_stored_profile(tmp_path, monkeypatch):
+    from rr_alloc.config.run_config import RunConfig
+    from rr_alloc.evidence import profile
+    from rr_alloc.session import Session
 
     cfg = RunConfig(calib_size=128, selection_size=32, cache_dir=str(tmp_path))  # an empty cache of its own
-    a = Workbench(cfg, progress=False).profile()
-    b = Workbench(cfg, progress=False).profile()
+    a = profile(Session(cfg, progress=False))
+    b = profile(Session(cfg, progress=False))
     assert a.meta["cache"] == "miss" and b.meta["cache"] == "hit"
     np.testing.assert_array_equal(a.d_res, b.d_res)
-    c = Workbench(cfg.updated(seed=1), progress=False).profile()  # other calibration images: new entry
+    c = profile(Session(cfg.updated(seed=1), progress=False))  # other calibration images: new entry
     assert c.meta["cache"] == "miss"

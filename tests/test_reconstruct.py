@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rr_alloc.errors import UserError
-from rr_alloc.layers import prunable_layers
-from rr_alloc.profile import profile_rr
-from rr_alloc.pruning import apply_masks, magnitude_mask, masks_for_plan, n_pruned, nm_mask
+from rr_alloc.nn.layers import prunable_layers
+from rr_alloc.nn.pruning import apply_masks, magnitude_mask, masks_for_plan, n_pruned, nm_mask
+from rr_alloc.profiling.rr import profile_rr
 from rr_alloc.repair import RepairPipeline, run_repair
 from rr_alloc.repair.reconstruct import bias_targets
 
@@ -269,9 +269,9 @@ def test_obs_plan_is_version_2_and_apply_reproduces_verified_top1(obs_plan, tmp_
 
     from rr_alloc import load_pruned
     from rr_alloc.cli import main
-    from rr_alloc.data import DataSpec, load_splits
+    from rr_alloc.data.splits import DataSpec, load_splits
     from rr_alloc.models.digits import DigitsResNet
-    from rr_alloc.plan import Plan
+    from rr_alloc.plans.plan import Plan
 
     d = json.loads(obs_plan.read_text())
     assert d["version"] == 2 and d["mask_rule"] == "obs"
@@ -309,7 +309,7 @@ def test_every_export_of_a_reconstruction_plan_says_so(obs_plan, tmp_path, capsy
 def test_version_1_plan_cannot_claim_obs_masks(obs_plan):
     import json
 
-    from rr_alloc.plan import Plan
+    from rr_alloc.plans.plan import Plan
 
     d = json.loads(obs_plan.read_text())
     d["version"] = 1
@@ -376,7 +376,7 @@ def test_layers_above_the_exact_budget_are_reconstructed_by_the_sweep(method, mo
     import copy
     import importlib
 
-    from rr_alloc.pruning import apply_masks, masks_for_plan
+    from rr_alloc.nn.pruning import apply_masks, masks_for_plan
 
     rec = importlib.import_module("rr_alloc.repair.reconstruct")
     from rr_alloc.repair import run_repair
@@ -456,7 +456,7 @@ def test_a_grouped_conv_is_fitted_per_group_as_its_block_diagonal_dense_conv():
 def test_depthwise_convs_are_reconstructed_and_keep_their_counts():
     import copy
 
-    from rr_alloc.pruning import apply_masks, masks_for_plan
+    from rr_alloc.nn.pruning import apply_masks, masks_for_plan
     from rr_alloc.repair import run_repair
 
     torch.manual_seed(0)

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from rr_alloc.errors import UserError
-from rr_alloc.layers import prunable_layers
-from rr_alloc.pruning import apply_masks, magnitude_mask, masks_for_plan, n_pruned, nm_mask
+from rr_alloc.nn.layers import prunable_layers
+from rr_alloc.nn.pruning import apply_masks, magnitude_mask, masks_for_plan, n_pruned, nm_mask
+from rr_alloc.nn.stats import repair_gamma
 from rr_alloc.repair import (
     RepairPipeline,
     affine_modules,
@@ -20,7 +21,6 @@ from rr_alloc.repair import (
     run_repair,
     site_moments,
 )
-from rr_alloc.stats import repair_gamma
 
 
 def _pruned(model, s=0.8):
@@ -278,7 +278,7 @@ def test_list_shows_every_registered_step_form(capsys):
 
 
 def test_bn_recalibration_is_exact_and_independent_of_batch_size(toy, toy_batches):
-    from rr_alloc.data import Batches
+    from rr_alloc.data.splits import Batches
 
     x = torch.cat([b[0] for b in toy_batches])
     results = []

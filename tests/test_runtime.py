@@ -1,10 +1,10 @@
 """Process settings (rr_alloc/runtime.py): opt-in, idempotent, switchable off."""
 
-from rr_alloc import runtime
+from rr_alloc.system import runtime
 
 _PROBE = """
 import ctypes
-from rr_alloc.runtime import tune_malloc
+from rr_alloc.system.runtime import tune_malloc
 on = tune_malloc()
 libc = ctypes.CDLL("libc.so.6")
 class Info(ctypes.Structure):

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from rr_alloc.allocators import AllocationProblem, get_allocator
-from rr_alloc.allocators.anchored import block_moves, count_bounds, multiplier_counts, rr_move_probabilities
-from rr_alloc.allocators.search import SearchOptions
+from rr_alloc.api import allocate
 from rr_alloc.cli import main
-from rr_alloc.config import RunConfig
-from rr_alloc.profile import profile_rr
-from rr_alloc.selection import Screened, paired_upper_bound
-from rr_alloc.workbench import Workbench
+from rr_alloc.config.run_config import RunConfig
+from rr_alloc.profiling.rr import profile_rr
+from rr_alloc.search.moves import block_moves, count_bounds, multiplier_counts, rr_move_probabilities
+from rr_alloc.search.optimizers import SearchOptions
+from rr_alloc.search.scoring import Screened, SelectionScorer, paired_upper_bound
+from rr_alloc.session import Session
 
 GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
@@ -143,7 +144,7 @@ def test_same_seed_same_plan(parts, optimizer):
 
 def test_cmaes_first_generation_steps_sigma0_in_alpha_units(parts):
     """CMA-ES starts at global magnitude and its first generation steps SIGMA0 in log-multipliers."""
-    from rr_alloc.allocators.search import SIGMA0 as _SIGMA0
+    from rr_alloc.search.optimizers import SIGMA0 as _SIGMA0
 
     prof, weights = parts
     alloc = _search(optimizer="cmaes")
@@ -201,15 +202,15 @@ def test_paired_upper_bound():
     assert paired_upper_bound(np.array([-1.0])) == float("inf")
 
 
-def _workbench(**kw) -> Workbench:
+def _session(**kw) -> Session:
     cfg = RunConfig(calib_size=128, selection_size=128, validation_size=128, n_trials=6, allocator="optuna", **kw)
-    return Workbench(cfg, progress=False)
+    return Session(cfg, progress=False)
 
 
 def test_validation_split_is_disjoint_and_leaves_other_splits():
-    wb = _workbench()
-    base = Workbench(RunConfig(calib_size=128, selection_size=128), progress=False)
-    s = wb.splits
+    session = _session()
+    base = Session(RunConfig(calib_size=128, selection_size=128), progress=False)
+    s = session.splits
     assert s.calib_indices == base.splits.calib_indices and s.selection_indices == base.splits.selection_indices
     assert len(s.validation_indices) == 128
     assert not set(s.validation_indices) & (set(s.calib_indices) | set(s.selection_indices))
@@ -223,25 +224,21 @@ class _Study:
 
 
 def test_fallback_returns_global_when_search_does_not_beat_it():
-    wb = _workbench()
-    scorer = wb_scorer(wb)
-    glob = wb.allocate("global", 0.9)
-    bad = wb.allocate("uniform", 0.9)  # worse than global on this model at 0.9
-    got = wb.search.validate(dict(bad), glob, 0.9, _Study(), scorer, 1.0)
-    info = wb.search_info[0.9]
+    from rr_alloc.search.runner import validate
+
+    session = _session()
+    scorer = SelectionScorer(session, session.cfg.repair)
+    glob = allocate(session, "global", 0.9).counts
+    bad = allocate(session, "uniform", 0.9).counts  # worse than global on this model at 0.9
+    got, prov = validate(session, dict(bad), glob, _Study(), scorer, 1.0)
+    info = prov.to_dict()
     assert got == glob and info["fallback"] is True and info["validation_bound"] >= 0
     assert info["validation_size"] == 128
     # the same check keeps a plan that is better on the validation images (here: global magnitude, scored
-    # against a worse reference standing in for "global")
-    got = wb.search.validate(dict(glob), bad, 0.9, _Study(), scorer, 1.0)
-    info = wb.search_info[0.9]
+    # against a worse anchor)
+    got, prov = validate(session, dict(glob), bad, _Study(), scorer, 1.0)
+    info = prov.to_dict()
     assert got == glob and info["fallback"] is False and info["validation_bound"] < 0
-
-
-def wb_scorer(wb):
-    from rr_alloc.selection import make_objective
-
-    return make_objective(wb, wb.cfg.repair)
 
 
 def test_search_plan_records_provenance_and_verify_rebuilds_validation(tmp_path, capsys):
@@ -275,11 +272,11 @@ def test_search_plan_records_provenance_and_verify_rebuilds_validation(tmp_path,
     assert (out.parent / "search_progress.png").is_file()
     assert "validation (64 images)" in capsys.readouterr().out
     assert main(["verify", "--plan", str(out)]) == 0
-    from rr_alloc.plan import Plan
-    from rr_alloc.replay import config_from_plan
+    from rr_alloc.plans.plan import Plan
+    from rr_alloc.plans.replay import config_from_plan
 
-    rebuilt = Workbench(RunConfig(**config_from_plan(Plan.load(out))), progress=False).splits
-    first = Workbench(RunConfig(calib_size=128, selection_size=128, validation_size=64), progress=False).splits
+    rebuilt = Session(RunConfig(**config_from_plan(Plan.load(out))), progress=False).splits
+    first = Session(RunConfig(calib_size=128, selection_size=128, validation_size=64), progress=False).splits
     for split in ("calib", "selection", "validation"):
         assert getattr(rebuilt, f"{split}_indices") == getattr(first, f"{split}_indices")
 
@@ -420,7 +417,7 @@ def test_cmaes_state_is_the_same_for_every_worker_however_trials_finish():
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState, create_trial
 
-    from rr_alloc.allocators.samplers import CmaSampler
+    from rr_alloc.search.samplers import CmaSampler
 
     names = ["a:x", "a:y"]
     dist = {n: FloatDistribution(-3, 3) for n in names}
@@ -499,8 +496,8 @@ def test_level_search_anchor_trial_scores_the_full_pipeline(tmp_path):
     storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
     (name,) = optuna.get_all_study_names(storage)
     (anchor,) = optuna.load_study(study_name=name, storage=storage).trials
-    wb = Workbench(RunConfig(calib_size=64, selection_size=64, repair=OBS_REPAIR, cache=False), progress=False)
-    full = wb.evaluator.scorer(OBS_REPAIR)(wb.allocate("global", 0.8))
+    session = Session(RunConfig(calib_size=64, selection_size=64, repair=OBS_REPAIR, cache=False), progress=False)
+    full = SelectionScorer(session, OBS_REPAIR)(allocate(session, "global", 0.8).counts)
     assert anchor.value == pytest.approx(full, rel=1e-5, abs=1e-7)
     assert plan["search"]["global_selection"] == anchor.value
 
@@ -519,20 +516,22 @@ def test_level_inputs_off_scores_level_candidates_by_the_full_pipeline_and_bad_r
     (name,) = optuna.get_all_study_names(storage)
     trials = optuna.load_study(study_name=name, storage=storage).trials
     assert all("level_counts" in t.user_attrs for t in trials)  # candidates move on the ladder levels
-    wb = Workbench(RunConfig(calib_size=64, selection_size=64, repair=OBS_REPAIR, cache=False), progress=False)
+    session = Session(RunConfig(calib_size=64, selection_size=64, repair=OBS_REPAIR, cache=False), progress=False)
+    full_score = SelectionScorer(session, OBS_REPAIR)
     for t in (t for t in trials if t.value is not None):  # a completed level candidate is the full pipeline's
-        counts = dict(zip((layer.name for layer in wb.layers), t.user_attrs["level_counts"]))
-        assert t.value == pytest.approx(wb.evaluator.scorer(OBS_REPAIR)(counts), rel=1e-5, abs=1e-7)
+        counts = dict(zip((layer.name for layer in session.layers), t.user_attrs["level_counts"]))
+        assert t.value == pytest.approx(full_score(counts), rel=1e-5, abs=1e-7)
     # and so is a candidate away from the anchor (children are often stopped early, so score one directly)
-    from rr_alloc.stitched import SequentialLevelScorer
+    from rr_alloc.search.databases import level_ladders
+    from rr_alloc.search.stitched import SequentialLevelScorer
 
-    glob = wb.allocate("global", 0.8)
-    scorer = SequentialLevelScorer(wb.evaluator, OBS_REPAIR, wb.experiment.level_ladders(glob))
+    glob = allocate(session, "global", 0.8).counts
+    scorer = SequentialLevelScorer(session, OBS_REPAIR, level_ladders(session, glob))
     levels = {n: max(0, int(np.searchsorted(scorer.ladders[n], glob[n])) - 1) for n in glob}  # a level denser
     counts = {n: int(scorer.ladders[n][levels[n]]) for n in glob}
     assert counts != glob
     full = scorer.score_levels(scorer.all_levels(levels)).full
-    assert full == pytest.approx(wb.evaluator.scorer(OBS_REPAIR)(counts), rel=1e-5, abs=1e-7)
+    assert full == pytest.approx(full_score(counts), rel=1e-5, abs=1e-7)
     args = _level_search(tmp_path, tmp_path / "p2.json", "--n-trials", "3", "--level-inputs", "dense")
     args[args.index(OBS_REPAIR)] = "bn"
     capsys.readouterr()

@@ -106,7 +106,7 @@ def the_study(storage: str, quick: bool = False):
     """The one study in ``storage`` (None before it exists); ``quick``: give up on a lock within seconds."""
     import optuna
 
-    from rr_alloc.optuna_storage import open_storage
+    from rr_alloc.search.storage import open_storage
 
     if quick:  # never wait on a lock a stopped worker holds (nor take the schema lock)
         args = (
@@ -143,7 +143,7 @@ def check_study(study, total: int) -> list:
     """Assertions every multi-worker run must meet; returns the completed trials."""
     from optuna.trial import TrialState
 
-    from rr_alloc.optuna_study import evaluated
+    from rr_alloc.search.study import evaluated
 
     trials = study.get_trials()
     done = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -282,7 +282,7 @@ def test_fresh_database_schema_race(rdb_url):
     unique violation on PostgreSQL.)"""
     import threading
 
-    from rr_alloc.optuna_storage import open_storage
+    from rr_alloc.search.storage import open_storage
 
     barrier, errors = threading.Barrier(4), []
 
@@ -366,15 +366,15 @@ def test_study_name_keyed_on_content_not_paths():
     import torch
     from factories import tiny_digits_cnn
 
-    from rr_alloc.cache import fingerprint_model, fingerprint_tensor
-    from rr_alloc.config import RunConfig
-    from rr_alloc.search_runner import study_key
+    from rr_alloc.config.run_config import RunConfig
+    from rr_alloc.profiling.store import fingerprint_model, fingerprint_tensor
+    from rr_alloc.search.runner import study_key
 
     torch.manual_seed(0)
     model = tiny_digits_cnn()
     x = torch.randn(8, 1, 8, 8)
 
-    def wb(calib, train_path, seed=0):
+    def session(calib, train_path, seed=0):
         cfg = RunConfig(repair="bn", train_data=train_path, seed=seed)
         splits = SimpleNamespace(calib=SimpleNamespace(x=calib), selection=SimpleNamespace(x=x[:4]))
         return SimpleNamespace(
@@ -385,11 +385,10 @@ def test_study_name_keyed_on_content_not_paths():
             data_spec=SimpleNamespace(to_dict=lambda: {"train": train_path}),
             model_fingerprint=fingerprint_model(model),
             data_fingerprints={"calib": fingerprint_tensor(calib), "selection": fingerprint_tensor(x[:4])},
-            level_rule=lambda: None,
         )
 
-    a = study_key(wb(x, "/mnt/a/train"), 0.9)
-    assert a == study_key(wb(x.clone(), "/data/elsewhere/train", seed=7), 0.9)
-    assert a != study_key(wb(x + 1, "/mnt/a/train"), 0.9)
-    assert a != study_key(wb(x, "/mnt/a/train"), 0.8)
+    a = study_key(session(x, "/mnt/a/train"), 0.9)
+    assert a == study_key(session(x.clone(), "/data/elsewhere/train", seed=7), 0.9)
+    assert a != study_key(session(x + 1, "/mnt/a/train"), 0.9)
+    assert a != study_key(session(x, "/mnt/a/train"), 0.8)
     assert re.fullmatch(r"[0-9a-f]{16}", a)

@@ -13,7 +13,6 @@ from .base import (
 )
 from .baselines import ERK, LAMP, GlobalMagnitude, Uniform, erk_raw_density, lamp_scores
 from .rr import RRExact, RRGreedy, layer_curves, objective
-from .search import OptunaSearch, project_log_density
 
 __all__ = [
     "ALLOCATORS",
@@ -35,6 +34,4 @@ __all__ = [
     "RRGreedy",
     "layer_curves",
     "objective",
-    "OptunaSearch",
-    "project_log_density",
 ]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..layers import LayerInfo
+from ..nn.layers import LayerInfo
 
 __all__ = [
     "AllocationProblem",

@@ -9,13 +9,15 @@ from typing import Any
 
 import pandas as pd
 import torch
+from torch import nn
 
-from ..evaluate import compare_logits, logits_of
-from ..export import FORMAT_HELP, check_exportable, export_plan, exporter, reconstruction_note
-from ..io_utils import atomic_path
-from ..plan import Plan
+from ..evaluation import repaired_model
+from ..nn.metrics import compare_logits, logits_of
+from ..plans.export import FORMAT_HELP, check_exportable, export_plan, exporter, reconstruction_note
+from ..plans.plan import Plan
+from ..plans.replay import model_from_plan, session_for_plan
 from ..repair.persist import save_pruned, spec_path
-from ..replay import model_from_plan, workbench_for_plan
+from ..system.files import atomic_path
 from .flags import REPLAY_GROUPS, add_plan_flags, add_run_flags, config_for_plan
 from .outputs import check_command_output, outputs_in_place
 
@@ -61,8 +63,38 @@ def cmd_apply(args: argparse.Namespace) -> int:
     cfg = config_for_plan(args, plan)
     # before any work, not after it: never the plan or the checkpoint, never a link or a device
     check_command_output(args.out, "--out", args, cfg, plan, siblings=(spec_path(args.out),))
-    wb = workbench_for_plan(plan, cfg)
-    model, report = wb.repaired_model(wb.pruning(plan.counts), cfg.repair)
+    session = session_for_plan(plan, cfg)
+    model, report = repaired_model(session, session.pruning(plan.counts), cfg.repair)
+    _print_zeros(plan, model)
+    dense_logits, labels = session.dense_logits("test")
+    m = compare_logits(logits_of(model, session.splits.test, session.device)[0], labels, dense_logits)
+    print(
+        f"repair {cfg.repair}: test top-1 {100 * m.top1:.2f}% on {m.n} images "
+        f"(agreement {100 * m.agreement:.2f}%, KL {m.kl:.4f})"
+    )
+    out = Path(args.out)
+    if args.format == "torchscript":
+        _save_torchscript(model, out, session.splits.calib.x[:2].to(session.device))
+        return 0
+    spec = save_pruned(model, out, args.plan)
+    outputs_in_place()
+    if spec is None:
+        print(
+            f"wrote {out}: plain state_dict, every correction folded into existing parameters; "
+            f"load it into the unmodified {cfg.model} with load_state_dict"
+        )
+    else:
+        print(
+            f"wrote {out} and {spec.name}: corrections at {len(report.affine_sites)} sites "
+            f"({', '.join(report.affine_sites[:3])}{'...' if len(report.affine_sites) > 3 else ''}) cannot fold "
+            "into existing parameters and live in small per-channel affine modules; load with "
+            "rr_alloc.load_pruned(model, path), which re-attaches them from the spec"
+        )
+    return 0
+
+
+def _print_zeros(plan: Plan, model: nn.Module) -> None:
+    """Each layer's zeros against the plan's counts (a layer with fewer zeros than planned is a bug)."""
     rows, ok = [], True
     for l in plan.layers:
         zeros = int((model.get_submodule(l.name).weight == 0).sum())
@@ -82,44 +114,23 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print(f"achieved global sparsity {total:.4f} (plan {plan.weight_sparsity:.4f})")
     if not ok:
         raise RuntimeError("a layer has fewer zeros than planned: this is a bug, please report it")
-    dense_logits, labels = wb.dense_logits("test")
-    m = compare_logits(logits_of(model, wb.splits.test, wb.device)[0], labels, dense_logits)
-    print(
-        f"repair {cfg.repair}: test top-1 {100 * m.top1:.2f}% on {m.n} images "
-        f"(agreement {100 * m.agreement:.2f}%, KL {m.kl:.4f})"
-    )
-    out = Path(args.out)
-    if args.format == "torchscript":
-        example = wb.splits.calib.x[:2].to(wb.device)
-        with warnings.catch_warnings():  # torch.jit's deprecation notices say nothing about this file
-            warnings.simplefilter("ignore")
-            try:
-                scripted = torch.jit.script(model)
-                how = "scripted"
-            except Exception:
-                scripted = torch.jit.trace(model, example)
-                how = "traced (the model does not script)"
-            with atomic_path(out) as tmp:
-                torch.jit.save(scripted, str(tmp))
-        spec_path(out).unlink(missing_ok=True)  # a state_dict's repair spec from an earlier run does not apply
-        outputs_in_place()
-        print(f"wrote {out} (TorchScript, {how}; load with torch.jit.load)")
-        return 0
-    spec = save_pruned(model, out, args.plan)
+
+
+def _save_torchscript(model: nn.Module, out: Path, example: torch.Tensor) -> None:
+    """``model`` as TorchScript at ``out`` (scripted, or traced on ``example`` when it does not script)."""
+    with warnings.catch_warnings():  # torch.jit's deprecation notices say nothing about this file
+        warnings.simplefilter("ignore")
+        try:
+            scripted = torch.jit.script(model)
+            how = "scripted"
+        except Exception:
+            scripted = torch.jit.trace(model, example)
+            how = "traced (the model does not script)"
+        with atomic_path(out) as tmp:
+            torch.jit.save(scripted, str(tmp))
+    spec_path(out).unlink(missing_ok=True)  # a state_dict's repair spec from an earlier run does not apply
     outputs_in_place()
-    if spec is None:
-        print(
-            f"wrote {out}: plain state_dict, every correction folded into existing parameters; "
-            f"load it into the unmodified {cfg.model} with load_state_dict"
-        )
-    else:
-        print(
-            f"wrote {out} and {spec.name}: corrections at {len(report.affine_sites)} sites "
-            f"({', '.join(report.affine_sites[:3])}{'...' if len(report.affine_sites) > 3 else ''}) cannot fold "
-            "into existing parameters and live in small per-channel affine modules; load with "
-            "rr_alloc.load_pruned(model, path), which re-attaches them from the spec"
-        )
-    return 0
+    print(f"wrote {out} (TorchScript, {how}; load with torch.jit.load)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -133,11 +144,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     # plan against its model (layers and shapes) and its checkpoint (SHA-256)
     model = model_from_plan(plan, cfg)
     # a FLOP plan's MAC totals need the images' size: the data are loaded to check them
-    loaded = workbench_for_plan(plan, cfg, progress=False) if plan.budget_unit == "flops" else None
+    loaded = session_for_plan(plan, cfg, progress=False) if plan.budget_unit == "flops" else None
 
     def obs_masks() -> dict:
-        wb = loaded or workbench_for_plan(plan, cfg)
-        _, report = wb.repaired_model(wb.pruning(plan.counts), cfg.repair)
+        session = loaded or session_for_plan(plan, cfg)
+        _, report = repaired_model(session, session.pruning(plan.counts), cfg.repair)
         return report.masks
 
     path = export_plan(

@@ -10,12 +10,13 @@ from typing import Any
 import pandas as pd
 
 from ..allocators import ALLOCATORS, allocator_class
+from ..api import allocate, verify
 from ..errors import UserError
-from ..io_utils import staged_folder
+from ..plans.report import save_figure, search_lines, write_frame_csv
 from ..repair import RepairPipeline
-from ..report import save_figure, search_lines, write_frame_csv
-from ..workbench import Workbench
-from .flags import add_run_flags, check_split_size, config_from_args, file_config, refuse_search_flags
+from ..session import Session
+from ..system.files import staged_folder
+from .flags import add_run_flags, budget_parser, check_split_size, config_from_args, file_config, refuse_search_flags
 from .outputs import check_command_output, outputs_in_place
 
 __all__ = ["register", "compare_figure"]
@@ -28,7 +29,9 @@ def register(sub: Any) -> None:  # argparse's subparsers object (its class is no
         description="Profile once, allocate each budget with each allocator, verify every plan "
         "with the same repair pipeline(s), print one table and write CSV + figure.",
     )
-    c.add_argument("--budgets", type=float, nargs="+", required=True, help="global sparsities in (0, 1)")
+    c.add_argument(
+        "--budgets", type=budget_parser("--budgets"), nargs="+", required=True, help="global sparsities in (0, 1)"
+    )
     c.add_argument(
         "--allocators",
         nargs="+",
@@ -48,9 +51,6 @@ def register(sub: Any) -> None:  # argparse's subparsers object (its class is no
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    for b in args.budgets:
-        if not 0 < b < 1:
-            raise UserError(f"--budgets must lie in (0, 1), got {b}: pass fractions such as 0.9")
     keys = file_config(args)
     for flag, instead in (
         ("pattern", "compare allocates budgets: drop --pattern, or run search --pattern N:M"),
@@ -81,15 +81,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_command_output(out_dir, "--out-dir", args, cfg, is_dir=True)  # before any work, not after it
     for name in ("compare.csv", "compare_layers.csv", "compare.png"):
         check_command_output(out_dir / name, "--out-dir", args, cfg)
-    wb = Workbench(cfg, progress=True)
+    session = Session(cfg, progress=True)
     print(
         f"compare: {cfg.model}, budgets {args.budgets}, allocators {allocators}, repairs {repairs}, "
-        f"split {args.split} ({wb.split(args.split).n} images)",
+        f"split {args.split} ({session.split(args.split).n} images)",
         flush=True,
     )
-    rows, per_layer = _measure(wb, args, allocators, repairs)
+    rows, per_layer = _measure(session, args, allocators, repairs)
     df = pd.DataFrame(rows)
-    fig = compare_figure(df, pd.DataFrame(per_layer), cfg.model, [layer.name for layer in wb.layers])
+    fig = compare_figure(df, pd.DataFrame(per_layer), cfg.model, [layer.name for layer in session.layers])
     # the three files move into place together: an interrupt while they are written leaves the earlier ones
     with staged_folder(out_dir, last="compare.csv") as staging:
         write_frame_csv(pd.DataFrame(per_layer), staging / "compare_layers.csv")
@@ -111,25 +111,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _measure(
-    wb: Workbench, args: argparse.Namespace, allocators: list[str], repairs: list[str]
+    session: Session, args: argparse.Namespace, allocators: list[str], repairs: list[str]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every (budget, allocator) plan verified with every repair: the result rows and the per-layer rows."""
-    cfg = wb.cfg
+    cfg = session.cfg
     rows, per_layer = [], []
     for b in args.budgets:
         for a in allocators:
             t0 = time.perf_counter()
-            counts = wb.allocate(a, b)
-            achieved = wb.achieved(counts)
-            for l in wb.layers:
+            alloc = allocate(session, a, b)
+            counts = alloc.counts
+            achieved = session.achieved(counts)
+            for l in session.layers:
                 per_layer.append(
                     {"budget": b, "allocator": a, "layer": l.name, "sparsity": counts[l.name] / l.n_weights}
                 )
-            search = wb.search_info.get(float(b), {}) if allocator_class(a).needs.evaluate else {}
+            search = alloc.search.to_dict() if alloc.search is not None else {}
             if search:
                 print("  " + "\n  ".join(search_lines(search)), flush=True)
             for r in repairs:
-                m = wb.verify(counts, r, split=args.split)
+                m = verify(session, counts, r, splits=(args.split,))[args.split]
                 rows.append(
                     {
                         "budget": b,

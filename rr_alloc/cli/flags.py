@@ -7,16 +7,17 @@ Flags override the config file's values, which override the defaults in
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import Field
 from pathlib import Path
 from typing import Any
 
-from ..config import GROUPS, RunConfig, option_fields
-from ..config_file import load_config_file
+from ..config.files import load_config_file
+from ..config.run_config import GROUPS, RunConfig, option_fields
 from ..errors import UserError
-from ..plan import Plan
+from ..plans.plan import Plan
+from ..plans.replay import check_plan_model, config_from_plan
 from ..repair import RepairPipeline
-from ..replay import check_plan_model, config_from_plan
 
 __all__ = [
     "REPLAY_GROUPS",
@@ -43,14 +44,22 @@ EMBEDDED_NOTE = (
 )
 
 
-def parse_budget(text: str) -> float:
-    try:
-        b = float(text)
-    except ValueError:
-        raise UserError(f"--budget must be a number in (0, 1), got {text!r}: pass e.g. --budget 0.9")
-    if not 0.0 < b < 1.0:
-        raise UserError(f"--budget must lie in (0, 1), got {b}: pass a fraction such as 0.9")
-    return b
+def budget_parser(flag: str = "--budget") -> Callable[[str], float]:
+    """The one check of a global sparsity budget given on the command line: a number in (0, 1)."""
+
+    def parse(text: str) -> float:
+        try:
+            b = float(text)
+        except ValueError:
+            raise UserError(f"{flag} must be a number in (0, 1), got {text!r}: pass e.g. {flag} 0.9")
+        if not 0.0 < b < 1.0:
+            raise UserError(f"{flag} must lie in (0, 1), got {b}: pass a fraction such as 0.9")
+        return b
+
+    return parse
+
+
+parse_budget = budget_parser("--budget")
 
 
 class Parser(argparse.ArgumentParser):

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import UserError, system_error_line
-from ..progress import end_line
-from ..progress import start as progress_start
-from ..runtime import tune_malloc
+from ..system.progress import end_line
+from ..system.progress import start as progress_start
+from ..system.runtime import tune_malloc
 from . import apply_cmd, compare_cmd, search_cmd
 from .flags import Parser
 from .outputs import finished

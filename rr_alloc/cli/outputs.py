@@ -6,11 +6,11 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config.run_config import RunConfig
 from ..errors import UserError
-from ..io_utils import check_output, inside, linked_roots
-from ..optuna_storage import storage_file
-from ..plan import Plan
+from ..plans.plan import Plan
+from ..search.storage import storage_file
+from ..system.files import check_output, inside, linked_roots
 
 __all__ = ["check_command_output", "outputs_in_place", "finished", "reset"]
 

@@ -9,23 +9,25 @@ from typing import Any
 
 import pandas as pd
 
+from .. import evidence
 from ..allocators import ALLOCATORS, allocator_class
-from ..config import RunConfig
+from ..api import allocate, verify
+from ..config.run_config import RunConfig
 from ..errors import UserError
-from ..evaluate import Metrics, wilson_interval
-from ..io_utils import staged_folder
 from ..models import list_models
-from ..optuna_storage import check_storage, discard_if_empty, storage_file
-from ..optuna_study import StudySettings, summary_lines
-from ..plan import Plan
-from ..pruning import parse_pattern
+from ..nn.metrics import Metrics, wilson_interval
+from ..nn.pruning import parse_pattern
+from ..plans.build import plan_budget
+from ..plans.plan import Plan
+from ..plans.replay import session_for_plan
+from ..plans.report import layer_table, plot_rr_curves, plot_search_progress, search_lines, write_profile_csv
 from ..repair import PRESETS, ReconstructStep, RepairPipeline
 from ..repair.steps import step_kinds
-from ..replay import workbench_for_plan
-from ..report import layer_table, plot_rr_curves, plot_search_progress, search_lines, write_profile_csv
-from ..run import search
-from ..search_runner import heartbeat
-from ..workbench import Workbench
+from ..search.runner import heartbeat
+from ..search.storage import check_storage, discard_if_empty, storage_file
+from ..search.study import StudySettings, summary_lines
+from ..session import Session
+from ..system.files import staged_folder
 from .flags import (
     EMBEDDED_NOTE,
     REPLAY_GROUPS,
@@ -190,21 +192,21 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     t0 = time.perf_counter()
     what = f"pattern {cfg.pattern}" if cfg.pattern else f"budget {budget:g} ({cfg.unit}), allocator {cfg.allocator}"
     print(f"rr_alloc search: {what}, repair {cfg.repair}", flush=True)
-    wb = Workbench(cfg, progress=True)
-    _print_setting(wb)
-    dense = wb.dense_metrics("test")
+    session = Session(cfg, progress=True)
+    _print_setting(session)
+    dense = session.dense_metrics("test")
     print(f"dense top-1 on test: {100 * dense.top1:.2f}%", flush=True)
-    prof = wb.profile() if not cfg.pattern and allocator_class(cfg.allocator).needs.profile else None
+    prof = evidence.profile(session) if not cfg.pattern and allocator_class(cfg.allocator).needs.profile else None
     if prof is not None:
         print(
             f"RR profile: {len(prof.layers)} layers x {len(prof.grid)} grid points in "
-            f"{wb.timings['profile']:.1f}s (cache {prof.meta.get('cache')})",
+            f"{session.timings['profile']:.1f}s (cache {prof.meta.get('cache')})",
             flush=True,
         )
-    plan, _ = search(cfg, budget, verify=verify, workbench=wb)
-    prof = prof or wb.profile()
+    plan, alloc = plan_budget(session, budget, check=verify)
+    prof = prof or evidence.profile(session)
     ref_name = "global" if cfg.pattern else cfg.reference_allocator
-    table = layer_table(plan, prof, {ref_name: wb.allocate(ref_name, plan.budget)})
+    table = layer_table(plan, prof, {ref_name: allocate(session, ref_name, plan.budget).counts})
     # every output is computed before any is written, and the side files and the plan (last) move into place
     # together: an error or Ctrl-C while they are written leaves the files of an earlier run as they were
     with staged_folder(out.parent, last=out.name) as staging:
@@ -215,9 +217,9 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
             plan.sparsities,
             title=f"{cfg.model}: RR profile, {plan.allocator} plan at {plan.budget:g}",
         )
-        if plan.search and wb.last_study is not None:
+        if plan.search and alloc.study is not None:
             plot_search_progress(
-                wb.last_study.get_trials(deepcopy=False),
+                alloc.study.get_trials(deepcopy=False),
                 plan.search.get("global_selection"),
                 staging / "search_progress.png",
                 f"{cfg.model}: {plan.search['optimizer']} at {plan.budget:g}",
@@ -230,7 +232,7 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     target = "N:M pattern" if cfg.pattern else f"target {budget:.4f}"
     print(f"\nachieved global sparsity: {plan.achieved_sparsity:.4f} ({cfg.unit}; {target})")
     if verify:
-        _print_verification(plan, dense, cfg.repair, wb.splits.calib.n)
+        _print_verification(plan, dense, cfg.repair, session.splits.calib.n)
     if plan.search:
         print("\n" + "\n".join(search_lines(plan.search)))
     print(
@@ -243,15 +245,15 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     return plan
 
 
-def _print_setting(wb: Workbench) -> None:
+def _print_setting(session: Session) -> None:
     """What the run works on: the model's prunable layers, the device and the splits."""
-    n_w = sum(layer.n_weights for layer in wb.layers)
-    print(f"model {wb.cfg.model}: {len(wb.layers)} prunable layers, {n_w:,} weights; device {wb.device}")
-    s = wb.splits
+    n_w = sum(layer.n_weights for layer in session.layers)
+    print(f"model {session.cfg.model}: {len(session.layers)} prunable layers, {n_w:,} weights; device {session.device}")
+    s = session.splits
     val = f" + validation {s.validation.n}" if s.validation is not None and s.validation.n else ""
     print(
         f"data {s.description}; calibration {s.calib.n} + selection {s.selection.n}{val} "
-        f"training images (seed {wb.cfg.seed}, disjoint); test {s.test.n} images (reporting only)"
+        f"training images (seed {session.cfg.seed}, disjoint); test {s.test.n} images (reporting only)"
     )
 
 
@@ -286,9 +288,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     cfg = config_for_plan(args, plan)
     check_split_size(cfg, args.split)
-    wb = workbench_for_plan(plan, cfg)
-    m = wb.verify(wb.pruning(plan.counts), cfg.repair, split=args.split)
-    dense = wb.dense_metrics(args.split)
+    session = session_for_plan(plan, cfg)
+    m = verify(session, session.pruning(plan.counts), cfg.repair, splits=(args.split,))[args.split]
+    dense = session.dense_metrics(args.split)
     print(f"plan {args.plan}: {plan.allocator} at budget {plan.budget:g}, achieved {plan.achieved_sparsity:.4f}")
     print(f"verification: prune -> {cfg.repair} -> {args.split} split ({m.n} images)")
     unit = plan.budget_unit

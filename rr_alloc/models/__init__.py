@@ -1,6 +1,6 @@
 """Model zoo and checkpoint loading."""
 
-from ..transforms import TransformSpec
+from ..data.transforms import TransformSpec
 from .checkpoint import load_checkpoint, read_state_dict
 from .registry import build_model, default_transform, list_models
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import digits_arrays, digits_split_indices
+from ..data.splits import digits_arrays, digits_split_indices
 from .cifar_resnet import BasicBlock
 
 __all__ = ["DigitsResNet", "pretrained_digits_resnet", "train_digits_resnet", "WEIGHTS"]

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 from ..errors import UserError
-from ..io_utils import removing_new_folders
-from ..transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
+from ..system.files import removing_new_folders
 from .cifar_resnet import CIFAR_DEPTHS, cifar_resnet
 from .digits import DigitsResNet, pretrained_digits_resnet
 from .timm_source import PREFIX as TIMM

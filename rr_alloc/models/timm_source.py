@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from ..data.transforms import TransformSpec
 from ..errors import UserError
-from ..transforms import TransformSpec
 
 __all__ = ["PREFIX", "timm_model", "timm_transform"]
 

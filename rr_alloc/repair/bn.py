@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..stats import ChannelMoments
+from ..nn.stats import ChannelMoments
 from .propagate import CacheTooLarge, StagedRunner, input_moments
 from .sites import Site, forward_order
 

@@ -6,7 +6,7 @@ in ``lw``, ``naive``, ``asr`` and SITE in ``conv``, ``bn``, ``block``,
 site's pruned statistics are measured after all upstream corrections, in one
 node-by-node pass where the model traces (``propagate.StagedRunner``), else
 one partial forward per site. The dense targets come from a
-``DenseSiteCache``, computed once per calibration set.
+``site_cache.DenseSiteCache``, computed once per calibration set.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..stats import LAMBDA_RULES, ChannelMoments, repair_gamma
+from ..nn.stats import LAMBDA_RULES, ChannelMoments, repair_gamma
 from .affine import fold_correction
 from .bn import batchnorms, recalibrate_bn
 from .propagate import CacheTooLarge, StagedRunner, site_moments
-from .sites import SITE_KINDS, Site, discover_sites, forward_order, missing_note
+from .sites import SITE_KINDS, Site
 from .steps import RepairReport, StepContext, StepKind, first_repeat, register
 
-__all__ = ["RepairStep", "CHANNEL_METHODS", "DenseSiteCache", "BnRecalibration", "ChannelRepair"]
+__all__ = ["RepairStep", "CHANNEL_METHODS", "BnRecalibration", "ChannelRepair"]
 
 CHANNEL_METHODS = ("lw", "naive", "asr")
 
@@ -47,52 +47,6 @@ class RepairStep:
         if self.method == "asr" and self.lam != "mean":
             s += f":lam={self.lam}"
         return s
-
-
-class DenseSiteCache:
-    """Dense-model site statistics and forward order, computed once per calibration set.
-
-    The dense model never changes, so every plan verified against it (each
-    Optuna trial, each allocator of a comparison) reuses one dense pass.
-    """
-
-    def __init__(self, dense: nn.Module, batches, device: torch.device | str = "cpu") -> None:
-        self.dense, self.batches, self.device = dense, batches, device
-        self._sites: dict[tuple[str, ...], list[Site]] = {}
-        self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.notes: list[str] = []  # one line per step whose site kinds the model partly lacks
-
-    def sites(self, kinds: tuple[str, ...], optional: bool = False) -> list[Site]:
-        """Sites of ``kinds`` in forward order; kinds the model lacks are skipped, said once in one line.
-
-        A model with none of ``kinds`` is an error, unless ``optional`` (the default pipeline, whose sites
-        the user did not choose): then the step is skipped, also said in one line.
-        """
-        if kinds not in self._sites:
-            x0 = next(iter(self.batches))[0][:2].to(self.device)
-            missing: list[str] = []
-            try:
-                found = discover_sites(self.dense, kinds, example=x0, missing=missing)
-            except UserError as e:
-                if not optional or "does not exist in this model" not in str(e):
-                    raise
-                note = f"repair step on {'+'.join(kinds)} skipped: {str(e).split(': ', 1)[1].split(';')[0]}"
-                if note not in self.notes:
-                    self.notes.append(note)
-                    print(f"note: {note}", flush=True)
-                return []
-            if missing:
-                self.notes.append(missing_note(kinds, missing))
-                print(f"note: {self.notes[-1]}", flush=True)
-            self._sites[kinds] = forward_order(self.dense, found, x0)
-        return self._sites[kinds]
-
-    def moments(self, sites: list[Site]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        todo = [s for s in sites if s.name not in self._moments]
-        if todo:
-            for name, m in site_moments(self.dense, todo, self.batches, self.device).items():
-                self._moments[name] = (m.mean, m.var)
-        return {s.name: self._moments[s.name] for s in sites}
 
 
 @register
@@ -213,14 +167,11 @@ class ChannelRepair(StepKind):
         return RepairStep(method, sites, *_parse_options(opts, part, method))
 
     def apply(self, step: RepairStep, pruned: nn.Module, ctx: StepContext) -> None:
-        if ctx.cache is None:
-            if ctx.dense is None:
-                raise ValueError("channel-wise repair needs the dense model or a DenseSiteCache")
-            ctx.cache = DenseSiteCache(ctx.dense, ctx.batches, ctx.device)
-        sites = ctx.cache.sites(tuple(step.sites), optional=ctx.optional_sites)
+        cache = ctx.dense_sites()
+        sites = cache.sites(tuple(step.sites), optional=ctx.optional_sites)
         if not sites:
             return
-        correct = _SiteCorrection(pruned, step, ctx.cache.moments(sites), ctx.report)
+        correct = _SiteCorrection(pruned, step, cache.moments(sites), ctx.report)
         if ctx.staged:
             runner, _ = StagedRunner.build(pruned, sites, ctx.max_cache_bytes)
             if runner is not None:

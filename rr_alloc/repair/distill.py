@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..hooks import forward_hooks
+from ..nn.hooks import forward_hooks
 from .sites import discover_sites
 from .steps import StepContext, StepKind, first_repeat, register
 
@@ -171,17 +171,13 @@ def distill(
 
     ``masks``: keep-masks by layer name; a Conv2d/Linear without one keeps its current zeros.
     """
-    from ..progress import bar
+    from ..system.progress import bar
 
     t0 = time.perf_counter()
     blocks: list[str] = []
     if "block" in step.loss:
         blocks = [s.name for s in discover_sites(dense, ("block",), example=images[:2].to(device))]
-    keep: dict[nn.Parameter, torch.Tensor] = {}
-    for name, m in pruned.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            mask = masks.get(name) if masks else None
-            keep[m.weight] = (m.weight != 0) if mask is None else mask.to(m.weight.device, torch.bool)
+    keep = _kept_weights(pruned, masks)
     trainable = _trainable(pruned, step.params)
     flags = {p: p.requires_grad for p in pruned.parameters()}
     for p in pruned.parameters():
@@ -207,27 +203,9 @@ def distill(
                 teacher = dense(x)
             with pruned_blocks():
                 student = pruned(x)
-            loss = student.new_zeros(())
-            if "kl" in step.loss:
-                loss = loss + _kl(student, teacher)
-            if "block" in step.loss:  # every block's output, then the network's own
-                pairs = [(pruned_blocks.out[b], dense_blocks.out[b]) for b in blocks] + [(student, teacher)]
-                for s, t in pairs:
-                    loss = loss + (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
-            if not torch.isfinite(loss):
-                raise UserError(
-                    f"the kd repair step diverged (loss {loss.item()}) at lr={step.lr:g}: pass a lower kd:lr=X"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for p, mask in keep.items():
-                if p.grad is not None:
-                    p.grad.mul_(mask)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for p, mask in keep.items():
-                    p.mul_(mask)
+            pairs = [(pruned_blocks.out[b], dense_blocks.out[b]) for b in blocks]
+            loss = _loss(step, student, teacher, pairs)
+            _masked_update(opt, sched, loss, keep)
             losses.append(float(loss.detach()))
             if progress:
                 it.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -237,6 +215,46 @@ def distill(
             p.grad = None
         pruned.train(was_training)
     return DistillResult(losses[0], losses[-1], len(images), time.perf_counter() - t0)
+
+
+def _kept_weights(pruned: nn.Module, masks: dict[str, torch.Tensor] | None) -> dict[nn.Parameter, torch.Tensor]:
+    """Each Conv2d/Linear weight and its keep-mask (given, else its current non-zeros)."""
+    keep: dict[nn.Parameter, torch.Tensor] = {}
+    for name, m in pruned.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            mask = masks.get(name) if masks else None
+            keep[m.weight] = (m.weight != 0) if mask is None else mask.to(m.weight.device, torch.bool)
+    return keep
+
+
+def _loss(
+    step: DistillStep, student: torch.Tensor, teacher: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """KL to the dense logits and/or each block's output error normalised by the dense output's energy."""
+    loss = student.new_zeros(())
+    if "kl" in step.loss:
+        loss = loss + _kl(student, teacher)
+    if "block" in step.loss:  # every block's output, then the network's own
+        for s, t in [*blocks, (student, teacher)]:
+            loss = loss + (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
+    if not torch.isfinite(loss):
+        raise UserError(f"the kd repair step diverged (loss {loss.item()}) at lr={step.lr:g}: pass a lower kd:lr=X")
+    return loss
+
+
+def _masked_update(opt: torch.optim.Optimizer, sched: Any, loss: torch.Tensor, keep: dict) -> None:
+    """One optimiser step in which pruned weights get no gradient and stay exactly zero (Adam's moments and
+    weight decay could otherwise move them)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for p, mask in keep.items():
+        if p.grad is not None:
+            p.grad.mul_(mask)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        for p, mask in keep.items():
+            p.mul_(mask)
 
 
 @register

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io_utils import atomic_path, write_text_atomic
+from ..system.files import atomic_path, write_text_atomic
 from .affine import affine_modules, attach_output_affine
 
 __all__ = ["save_pruned", "load_pruned", "spec_path"]

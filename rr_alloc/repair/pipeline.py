@@ -30,11 +30,12 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .channel import CHANNEL_METHODS, DenseSiteCache, RepairStep
+from .channel import CHANNEL_METHODS, RepairStep
 from .distill import Distillation, DistillStep  # noqa: F401  (registers the kd kind)
 from .propagate import activation_cap, site_moments
 from .reconstruct import ReconstructStep
 from .reconstruct_kind import Reconstruction  # noqa: F401  (registers the lsq/obs kind)
+from .site_cache import DenseSiteCache
 from .steps import RepairReport, StepContext, kind_of, parse_step
 
 __all__ = [

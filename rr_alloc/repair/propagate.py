@@ -16,30 +16,29 @@ Two ways to reach every repair site or layer with its statistics complete:
   for models ``torch.fx`` cannot trace or whose cache would exceed its cap
   (``CacheTooLarge``).
 
-``trace`` is the one place a model is traced: it returns ``None`` and why
-when ``torch.fx`` cannot follow the forward, and every caller falls back.
+Models are traced by ``tracing.trace``, which returns ``None`` and why when ``torch.fx`` cannot follow the
+forward; every caller falls back.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..hooks import forward_hooks
-from ..runtime import available_memory_bytes
-from ..stats import ChannelMoments, as_bcx
+from ..nn.hooks import forward_hooks
+from ..nn.stats import ChannelMoments, as_bcx
+from ..system.runtime import available_memory_bytes
+from .tracing import trace
 
 if TYPE_CHECKING:
     from .sites import Site
 
 __all__ = [
-    "Traced",
-    "trace",
     "StopForward",
     "CacheTooLarge",
     "ACTIVATION_SHARE",
@@ -54,36 +53,6 @@ __all__ = [
 
 Batches = Iterable[tuple[torch.Tensor, Any]]
 Env = dict[fx.Node, Any]
-
-
-class Traced(NamedTuple):
-    """A module traced by ``torch.fx`` (``gm``), or ``None`` with the reason in ``why``."""
-
-    gm: fx.GraphModule | None
-    why: str = ""
-
-    @property
-    def graph(self) -> fx.Graph | None:
-        return self.gm.graph if self.gm is not None else None
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: Collection[str], children_as_leaves: bool) -> None:
-        super().__init__()
-        self.leaves, self.children_as_leaves = leaves, children_as_leaves
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return self.children_as_leaves or qualname in self.leaves or super().is_leaf_module(m, qualname)
-
-
-def trace(module: nn.Module, leaves: Collection[str] = (), children_as_leaves: bool = False) -> Traced:
-    """Trace ``module`` with the named submodules (or all children) kept as leaves; ``gm=None`` on failure."""
-    try:
-        graph = _Tracer(set(leaves), children_as_leaves).trace(module)
-        return Traced(fx.GraphModule(module, graph))
-    except Exception as e:  # data-dependent control flow and the like: callers fall back, never crash
-        first = (str(e).strip().splitlines() or [""])[0]
-        return Traced(None, f"{type(e).__name__}: {first}" if first else type(e).__name__)
 
 
 class StopForward(Exception):

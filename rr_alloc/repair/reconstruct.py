@@ -52,8 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..progress import bar
-from .propagate import CacheTooLarge, Lockstep, activation_cap, call_order, layer_inputs, trace
+from ..system.progress import bar
+from .propagate import CacheTooLarge, Lockstep, activation_cap, call_order, layer_inputs
 from .refit import (
     DEFAULT_DAMP,
     DEFAULT_OBS_BLOCK,
@@ -76,6 +76,7 @@ from .refit import (
     weight_rows,
 )
 from .sites import conv_consumers
+from .tracing import trace
 
 __all__ = [
     "ReconstructStep",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UserError
-from ..layers import reconstructed_layers
+from ..nn.layers import reconstructed_layers
 from .reconstruct import RECONSTRUCT_METHODS, SOLVES, ReconstructStep, reconstruct
 from .refit import DEFAULT_DAMP, DEFAULT_OBS_BLOCK
 from .steps import StepContext, StepKind, first_repeat, register

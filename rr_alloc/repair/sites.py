@@ -10,7 +10,7 @@ Site kinds:
   forward was innermost at that moment, so blocks whose ``forward`` branches
   on data or arguments count too, and no architecture name table is needed.
   Without an example batch (or when that forward fails) each module is traced
-  with ``torch.fx`` (``propagate.trace``) instead, children kept as leaves
+  with ``torch.fx`` (``tracing.trace``) instead, children kept as leaves
   (untraceable ones are missed);
 - ``logits``: the classifier output, the module that produces the model's output.
 
@@ -34,8 +34,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import UserError
-from ..hooks import forward_hooks
-from .propagate import trace
+from ..nn.hooks import forward_hooks
+from .tracing import trace
 
 __all__ = ["Site", "SITE_KINDS", "discover_sites", "forward_order", "missing_note", "conv_consumers", "logits_module"]
 

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import UserError
 
 if TYPE_CHECKING:
-    from .channel import DenseSiteCache
+    from .site_cache import DenseSiteCache
 
 __all__ = ["RepairReport", "StepContext", "StepKind", "STEP_KINDS", "register", "parse_step", "kind_of", "step_kinds"]
 
@@ -67,6 +67,17 @@ class StepContext:
     progress: bool = False  # long steps (the reconstruction) show a bar with the time left
     seed: int = 0  # seeds a step's own randomness (kd's image draws and augmentation)
     distill_batches: Any = None  # images the kd step fits on (default: ``batches``)
+
+    def dense_sites(self) -> DenseSiteCache:
+        """The dense model's site statistics: the cache given to the pipeline, else one built on first use and
+        shared by every later step."""
+        if self.cache is None:
+            from .site_cache import DenseSiteCache  # built lazily: most pipelines are given the session's
+
+            if self.dense is None:
+                raise ValueError("a channel-wise step needs the dense model or a DenseSiteCache")
+            self.cache = DenseSiteCache(self.dense, self.batches, self.device)
+        return self.cache
 
 
 class StepKind:

@@ -1,0 +1,1 @@
+"""Run options: each declared once (``options``), the ``RunConfig`` they make up, and YAML config files."""

@@ -1,0 +1,1 @@
+"""Images in: datasets and image folders, their transforms, and the disjoint calibration/selection/test splits."""

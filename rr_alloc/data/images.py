@@ -1,0 +1,114 @@
+"""Image folders read so that a wrong image is named, never silently changed or skipped.
+
+- ``decode``: opens only regular files (a FIFO named ``x.jpg`` would block forever) and converts every
+  PIL mode to RGB by its meaning: 16-bit and 32-bit integer greyscale are scaled to 8 bits, not clipped
+  to white as ``convert("RGB")`` does.
+- ``image_folder``: an ImageFolder that also reads GIFs, and says which other files it left out.
+- ``align_classes``: test labels follow the training folder's class indices by class name, so a test
+  folder missing a class does not shift every label after it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+__all__ = ["decode", "image_folder", "align_classes", "EXTENSIONS"]
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def decode(path: str) -> Any:
+    """The image at ``path`` as an 8-bit RGB PIL image."""
+    from PIL import Image
+
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise UserError(f"image {path} is not a regular file (a pipe or device): remove it from the image folder")
+    with Image.open(path) as img:
+        img.load()
+        return _to_rgb(img, path)
+
+
+def _to_rgb(img: Any, path: str) -> Any:
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        grey = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode == "I" and a.max() > 255 else (255.0 if img.mode == "I" else 1.0)
+        if a.min() < 0 or a.max() > top:
+            raise UserError(
+                f"image {path} has {img.mode} pixels in [{a.min():g}, {a.max():g}], outside 0..{top:g}: "
+                "save it as an 8- or 16-bit image"
+            )
+        return Image.fromarray(np.round(a / top * 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def check_no_link_loop(root: Path, flag: str) -> None:
+    """A folder link that leads back into the tree above it would be walked forever (or once per loop, counting
+    the same images many times): refused, naming the link."""
+    top = root.resolve()
+    for here, dirs, _ in os.walk(root, followlinks=False):
+        for d in dirs:
+            link = Path(here) / d
+            if link.is_symlink():
+                target = link.resolve()
+                parent = link.parent.resolve()
+                if target == top or top in target.parents or target == parent or target in parent.parents:
+                    raise UserError(
+                        f"{link} links back into {root} (a loop: its images would be read again and again): "
+                        f"remove the link from the {flag} folder"
+                    )
+
+
+def image_folder(root: Path, transform: Any, flag: str, note: Any = print) -> Any:
+    """``torchvision.datasets.ImageFolder`` over ``root`` with ``decode``; files it leaves out are named."""
+    import torchvision.datasets as D
+
+    check_no_link_loop(root, flag)
+    left_out: Counter[str] = Counter()
+
+    def valid(path: str) -> bool:
+        ok = path.lower().endswith(EXTENSIONS)
+        if not ok:
+            left_out[Path(path).suffix.lower() or Path(path).name] += 1
+        return ok
+
+    try:
+        ds = D.ImageFolder(str(root), transform=transform, loader=decode, is_valid_file=valid)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(
+            f"cannot read ImageFolder data under {root} ({str(e).splitlines()[0]}): "
+            f"point {flag} at a folder with one subfolder of images per class"
+        ) from None
+    if left_out:
+        kinds = ", ".join(f"{n} {k}" for k, n in left_out.most_common(4))
+        note(f"note: {flag} {root}: left out {sum(left_out.values())} files that are not images ({kinds})")
+    return ds
+
+
+def align_classes(train: Any, test: Any, test_root: Path) -> None:
+    """Give ``test`` the training folder's class indices (by class name); unknown test classes are an error."""
+    if test.classes == train.classes:
+        return
+    unknown = [c for c in test.classes if c not in train.class_to_idx]
+    if unknown:
+        raise UserError(
+            f"test folder {test_root} has classes the training folder lacks ({', '.join(unknown[:3])}): "
+            "pass test and training folders of the same classes"
+        )
+    index = [train.class_to_idx[c] for c in test.classes]
+    test.samples = [(p, index[t]) for p, t in test.samples]
+    test.imgs = test.samples
+    test.targets = [t for _, t in test.samples]
+    test.classes, test.class_to_idx = list(train.classes), dict(train.class_to_idx)
