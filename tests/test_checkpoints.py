@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from test_cli import run_cli
+from torch import nn
 
 from rr_alloc.models import build_model
 
@@ -66,3 +67,21 @@ def test_float8_weights_load_as_their_values_and_nested_tensors_are_refused(tmp_
     torch.save(nested, tmp_path / "nested.pt")
     r, out = _search(tmp_path / "b", tmp_path / "nested.pt")
     assert r.returncode == 2 and "as a nested tensor" in r.stderr and not out.exists(), r.stderr
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "module.", "_orig_mod.", "old_bn"])
+def test_checkpoint_wrappers_and_prefixes(tmp_path, wrap):
+    from rr_alloc.models import load_checkpoint
+
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    sd = dict(src.state_dict())
+    if wrap in ("module.", "_orig_mod."):
+        sd = {wrap + k: v for k, v in sd.items()}
+    if wrap == "old_bn":  # PyTorch < 0.4.1 checkpoints have no num_batches_tracked
+        sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    obj = {wrap: sd, "epoch": 3} if wrap in ("state_dict", "model") else sd
+    torch.save(obj, tmp_path / "ck.pt")
+    dst = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    load_checkpoint(dst, tmp_path / "ck.pt")
+    torch.testing.assert_close(dst[0].weight, src[0].weight)

@@ -220,8 +220,7 @@ def test_flop_budget_is_named_in_plan(tmp_path):
     plan = json.loads(out.read_text())
     from rr_alloc.data.splits import digits_arrays
     from rr_alloc.models.digits import pretrained_digits_resnet
-    from rr_alloc.nn.layers import prunable_layers
-    from rr_alloc.nn.layers import layer_macs
+    from rr_alloc.nn.layers import layer_macs, prunable_layers
 
     model = pretrained_digits_resnet()
     layers = prunable_layers(model)

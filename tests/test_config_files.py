@@ -122,3 +122,19 @@ def test_an_option_with_its_own_flag_is_named_by_it(tmp_path):
     cfg.write_text('cache: "no"\n')
     r, _ = _search(tmp_path, "--config", str(cfg))
     assert r.returncode == 2 and "cache (--no-cache) must be" in r.stderr, r.stderr
+
+
+def test_config_expands_environment_variables(tmp_path, monkeypatch):
+    from rr_alloc.config.files import load_config_file
+
+    monkeypatch.setenv("RR_TEST_ROOT", str(tmp_path))
+    monkeypatch.setenv("RR_TEST_NAME", "w")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("checkpoint: ${RR_TEST_ROOT}/$RR_TEST_NAME.th\ntrain_data: ~/data\ngrid: [0.5, 0.99]\n")
+    kw = load_config_file(cfg)
+    assert kw["checkpoint"] == f"{tmp_path}/w.th" and kw["train_data"] == f"{tmp_path}/home/data"
+    assert kw["grid"] == (0.5, 0.99)
+    cfg.write_text("checkpoint: ${RR_TEST_SURELY_UNSET}/x\n")
+    with pytest.raises(UserError, match="RR_TEST_SURELY_UNSET"):
+        load_config_file(cfg)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 import torch
 from factories import tied_convs
 from test_cli import run_cli
+from torch import nn
 
 from rr_alloc.nn.layers import prunable_layers, reconstructed_layers, weight_aliases
 
@@ -55,3 +58,66 @@ def test_a_tied_weight_counts_the_macs_of_every_layer_that_uses_it():
     x = torch.randn(1, 1, 8, 8)
     macs = layer_macs(m, prunable_layers(m), x)
     assert macs.tolist() == [64.0, 128.0, 1.0]  # a is used by a and b: twice its 8x8 output positions
+
+
+def test_forward_hooks_remove_and_restore_mode_on_error():
+    from rr_alloc.nn.hooks import forward_hooks
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU()).train()
+
+    def boom(m, i, o):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        with forward_hooks(model, {"0": boom}):
+            assert not model.training
+            model(torch.zeros(1, 3))
+    assert model.training and not model[0]._forward_hooks
+
+
+class _DeadBranch(nn.Module):
+    """``b``'s output is multiplied by zero: no noise there can reach the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        y = self.a(x) + 0.0 * self.b(x)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_output_sensitivity_measures_what_reaches_the_logits():
+    from rr_alloc.nn.layers import prunable_layers
+    from rr_alloc.profiling.sensitivity import output_sensitivity
+
+    torch.manual_seed(0)
+    model = _DeadBranch().train()
+    layers = prunable_layers(model)
+    batches = [(torch.randn(16, 3, 6, 6), torch.zeros(16))]
+    s = output_sensitivity(model, layers, batches, eps=0.05)
+    names = [l.name for l in layers]
+    assert s[names.index("b")] == 0.0 and s[names.index("a")] > 0 and s[names.index("fc")] > 0
+    assert s.mean() == pytest.approx(1.0)
+    np.testing.assert_array_equal(s, output_sensitivity(model, layers, batches, eps=0.05))  # same seed
+    assert model.training and all(not m._forward_hooks for m in model.modules())
+
+
+def test_layer_macs_on_grouped_and_strided_convs():
+    from rr_alloc.nn.layers import layer_macs, prunable_layers
+
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),  # depthwise, 10x10 -> 5x5
+        nn.Conv2d(8, 16, 1, groups=2),  # grouped pointwise, 5x5
+        nn.Conv2d(16, 4, 3),  # valid conv, 3x3
+        nn.Flatten(),
+        nn.Linear(36, 7),
+    )
+    layers = prunable_layers(model)
+    a = layer_macs(model, layers, torch.randn(2, 8, 10, 10))
+    np.testing.assert_array_equal(a, [25, 25, 9, 1])  # each weight is used once per output position
+    # against a brute-force MAC count of each layer
+    brute = [8 * 1 * 9 * 25, 16 * 4 * 25, 4 * 16 * 9 * 9, 7 * 36]
+    np.testing.assert_array_equal(a * [l.n_weights for l in layers], brute)

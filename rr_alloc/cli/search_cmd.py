@@ -15,6 +15,7 @@ from ..api import allocate, verify
 from ..config.run_config import RunConfig
 from ..errors import UserError
 from ..models import list_models
+from ..models.sources import SOURCES
 from ..nn.metrics import Metrics, wilson_interval
 from ..nn.pruning import parse_pattern
 from ..plans.build import plan_budget
@@ -306,8 +307,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("models:")
     for k, v in list_models().items():
         print(f"  {k:<22} {v}")
-    print("  <torchvision name>       any torchvision classification model, e.g. resnet18 (--pretrained downloads)")
-    print("  package.module:factory   your own model factory (imports your code)")
+    for source in SOURCES.values():
+        if source.usage:
+            print(f"  {source.usage}")
     print("allocators:")
     for k, cls in ALLOCATORS.items():
         print(f"  {k:<22} {cls.description}")

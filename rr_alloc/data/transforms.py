@@ -79,3 +79,6 @@ class TransformSpec:
             ops.append(T.CenterCrop(self.crop))
         ops += [T.ToTensor(), T.Normalize(self.mean, self.std)]
         return T.Compose(ops)
+
+
+IMAGENET_TRANSFORM = TransformSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=256, crop=224)  # resize, centre crop

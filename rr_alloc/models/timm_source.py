@@ -11,10 +11,11 @@ from typing import Any
 
 from torch import nn
 
-from ..data.transforms import TransformSpec
+from ..data.transforms import IMAGENET_TRANSFORM, TransformSpec
 from ..errors import UserError
+from .sources import ModelSource, register_source
 
-__all__ = ["PREFIX", "timm_model", "timm_transform"]
+__all__ = ["PREFIX", "TimmSource", "timm_model", "timm_transform"]
 
 PREFIX = "timm:"
 
@@ -55,3 +56,17 @@ def timm_transform(model: nn.Module) -> TransformSpec:
         crop=size,
         interpolation=str(cfg.get("interpolation") or "bilinear"),
     )
+
+
+@register_source
+class TimmSource(ModelSource):
+    """``timm:NAME``: timm's models with timm's own evaluation transform."""
+
+    prefix = "timm"
+    usage = "timm:NAME                any timm model (pip install timm; --pretrained downloads)"
+
+    def build(self, name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
+        return timm_model(PREFIX + name, num_classes, pretrained)
+
+    def transform(self, name: str, pretrained: bool, model: nn.Module | None) -> TransformSpec | None:
+        return timm_transform(model) if model is not None else IMAGENET_TRANSFORM

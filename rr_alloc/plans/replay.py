@@ -13,7 +13,7 @@ from torch import nn
 from ..config.run_config import RunConfig
 from ..errors import UserError
 from ..models import build_model, load_checkpoint
-from ..models.registry import ZOO
+from ..models.sources import parse_model_name
 from ..nn.pruning import apply_masks
 from ..profiling.store import fingerprint_model
 from ..session import Session
@@ -71,8 +71,9 @@ def config_from_plan(plan: Plan) -> dict[str, Any]:
 
 
 def is_code_spec(name: str) -> bool:
-    """``package.module:factory`` (imports and runs code), as opposed to a zoo, torchvision or timm name."""
-    return ":" in name and not name.startswith(("torchvision:", "timm:")) and name not in ZOO
+    """Whether naming ``name`` imports and runs code (``package.module:factory``), unlike a zoo, torchvision or
+    timm name."""
+    return parse_model_name(name)[0].runs_code
 
 
 def check_plan_model(plan: Plan, cfg_model: str, cli_model: str | None, trust: bool) -> None:

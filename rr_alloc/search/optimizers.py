@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -49,7 +49,10 @@ __all__ = [
     "SearchOptions",
     "SearchSpace",
     "ANCHORS",
+    "Optimizer",
     "OPTIMIZERS",
+    "register_optimizer",
+    "get_optimizer",
     "GUIDANCE",
     "SIGMA0",
     "project_log_density",
@@ -78,7 +81,6 @@ def _stages(L: int) -> np.ndarray:
     return np.minimum(np.arange(L) * 3 // max(L, 1), 2)
 
 
-OPTIMIZERS = ("evo", "cmaes", "tpe-mix")
 GUIDANCE = ("rr", "none")
 _ALPHA_RANGE = 3.0  # |log-multiplier| bound of the CMA-ES space (a factor of 20 on a layer's magnitudes)
 SIGMA0 = 0.2  # CMA-ES initial step in alpha units: a layer's magnitudes scaled by ~e^0.2 = 1.2 moves its
@@ -104,12 +106,6 @@ class SearchOptions:
     guidance: str = "rr"
     step: float = 0.05
 
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown --optimizer {self.optimizer!r}: use {', '.join(OPTIMIZERS)}")
-        if self.guidance not in GUIDANCE:
-            raise UserError(f"unknown --guidance {self.guidance!r}: use {' or '.join(GUIDANCE)}")
-
 
 @dataclass(frozen=True)
 class SearchSpace:
@@ -118,6 +114,160 @@ class SearchSpace:
     sampler: Callable[[int], Any]
     enqueue: Callable[[Any], None]
     objective: Callable[[Any], float]
+
+
+class Optimizer:
+    """One optimiser of ``--allocator optuna``: builds its ``SearchSpace`` on a problem. Registered by name
+    (``register_optimizer``); ``--optimizer NAME`` selects it."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def space(self, problem: AllocationProblem, options: SearchOptions) -> SearchSpace:
+        raise NotImplementedError
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {}  # name -> optimiser class, in registration order
+
+
+def register_optimizer(cls: type[Optimizer]) -> type[Optimizer]:
+    """Class decorator: make ``cls`` selectable as ``--optimizer cls.name``."""
+    OPTIMIZERS[cls.name] = cls
+    return cls
+
+
+def get_optimizer(name: str) -> Optimizer:
+    """The optimiser registered as ``name`` (an unknown name is a one-line error)."""
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown --optimizer {name!r}: use {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]()
+
+
+def _record(trial: Any, counts: np.ndarray) -> None:
+    trial.set_user_attr("counts", [int(k) for k in counts])
+
+
+@register_optimizer
+class Evo(Optimizer):
+    """(1 + 1) evolution over per-layer pruned counts from global magnitude: block moves keep the budget exact; with
+    RR guidance the layers that give and take are drawn from the profile's marginal repaired distortion."""
+
+    name = "evo"
+
+    def space(self, problem: AllocationProblem, options: SearchOptions) -> SearchSpace:
+        import optuna
+
+        guided, step = options.guidance == "rr", options.step
+        anchor = get_allocator("global").allocate(problem)
+        names = [_param(n, "k") for n in problem.names]
+        score = getattr(problem.evaluate, "score", None)
+        kmin, kmax = count_bounds(problem)
+        space = {p: optuna.distributions.IntDistribution(int(lo), int(hi)) for p, lo, hi in zip(names, kmin, kmax)}
+
+        def child(k: np.ndarray, rng: np.random.Generator, extra_moves: int) -> np.ndarray:
+            """``k`` after 1-3 (+ ``extra_moves``) block moves, drawn by the RR profile (guided) or uniformly."""
+            p_donor, p_recv = rr_move_probabilities(problem, k) if guided else (None, None)
+            n_moves = int(rng.choice(_MOVES, p=_MOVE_P)) + extra_moves
+            return block_moves(problem, k, step, n_moves, rng, p_donor, p_recv)
+
+        def objective(trial: "optuna.Trial") -> float:
+            # a retried trial (a killed worker's, re-enqueued with its attributes) already carries its counts:
+            # it is scored in full, as the run that died would have been asked to finish it
+            retried = "counts" in trial.user_attrs
+            parent = trial.suggest_int(PARENT, PARENT_DISTRIBUTION.low, PARENT_DISTRIBUTION.high)
+            counts = np.array([trial.suggest_int(p, int(lo), int(hi)) for p, lo, hi in zip(names, kmin, kmax)])
+            _record(trial, counts)
+            beat = None if retried else _parent_screen(trial, parent)
+            if score is None:  # a plain callable: no screening
+                return float(problem.evaluate(counts))
+            r = score(counts, beat=beat)
+            trial.set_user_attr("screen", r.screen)
+            if r.full is None:
+                raise optuna.TrialPruned(f"screen {r.screen:.4f} on {r.n_screen} images did not beat the parent")
+            return r.full
+
+        def enqueue(study: "optuna.Study") -> None:
+            study.enqueue_trial(
+                {PARENT: -1, **{p: int(k) for p, k in zip(names, anchor)}}, user_attrs={ANCHOR: "global"}
+            )
+
+        return SearchSpace(lambda seed: EvoSampler(space, anchor, child, seed), enqueue, objective)
+
+
+@register_optimizer
+class CmaEs(Optimizer):
+    """CMA-ES over per-layer log-multipliers of the magnitude scores, started at global magnitude (alpha = 0)."""
+
+    name = "cmaes"
+
+    def space(self, problem: AllocationProblem, options: SearchOptions) -> SearchSpace:
+        import optuna
+
+        sorted_abs = get_allocator("global").sorted_scores(problem)
+        names = [_param(n, "a") for n in problem.names]
+
+        def objective(trial: "optuna.Trial") -> float:
+            alpha = np.array([trial.suggest_float(p, -_ALPHA_RANGE, _ALPHA_RANGE) for p in names])
+            counts = multiplier_counts(problem, sorted_abs, alpha)
+            _record(trial, counts)
+            return float(problem.evaluate(counts))
+
+        def enqueue(study: "optuna.Study") -> None:
+            study.enqueue_trial({p: 0.0 for p in names}, user_attrs={ANCHOR: "global"})
+
+        def sampler(seed: int) -> CmaSampler:
+            # started at the anchor (alpha = 0) with a step much smaller than the +-3 bounds
+            return CmaSampler(names, np.zeros(len(names)), SIGMA0, (-_ALPHA_RANGE, _ALPHA_RANGE), seed)
+
+        return SearchSpace(sampler, enqueue, objective)
+
+
+def anchor_log_densities(problem: AllocationProblem) -> dict[str, np.ndarray]:
+    """Log-densities of each anchor rule's plan (floored), what tpe-mix mixes."""
+    out = {}
+    for name in ANCHORS:
+        s = get_allocator(name).sparsities(problem)
+        out[name] = np.log(np.maximum(1.0 - s, _FLOOR))
+    return out
+
+
+@register_optimizer
+class TpeMix(Optimizer):
+    """TPE over mixes of the anchor plans' log-densities plus three depth offsets, warm-started at every anchor."""
+
+    name = "tpe-mix"
+
+    def space(self, problem: AllocationProblem, options: SearchOptions) -> SearchSpace:
+        import optuna
+
+        anchors = anchor_log_densities(problem)
+        A = np.stack([anchors[k] for k in ANCHORS])  # (K, L)
+        stages = _stages(len(problem.layers))
+
+        def plan_of(params: dict[str, float]) -> np.ndarray:
+            w = np.array([params[f"w_{k}"] for k in ANCHORS])
+            w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+            delta = np.array([params[f"stage{j}"] for j in range(3)])
+            return project_log_density(problem, w @ A + delta[stages])
+
+        def objective(trial: "optuna.Trial") -> float:
+            params = {f"w_{k}": trial.suggest_float(f"w_{k}", 0.0, 1.0) for k in ANCHORS}
+            params.update({f"stage{j}": trial.suggest_float(f"stage{j}", -1.5, 1.5) for j in range(3)})
+            counts = round_to_budget(problem, plan_of(params))
+            _record(trial, counts)
+            return float(problem.evaluate(counts))
+
+        def enqueue(study: "optuna.Study") -> None:  # warm start: every anchor plan, exactly
+            for k in ANCHORS:
+                params = {f"w_{j}": float(j == k) for j in ANCHORS}
+                params.update({f"stage{j}": 0.0 for j in range(3)})
+                study.enqueue_trial(params, user_attrs={ANCHOR: k})
+
+        def sampler(seed: int) -> "optuna.samplers.BaseSampler":
+            # constant_liar: concurrent workers treat each other's running trials as bad, so they spread out
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(len(ANCHORS) + 2, 8), constant_liar=True)
+
+        return SearchSpace(sampler, enqueue, objective)
 
 
 @register
@@ -134,17 +284,9 @@ class OptunaSearch(Allocator):
         self.n_trials, self.timeout = n_trials, timeout
         self.study = None
 
-    def anchors(self, problem: AllocationProblem) -> dict[str, np.ndarray]:
-        out = {}
-        for name in ANCHORS:
-            s = get_allocator(name).sparsities(problem)
-            out[name] = np.log(np.maximum(1.0 - s, _FLOOR))
-        return out
-
     def space(self, problem: AllocationProblem) -> SearchSpace:
         """The sampler, warm start and objective of the configured optimiser on ``problem``."""
-        build = {"evo": self._evo, "cmaes": self._cmaes, "tpe-mix": self._tpe_mix}[self.options.optimizer]
-        return build(problem, self.options.guidance == "rr", self.options.step)
+        return get_optimizer(self.options.optimizer).space(problem, self.options)
 
     def sparsities(self, problem: AllocationProblem) -> np.ndarray:
         """Run the search on an in-memory study (a search runner uses ``space`` on a persistent one)."""
@@ -166,102 +308,6 @@ class OptunaSearch(Allocator):
         ost.optimize(study, space.objective, ost.StudySettings(self.n_trials, self.timeout))
         self.study = study
         return np.asarray(trial_counts(ost.best_trial(study)), float) / problem.n
-
-    # ------------------------------------------------------------ optimisers
-    @staticmethod
-    def _record(trial, counts: np.ndarray) -> None:
-        trial.set_user_attr("counts", [int(k) for k in counts])
-
-    def _evo(self, problem: AllocationProblem, guided: bool, step: float) -> SearchSpace:
-        import optuna
-
-        anchor = get_allocator("global").allocate(problem)
-        names = [_param(n, "k") for n in problem.names]
-        score = getattr(problem.evaluate, "score", None)
-        kmin, kmax = count_bounds(problem)
-        space = {p: optuna.distributions.IntDistribution(int(lo), int(hi)) for p, lo, hi in zip(names, kmin, kmax)}
-
-        def child(k: np.ndarray, rng: np.random.Generator, extra_moves: int) -> np.ndarray:
-            """``k`` after 1-3 (+ ``extra_moves``) block moves, drawn by the RR profile (guided) or uniformly."""
-            p_donor, p_recv = rr_move_probabilities(problem, k) if guided else (None, None)
-            n_moves = int(rng.choice(_MOVES, p=_MOVE_P)) + extra_moves
-            return block_moves(problem, k, step, n_moves, rng, p_donor, p_recv)
-
-        def objective(trial: "optuna.Trial") -> float:
-            # a retried trial (a killed worker's, re-enqueued with its attributes) already carries its counts:
-            # it is scored in full, as the run that died would have been asked to finish it
-            retried = "counts" in trial.user_attrs
-            parent = trial.suggest_int(PARENT, PARENT_DISTRIBUTION.low, PARENT_DISTRIBUTION.high)
-            counts = np.array([trial.suggest_int(p, int(lo), int(hi)) for p, lo, hi in zip(names, kmin, kmax)])
-            self._record(trial, counts)
-            beat = None if retried else _parent_screen(trial, parent)
-            if score is None:  # a plain callable: no screening
-                return float(problem.evaluate(counts))
-            r = score(counts, beat=beat)
-            trial.set_user_attr("screen", r.screen)
-            if r.full is None:
-                raise optuna.TrialPruned(f"screen {r.screen:.4f} on {r.n_screen} images did not beat the parent")
-            return r.full
-
-        def enqueue(study: "optuna.Study") -> None:
-            study.enqueue_trial(
-                {PARENT: -1, **{p: int(k) for p, k in zip(names, anchor)}}, user_attrs={ANCHOR: "global"}
-            )
-
-        return SearchSpace(lambda seed: EvoSampler(space, anchor, child, seed), enqueue, objective)
-
-    def _cmaes(self, problem: AllocationProblem, guided: bool, step: float) -> SearchSpace:
-        import optuna
-
-        sorted_abs = get_allocator("global").sorted_scores(problem)
-        names = [_param(n, "a") for n in problem.names]
-
-        def objective(trial: "optuna.Trial") -> float:
-            alpha = np.array([trial.suggest_float(p, -_ALPHA_RANGE, _ALPHA_RANGE) for p in names])
-            counts = multiplier_counts(problem, sorted_abs, alpha)
-            self._record(trial, counts)
-            return float(problem.evaluate(counts))
-
-        def enqueue(study: "optuna.Study") -> None:
-            study.enqueue_trial({p: 0.0 for p in names}, user_attrs={ANCHOR: "global"})
-
-        def sampler(seed: int) -> CmaSampler:
-            # started at the anchor (alpha = 0) with a step much smaller than the +-3 bounds
-            return CmaSampler(names, np.zeros(len(names)), SIGMA0, (-_ALPHA_RANGE, _ALPHA_RANGE), seed)
-
-        return SearchSpace(sampler, enqueue, objective)
-
-    def _tpe_mix(self, problem: AllocationProblem, guided: bool, step: float) -> SearchSpace:
-        import optuna
-
-        anchors = self.anchors(problem)
-        A = np.stack([anchors[k] for k in ANCHORS])  # (K, L)
-        stages = _stages(len(problem.layers))
-
-        def plan_of(params: dict[str, float]) -> np.ndarray:
-            w = np.array([params[f"w_{k}"] for k in ANCHORS])
-            w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
-            delta = np.array([params[f"stage{j}"] for j in range(3)])
-            return project_log_density(problem, w @ A + delta[stages])
-
-        def objective(trial: "optuna.Trial") -> float:
-            params = {f"w_{k}": trial.suggest_float(f"w_{k}", 0.0, 1.0) for k in ANCHORS}
-            params.update({f"stage{j}": trial.suggest_float(f"stage{j}", -1.5, 1.5) for j in range(3)})
-            counts = round_to_budget(problem, plan_of(params))
-            self._record(trial, counts)
-            return float(problem.evaluate(counts))
-
-        def enqueue(study: "optuna.Study") -> None:  # warm start: every anchor plan, exactly
-            for k in ANCHORS:
-                params = {f"w_{j}": float(j == k) for j in ANCHORS}
-                params.update({f"stage{j}": 0.0 for j in range(3)})
-                study.enqueue_trial(params, user_attrs={ANCHOR: k})
-
-        def sampler(seed: int) -> "optuna.samplers.BaseSampler":
-            # constant_liar: concurrent workers treat each other's running trials as bad, so they spread out
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(len(ANCHORS) + 2, 8), constant_liar=True)
-
-        return SearchSpace(sampler, enqueue, objective)
 
 
 def _parent_screen(trial: Any, parent: int) -> float | None:

@@ -1,0 +1,1 @@
+"""Extensions written outside the package, one file each (see tests/test_extensions.py)."""
