@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .allocators import AllocationProblem, Needs
+from .allocators.rr import LAYER_WEIGHTS
 from .errors import UserError
 from .profiling.rr import RRProfile, profile_rr
 from .profiling.sensitivity import output_sensitivity
@@ -112,8 +113,8 @@ def layer_weights(session: Session, kind: str | None = None) -> np.ndarray | Non
     kind = kind or session.cfg.layer_weights
     if kind == "uniform":
         return None
-    if kind != "sensitivity":
-        raise UserError(f"unknown --layer-weights {kind!r}: use uniform or sensitivity")
+    if kind not in LAYER_WEIGHTS:
+        raise UserError(f"unknown --layer-weights {kind!r}: use {' or '.join(LAYER_WEIGHTS)}")
     if "sensitivity" not in session.memo:
         session.memo["sensitivity"] = output_sensitivity(
             session.dense, session.layers, session.splits.calib, session.device

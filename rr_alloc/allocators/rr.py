@@ -12,7 +12,9 @@ import numpy as np
 
 from .base import AllocationProblem, Allocator, Needs, register
 
-__all__ = ["RRGreedy", "RRExact", "layer_curves", "objective"]
+__all__ = ["RRGreedy", "RRExact", "LAYER_WEIGHTS", "layer_curves", "objective"]
+
+LAYER_WEIGHTS = ("uniform", "sensitivity")  # w_l: 1 for every layer, or its measured output sensitivity
 
 
 def _objective_weights(problem: AllocationProblem) -> np.ndarray:

@@ -16,7 +16,15 @@ from ..plans.report import save_figure, search_lines, write_frame_csv
 from ..repair import RepairPipeline
 from ..session import Session
 from ..system.files import staged_folder
-from .flags import add_run_flags, budget_parser, check_split_size, config_from_args, file_config, refuse_search_flags
+from .flags import (
+    SCORED_SPLITS,
+    add_run_flags,
+    budget_parser,
+    check_split_size,
+    config_from_args,
+    file_config,
+    refuse_search_flags,
+)
 from .outputs import check_command_output, outputs_in_place
 
 __all__ = ["register", "compare_figure"]
@@ -41,7 +49,7 @@ def register(sub: Any) -> None:  # argparse's subparsers object (its class is no
     c.add_argument("--repairs", nargs="+", help="repair pipelines to verify with (default: the run's --repair)")
     c.add_argument(
         "--split",
-        choices=["test", "selection"],
+        choices=SCORED_SPLITS,
         default="test",
         help="split to report on (test: reporting only; selection: for making choices)",
     )

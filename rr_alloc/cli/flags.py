@@ -72,6 +72,7 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+SCORED_SPLITS = ("test", "selection")  # what verify and compare may report on (--split)
 REPLAY_GROUPS = ("data", "repair")  # what verify, apply and export take besides the plan
 
 

@@ -32,6 +32,7 @@ from ..system.files import staged_folder
 from .flags import (
     EMBEDDED_NOTE,
     REPLAY_GROUPS,
+    SCORED_SPLITS,
     add_plan_flags,
     add_run_flags,
     check_split_size,
@@ -75,7 +76,7 @@ def register(sub: Any) -> None:  # argparse's subparsers object (its class is no
         description="Rebuild model and data from a plan's source block and verify it.",
     )
     add_plan_flags(v)
-    v.add_argument("--split", choices=["test", "selection"], default="test", help="split to evaluate on")
+    v.add_argument("--split", choices=SCORED_SPLITS, default="test", help="split to evaluate on")
     add_run_flags(v, REPLAY_GROUPS)
     v.set_defaults(handler=cmd_verify)
 

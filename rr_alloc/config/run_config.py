@@ -13,13 +13,16 @@ from dataclasses import Field, dataclass, fields, replace
 from typing import Any
 
 from ..allocators import BUDGET_UNITS, allocator_class
+from ..allocators.rr import LAYER_WEIGHTS
 from ..data.splits import DataSpec
 from ..data.transforms import TransformSpec
 from ..errors import UserError
 from ..nn.stats import LAMBDA_RULES
 from ..profiling.rr import DEFAULT_GRID
 from ..repair import DEFAULT_REPAIR, DistillStep, RepairPipeline
+from ..search.level_db import INPUT_RULES
 from ..search.level_space import level_rule
+from ..search.objectives import OBJECTIVES
 from ..search.optimizers import GUIDANCE, OPTIMIZERS
 from .options import GROUPS, boolean, fractions, mapping, option, real, text, texts, whole
 
@@ -110,7 +113,7 @@ class RunConfig:
         text,
         "per-layer weights of the RR objective",
         "alloc",
-        choices=("uniform", "sensitivity"),
+        choices=LAYER_WEIGHTS,
         study_key="always",
     )
     pattern: str | None = option(
@@ -187,7 +190,7 @@ class RunConfig:
         text,
         "search objective on the selection split (kl is label-free)",
         "search",
-        choices=("kl", "agreement", "top1"),
+        choices=OBJECTIVES,
         study_key="always",
     )
     optimizer: str = option(
@@ -242,7 +245,7 @@ class RunConfig:
         "pipeline (no database); auto: anchor when "
         "the search repair reconstructs, else off",
         "search",
-        choices=("auto", "off", "anchor", "dense", "uniform"),
+        choices=("auto", "off", *INPUT_RULES),
         study_key="evo",
     )
     ladder_step: float = option(

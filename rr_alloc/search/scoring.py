@@ -13,28 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError
 from ..evaluation import repaired_model
 from ..session import Session
+from .objectives import per_image_losses
 
-__all__ = ["OBJECTIVES", "SelectionScorer", "per_image_losses", "Screened", "paired_upper_bound"]
-
-OBJECTIVES = ("kl", "agreement", "top1")
-
-
-def per_image_losses(
-    logits: torch.Tensor, labels: torch.Tensor, dense_logits: torch.Tensor, objective: str
-) -> np.ndarray:
-    """Loss of each image: KL(p_dense || p_model), 1 - agreement with the dense top-1, or 1 - correct."""
-    if objective == "kl":
-        logp_d = F.log_softmax(dense_logits.double(), 1)
-        logp = F.log_softmax(logits.double(), 1)
-        return (logp_d.exp() * (logp_d - logp)).sum(1).numpy()
-    pred = logits.argmax(1)
-    ref = dense_logits.argmax(1) if objective == "agreement" else labels
-    return (pred != ref).double().numpy()
+__all__ = ["SelectionScorer", "Screened", "paired_upper_bound"]
 
 
 @dataclass(frozen=True)
@@ -66,8 +51,6 @@ class SelectionScorer:
     """
 
     def __init__(self, session: Session, repair: str, objective: str = "kl", screen_size: int | None = None) -> None:
-        if objective not in OBJECTIVES:
-            raise UserError(f"unknown --objective {objective!r}: use {', '.join(OBJECTIVES)}")
         if session.splits.selection.n == 0:
             raise UserError("a search allocator needs a selection split: pass --selection-size > 0")
         self.session, self.repair, self.objective = session, repair, objective
