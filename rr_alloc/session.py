@@ -103,6 +103,13 @@ class Session:
                 f"model {self.cfg.model} has {out.shape[-1]} outputs but the data has labels up to "
                 f"{int(labels.max())}: pass --num-classes or the matching model"
             )
+        if out.dim() == 2 and self.splits.test_labelled and 0 < self.splits.classes != out.shape[1]:
+            print(
+                f"note: the data's {self.splits.classes} classes cannot be the model's {out.shape[1]} outputs: "
+                "its images are treated as unlabelled (agreement and KL to the dense model, no top-1)",
+                flush=True,
+            )
+            self.splits = self.splits.unlabelled()
 
     @cached_property
     def model_fingerprint(self) -> str:

@@ -73,7 +73,9 @@ def breakdown(session: Session, batches: Batches, masks: dict) -> str:
 
 def peak_memory(model_name: str, calib: int, method: str) -> tuple[float, float]:
     """(peak RSS during the reconstruction, RSS just before it), MB, in a fresh process."""
-    setup = f"from bench_reconstruct import setup, run_reconstruct\nsession, batches, masks = setup({model_name!r}, 256)\n"
+    setup = (
+        f"from bench_reconstruct import setup, run_reconstruct\nsession, batches, masks = setup({model_name!r}, 256)\n"
+    )
     return peak_rss_mb(setup, f"run_reconstruct(session, batches, masks, {method!r})\n")
 
 

@@ -69,7 +69,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     dense_logits, labels = session.dense_logits("test")
     m = compare_logits(logits_of(model, session.splits.test, session.device)[0], labels, dense_logits)
     print(
-        f"repair {cfg.repair}: test top-1 {100 * m.top1:.2f}% on {m.n} images "
+        f"repair {cfg.repair}: test {f'top-1 {100 * m.top1:.2f}% ' if m.top1 is not None else ''}on {m.n} images "
         f"(agreement {100 * m.agreement:.2f}%, KL {m.kl:.4f})"
     )
     out = Path(args.out)

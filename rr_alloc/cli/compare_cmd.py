@@ -105,7 +105,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         write_frame_csv(df, staging / "compare.csv")
     outputs_in_place()
     show = df.assign(
-        top1=(100 * df.top1).round(2),
+        top1=(100 * df.top1.astype(float)).round(2),
         agreement=(100 * df.agreement).round(2),
         kl=df.kl.round(4),
         achieved_sparsity=df.achieved_sparsity.round(4),
@@ -156,7 +156,9 @@ def _measure(
                     }
                 )
                 print(
-                    f"  budget {b:g} {a:<10} {r:<24} top1 {100 * m.top1:5.1f}  agreement "
+                    f"  budget {b:g} {a:<10} {r:<24} "
+                    + (f"top1 {100 * m.top1:5.1f}  " if m.top1 is not None else "")
+                    + "agreement "
                     f"{100 * m.agreement:5.1f}  kl {m.kl:.3f}",
                     flush=True,
                 )
@@ -171,11 +173,12 @@ def compare_figure(df: pd.DataFrame, layers: pd.DataFrame, model: str, order: li
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.8))
+    metric = "top1" if df.top1.notna().all() else "agreement"  # unlabelled images: agreement with the dense model
     styles = ["-o", "--s", ":^", "-.d"]
     for j, (rep, g) in enumerate(df.groupby("repair", sort=False)):
         for a, ga in g.groupby("allocator", sort=False):
-            ax1.plot(ga.budget, 100 * ga.top1, styles[j % 4], label=f"{a} | {rep}", ms=4)
-    ax1.set(xlabel="global sparsity budget", ylabel=f"top-1 (%) on {df.split.iloc[0]}", title=model)
+            ax1.plot(ga.budget, 100 * ga[metric].astype(float), styles[j % 4], label=f"{a} | {rep}", ms=4)
+    ax1.set(xlabel="global sparsity budget", ylabel=f"{metric} (%) on {df.split.iloc[0]}", title=model)
     ax1.legend(fontsize=7)
     b = sorted(layers.budget.unique())[len(layers.budget.unique()) // 2]
     sub = layers[layers.budget == b]

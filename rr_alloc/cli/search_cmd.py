@@ -85,11 +85,13 @@ def register(sub: Any) -> None:  # argparse's subparsers object (its class is no
 
 
 def metrics_row(name: str, m: Metrics, sparsity: float | None, unit: str = "weights") -> dict[str, Any]:
-    """One row of a verification table; the sparsity column names its unit (weights, or MACs)."""
-    lo, hi = wilson_interval(m.top1, m.n)
+    """One row of a verification table; the sparsity column names its unit (weights, or MACs). On unlabelled
+    images the interval is the agreement's and there is no top-1 column."""
+    lo, hi = wilson_interval(m.top1 if m.top1 is not None else m.agreement, m.n)
+    top1 = {} if m.top1 is None else {"top1 %": round(100 * m.top1, 2)}
     return {
         "plan": name,
-        "top1 %": round(100 * m.top1, 2),
+        **top1,
         "95% CI": f"{100 * lo:.1f}-{100 * hi:.1f}",
         "agreement %": round(100 * m.agreement, 2),
         "KL": round(m.kl, 4),
@@ -197,7 +199,10 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     session = Session(cfg, progress=True)
     _print_setting(session)
     dense = session.dense_metrics("test")
-    print(f"dense top-1 on test: {100 * dense.top1:.2f}%", flush=True)
+    if dense.top1 is not None:
+        print(f"dense top-1 on test: {100 * dense.top1:.2f}%", flush=True)
+    else:
+        print("test images unlabelled: plans are scored by agreement and KL to the dense model", flush=True)
     prof = evidence.profile(session) if not cfg.pattern and allocator_class(cfg.allocator).needs.profile else None
     if prof is not None:
         print(

@@ -3,7 +3,8 @@
 - ``decode``: opens only regular files (a FIFO named ``x.jpg`` would block forever) and converts every
   PIL mode to RGB by its meaning: 16-bit and 32-bit integer greyscale are scaled to 8 bits, not clipped
   to white as ``convert("RGB")`` does.
-- ``image_folder``: an ImageFolder that also reads GIFs, and says which other files it left out.
+- ``image_folder``: an ImageFolder (one subfolder per class) that also reads GIFs and says which other files it
+  left out; a folder of plain images (no class folders) is read unlabelled (``UnlabeledFolder``: label -1).
 - ``align_classes``: test labels follow the training folder's class indices by class name, so a test
   folder missing a class does not shift every label after it.
 """
@@ -20,7 +21,9 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["decode", "image_folder", "align_classes", "EXTENSIONS"]
+__all__ = ["decode", "image_folder", "align_classes", "UnlabeledFolder", "UNLABELLED", "EXTENSIONS"]
+
+UNLABELLED = -1  # the label of every image of a folder without class folders
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -71,11 +74,54 @@ def check_no_link_loop(root: Path, flag: str) -> None:
                     )
 
 
+class UnlabeledFolder:
+    """The images directly in ``root`` (sorted by name), each with the label ``UNLABELLED``."""
+
+    classes: list[str] = []
+
+    def __init__(self, root: Path, files: list[str], transform: Any) -> None:
+        self.root, self.transform = root, transform
+        self.samples = [(str(root / f), UNLABELLED) for f in sorted(files)]
+        self.targets = [UNLABELLED] * len(self.samples)
+        self.class_to_idx: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        path, label = self.samples[i]
+        img = decode(path)
+        return (self.transform(img) if self.transform is not None else img), label
+
+
+def _layout(root: Path, flag: str) -> list[str]:
+    """The loose image files directly in ``root`` (empty: class folders); a folder that mixes both, or holds
+    fewer than two images, is refused."""
+    loose, folders = [], False
+    for entry in os.scandir(root):
+        if entry.is_file() and entry.name.lower().endswith(EXTENSIONS):
+            loose.append(entry.name)
+        elif entry.is_dir() and not entry.name.startswith("."):
+            folders = folders or any(f.lower().endswith(EXTENSIONS) for _, _, fs in os.walk(entry.path) for f in fs)
+    if loose and folders:
+        raise UserError(
+            f"{flag} {root} mixes class folders with {len(loose)} loose images: pass a folder of class folders "
+            "(labelled) or a folder of plain images (unlabelled), not both"
+        )
+    if len(loose) == 1:
+        raise UserError(f"{flag} {root} holds one image: pass a folder with at least 2 images")
+    return loose
+
+
 def image_folder(root: Path, transform: Any, flag: str, note: Any = print) -> Any:
-    """``torchvision.datasets.ImageFolder`` over ``root`` with ``decode``; files it leaves out are named."""
+    """``torchvision.datasets.ImageFolder`` over ``root`` with ``decode``, or an ``UnlabeledFolder`` when the
+    images lie directly in ``root``; files it leaves out are named."""
     import torchvision.datasets as D
 
     check_no_link_loop(root, flag)
+    loose = _layout(root, flag)
+    if loose:
+        return UnlabeledFolder(root, loose, transform)
     left_out: Counter[str] = Counter()
 
     def valid(path: str) -> bool:
@@ -98,8 +144,9 @@ def image_folder(root: Path, transform: Any, flag: str, note: Any = print) -> An
 
 
 def align_classes(train: Any, test: Any, test_root: Path) -> None:
-    """Give ``test`` the training folder's class indices (by class name); unknown test classes are an error."""
-    if test.classes == train.classes:
+    """Give ``test`` the training folder's class indices (by class name); unknown test classes are an error.
+    An unlabelled folder on either side leaves the test labels as the test folder has them."""
+    if test.classes == train.classes or not train.classes or not test.classes:
         return
     unknown = [c for c in test.classes if c not in train.class_to_idx]
     if unknown:

@@ -9,7 +9,7 @@ images; test data is for reporting only.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..system.files import removing_new_folders
-from .images import align_classes, image_folder
+from .images import UNLABELLED, UnlabeledFolder, align_classes, image_folder
 from .transforms import TransformSpec
 
 __all__ = [
@@ -135,6 +135,28 @@ class Splits:
     validation_indices: list[int] = field(default_factory=list)
     distill: Batches | None = None  # the kd step's images: calibration plus further ones (None: calibration)
     distill_indices: list[int] = field(default_factory=list)  # the further ones
+    classes: int = 0  # classes the test labels index (0: unlabelled or not known)
+
+    def unlabelled(self) -> "Splits":
+        """The same images with every label -1 (labels that cannot be the model's classes are dropped)."""
+
+        def drop(b: Batches | None) -> Batches | None:
+            return None if b is None else Batches(b.x, torch.full_like(b.y, UNLABELLED), b.batch_size)
+
+        return replace(
+            self,
+            calib=drop(self.calib),
+            selection=drop(self.selection),
+            test=drop(self.test),
+            validation=drop(self.validation),
+            distill=drop(self.distill),
+            classes=0,
+        )
+
+    @property
+    def test_labelled(self) -> bool:
+        """Whether the test images carry labels (a folder of plain images does not)."""
+        return bool(len(self.test.y)) and bool((self.test.y >= 0).all())
 
 
 def _require_dir(path: str | None, what: str, flag: str) -> Path:
@@ -334,12 +356,17 @@ def load_splits(spec: DataSpec, batch_size: int = 256) -> Splits:
         c.tolist(),
         s.tolist(),
         t.tolist(),
-        f"{spec.kind}: {len(train_ds)} train / {len(test_ds)} test",
+        f"{spec.kind}: {len(train_ds)} train{_unlabelled(train_ds)} / {len(test_ds)} test{_unlabelled(test_ds)}",
         Batches(vx, vy, batch_size),
         v.tolist(),
         Batches(torch.cat([cx, dx]), torch.cat([cy, dy]), batch_size) if len(d) else None,
         d.tolist(),
+        len(getattr(train_ds, "classes", None) or getattr(test_ds, "classes", None) or []),
     )
+
+
+def _unlabelled(ds: Any) -> str:
+    return " (unlabelled)" if isinstance(ds, UnlabeledFolder) else ""
 
 
 def _digits_splits(spec: DataSpec, batch_size: int) -> Splits:

@@ -16,9 +16,10 @@ __all__ = ["Metrics", "logits_of", "per_image", "compare_logits", "wilson_interv
 
 @dataclass(frozen=True)
 class Metrics:
-    """``top1``/``agreement`` are fractions in [0, 1]; ``kl`` = mean KL(p_dense || p_model) in nats."""
+    """``top1``/``agreement`` are fractions in [0, 1] (``top1`` is ``None`` on unlabelled images);
+    ``kl`` = mean KL(p_dense || p_model) in nats."""
 
-    top1: float
+    top1: float | None
     agreement: float
     kl: float
     n: int
@@ -53,8 +54,10 @@ def per_image(logits: torch.Tensor, dense_logits: torch.Tensor) -> tuple[torch.T
 
 
 def compare_logits(logits: torch.Tensor, labels: torch.Tensor, dense_logits: torch.Tensor) -> Metrics:
-    """Metrics of ``logits`` against ``labels`` and the dense model's logits on the same images."""
-    top1 = float((logits.argmax(1) == labels).double().mean())
+    """Metrics of ``logits`` against ``labels`` and the dense model's logits on the same images (no top-1 where
+    the images are unlabelled: label -1)."""
+    labelled = bool(len(labels)) and bool((labels >= 0).all())
+    top1 = float((logits.argmax(1) == labels).double().mean()) if labelled else None
     agree, kl = per_image(logits, dense_logits)
     return Metrics(top1, float(agree.mean()), float(kl.mean()), len(labels))
 

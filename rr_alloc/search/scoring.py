@@ -53,6 +53,11 @@ class SelectionScorer:
     def __init__(self, session: Session, repair: str, objective: str = "kl", screen_size: int | None = None) -> None:
         if session.splits.selection.n == 0:
             raise UserError("a search allocator needs a selection split: pass --selection-size > 0")
+        if objective == "top1" and not bool((session.splits.selection.y >= 0).all()):
+            raise UserError(
+                "--objective top1 needs labelled training images, but the selection images are unlabelled: "
+                "pass --objective kl or agreement"
+            )
         self.session, self.repair, self.objective = session, repair, objective
         self.names = [layer.name for layer in session.layers]
         n = session.splits.selection.n
