@@ -15,12 +15,13 @@ from torch import nn
 
 from .nn.metrics import Metrics, compare_logits, logits_of
 from .nn.pruning import Pruning, apply_masks
-from .repair import DEFAULT_REPAIR, RepairPipeline, RepairReport, run_repair
+from .repair import DEFAULT_REPAIR, DEFAULT_WITHOUT_BN, RepairPipeline, RepairReport, run_repair
 from .session import Session
 
 __all__ = ["PruningLike", "repaired_model", "score"]
 
 PruningLike = Pruning | Mapping[str, int] | Mapping[str, torch.Tensor]
+DEFAULT_PIPELINES = (DEFAULT_REPAIR, DEFAULT_WITHOUT_BN)
 
 
 def repaired_model(
@@ -44,7 +45,7 @@ def repaired_model(
         cache=session.site_cache,
         masks=masks,
         nm=p.nm,
-        optional_sites=str(pipeline) == DEFAULT_REPAIR,  # sites nobody chose: skip what the model lacks
+        optional_sites=str(pipeline) in DEFAULT_PIPELINES,  # sites nobody chose: skip what the model lacks
         progress=progress,
         seed=session.cfg.seed,
         distill_batches=session.splits.distill,

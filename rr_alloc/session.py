@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,8 @@ from .nn.metrics import Metrics, compare_logits, logits_of
 from .nn.pruning import Pruning, parse_pattern
 from .profiling.rr import validate_grid
 from .profiling.store import fingerprint_model, fingerprint_tensor, usable_cache_dir
-from .repair import DenseSiteCache
+from .repair import DEFAULT_REPAIR, DEFAULT_WITHOUT_BN, DenseSiteCache
+from .repair.bn import CalibrationCheck, batchnorms, calibration_check
 from .system.files import sha256_file
 
 if TYPE_CHECKING:  # annotations only: the session never imports the option definitions
@@ -64,6 +66,7 @@ class Session:
         if cfg.validation_size == 1:
             raise UserError("--validation-size 1 cannot bound a mean difference: pass 0 (no check) or >= 2")
         self._check_forward()
+        self.calibration = self._check_calibration()
         self.timings["load"] = time.perf_counter() - t0
         self._dense_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.memo: dict[Any, Any] = {}  # derived evidence, keyed by what decides it (see the module docstring)
@@ -110,6 +113,23 @@ class Session:
                 flush=True,
             )
             self.splits = self.splits.unlabelled()
+
+    def _check_calibration(self) -> CalibrationCheck | None:
+        """Under the default repair, whether BatchNorm recalibration on the calibration images moves the dense
+        model itself; when it does, the run's repair is the default without ``bn`` (said in one note line)."""
+        s = self.splits
+        if self.cfg.repair != DEFAULT_REPAIR or not batchnorms(self.dense) or not s.selection.n:
+            return None
+        check = calibration_check(self.dense, s.calib, s.selection, self.device)
+        if check.moves:
+            print(
+                f"note: BatchNorm recalibration on the calibration images moves the dense model itself (agreement "
+                f"{100 * check.agreement:.1f}% with its dense self on the selection split): the default repair "
+                f"leaves bn out ({DEFAULT_WITHOUT_BN}); pass --repair to choose",
+                flush=True,
+            )
+            self.cfg = replace(self.cfg, repair=DEFAULT_WITHOUT_BN)
+        return check
 
     @cached_property
     def model_fingerprint(self) -> str:

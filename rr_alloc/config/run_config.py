@@ -126,7 +126,11 @@ class RunConfig:
     )
     # repair / verification (bn>naive@block+logits: studies/repair_ablation.py, selection split)
     repair: str = option(
-        DEFAULT_REPAIR, text, "repair pipeline for verification, e.g. bn or lsq>bn>naive@block+logits", "repair"
+        DEFAULT_REPAIR,
+        text,
+        "repair pipeline for verification (default obs>bn>naive@block+logits, without bn when recalibration on the "
+        "calibration images moves the dense model; bn>naive@block+logits is the fast channel-wise one)",
+        "repair",
     )
     distill_size: int = option(
         0,

@@ -72,6 +72,7 @@ def build_plan(session: Session, alloc: Allocation, repair: str, verified: dict[
             "validation_size": splits.validation.n if splits.validation else 0,
             **({"distill_size": splits.distill.n} if splits.distill is not None else {}),
             "seed": cfg.seed,
+            **({"bn_check": session.calibration.to_dict()} if session.calibration is not None else {}),
         },
         search=alloc.search.to_dict() if alloc.search is not None else {},
         profile={

@@ -117,6 +117,18 @@ PLAN_SCHEMA: dict[str, Any] = {
                 "validation_size": {"type": "integer", "minimum": 0},
                 "distill_size": {"type": "integer", "minimum": 0},
                 "seed": {"type": "integer"},
+                "bn_check": {
+                    "type": "object",
+                    "description": "BatchNorm recalibration of the dense model on the calibration images, "
+                    "against the dense model on the selection split; moves: the default repair left bn out",
+                    "properties": {
+                        "agreement": _OPT_NUMBER,
+                        "kl": _OPT_NUMBER,
+                        "n": {"type": "integer", "minimum": 0},
+                        "min_agreement": _OPT_NUMBER,
+                        "moves": {"type": "boolean"},
+                    },
+                },
             },
         },
         "profile": {

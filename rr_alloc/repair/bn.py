@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,7 +12,14 @@ from ..nn.stats import ChannelMoments
 from .propagate import CacheTooLarge, StagedRunner, input_moments
 from .sites import Site, forward_order
 
-__all__ = ["recalibrate_bn", "batchnorms", "BATCHNORMS"]
+__all__ = [
+    "recalibrate_bn",
+    "batchnorms",
+    "BATCHNORMS",
+    "CalibrationCheck",
+    "calibration_check",
+    "CALIBRATION_MIN_AGREEMENT",
+]
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -67,3 +75,47 @@ def recalibrate_bn(
     finally:
         model.train(was)
     return len(bns)
+
+
+# Below this top-1 agreement of the BN-recalibrated dense model with the dense one (selection split), the
+# calibration images are taken to be off the model's distribution: the default pipeline then leaves bn out.
+# Measured in studies/calibration_check.py (where bn helps the pruned model and where it hurts).
+CALIBRATION_MIN_AGREEMENT = 0.5
+
+
+@dataclass(frozen=True)
+class CalibrationCheck:
+    """BatchNorm recalibration on the calibration images alone, applied to the *dense* model and compared with
+    it on held-out images: matched images leave it near itself, off-distribution images (another dataset,
+    another resolution) move it, and ``bn`` would then repair towards the wrong statistics."""
+
+    agreement: float
+    kl: float
+    n: int
+    min_agreement: float = CALIBRATION_MIN_AGREEMENT
+
+    @property
+    def moves(self) -> bool:
+        return self.agreement < self.min_agreement
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"agreement": self.agreement, "kl": self.kl, "n": self.n, "min_agreement": self.min_agreement}
+        return {**out, "moves": self.moves}
+
+
+@torch.no_grad()
+def calibration_check(
+    dense: nn.Module, calib: Any, held_out: Any, device: torch.device | str = "cpu"
+) -> CalibrationCheck:
+    """Recalibrate a copy of ``dense`` on ``calib`` and compare it with ``dense`` on ``held_out`` (top-1
+    agreement, mean KL of the copy to the dense model)."""
+    import copy
+
+    from ..nn.metrics import logits_of, per_image
+
+    model = copy.deepcopy(dense)
+    recalibrate_bn(model, calib, device)
+    ref, _ = logits_of(dense, held_out, device)
+    got, _ = logits_of(model, held_out, device)
+    agree, kl = per_image(got, ref)
+    return CalibrationCheck(float(agree.mean()), float(kl.mean()), len(ref))
