@@ -21,9 +21,14 @@ from .evaluation import PruningLike, repaired_model, score
 from .nn.metrics import Metrics
 from .repair import RepairPipeline, RepairReport
 from .search.runner import SearchProvenance, run_search
+from .search.scoring import SelectionScorer
 from .session import Session
 
-__all__ = ["Allocation", "Verification", "allocate", "verify"]
+__all__ = ["Allocation", "Verification", "AnchorChoice", "ANCHOR_RULES", "allocate", "verify", "best_rule"]
+
+# The rules a search may start from: each is scored on the selection split under the search's repair, and the
+# best one is the anchor the search improves and the reference its validation check compares against
+ANCHOR_RULES = ("global", "uniform", "lamp", "erk", "rr-greedy")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,15 @@ class Allocation:
     counts: dict[str, int]
     search: SearchProvenance | None = None
     study: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class AnchorChoice:
+    """The best rule at a budget: its name and counts, and every rule's selection score (lower is better)."""
+
+    rule: str
+    counts: dict[str, int]
+    scores: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -53,14 +67,13 @@ def allocate(
 ) -> Allocation:
     """``rule``'s per-layer pruned counts at ``budget`` (deterministic rules memoised on the session).
 
-    A search (``optuna``) starts from global magnitude's counts, runs the session's configured optimiser on
-    its storage and is never memoised: its result depends on the storage's trials.
+    A search (``optuna``) starts from the best rule's counts (``best_rule``), runs the session's configured
+    optimiser on its storage and is never memoised: its result depends on the storage's trials.
     """
     cls = allocator_class(rule)
     t0 = time.perf_counter()
     if cls.needs.evaluate:
-        anchor = allocate(session, "global", budget).counts
-        found = run_search(session, budget, anchor)
+        found = run_search(session, budget, best_rule(session, budget))
         out = Allocation(rule, float(budget), found.counts, found.provenance, found.study)
     else:
         key = ("allocation", rule, float(budget), layer_weights or session.cfg.layer_weights, *sorted(options.items()))
@@ -71,6 +84,19 @@ def allocate(
         out = Allocation(rule, float(budget), dict(session.memo[key]))
     session.timings[f"allocate:{rule}"] = time.perf_counter() - t0
     return out
+
+
+def best_rule(session: Session, budget: float, rules: tuple[str, ...] = ANCHOR_RULES) -> AnchorChoice:
+    """Each of ``rules`` at ``budget`` scored on the selection split under the search's repair (every candidate
+    pruned and repaired in full); the lowest loss wins, ties to the earlier rule (global magnitude first)."""
+    key = ("best_rule", float(budget), rules, session.cfg.loop_repair, session.cfg.objective)
+    if key not in session.memo:
+        scorer = SelectionScorer(session, session.cfg.loop_repair, session.cfg.objective)
+        counts = {r: allocate(session, r, budget).counts for r in rules}
+        scores = {r: float(scorer(counts[r])) for r in rules}
+        best = min(rules, key=lambda r: scores[r])
+        session.memo[key] = AnchorChoice(best, counts[best], scores)
+    return session.memo[key]
 
 
 def verify(

@@ -487,7 +487,8 @@ def test_level_search_meets_budget_reads_cached_database_and_resumes(tmp_path):
 
 
 def test_level_search_anchor_trial_scores_the_full_pipeline(tmp_path):
-    """Under the anchor rule the stitched global-magnitude candidate is the full sequential pipeline."""
+    """Under the anchor input rule the stitched candidate of the anchor plan (the best rule) is the full
+    sequential pipeline."""
     import optuna
 
     out = tmp_path / "plan.json"
@@ -497,9 +498,11 @@ def test_level_search_anchor_trial_scores_the_full_pipeline(tmp_path):
     (name,) = optuna.get_all_study_names(storage)
     (anchor,) = optuna.load_study(study_name=name, storage=storage).trials
     session = Session(RunConfig(calib_size=64, selection_size=64, repair=OBS_REPAIR, cache=False), progress=False)
-    full = SelectionScorer(session, OBS_REPAIR)(allocate(session, "global", 0.8).counts)
+    rule = plan["search"]["anchor"]
+    full = SelectionScorer(session, OBS_REPAIR)(allocate(session, rule, 0.8).counts)
     assert anchor.value == pytest.approx(full, rel=1e-5, abs=1e-7)
-    assert plan["search"]["global_selection"] == anchor.value
+    assert plan["search"]["anchor_selection"] == anchor.value
+    assert plan["search"]["rule_scores"][rule] == pytest.approx(full, rel=1e-9)
 
 
 def test_level_inputs_off_scores_level_candidates_by_the_full_pipeline_and_bad_rule_is_refused(tmp_path, capsys):
@@ -538,3 +541,34 @@ def test_level_inputs_off_scores_level_candidates_by_the_full_pipeline_and_bad_r
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--level-inputs dense needs a search repair" in err[0]
+
+
+def test_the_search_starts_from_the_best_scoring_rule_and_falls_back_to_it(tmp_path, monkeypatch):
+    """A toy scorer under which uniform beats global magnitude: the search's anchor is uniform, its first trial
+    is uniform's plan, and a search that does not beat it on validation images returns uniform's counts."""
+    import optuna
+
+    import rr_alloc.api as api
+
+    class UniformWins:
+        def __init__(self, session, repair, objective="kl"):
+            self.uniform = allocate(session, "uniform", 0.9).counts
+
+        def __call__(self, counts):
+            return 0.0 if dict(counts) == self.uniform else 1.0
+
+    monkeypatch.setattr(api, "SelectionScorer", UniformWins)
+    storage = f"sqlite:///{(tmp_path / 'o.db').resolve()}"
+    cfg = RunConfig(
+        calib_size=64, selection_size=64, validation_size=64, n_trials=3, allocator="optuna", storage=storage
+    )
+    session = Session(cfg.updated(repair="bn>naive@block+logits"), progress=False)
+    found = allocate(session, "optuna", 0.9)
+    uniform = allocate(session, "uniform", 0.9).counts
+    assert found.search.anchor == "uniform" and found.search.rule_scores["uniform"] == 0.0
+    assert set(found.search.rule_scores) == set(api.ANCHOR_RULES)
+    first = optuna.load_study(study_name=found.study.study_name, storage=storage).trials[0]
+    assert first.user_attrs["counts"] == [uniform[layer.name] for layer in session.layers]
+    assert first.user_attrs["anchor"] == "uniform"
+    if found.search.fallback:
+        assert found.counts == uniform

@@ -227,9 +227,10 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
         if plan.search and alloc.study is not None:
             plot_search_progress(
                 alloc.study.get_trials(deepcopy=False),
-                plan.search.get("global_selection"),
+                plan.search.get("anchor_selection"),
                 staging / "search_progress.png",
                 f"{cfg.model}: {plan.search['optimizer']} at {plan.budget:g}",
+                plan.search.get("anchor", "global"),
             )
         extra = [out.with_name(f.name) for f in sorted(staging.iterdir())]
         plan.save(staging / out.name, folder=out.parent)

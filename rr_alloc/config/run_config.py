@@ -352,7 +352,7 @@ class RunConfig:
                 f"--distill-size applies to the kd repair step, which --repair {self.repair!r} does not run: add it "
                 "(e.g. --repair obs>bn>naive@block+logits>kd) or drop --distill-size"
             )
-        level_rule(self)  # a contradictory --level-inputs is refused before any work
+        level_rule(self.level_inputs, self.loop_repair)  # a contradictory --level-inputs is refused before any work
         if self.transform:  # a malformed transform is named as such, whatever the dataset
             TransformSpec.from_dict(self.transform)
         if self.dataset == "digits" and (self.transform or self.download):

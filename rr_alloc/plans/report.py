@@ -93,30 +93,33 @@ def plot_rr_curves(
 
 
 def search_lines(info: dict) -> list[str]:
-    """What a search did, for the terminal: trials, scores against global magnitude, the validation check."""
+    """What a search did, for the terminal: trials, scores against the anchor rule, the validation check."""
     if not info:
         return []
     opt = info.get("optimizer")
     if info.get("guidance"):
         opt += f" (guidance {info['guidance']}, screen {info.get('screen_size')} images)"
+    anchor = info.get("anchor", "global")
+    rules = info.get("rule_scores") or {}
     lines = [
         f"search: {opt}, {info.get('trials')} trials ({info.get('pruned', 0)} screened out) in "
         f"{info.get('seconds', 0):.0f}s; {info.get('objective')} after {info.get('repair')} on "
         f"{info.get('selection_size')} selection images: best {info.get('best_selection', float('nan')):.4f}, "
-        "global magnitude "
-        f"{info.get('global_selection', float('nan')):.4f}"
+        f"anchor {anchor} {info.get('anchor_selection', float('nan')):.4f}"
     ]
+    if rules:
+        lines.append("rules on the selection split: " + ", ".join(f"{r} {v:.4f}" for r, v in rules.items()))
     if info.get("fallback") is None:
         lines.append("validation: none (--validation-size 0): the searched plan is returned unchecked")
     elif "validation" in info:
         verdict = (
-            "fallback: global magnitude returned (the search did not beat it on validation images)"
+            f"fallback: the anchor plan ({anchor}) returned (the search did not beat it on validation images)"
             if info["fallback"]
-            else "searched plan kept (beats global magnitude on validation images)"
+            else f"searched plan kept (beats the anchor {anchor} on validation images)"
         )
         lines.append(
-            f"validation ({info['validation_size']} images): {info['validation']:.4f} vs global "
-            f"{info['global_validation']:.4f}, paired difference {info['validation_diff']:+.4f} "
+            f"validation ({info['validation_size']} images): {info['validation']:.4f} vs {anchor} "
+            f"{info['anchor_validation']:.4f}, paired difference {info['validation_diff']:+.4f} "
             f"(one-sided 95% bound {info['validation_bound']:+.4f}); {verdict}"
         )
     else:
@@ -124,8 +127,10 @@ def search_lines(info: dict) -> list[str]:
     return lines
 
 
-def plot_search_progress(trials: Sequence, global_value: float | None, path: str | Path, title: str = "") -> Path:
-    """Each trial's score and the best so far (COMPLETE trials), against global magnitude's score."""
+def plot_search_progress(
+    trials: Sequence, anchor_value: float | None, path: str | Path, title: str = "", anchor: str = "global"
+) -> Path:
+    """Each trial's score and the best so far (COMPLETE trials), against the anchor rule's score."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,8 +146,8 @@ def plot_search_progress(trials: Sequence, global_value: float | None, path: str
     if screened:
         ax.plot(np.array(screened) + 1, np.full(len(screened), np.nan))  # keeps the x range honest
         ax.text(0.99, 0.98, f"{len(screened)} screened out", transform=ax.transAxes, ha="right", va="top", fontsize=8)
-    if global_value is not None:
-        ax.axhline(global_value, color="k", ls="--", lw=0.8, label="global magnitude")
+    if anchor_value is not None:
+        ax.axhline(anchor_value, color="k", ls="--", lw=0.8, label=f"anchor: {anchor}")
     ax.set(xlabel="trial", ylabel="selection loss", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()

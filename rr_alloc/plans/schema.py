@@ -167,10 +167,12 @@ PLAN_SCHEMA: dict[str, Any] = {
         },
         "search": {
             "type": "object",
-            "description": "provenance of a searched plan: optimiser, trials, best "
-            "selection and validation scores, global magnitude's scores, whether the fallback fired",
+            "description": "provenance of a searched plan: optimiser, trials, every anchor rule's selection score "
+            "and the best rule the search started from, best selection and validation scores, whether the "
+            "fallback to the anchor fired",
             "properties": {
                 "optimizer": _TEXT,
+                "anchor": _TEXT,
                 "trials": {"type": "integer", "minimum": 0},
                 "fallback": {"type": ["boolean", "null"]},
                 "validation_size": {"type": "integer", "minimum": 0},

@@ -184,18 +184,18 @@ def _parent_stages(trial: Any, parent: int) -> list[float] | None:
     return list(found.user_attrs["stages"])
 
 
-def level_rule(cfg: Any) -> str | None:
-    """How the level search scores candidates (``cfg.level_inputs``: an input rule of the level database,
-    or ``off`` for the full sequential pipeline), or ``None`` when the search repair does not reconstruct
-    (candidates then move by ``--search-step`` fractions). A contradictory ``--level-inputs`` is refused."""
-    rule = cfg.level_inputs
-    steps = RepairPipeline.parse(cfg.loop_repair).steps
+def level_rule(level_inputs: str, search_repair: str) -> str | None:
+    """How the level search scores candidates (``--level-inputs``: an input rule of the level database, or
+    ``off`` for the full sequential pipeline) under ``search_repair``, or ``None`` when that repair does not
+    reconstruct (candidates then move by ``--search-step`` fractions). A contradictory value is refused."""
+    rule = level_inputs
+    steps = RepairPipeline.parse(search_repair).steps
     reconstructs = bool(steps) and isinstance(steps[0], ReconstructStep)
     if not reconstructs:
         if rule in ("auto", "off"):
             return None
         raise UserError(
             f"--level-inputs {rule} needs a search repair that starts with a reconstruction (lsq or obs), "
-            f"got {cfg.loop_repair!r}: pass --search-repair obs>bn>naive@block+logits or --level-inputs off"
+            f"got {search_repair!r}: pass --search-repair obs>bn>naive@block+logits or --level-inputs off"
         )
     return "anchor" if rule == "auto" else rule

@@ -105,6 +105,8 @@ class SearchOptions:
     optimizer: str = "evo"
     guidance: str = "rr"
     step: float = 0.05
+    anchor_rule: str = "global"  # the rule the search starts from
+    anchor: tuple[int, ...] | None = None  # its per-layer counts (None: global magnitude's on the problem)
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ class Evo(Optimizer):
         import optuna
 
         guided, step = options.guidance == "rr", options.step
-        anchor = get_allocator("global").allocate(problem)
+        anchor = np.asarray(options.anchor) if options.anchor is not None else get_allocator("global").allocate(problem)
         names = [_param(n, "k") for n in problem.names]
         score = getattr(problem.evaluate, "score", None)
         kmin, kmax = count_bounds(problem)
@@ -188,7 +190,7 @@ class Evo(Optimizer):
 
         def enqueue(study: "optuna.Study") -> None:
             study.enqueue_trial(
-                {PARENT: -1, **{p: int(k) for p, k in zip(names, anchor)}}, user_attrs={ANCHOR: "global"}
+                {PARENT: -1, **{p: int(k) for p, k in zip(names, anchor)}}, user_attrs={ANCHOR: options.anchor_rule}
             )
 
         return SearchSpace(lambda seed: EvoSampler(space, anchor, child, seed), enqueue, objective)

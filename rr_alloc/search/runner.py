@@ -50,12 +50,15 @@ class SearchProvenance:
     screen_size: int | None
     study_name: str | None
     best_selection: float | None
-    global_selection: float
+    anchor: str  # the best rule on the selection split: where the search starts, what validation compares with
+    anchor_selection: float
     selection_size: int
     seconds: float
+    global_selection: float | None = None  # global magnitude's score (the rule most tools use), beside the anchor's
+    rule_scores: dict[str, float] | None = None  # every anchor rule's selection score
     validation_size: int = 0
     validation: float | None = None
-    global_validation: float | None = None
+    anchor_validation: float | None = None
     validation_diff: float | None = None
     validation_bound: float | None = None
     fallback: bool | None = None
@@ -65,7 +68,7 @@ class SearchProvenance:
     note: str | None = None
 
     _OPTIONAL = (
-        *("validation", "global_validation", "validation_diff", "validation_bound"),
+        *("validation", "anchor_validation", "validation_diff", "validation_bound", "rule_scores"),
         *("stages", "level_inputs", "database", "note"),
     )
 
@@ -96,7 +99,7 @@ def study_key(session: Session, budget: float) -> str:
         "layers": [layer.name for layer in session.layers],
         **cfg.study_key_fields(),
         # --level-inputs off once moved by fractions: its level-move studies get a key of their own
-        **({"moves": "levels"} if level_rule(cfg) == "off" else {}),
+        **({"moves": "levels"} if level_rule(cfg.level_inputs, cfg.loop_repair) == "off" else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -112,16 +115,18 @@ class SearchResult:
     database: LevelDatabase | None = None
 
 
-def run_search(session: Session, budget: float, anchor: dict[str, int]) -> SearchResult:
-    """Search the session's configured space at ``budget``, starting from ``anchor``'s counts, and validate."""
-    cfg = session.cfg
+def run_search(session: Session, budget: float, start: Any) -> SearchResult:
+    """Search the session's configured space at ``budget`` from the anchor rule ``start`` (its ``rule``,
+    ``counts`` and every rule's ``scores``, ``api.AnchorChoice``), and validate against that rule."""
+    cfg, anchor = session.cfg, start.counts
     t0 = time.perf_counter()
-    rule = level_rule(cfg) if cfg.optimizer == "evo" else None
+    rule = level_rule(cfg.level_inputs, cfg.loop_repair) if cfg.optimizer == "evo" else None
     db = None
     if rule is None:
         scorer = SelectionScorer(session, cfg.loop_repair, cfg.objective, cfg.screen_size)
         problem = evidence.problem(session, budget, OptunaSearch.needs, evaluate=scorer)
-        space = OptunaSearch(SearchOptions(cfg.optimizer, cfg.guidance, cfg.search_step)).space(problem)
+        options = SearchOptions(cfg.optimizer, cfg.guidance, cfg.search_step, start.rule, _in_order(problem, anchor))
+        space = OptunaSearch(options).space(problem)
     else:
         if rule == "off":  # the level search, every candidate through the full sequential pipeline
             ladders = level_ladders(session, anchor)
@@ -131,14 +136,18 @@ def run_search(session: Session, budget: float, anchor: dict[str, int]) -> Searc
             scorer = StitchedScorer(session, cfg.loop_repair, db, cfg.objective, cfg.stages)
         problem = evidence.problem(session, budget, OptunaSearch.needs, evaluate=scorer)
         ladders = [scorer.ladders[n] for n in problem.names]
-        start = np.array([level_index(lad, anchor[n], n) for lad, n in zip(ladders, problem.names)])
-        space = LevelSpace(problem, ladders, start, cfg.guidance == "rr")
+        at = np.array([level_index(lad, anchor[n], n) for lad, n in zip(ladders, problem.names)])
+        space = LevelSpace(problem, ladders, at, cfg.guidance == "rr")
     study = _optimize(session, budget, problem, space)
     best = best_trial(study)
     k = round_to_budget(problem, np.asarray(trial_counts(best), float) / problem.n)
     counts = {layer.name: int(v) for layer, v in zip(session.layers, k)}
-    counts, prov = validate(session, counts, anchor, study, scorer, time.perf_counter() - t0)
+    counts, prov = validate(session, counts, anchor, study, scorer, time.perf_counter() - t0, start)
     return SearchResult(counts, prov, study, db)
+
+
+def _in_order(problem: Any, counts: dict[str, int]) -> tuple[int, ...]:
+    return tuple(int(counts[n]) for n in problem.names)
 
 
 def _optimize(session: Session, budget: float, problem: Any, space: Any) -> Any:
@@ -198,25 +207,26 @@ def validate(
     study: Any,
     scorer: SelectionScorer,
     seconds: float,
+    start: Any = None,
 ) -> tuple[dict[str, int], SearchProvenance]:
-    """Keep a searched plan only when it beats the ``anchor`` plan on the validation split.
+    """Keep a searched plan only when it beats the ``anchor`` plan (the best rule) on the validation split.
 
     The paired per-image loss difference (search - anchor) must have a one-sided 95% upper bound below 0;
     otherwise the anchor's counts are returned. Without a validation split the plan is kept, unchecked.
     """
-    prov = _provenance(session, anchor, study, scorer, seconds)
+    prov = _provenance(session, anchor, study, scorer, seconds, start)
     val = session.splits.validation
     if val is None or val.n == 0:
         prov.validation_size = 0
     elif counts == anchor:
         prov.validation_size, prov.fallback = val.n, False
-        prov.note = "the search's best plan is global magnitude"
+        prov.note = f"the search's best plan is the anchor rule's ({prov.anchor})"
     else:
         mine = scorer.losses(scorer.model(counts), "validation")
         ref = scorer.losses(scorer.model(anchor), "validation")
         bound = paired_upper_bound(mine - ref)
         prov.validation_size, prov.validation = val.n, float(mine.mean())
-        prov.global_validation, prov.validation_diff = float(ref.mean()), float((mine - ref).mean())
+        prov.anchor_validation, prov.validation_diff = float(ref.mean()), float((mine - ref).mean())
         prov.validation_bound, prov.fallback = bound, not bound < 0
         if prov.fallback:
             counts = dict(anchor)
@@ -224,7 +234,7 @@ def validate(
 
 
 def _provenance(
-    session: Session, anchor: dict[str, int], study: Any, scorer: SelectionScorer, seconds: float
+    session: Session, anchor: dict[str, int], study: Any, scorer: SelectionScorer, seconds: float, start: Any = None
 ) -> SearchProvenance:
     """What the search did, before the validation check."""
     from optuna.trial import TrialState
@@ -232,7 +242,7 @@ def _provenance(
     cfg = session.cfg
     trials = [t for t in study.get_trials(deepcopy=False) if evaluated(t)] if study is not None else []
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    start = next((t for t in done if trial_counts(t) == [anchor[n] for n in scorer.names]), None)
+    first = next((t for t in done if trial_counts(t) == [anchor[n] for n in scorer.names]), None)
     best = min(done, key=lambda t: t.value) if done else None
     evo = cfg.optimizer == "evo"
     prov = SearchProvenance(
@@ -246,12 +256,15 @@ def _provenance(
         screen_size=scorer.screen_size if evo else None,
         study_name=study.study_name if study is not None else None,
         best_selection=best.value if best else None,
-        global_selection=start.value if start else scorer(anchor),
+        anchor=start.rule if start is not None else "global",
+        anchor_selection=first.value if first else scorer(anchor),
         selection_size=session.splits.selection.n,
         seconds=round(seconds, 1),
+        rule_scores=dict(start.scores) if start is not None else None,
     )
+    prov.global_selection = prov.rule_scores.get("global") if prov.rule_scores else prov.anchor_selection
     if isinstance(scorer, LevelScorer):
-        prov.stages, prov.level_inputs = list(scorer.sizes), level_rule(cfg)
+        prov.stages, prov.level_inputs = list(scorer.sizes), level_rule(cfg.level_inputs, cfg.loop_repair)
     if isinstance(scorer, StitchedScorer):
         prov.database = dict(scorer.db.meta)
     return prov
