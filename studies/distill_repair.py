@@ -82,7 +82,11 @@ class Results:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.df = pd.read_csv(path) if path.exists() else pd.DataFrame()
+        # budgets are text ("0.9", "2:4"); a cell rerun after an interruption keeps its last row
+        self.df = pd.read_csv(path, dtype={"budget": str}) if path.exists() else pd.DataFrame()
+        keys = [c for c in ("name", "model", "budget", "seed", "rule", "arm") if c in self.df.columns]
+        if keys:
+            self.df = self.df.drop_duplicates(subset=keys, keep="last").reset_index(drop=True)
 
     def has(self, **k: Any) -> bool:
         if self.df.empty:
