@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import QUICK, image_folder
 from torch import nn
+
+from rr_alloc.cli import main
 
 SHARED = Path(os.environ.get("RR_ALLOC_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 
@@ -79,3 +82,84 @@ def toy_batches():
     g = torch.Generator().manual_seed(1)
     sizes = [7, 16, 3, 10]
     return [(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)) for n in sizes]
+
+
+@pytest.fixture(scope="module")
+def tiny_imagefolder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tv")
+    data = image_folder(root / "data", per_class=16, size=32)
+    cfg = root / "cfg.yaml"  # no resize/crop: the images stay 32x32, so every family runs in seconds
+    cfg.write_text("transform: {mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}\n")
+    return data, cfg
+
+
+@pytest.fixture(scope="module")
+def factory_plan(tmp_path_factory) -> Path:
+    """A small plan made with --model factories:tiny_digits_cnn (the spec tests then replace)."""
+    out = tmp_path_factory.mktemp("fplan") / "plan.json"
+    assert (
+        main(
+            [
+                "search",
+                "--budget",
+                "0.8",
+                "--model",
+                "factories:tiny_digits_cnn",
+                "--calib-size",
+                "64",
+                "--selection-size",
+                "32",
+                "--no-verify",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint_plan(tmp_path_factory) -> tuple[Path, Path]:
+    """A plan made from a checkpoint file (the digits model's own weights)."""
+    from rr_alloc.models import build_model
+
+    d = tmp_path_factory.mktemp("ckplan")
+    ck = d / "ck.pt"
+    torch.save(build_model("digits_resnet").state_dict(), ck)
+    out = d / "plan.json"
+    assert (
+        main(
+            [
+                "search",
+                "--budget",
+                "0.8",
+                "--checkpoint",
+                str(ck),
+                "--calib-size",
+                "64",
+                "--selection-size",
+                "32",
+                "--no-verify",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    return out, ck
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    """A plan from ``search --budget 0.9`` on the embedded default."""
+    out = tmp_path_factory.mktemp("good") / "plan.json"
+    assert main(["search", "--budget", "0.9", "--no-verify", *QUICK, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def nm_plan(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("nm") / "plan.json"
+    assert main(["search", "--pattern", "2:4", "--no-verify", *QUICK, "--out", str(out)]) == 0
+    return out

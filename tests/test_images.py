@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import bad_search, image_folder
 from PIL import Image
-from test_bad_input import _bad_search, _image_folder
 
 from rr_alloc.cli import main
 from rr_alloc.data.images import decode
@@ -26,8 +26,8 @@ def _spec(train: Path, test: Path, **kw) -> DataSpec:
 
 
 def test_a_test_folder_missing_a_class_keeps_the_training_labels(tmp_path):
-    train = _image_folder(tmp_path / "train", per_class=4, classes=3)
-    test = _image_folder(tmp_path / "test", per_class=3, classes=3, seed=1)
+    train = image_folder(tmp_path / "train", per_class=4, classes=3)
+    test = image_folder(tmp_path / "test", per_class=3, classes=3, seed=1)
     for f in (test / "class0").iterdir():  # the first class: every later label would shift by one
         f.unlink()
     (test / "class0").rmdir()
@@ -37,8 +37,8 @@ def test_a_test_folder_missing_a_class_keeps_the_training_labels(tmp_path):
 
 
 def test_a_test_class_unknown_to_training_is_refused(tmp_path):
-    train = _image_folder(tmp_path / "train", per_class=4, classes=2)
-    test = _image_folder(tmp_path / "test", per_class=2, classes=2, seed=1)
+    train = image_folder(tmp_path / "train", per_class=4, classes=2)
+    test = image_folder(tmp_path / "test", per_class=2, classes=2, seed=1)
     (test / "class1").rename(test / "zebra")
     with pytest.raises(UserError, match="zebra"):
         load_splits(_spec(train, test))
@@ -61,7 +61,7 @@ def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
 
 
 def test_an_image_of_another_size_is_named(tmp_path):
-    data = _image_folder(tmp_path / "data", per_class=4)
+    data = image_folder(tmp_path / "data", per_class=4)
     odd = data / "class0" / "odd.png"
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(odd)
     with pytest.raises(UserError, match="odd.png decodes to \\(3, 40, 40\\)"):
@@ -69,7 +69,7 @@ def test_an_image_of_another_size_is_named(tmp_path):
 
 
 def test_gifs_are_read_and_other_files_are_named(tmp_path, capsys):
-    data = _image_folder(tmp_path / "data", per_class=3)
+    data = image_folder(tmp_path / "data", per_class=3)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(data / "class0" / "anim.gif")
     (data / "class1" / "README.txt").write_text("not an image")
     splits = load_splits(_spec(data, data, calib_size=5, selection_size=2))
@@ -80,9 +80,9 @@ def test_gifs_are_read_and_other_files_are_named(tmp_path, capsys):
 
 def test_a_transform_that_does_not_fit_the_channels_is_one_line(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
-    data = _image_folder(tmp_path / "data", per_class=4)
+    data = image_folder(tmp_path / "data", per_class=4)
     cfg.write_text("transform: {mean: [0.5, 0.5], std: [0.2, 0.2]}\n")
-    err = _bad_search(
+    err = bad_search(
         tmp_path,
         capsys,
         *("--budget", "0.9", "--config", str(cfg), "--model", "cifar_resnet20", "--dataset", "imagefolder"),
@@ -93,7 +93,7 @@ def test_a_transform_that_does_not_fit_the_channels_is_one_line(tmp_path, capsys
 
 def test_grayscale_images_for_an_rgb_model_are_one_line(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
-    data = _image_folder(tmp_path / "data", per_class=4)
+    data = image_folder(tmp_path / "data", per_class=4)
     cfg.write_text("transform: {mean: [0.5], std: [0.2], grayscale: true}\n")
     code = main(
         [
@@ -111,7 +111,7 @@ def test_grayscale_images_for_an_rgb_model_are_one_line(tmp_path, capsys):
 def test_a_folder_link_that_loops_back_is_refused_at_once(tmp_path, link):
     from rr_alloc.data.images import check_no_link_loop
 
-    data = _image_folder(tmp_path / "data", per_class=4)
+    data = image_folder(tmp_path / "data", per_class=4)
     (data / "b").mkdir()
     target = data if link == "c" else data / "b"
     (data / link).symlink_to(target, target_is_directory=True)

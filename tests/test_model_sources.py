@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_bad_input import _bad_search, _image_folder
+from helpers import bad_search, image_folder
 from torch import nn
 
 from rr_alloc.cli import main
@@ -23,7 +23,7 @@ TF_MODEL = "tf_mobilenetv3_small_minimal_100"  # five timm Conv2dSame layers (pa
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("images")
-    data = _image_folder(root / "data", per_class=12, classes=2)
+    data = image_folder(root / "data", per_class=12, classes=2)
     cfg = root / "c.yaml"  # keep the 32 px images as they are (timm's own transform would upscale to 224)
     cfg.write_text("transform: {mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}\n")
     return data, cfg
@@ -93,13 +93,13 @@ def test_timm_names_are_no_code_and_unknown_names_are_one_line(folder, tmp_path,
     from rr_alloc.plans.replay import is_code_spec
 
     assert not is_code_spec(f"timm:{TF_MODEL}")
-    err = _bad_search(tmp_path, capsys, "--budget", "0.5", "--model", "timm:no_such_net", *_run(folder))
+    err = bad_search(tmp_path, capsys, "--budget", "0.5", "--model", "timm:no_such_net", *_run(folder))
     assert "unknown timm model 'no_such_net'" in err
 
 
 def test_a_missing_timm_is_one_line_naming_the_extra(folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
-    err = _bad_search(tmp_path, capsys, "--budget", "0.5", "--model", f"timm:{TF_MODEL}", *_run(folder))
+    err = bad_search(tmp_path, capsys, "--budget", "0.5", "--model", f"timm:{TF_MODEL}", *_run(folder))
     assert '".[timm]"' in err
 
 
@@ -128,7 +128,7 @@ def test_safetensors_checkpoints_load_and_a_corrupt_one_is_one_line(tmp_path, ca
     assert plan["source"]["checkpoint"] == str(ck) and len(plan["source"]["checkpoint_sha256"]) == 64
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(ck.read_bytes()[:1000])
-    err = _bad_search(tmp_path, capsys, "--budget", "0.9", "--checkpoint", str(bad))
+    err = bad_search(tmp_path, capsys, "--budget", "0.9", "--checkpoint", str(bad))
     assert "as safetensors" in err and "corrupt or truncated" in err
 
 

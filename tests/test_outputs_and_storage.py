@@ -82,9 +82,9 @@ def test_a_journal_an_earlier_search_wrote_resumes(tmp_path):
 def _folder_with_links(tmp_path):
     """``data/`` whose class ``a`` holds a link to an image kept outside, and whose class ``b`` is a link to a
     folder outside."""
-    from test_bad_input import _image_folder
+    from helpers import image_folder
 
-    outside = _image_folder(tmp_path / "outside", per_class=2)
+    outside = image_folder(tmp_path / "outside", per_class=2)
     data = tmp_path / "data"
     (data / "a").mkdir(parents=True)
     (data / "a" / "0.png").symlink_to(outside / "class0" / "img1.png")
@@ -137,9 +137,9 @@ def test_a_journal_that_optuna_could_not_read_is_refused_untouched(tmp_path, mak
 
 @pytest.mark.parametrize("flag", ["--cache-dir", "--storage"])
 def test_the_cache_and_the_storage_never_go_into_an_image_folder(tmp_path, flag):
-    from test_bad_input import _image_folder
+    from helpers import image_folder
 
-    data = _image_folder(tmp_path / "data", per_class=4)
+    data = image_folder(tmp_path / "data", per_class=4)
     where = str(data / "class0" / "x") if flag == "--cache-dir" else f"sqlite:///{data / 'class0' / 'x.db'}"
     extra = ("--allocator", "optuna", "--n-trials", "1") if flag == "--storage" else ()
     r = run_cli(

@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from test_bad_input import _image_folder
+from helpers import image_folder
 from test_cli import run_cli
 
 SEARCH = ("search", "--budget", "0.8", "--model", "cifar_resnet20", "--num-classes", "2", "--repair", "bn")
@@ -18,8 +18,8 @@ DATA = ("--dataset", "imagefolder", "--calib-size", "8", "--selection-size", "4"
 def layout(tmp_path):
     """``project/data`` (the plan's images), ``project/runs/plan.json`` made from ``project``, and an
     ``elsewhere/data`` holding other images."""
-    _image_folder(tmp_path / "project" / "data", per_class=8, seed=0)
-    _image_folder(tmp_path / "elsewhere" / "data", per_class=8, seed=1)
+    image_folder(tmp_path / "project" / "data", per_class=8, seed=0)
+    image_folder(tmp_path / "elsewhere" / "data", per_class=8, seed=1)
     r = run_cli(
         *SEARCH, *DATA, "--train-data", "data", "--test-data", "data", "--out", "runs/plan.json",
         cwd=tmp_path / "project",

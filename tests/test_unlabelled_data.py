@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import image_folder
 from PIL import Image
-from test_bad_input import _image_folder
 
 from rr_alloc.cli import main
 
@@ -54,8 +54,8 @@ def test_search_verify_and_compare_on_unlabelled_folders_report_agreement_and_kl
 
 
 def test_labels_that_cannot_be_the_models_classes_are_dropped_with_one_note(plain, tmp_path, capsys):
-    train = _image_folder(tmp_path / "train", per_class=16, classes=2)  # 2 classes, a 10-output model
-    test = _image_folder(tmp_path / "test", per_class=4, classes=2, seed=1)
+    train = image_folder(tmp_path / "train", per_class=16, classes=2)  # 2 classes, a 10-output model
+    test = image_folder(tmp_path / "test", per_class=4, classes=2, seed=1)
     out = tmp_path / "plan.json"
     argv = ["search", "--budget", "0.5", "--repair", "bn", *_data(train, test), "--out", str(out)]
     assert main(argv) == 0
@@ -80,7 +80,7 @@ def test_a_folder_that_is_empty_holds_one_image_or_mixes_layouts_is_one_line(pla
     elif layout == "one image":
         _plain_folder(bad, 1)
     else:
-        _image_folder(bad, per_class=2, classes=2)
+        image_folder(bad, per_class=2, classes=2)
         _plain_folder(bad, 3)
     out = tmp_path / "plan.json"
     assert main(["search", "--budget", "0.5", "--repair", "bn", *_data(bad, plain[1]), "--out", str(out)]) == 2

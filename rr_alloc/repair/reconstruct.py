@@ -378,14 +378,18 @@ def reconstruct(
         for n in layers
     }
     fit = _LayerFit(pruned, dense, step, nm, targets, keep, report, observer)
-    fit.bar = bar(total=len(todo), desc=f"{step.method} reconstruction", unit="layer", disable=not progress)
     was_d, was_p = dense.training, pruned.training
     dense.eval()
     pruned.eval()
+    fit.bar = bar(total=len(todo), desc=f"{step.method} reconstruction", unit="layer", disable=not progress)
     try:
+        ran = call_order(dense, todo, batches, device)  # a layer the eval forward never reaches has no inputs
+        report.skipped.update({n: "never runs in eval mode" for n in todo if n not in ran})
+        todo = [n for n in todo if n in ran]
+        fit.bar.total = len(todo)
         cap = activation_cap(device) if max_cache_bytes is None else max_cache_bytes
         done = _lockstep(fit, batches, todo, device, cap, staged)
-        for name in [n for n in call_order(dense, todo, batches, device) if n not in done]:
+        for name in [n for n in ran if n not in done]:
             fit(name, layer_inputs(pruned, dense, name, batches, device))
             report.passes += 2.0
     finally:
