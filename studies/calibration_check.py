@@ -82,6 +82,8 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--budget", type=float, default=0.5, help="global magnitude sparsity of the pruned comparison")
+    p.add_argument("--check-only", action="store_true", help="the dense check alone (no pruned comparison)")
+    p.add_argument("--tag", default="", help="suffix of the output files (checks<tag>.csv, summary<tag>.md)")
     args = p.parse_args()
     shared = shared_dir(args.shared)
     all_settings = settings(shared)
@@ -96,19 +98,25 @@ def main() -> None:
             row.update(selection=s.selection.n, agreement=check.agreement, kl=check.kl)
             row["check_seconds"] = round(time.perf_counter() - t0, 1)
             counts = allocate(session, "global", args.budget).counts
-            for label, pipe in (("bn", "obs>bn>naive@block+logits"), ("no_bn", "obs>naive@block+logits")):
+            pipes = (
+                () if args.check_only else (("bn", "obs>bn>naive@block+logits"), ("no_bn", "obs>naive@block+logits"))
+            )
+            for label, pipe in pipes:
                 t0 = time.perf_counter()
                 m = verify(session, counts, pipe, splits=("selection",))["selection"]
                 row.update({f"{label}_agreement": m.agreement, f"{label}_kl": m.kl})
                 row[f"{label}_seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
             print(rows[-1], flush=True)
-            _write(pd.DataFrame(rows), args.budget)
+            _write(pd.DataFrame(rows), args.budget, args.tag)
 
 
-def _write(df: pd.DataFrame, budget: float) -> None:
+def _write(df: pd.DataFrame, budget: float, tag: str = "") -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    write_frame_csv(df, OUT / "checks.csv")
+    write_frame_csv(df, OUT / f"checks{tag}.csv")
+    for col in ("bn_agreement", "no_bn_agreement", "bn_seconds"):
+        if col not in df:
+            df[col] = float("nan")
     lines = [
         "# Calibration check: BatchNorm recalibration of the dense model on its calibration images",
         "",
@@ -130,7 +138,7 @@ def _write(df: pd.DataFrame, budget: float) -> None:
             f"{100 * g.no_bn_agreement.mean():.2f} | {g.bn_seconds.mean():.0f} |"
         )
     lines += ["", "    python studies/calibration_check.py"]
-    write_text_atomic(OUT / "summary.md", "\n".join(lines) + "\n")
+    write_text_atomic(OUT / f"summary{tag}.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
