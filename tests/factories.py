@@ -169,3 +169,15 @@ class _Tied(nn.Module):
 
 def tied_convs(num_classes: int = 10) -> nn.Module:
     return _Tied(num_classes)
+
+
+def shifted_digits_resnet(num_classes: int = 10) -> nn.Module:
+    """The embedded digits model with BatchNorm statistics of other inputs (its first BatchNorm expects the
+    images shifted by one and a half standard deviations): recalibrating on the digits moves this dense model."""
+    from rr_alloc.models.digits import pretrained_digits_resnet
+
+    model = pretrained_digits_resnet()
+    first = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        first.running_mean += 1.5 * first.running_var.sqrt()
+    return model

@@ -80,7 +80,7 @@ def recalibrate_bn(
 # Below this top-1 agreement of the BN-recalibrated dense model with the dense one (selection split), the
 # calibration images are taken to be off the model's distribution: the default pipeline then leaves bn out.
 # Measured in studies/calibration_check.py (where bn helps the pruned model and where it hurts).
-CALIBRATION_MIN_AGREEMENT = 0.5
+CALIBRATION_MIN_AGREEMENT = 0.95
 
 
 @dataclass(frozen=True)
