@@ -39,7 +39,9 @@ def test_compare_names_a_device_given_as_its_folder(tmp_path):
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan") / "plan.json"
-    assert run_cli("search", "--budget", "0.9", "--exclude", "linear", "--out", str(out)).returncode == 0
+    # magnitude masks (the channel-wise repair), so that an edit to the mask rule contradicts the plan
+    argv = ("search", "--budget", "0.9", "--exclude", "linear", "--repair", "bn>naive@block+logits", "--out", str(out))
+    assert run_cli(*argv).returncode == 0
     return out
 
 
@@ -73,7 +75,8 @@ def test_compare_refuses_config_keys_it_would_ignore(tmp_path, text):
 
 @pytest.mark.parametrize("args", [["--stages", "10000"], ["--ladder-step", "0.2"]])
 def test_level_search_flags_are_refused_under_the_fraction_search(tmp_path, args):
-    r = run_cli("search", "--budget", "0.9", "--allocator", "optuna", "--n-trials", "1", *args, cwd=tmp_path)
+    fraction = ("--repair", "bn>naive@block+logits")  # no re-fit first: candidates move by fractions
+    r = run_cli("search", "--budget", "0.9", "--allocator", "optuna", "--n-trials", "1", *fraction, *args, cwd=tmp_path)
     assert r.returncode == 2 and "applies to the level search" in r.stderr and not any(tmp_path.iterdir()), r.stderr
 
 
