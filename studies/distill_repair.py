@@ -179,11 +179,11 @@ def part_compare(args, out: Path, step: DistillStep) -> None:
                 session = session or open_session(model, seed, args.distill_size, args.quick)
                 t0 = time.perf_counter()
                 if ":" in budget:
-                    wb_nm = Session(replace_pattern(session, budget), progress=False)
-                    target, pruning = wb_nm, wb_nm.pruning()
+                    nm_session = Session(replace_pattern(session, budget), progress=False)
+                    target, pruning = nm_session, nm_session.pruning()
                 else:
                     target, pruning = session, session.pruning(allocate(session, "global", float(budget)).counts)
-                repaired, report = target.repaired_model(pruning, BASE)
+                repaired, report = repaired_model(target, pruning, BASE)
                 base_s = time.perf_counter() - t0
                 row = {"model": model, "budget": budget, "seed": seed}
                 res.add({**row, "arm": "base", "seconds": base_s, **scores(target, repaired)})
