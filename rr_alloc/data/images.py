@@ -135,7 +135,7 @@ def image_folder(root: Path, transform: Any, flag: str, note: Any = print) -> An
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(
             f"cannot read ImageFolder data under {root} ({str(e).splitlines()[0]}): "
-            f"point {flag} at a folder with one subfolder of images per class"
+            f"point {flag} at a folder of images, or of one subfolder of images per class"
         ) from None
     if left_out:
         kinds = ", ".join(f"{n} {k}" for k, n in left_out.most_common(4))
