@@ -453,6 +453,25 @@ def test_a_grouped_conv_is_fitted_per_group_as_its_block_diagonal_dense_conv():
     assert torch.allclose(fd.bias, fg.bias, atol=1e-9) and torch.all(fg.weight[~keep_g] == 0)
 
 
+@pytest.mark.parametrize("targets,const", [(True, True), (True, False), (False, True)])
+def test_grouped_gram_statistics_equal_one_gram_per_group(targets, const):
+    """The batched statistics of a grouped layer equal a ``GramStats`` fed each group's column slices."""
+    from rr_alloc.repair.refit import GramStats, group_grams
+
+    torch.manual_seed(0)
+    groups, dg, og = 5, 9, 2
+    batches = [(torch.randn(40, groups * dg), torch.randn(40, groups * og) if targets else None) for _ in range(3)]
+    batched = group_grams(batches, groups, const)
+    for i, got in enumerate(batched):
+        want = GramStats(const)
+        for x, y in batches:
+            want.add(x[:, i * dg : (i + 1) * dg], None if y is None else y[:, i * og : (i + 1) * og])
+        assert got.n == want.n == 120
+        assert torch.allclose(got.H, want.H, rtol=1e-6, atol=1e-6)
+        if targets:
+            assert torch.allclose(got.R, want.R, rtol=1e-6, atol=1e-6)
+
+
 def test_depthwise_convs_are_reconstructed_and_keep_their_counts():
     import copy
 

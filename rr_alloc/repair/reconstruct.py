@@ -59,11 +59,11 @@ from .refit import (
     DEFAULT_OBS_BLOCK,
     MAX_SOLVE_FLOPS,
     GramStats,
-    check_patches,
     damping,
     exact_solve_flops,
     input_patches,
     keep_rows,
+    layer_grams,
     lsq_residuals,
     nm_column_order,
     obs_select,
@@ -260,23 +260,6 @@ def fit_groups(
         rows = slice(gi * og, (gi + 1) * og) if g > 1 else slice(None)
         keep[rows] = fit_layer(name, pruned, dense_layer, gram, keep, step, bias_to, nm, rows)
     return keep
-
-
-def layer_grams(
-    name: str, layer: nn.Module, dense_layer: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], const: bool
-) -> list[GramStats]:
-    """One Gram pair per group of ``layer`` from ``(pruned input, dense input)`` batches."""
-    g = getattr(layer, "groups", 1)  # a grouped conv is g independent problems: one Gram pair each
-    grams = [GramStats(const) for _ in range(g)]
-    og, dg = layer.weight.shape[0] // g, layer.weight[0].numel()
-    for i, (xp, xd) in enumerate(pairs):
-        yd = dense_layer(xd)
-        if i == 0:  # the patches must be what the layer really multiplies (padding inside its forward)
-            check_patches(name, dense_layer, xd, yd)
-        p, y = input_patches(layer, xp), output_rows(layer, yd)
-        for gi, gram in enumerate(grams):
-            gram.add(p[:, gi * dg : (gi + 1) * dg] if g > 1 else p, y[:, gi * og : (gi + 1) * og] if g > 1 else y)
-    return grams
 
 
 # called with each layer's name and Gram pairs, in forward order, instead of the layer's own re-fit

@@ -13,6 +13,7 @@ matrix of the dense inputs for the closed-form residual (``lsq_residuals``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -32,6 +33,8 @@ __all__ = [
     "check_patches",
     "output_rows",
     "GramStats",
+    "group_grams",
+    "layer_grams",
     "weight_rows",
     "keep_rows",
     "damping",
@@ -203,6 +206,15 @@ class GramStats:
                 self._sy += sy
         self.n += x.shape[0]
 
+    @classmethod
+    def of_sums(
+        cls, n: int, h: torch.Tensor, sx: torch.Tensor, r: torch.Tensor | None, sy: torch.Tensor | None, const: bool
+    ) -> GramStats:
+        """The statistics of ``n`` rows from their sums: ``X^T X``, ``X^T 1``, ``X^T Y`` and ``Y^T 1``."""
+        out = cls(const)
+        out.n, out._h, out._sx, out._r, out._sy = n, h, sx, r, sy
+        return out
+
     @property
     def H(self) -> torch.Tensor:
         """``[X 1]^T [X 1]`` (or ``X^T X`` without the constant column)."""
@@ -219,6 +231,61 @@ class GramStats:
     def R(self) -> torch.Tensor:
         """``[X 1]^T Y`` (or ``X^T Y``)."""
         return torch.cat([self._r, self._sy[None]], 0) if self.with_const else self._r
+
+
+def group_grams(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], groups: int, const: bool
+) -> list[GramStats]:
+    """One ``GramStats`` per group of a grouped conv from ``(patch rows, output rows)`` batches.
+
+    Group ``i`` owns columns ``i * d_g`` to ``(i + 1) * d_g`` of the patches and the same share of the output
+    columns; all groups are summed with one batched GEMM per batch, not one small GEMM per group (a
+    depthwise layer has a group per channel, up to a thousand or more).
+    """
+    n, h, sx, r, sy = 0, None, None, None, None
+    for x, y in batches:
+        xg = x.view(len(x), groups, -1).transpose(0, 1)  # (groups, positions, d_g)
+        parts = [torch.bmm(xg.transpose(1, 2), xg).double(), x.sum(0).double().view(groups, -1)]
+        if y is not None:
+            yg = y.view(len(y), groups, -1).transpose(0, 1)
+            parts += [torch.bmm(xg.transpose(1, 2), yg).double(), y.sum(0).double().view(groups, -1)]
+        if h is None:
+            h, sx, *rest = parts
+            r, sy = rest if rest else (None, None)
+        else:
+            h += parts[0]
+            sx += parts[1]
+            if y is not None:
+                r += parts[2]
+                sy += parts[3]
+        n += len(x)
+    if h is None:
+        return [GramStats(const) for _ in range(groups)]
+    return [
+        GramStats.of_sums(n, h[i], sx[i], None if r is None else r[i], None if sy is None else sy[i], const)
+        for i in range(groups)
+    ]
+
+
+def layer_grams(
+    name: str, layer: nn.Module, dense_layer: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], const: bool
+) -> list[GramStats]:
+    """One Gram pair per group of ``layer`` from ``(pruned input, dense input)`` batches."""
+    g = getattr(layer, "groups", 1)  # a grouped conv is g independent problems: one Gram pair each
+
+    def rows() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for i, (xp, xd) in enumerate(pairs):
+            yd = dense_layer(xd)
+            if i == 0:  # the patches must be what the layer really multiplies (padding inside its forward)
+                check_patches(name, dense_layer, xd, yd)
+            yield input_patches(layer, xp), output_rows(layer, yd)
+
+    if g > 1:
+        return group_grams(rows(), g, const)
+    gram = GramStats(const)
+    for p, y in rows():
+        gram.add(p, y)
+    return [gram]
 
 
 def weight_rows(layer: nn.Module, with_const: bool) -> torch.Tensor:
