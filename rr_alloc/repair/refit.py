@@ -13,7 +13,7 @@ matrix of the dense inputs for the closed-form residual (``lsq_residuals``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -29,6 +29,8 @@ __all__ = [
     "MAX_SOLVE_FLOPS",
     "unsupported_reason",
     "input_patches",
+    "group_patches",
+    "group_outputs",
     "seen_input",
     "check_patches",
     "output_rows",
@@ -99,13 +101,34 @@ def input_patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1])
+    v = _patch_view(layer, x)  # (B, C, Ho, Wo, kh, kw)
+    return v.permute(0, 2, 3, 1, 4, 5).reshape(-1, v.shape[1] * v.shape[4] * v.shape[5])
+
+
+def group_patches(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A grouped conv's patches as ``(groups, d_g, positions)``: group ``i``'s columns of ``input_patches``,
+    transposed, formed in one copy with every group's positions contiguous (the layout its Gram needs)."""
+    v = _patch_view(layer, x)
+    b, c, ho, wo, kh, kw = v.shape
+    g = layer.groups
+    v = v.reshape(b, g, c // g, ho, wo, kh, kw).permute(1, 2, 5, 6, 0, 3, 4)
+    return v.reshape(g, (c // g) * kh * kw, b * ho * wo)
+
+
+def group_outputs(layer: nn.Conv2d, y: torch.Tensor) -> torch.Tensor:
+    """A grouped conv's output as ``(groups, positions, C_out / groups)``, positions as in ``group_patches``."""
+    b, c, ho, wo = y.shape
+    g = layer.groups
+    return y.reshape(b, g, c // g, ho, wo).permute(1, 0, 3, 4, 2).reshape(g, b * ho * wo, c // g)
+
+
+def _patch_view(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The strided view ``(B, C, Ho, Wo, kh, kw)`` of the patches the convolution multiplies (no copy)."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     x, pads = seen_input(layer, x)
     xp = F.pad(x, pads) if any(pads) else x
     v = xp.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # (B, C, Ho, Wo, span_h, span_w)
-    if dh > 1 or dw > 1:
-        v = v[..., ::dh, ::dw]
-    return v.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+    return v[..., ::dh, ::dw] if dh > 1 or dw > 1 else v
 
 
 def seen_input(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
@@ -236,19 +259,17 @@ class GramStats:
 def group_grams(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], groups: int, const: bool
 ) -> list[GramStats]:
-    """One ``GramStats`` per group of a grouped conv from ``(patch rows, output rows)`` batches.
+    """One ``GramStats`` per group of a grouped conv from ``(group_patches, group_outputs)`` batches:
+    ``(groups, d_g, positions)`` and ``(groups, positions, C_out / groups)`` (or ``None``: ``H`` only).
 
-    Group ``i`` owns columns ``i * d_g`` to ``(i + 1) * d_g`` of the patches and the same share of the output
-    columns; all groups are summed with one batched GEMM per batch, not one small GEMM per group (a
-    depthwise layer has a group per channel, up to a thousand or more).
+    All groups are summed with one batched GEMM per batch, each group's positions contiguous, not one small
+    GEMM per group (a depthwise layer has a group per channel, up to a thousand or more).
     """
     n, h, sx, r, sy = 0, None, None, None, None
     for x, y in batches:
-        xg = x.view(len(x), groups, -1).transpose(0, 1)  # (groups, positions, d_g)
-        parts = [torch.bmm(xg.transpose(1, 2), xg).double(), x.sum(0).double().view(groups, -1)]
+        parts = [torch.bmm(x, x.transpose(1, 2)).double(), x.sum(2).double()]
         if y is not None:
-            yg = y.view(len(y), groups, -1).transpose(0, 1)
-            parts += [torch.bmm(xg.transpose(1, 2), yg).double(), y.sum(0).double().view(groups, -1)]
+            parts += [torch.bmm(x, y).double(), y.sum(1).double()]
         if h is None:
             h, sx, *rest = parts
             r, sy = rest if rest else (None, None)
@@ -258,7 +279,7 @@ def group_grams(
             if y is not None:
                 r += parts[2]
                 sy += parts[3]
-        n += len(x)
+        n += x.shape[2]
     if h is None:
         return [GramStats(const) for _ in range(groups)]
     return [
@@ -273,17 +294,17 @@ def layer_grams(
     """One Gram pair per group of ``layer`` from ``(pruned input, dense input)`` batches."""
     g = getattr(layer, "groups", 1)  # a grouped conv is g independent problems: one Gram pair each
 
-    def rows() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def rows(patches: Callable, outputs: Callable) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         for i, (xp, xd) in enumerate(pairs):
             yd = dense_layer(xd)
             if i == 0:  # the patches must be what the layer really multiplies (padding inside its forward)
                 check_patches(name, dense_layer, xd, yd)
-            yield input_patches(layer, xp), output_rows(layer, yd)
+            yield patches(layer, xp), outputs(layer, yd)
 
     if g > 1:
-        return group_grams(rows(), g, const)
+        return group_grams(rows(group_patches, group_outputs), g, const)
     gram = GramStats(const)
-    for p, y in rows():
+    for p, y in rows(input_patches, output_rows):
         gram.add(p, y)
     return [gram]
 
