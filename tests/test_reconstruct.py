@@ -496,6 +496,51 @@ def test_grouped_gram_statistics_equal_one_gram_per_group(conv, targets, const):
             assert torch.allclose(got.R, want.R, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lsq", "obs"])
+@pytest.mark.parametrize("bias_to", ["bias", "1"])
+def test_depthwise_groups_fitted_in_one_batch_equal_the_fit_of_each_group(method, bias_to):
+    """The batched re-fit of a depthwise conv's groups equals ``fit_layer`` on each group: masks, weights and
+    bias (or the next BatchNorm's running mean), a dead channel included (float64, damping as configured)."""
+    from rr_alloc.repair.depthwise import fit_depthwise
+    from rr_alloc.repair.reconstruct import ReconstructStep, fit_layer
+    from rr_alloc.repair.refit import group_grams, group_outputs, group_patches
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=bias_to == "bias")
+    dense = nn.Sequential(conv, nn.BatchNorm2d(6)).double().eval()
+    dense[1].running_mean.normal_()
+    x = torch.randn(16, 6, 5, 5, dtype=torch.float64)
+    x[:, 2] = 0  # a dead input channel: its group's Gram is zero
+    keep = torch.rand(conv.weight.shape) > 0.5
+    with torch.no_grad():
+        batches = [
+            (group_patches(dense[0], x[i : i + 8]), group_outputs(dense[0], dense[0](x[i : i + 8]))) for i in (0, 8)
+        ]
+    grams = group_grams(batches, 6, True)
+    step = ReconstructStep(method)
+    fits = []
+    for batched in (True, False):
+        pruned = copy.deepcopy(dense)
+        with torch.no_grad():
+            pruned[0].weight.mul_(keep)
+        if batched:
+            k = fit_depthwise("0", pruned, dense[0], grams, keep, method, step.damp, bias_to)
+        else:
+            k = torch.cat(
+                [
+                    fit_layer("0", pruned, dense[0], gr, keep, step, bias_to, None, slice(i, i + 1))
+                    for i, gr in enumerate(grams)
+                ]
+            )
+        fits.append((k, pruned))
+    (k1, m1), (k2, m2) = fits
+    assert torch.equal(k1, k2) and int((~k1).sum()) == int((~keep).sum())
+    assert torch.allclose(m1[0].weight, m2[0].weight, atol=1e-9) and torch.all(m1[0].weight[~k1] == 0)
+    assert torch.allclose(m1[1].running_mean, m2[1].running_mean, atol=1e-9)
+    if bias_to == "bias":
+        assert torch.allclose(m1[0].bias, m2[0].bias, atol=1e-9)
+
+
 def test_depthwise_convs_are_reconstructed_and_keep_their_counts():
     import copy
 

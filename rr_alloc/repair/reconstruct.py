@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from ..system.progress import bar
+from .depthwise import fit_depthwise
 from .propagate import CacheTooLarge, Lockstep, activation_cap, call_order, layer_inputs
 from .refit import (
     DEFAULT_DAMP,
@@ -252,9 +253,12 @@ def fit_groups(
     nm: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Re-fit every group of ``pruned.<name>`` from its Gram pair (one for an ungrouped layer); returns the
-    layer's keep-mask after the fit."""
+    layer's keep-mask after the fit. A depthwise conv's groups (one output row each) are solved in one batch."""
     g = len(grams)
     og = dense_layer.weight.shape[0] // g
+    layer = pruned.get_submodule(name)
+    if g > 1 and og == 1 and nm is None and not step.sweeps(layer) and keep[0].numel() <= step.block:
+        return fit_depthwise(name, pruned, dense_layer, grams, keep, step.method, step.damp, bias_to)
     keep = keep.clone()
     for gi, gram in enumerate(grams):
         rows = slice(gi * og, (gi + 1) * og) if g > 1 else slice(None)
