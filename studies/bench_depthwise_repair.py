@@ -21,10 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import ROOT, machine, run_main, shared_dir
+from common import ROOT, machine, run_main, shared_dir, write_report
 
 from rr_alloc.errors import UserError
-from rr_alloc.system.files import write_text_atomic
 
 STUDIES = Path(__file__).resolve().parent
 REPAIR = "obs>naive@block+logits"
@@ -106,9 +105,7 @@ def main() -> None:
         "",
         f"Ratio before / after: **{med['before'] / med['after']:.2f}x**.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / "bench.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out / "bench.md", lines)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, machine, run_main
+from common import ROOT, machine, run_main, write_report
 from torch import nn
 
 from rr_alloc.repair.refit import GramStats, group_grams, group_outputs, group_patches, input_patches, output_rows
-from rr_alloc.system.files import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).parent))  # the EfficientNet-Lite factories
 from efficientnet_lite import IMAGE_SIZE, lite1  # noqa: E402
@@ -113,9 +112,7 @@ def main() -> None:
         *(f"| {n} | {g} | {k} | {px} | {a:.3f} | {b:.3f} | {a / b:.1f}x |" for n, g, k, px, a, b in rows),
         f"| all {len(rows)} layers | | | | {loop:.3f} | {batched:.3f} | **{loop / batched:.1f}x** |",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / "bench.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out / "bench.md", lines)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,15 @@ def t_interval(values: list[float] | np.ndarray, conf: float = 0.95) -> tuple[fl
     return m, half, float(v.std(ddof=1))
 
 
+def write_report(path: Path, lines: list[str]) -> None:
+    """A study's markdown report: written atomically (its folder made if needed) and printed."""
+    from rr_alloc.system.files import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def machine() -> str:
     import torch
 
