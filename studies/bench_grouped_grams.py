@@ -29,7 +29,8 @@ import torch
 from common import ROOT, machine, run_main, write_report
 from torch import nn
 
-from rr_alloc.repair.refit import GramStats, group_grams, group_outputs, group_patches, input_patches, output_rows
+from rr_alloc.repair.grams import group_grams, group_outputs, group_patches
+from rr_alloc.repair.refit import GramStats, input_patches, output_rows
 
 sys.path.insert(0, str(Path(__file__).parent))  # the EfficientNet-Lite factories
 from efficientnet_lite import IMAGE_SIZE, lite1  # noqa: E402

@@ -465,14 +465,8 @@ def test_a_grouped_conv_is_fitted_per_group_as_its_block_diagonal_dense_conv():
 def test_grouped_gram_statistics_equal_one_gram_per_group(conv, targets, const):
     """A grouped layer's patches in group layout are ``input_patches``' column slices, and their batched
     statistics equal a ``GramStats`` fed each group's slices."""
-    from rr_alloc.repair.refit import (
-        GramStats,
-        group_grams,
-        group_outputs,
-        group_patches,
-        input_patches,
-        output_rows,
-    )
+    from rr_alloc.repair.grams import group_grams, group_outputs, group_patches
+    from rr_alloc.repair.refit import GramStats, input_patches, output_rows
 
     torch.manual_seed(0)
     g = conv.groups
@@ -502,8 +496,8 @@ def test_depthwise_groups_fitted_in_one_batch_equal_the_fit_of_each_group(method
     """The batched re-fit of a depthwise conv's groups equals ``fit_layer`` on each group: masks, weights and
     bias (or the next BatchNorm's running mean), a dead channel included (float64, damping as configured)."""
     from rr_alloc.repair.depthwise import fit_depthwise
+    from rr_alloc.repair.grams import group_grams, group_outputs, group_patches
     from rr_alloc.repair.reconstruct import ReconstructStep, fit_layer
-    from rr_alloc.repair.refit import group_grams, group_outputs, group_patches
 
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=bias_to == "bias")

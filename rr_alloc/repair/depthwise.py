@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .refit import GramStats, keep_rows, weight_rows
+from .grams import GroupGrams
+from .refit import keep_rows, weight_rows
 
 __all__ = ["fit_depthwise"]
 
@@ -72,7 +73,7 @@ def fit_depthwise(
     name: str,
     pruned: nn.Module,
     dense_layer: nn.Module,
-    grams: list[GramStats],
+    grams: GroupGrams,
     keep: torch.Tensor,
     method: str,
     damp: float,
@@ -81,11 +82,11 @@ def fit_depthwise(
     """Re-fit every group of ``pruned.<name>`` (one output row each) from its Gram pair, ``lsq`` on the given
     masks or ``obs`` choosing them; returns the layer's keep-mask after the fit."""
     layer = pruned.get_submodule(name)
-    const = grams[0].with_const
+    const = grams.with_const
     d = dense_layer.weight[0].numel()
-    H = torch.stack([g.H for g in grams]).double()
+    H = grams.H.double()
     lam = damp * torch.diagonal(H, dim1=1, dim2=2)[:, :d].mean(1)
-    rhs = torch.stack([g.R[:, 0] for g in grams]).double() + lam[:, None] * weight_rows(dense_layer, const).to(H)
+    rhs = grams.R[..., 0].double() + lam[:, None] * weight_rows(dense_layer, const).to(H)
     Hl = H + lam[:, None, None] * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     keep2 = keep.flatten(1).to(H.device)
     if method == "obs":

@@ -54,6 +54,7 @@ from torch import nn
 
 from ..system.progress import bar
 from .depthwise import fit_depthwise
+from .grams import GroupGrams, layer_grams
 from .propagate import CacheTooLarge, Lockstep, activation_cap, call_order, layer_inputs
 from .refit import (
     DEFAULT_DAMP,
@@ -64,7 +65,6 @@ from .refit import (
     exact_solve_flops,
     input_patches,
     keep_rows,
-    layer_grams,
     lsq_residuals,
     nm_column_order,
     obs_select,
@@ -257,7 +257,8 @@ def fit_groups(
     g = len(grams)
     og = dense_layer.weight.shape[0] // g
     layer = pruned.get_submodule(name)
-    if g > 1 and og == 1 and nm is None and not step.sweeps(layer) and keep[0].numel() <= step.block:
+    batched = isinstance(grams, GroupGrams) and og == 1 and nm is None
+    if batched and not step.sweeps(layer) and keep[0].numel() <= step.block:
         return fit_depthwise(name, pruned, dense_layer, grams, keep, step.method, step.damp, bias_to)
     keep = keep.clone()
     for gi, gram in enumerate(grams):

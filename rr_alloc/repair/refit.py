@@ -13,7 +13,6 @@ matrix of the dense inputs for the closed-form residual (``lsq_residuals``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -29,14 +28,11 @@ __all__ = [
     "MAX_SOLVE_FLOPS",
     "unsupported_reason",
     "input_patches",
-    "group_patches",
-    "group_outputs",
+    "patch_view",
     "seen_input",
     "check_patches",
     "output_rows",
     "GramStats",
-    "group_grams",
-    "layer_grams",
     "weight_rows",
     "keep_rows",
     "damping",
@@ -101,28 +97,11 @@ def input_patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    v = _patch_view(layer, x)  # (B, C, Ho, Wo, kh, kw)
+    v = patch_view(layer, x)  # (B, C, Ho, Wo, kh, kw)
     return v.permute(0, 2, 3, 1, 4, 5).reshape(-1, v.shape[1] * v.shape[4] * v.shape[5])
 
 
-def group_patches(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A grouped conv's patches as ``(groups, d_g, positions)``: group ``i``'s columns of ``input_patches``,
-    transposed, formed in one copy with every group's positions contiguous (the layout its Gram needs)."""
-    v = _patch_view(layer, x)
-    b, c, ho, wo, kh, kw = v.shape
-    g = layer.groups
-    v = v.reshape(b, g, c // g, ho, wo, kh, kw).permute(1, 2, 5, 6, 0, 3, 4)
-    return v.reshape(g, (c // g) * kh * kw, b * ho * wo)
-
-
-def group_outputs(layer: nn.Conv2d, y: torch.Tensor) -> torch.Tensor:
-    """A grouped conv's output as ``(groups, positions, C_out / groups)``, positions as in ``group_patches``."""
-    b, c, ho, wo = y.shape
-    g = layer.groups
-    return y.reshape(b, g, c // g, ho, wo).permute(1, 0, 3, 4, 2).reshape(g, b * ho * wo, c // g)
-
-
-def _patch_view(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def patch_view(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The strided view ``(B, C, Ho, Wo, kh, kw)`` of the patches the convolution multiplies (no copy)."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     x, pads = seen_input(layer, x)
@@ -254,59 +233,6 @@ class GramStats:
     def R(self) -> torch.Tensor:
         """``[X 1]^T Y`` (or ``X^T Y``)."""
         return torch.cat([self._r, self._sy[None]], 0) if self.with_const else self._r
-
-
-def group_grams(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], groups: int, const: bool
-) -> list[GramStats]:
-    """One ``GramStats`` per group of a grouped conv from ``(group_patches, group_outputs)`` batches:
-    ``(groups, d_g, positions)`` and ``(groups, positions, C_out / groups)`` (or ``None``: ``H`` only).
-
-    All groups are summed with one batched GEMM per batch, each group's positions contiguous, not one small
-    GEMM per group (a depthwise layer has a group per channel, up to a thousand or more).
-    """
-    n, h, sx, r, sy = 0, None, None, None, None
-    for x, y in batches:
-        parts = [torch.bmm(x, x.transpose(1, 2)).double(), x.sum(2).double()]
-        if y is not None:
-            parts += [torch.bmm(x, y).double(), y.sum(1).double()]
-        if h is None:
-            h, sx, *rest = parts
-            r, sy = rest if rest else (None, None)
-        else:
-            h += parts[0]
-            sx += parts[1]
-            if y is not None:
-                r += parts[2]
-                sy += parts[3]
-        n += x.shape[2]
-    if h is None:
-        return [GramStats(const) for _ in range(groups)]
-    return [
-        GramStats.of_sums(n, h[i], sx[i], None if r is None else r[i], None if sy is None else sy[i], const)
-        for i in range(groups)
-    ]
-
-
-def layer_grams(
-    name: str, layer: nn.Module, dense_layer: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], const: bool
-) -> list[GramStats]:
-    """One Gram pair per group of ``layer`` from ``(pruned input, dense input)`` batches."""
-    g = getattr(layer, "groups", 1)  # a grouped conv is g independent problems: one Gram pair each
-
-    def rows(patches: Callable, outputs: Callable) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        for i, (xp, xd) in enumerate(pairs):
-            yd = dense_layer(xd)
-            if i == 0:  # the patches must be what the layer really multiplies (padding inside its forward)
-                check_patches(name, dense_layer, xd, yd)
-            yield patches(layer, xp), outputs(layer, yd)
-
-    if g > 1:
-        return group_grams(rows(group_patches, group_outputs), g, const)
-    gram = GramStats(const)
-    for p, y in rows(input_patches, output_rows):
-        gram.add(p, y)
-    return [gram]
 
 
 def weight_rows(layer: nn.Module, with_const: bool) -> torch.Tensor:
