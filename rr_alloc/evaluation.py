@@ -3,12 +3,18 @@
 A ``Pruning`` (counts, an N:M pattern or keep-masks) is applied to a copy of the session's dense model, the
 copy is repaired on the calibration split with a pipeline, and ``score`` compares a model with the dense one
 on any split. The session's dense model is never changed.
+
+The last few repaired copies are kept on the session (``RepairedCopies``, by plan and pipeline): a search
+scores every rule, validates its anchor and is verified, and the study that compares the rules repairs the
+same plans again; a kept copy answers them all with one repair each.
 """
 
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +30,39 @@ PruningLike = Pruning | Mapping[str, int] | Mapping[str, torch.Tensor]
 DEFAULT_PIPELINES = (DEFAULT_REPAIR, DEFAULT_WITHOUT_BN)
 
 
+class RepairedCopies:
+    """The most recently used repaired models of a session, by (plan, pipeline): at most ``size`` of them and
+    ``max_bytes`` of parameters and buffers, so a long search over a large model cannot fill the memory."""
+
+    def __init__(self, size: int = 8, max_bytes: int = 1 << 30) -> None:
+        self.size, self.max_bytes = size, max_bytes
+        self.kept: OrderedDict[Any, tuple[nn.Module, RepairReport, int]] = OrderedDict()
+
+    @staticmethod
+    def key(p: Pruning, pipeline: RepairPipeline) -> Any | None:
+        """What decides a repaired copy on one session; ``None`` for explicit masks (not worth hashing)."""
+        if p.masks is not None:
+            return None
+        counts = tuple(sorted(p.counts.items())) if p.counts is not None else None
+        return counts, p.nm, tuple(p.layers), pipeline  # the pipeline's steps with all their settings
+
+    def get(self, key: Any) -> tuple[nn.Module, RepairReport] | None:
+        if key not in self.kept:
+            return None
+        self.kept.move_to_end(key)
+        model, report, _ = self.kept[key]
+        return copy.deepcopy(model), copy.deepcopy(report)  # callers may change theirs (export, distillation)
+
+    def put(self, key: Any, model: nn.Module, report: RepairReport) -> None:
+        nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        if nbytes > self.max_bytes:
+            return
+        self.kept[key] = (copy.deepcopy(model), report, nbytes)
+        self.kept.move_to_end(key)
+        while len(self.kept) > self.size or sum(b for *_, b in self.kept.values()) > self.max_bytes:
+            self.kept.popitem(last=False)
+
+
 def repaired_model(
     session: Session,
     pruning: PruningLike,
@@ -31,12 +70,17 @@ def repaired_model(
     nm: tuple[int, int] | None = None,
     progress: bool = False,
 ) -> tuple[nn.Module, RepairReport]:
-    """Prune and repair a copy of the dense model (``nm``: the pattern of explicit keep-masks)."""
+    """Prune and repair a copy of the dense model (``nm``: the pattern of explicit keep-masks); a plan this
+    session repaired lately with the same pipeline is copied from the kept result (``RepairedCopies``)."""
     p = Pruning.of(pruning, nm)
+    pipeline = RepairPipeline.parse(repair) if isinstance(repair, str) else repair
+    kept = session.memo.setdefault(("repaired copies",), RepairedCopies())
+    key = kept.key(p, pipeline)
+    if key is not None and (hit := kept.get(key)) is not None:
+        return hit
     masks = p.keep_masks(session.dense)
     model = copy.deepcopy(session.dense)
     apply_masks(model, masks)
-    pipeline = RepairPipeline.parse(repair) if isinstance(repair, str) else repair
     report = run_repair(
         model,
         pipeline,
@@ -50,6 +94,8 @@ def repaired_model(
         seed=session.cfg.seed,
         distill_batches=session.splits.distill,
     )
+    if key is not None:
+        kept.put(key, model, report)
     return model, report
 
 

@@ -97,18 +97,15 @@ def score(session: Session, counts: dict[str, int], pipeline: str) -> tuple[dict
     return row, arrays
 
 
-def plans(session: Session, sparsity: float, todo: list[str]) -> dict[str, tuple[dict[str, int], float, dict]]:
-    """Each plan still to score: its counts, the seconds the allocation took and, for the search, what it did."""
-    out = {}
-    for plan in todo:
-        t0 = time.perf_counter()
-        found = allocate(session, "optuna" if plan == "search" else plan, sparsity)
-        extra = {}
-        if found.search is not None:
-            prov = found.search.to_dict()
-            extra = {"anchor": prov.get("anchor"), "trials": prov.get("trials"), "fallback": prov.get("fallback")}
-        out[plan] = (found.counts, time.perf_counter() - t0, extra)
-    return out
+def allocation(session: Session, sparsity: float, plan: str) -> tuple[dict[str, int], float, dict]:
+    """A plan's counts, the seconds its allocation took and, for the search, what it did."""
+    t0 = time.perf_counter()
+    found = allocate(session, "optuna" if plan == "search" else plan, sparsity)
+    extra = {}
+    if found.search is not None:
+        prov = found.search.to_dict()
+        extra = {"anchor": prov.get("anchor"), "trials": prov.get("trials"), "fallback": prov.get("fallback")}
+    return found.counts, time.perf_counter() - t0, extra
 
 
 def run_cell(args: argparse.Namespace, model: str, seed: int, pipeline: str, results: Results) -> None:
@@ -121,8 +118,10 @@ def run_cell(args: argparse.Namespace, model: str, seed: int, pipeline: str, res
         check = calibration_check(session.dense, session.splits.calib, session.splits.selection, session.device)
         results.add_check({"model": model, "seed": seed, "agreement": check.agreement, "kl": check.kl})
     for s in args.sparsities:
-        todo = [p for p in wanted if not results.has(model, seed, s, pipeline, p)]
-        for plan, (counts, alloc_s, extra) in plans(session, s, todo).items():
+        # plan by plan, the rules first: a rule's seconds are its own repair, and the search (which scores every
+        # rule under the same pipeline) finds those repairs kept on the session (its seconds exclude them)
+        for plan in [p for p in wanted if not results.has(model, seed, s, pipeline, p)]:
+            counts, alloc_s, extra = allocation(session, s, plan)
             row, arrays = score(session, counts, pipeline)
             row.update(model=model, seed=seed, sparsity=s, pipeline=pipeline, plan=plan, alloc_s=alloc_s, **extra)
             results.add(row, arrays)
