@@ -24,7 +24,7 @@ from .nn.pruning import Pruning, apply_masks
 from .repair import DEFAULT_REPAIR, DEFAULT_WITHOUT_BN, RepairPipeline, RepairReport, run_repair
 from .session import Session
 
-__all__ = ["PruningLike", "repaired_model", "score"]
+__all__ = ["PruningLike", "RepairedCopies", "kept_copies", "repaired_model", "score"]
 
 PruningLike = Pruning | Mapping[str, int] | Mapping[str, torch.Tensor]
 DEFAULT_PIPELINES = (DEFAULT_REPAIR, DEFAULT_WITHOUT_BN)
@@ -46,6 +46,9 @@ class RepairedCopies:
         counts = tuple(sorted(p.counts.items())) if p.counts is not None else None
         return counts, p.nm, tuple(p.layers), pipeline  # the pipeline's steps with all their settings
 
+    def clear(self) -> None:
+        self.kept.clear()
+
     def get(self, key: Any) -> tuple[nn.Module, RepairReport] | None:
         if key not in self.kept:
             return None
@@ -63,6 +66,11 @@ class RepairedCopies:
             self.kept.popitem(last=False)
 
 
+def kept_copies(session: Session) -> RepairedCopies:
+    """The session's kept repaired copies (benchmarks clear them to time the repair itself)."""
+    return session.memo.setdefault(("repaired copies",), RepairedCopies())
+
+
 def repaired_model(
     session: Session,
     pruning: PruningLike,
@@ -74,7 +82,7 @@ def repaired_model(
     session repaired lately with the same pipeline is copied from the kept result (``RepairedCopies``)."""
     p = Pruning.of(pruning, nm)
     pipeline = RepairPipeline.parse(repair) if isinstance(repair, str) else repair
-    kept = session.memo.setdefault(("repaired copies",), RepairedCopies())
+    kept = kept_copies(session)
     key = kept.key(p, pipeline)
     if key is not None and (hit := kept.get(key)) is not None:
         return hit
