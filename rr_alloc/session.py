@@ -3,8 +3,8 @@
 ``Session(cfg)`` loads the dense model and the splits and checks that they fit. Everything expensive and
 plan-independent is computed on first use and kept: dense logits per split, MACs per weight, the model and
 data fingerprints, the dense statistics repair steps reuse. Derived evidence (the RR profile, level databases,
-deterministic allocations) is memoised in ``memo`` by the functions that compute it (``evidence``, ``api``,
-``search``), keyed by what decides it. The session never changes after loading: plans are pruned copies.
+deterministic allocations, the last repaired copies) is memoised in ``memo`` by the functions that compute it
+(``evidence``, ``api``, ``search``, ``evaluation``), keyed by what decides it. The session never changes after loading: plans are pruned copies.
 """
 
 from __future__ import annotations
