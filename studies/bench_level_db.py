@@ -33,7 +33,7 @@ from level_search import candidates
 
 from rr_alloc.api import allocate
 from rr_alloc.evaluation import kept_copies
-from rr_alloc.search.level_db import level_database
+from rr_alloc.search.databases import level_database
 from rr_alloc.search.scoring import SelectionScorer
 from rr_alloc.search.stitched import StitchedScorer
 from rr_alloc.system.files import write_text_atomic
