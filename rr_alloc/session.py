@@ -4,7 +4,8 @@
 plan-independent is computed on first use and kept: dense logits per split, MACs per weight, the model and
 data fingerprints, the dense statistics repair steps reuse. Derived evidence (the RR profile, level databases,
 deterministic allocations, the last repaired copies) is memoised in ``memo`` by the functions that compute it
-(``evidence``, ``api``, ``search``, ``evaluation``), keyed by what decides it. The session never changes after loading: plans are pruned copies.
+(``evidence``, ``api``, ``search``, ``evaluation``), keyed by what decides it. The session never changes after
+loading: plans are pruned copies.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class Session:
             print(
                 f"note: BatchNorm recalibration on the calibration images moves the dense model itself (agreement "
                 f"{100 * check.agreement:.1f}% with its dense self on the selection split): the default repair "
-                f"leaves bn out ({DEFAULT_WITHOUT_BN}); pass --repair to choose",
+                f"leaves bn out ({DEFAULT_WITHOUT_BN}); pass --repair to choose (obs:damp=0.01>bn>naive@block+logits "
+                "keeps bn)",
                 flush=True,
             )
             self.cfg = replace(self.cfg, repair=DEFAULT_WITHOUT_BN)

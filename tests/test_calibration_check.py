@@ -24,6 +24,7 @@ def test_recalibration_that_moves_the_dense_model_leaves_bn_out_of_the_default(t
     assert check["moves"] and check["agreement"] < check["min_agreement"] and check["n"] == 64
     assert plan["repair"] == DEFAULT_WITHOUT_BN and plan["verify"]["repair"] == DEFAULT_WITHOUT_BN
     assert out.count("note: BatchNorm recalibration on the calibration images moves the dense model") == 1
+    assert "pass --repair to choose (obs:damp=0.01>bn>naive@block+logits keeps bn)" in out  # the way to keep bn
     assert main(["verify", "--plan", str(tmp_path / "plan.json"), "--trust-plan-model"]) == 0  # its own pipeline
     assert f"prune -> {DEFAULT_WITHOUT_BN} ->" in capsys.readouterr().out
 
