@@ -226,6 +226,29 @@ def paired_rows(df: pd.DataFrame, results: Results) -> list[str]:
     return lines
 
 
+def pipeline_rows(df: pd.DataFrame, results: Results, reference: str = "channel") -> list[str]:
+    """Per (model, sparsity, plan): each pipeline against ``reference`` on the same plan and the seeds both ran,
+    on the fidelity split (paired over seeds, or over images with one seed)."""
+    lines = [f"| model | sparsity | plan | pipeline | seeds | agreement pts vs {reference} | KL vs {reference} |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for (m, s, plan), g in df.groupby(["model", "sparsity", "plan"], sort=True):
+        for pipe in sorted(set(g.pipeline) - {reference}):
+            diffs = []
+            for seed in sorted(set(g.seed)):
+                a, b = (g[(g.seed == seed) & (g.pipeline == q)] for q in (pipe, reference))
+                if len(a) and len(b):
+                    diffs.append(np.load(results.array_path(a.iloc[0])) - np.load(results.array_path(b.iloc[0])))
+            if not diffs:
+                continue
+            if len(diffs) == 1:
+                agr, kl = _per_image_ci(diffs[0][0], 100, 2), _per_image_ci(diffs[0][1], 1, 4)
+            else:
+                agr = _mean_ci(np.array([d[0].mean() for d in diffs]), 100, 2)
+                kl = _mean_ci(np.array([d[1].mean() for d in diffs]), 1, 4)
+            lines.append(f"| {m} | {s} | {plan} | {pipe} | {len(diffs)} | {agr} | {kl} |")
+    return lines
+
+
 def summarise(args: argparse.Namespace, results: Results) -> None:
     df = pd.DataFrame(results.rows)
     if df.empty:
@@ -253,6 +276,10 @@ def summarise(args: argparse.Namespace, results: Results) -> None:
         "images: plan − best rule, paired over seeds (t interval), or over images with one seed (normal interval).",
         "",
         *paired_rows(df, results),
+        "",
+        "Each pipeline against the channel-wise one, same plan and seeds, on the fidelity images (paired as above).",
+        "",
+        *pipeline_rows(df, results),
         "",
         "    python studies/edge_allocation.py " + " ".join(a for a in sys.argv[1:] if a != "--summarise"),
     ]
