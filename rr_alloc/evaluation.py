@@ -60,7 +60,7 @@ class RepairedCopies:
         nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         if nbytes > self.max_bytes:
             return
-        self.kept[key] = (copy.deepcopy(model), report, nbytes)
+        self.kept[key] = (copy.deepcopy(model), copy.deepcopy(report), nbytes)
         self.kept.move_to_end(key)
         while len(self.kept) > self.size or sum(b for *_, b in self.kept.values()) > self.max_bytes:
             self.kept.popitem(last=False)
