@@ -119,7 +119,14 @@ class Session:
         """Under the default repair, whether BatchNorm recalibration on the calibration images moves the dense
         model itself; when it does, the run's repair is the default without ``bn`` (said in one note line)."""
         s = self.splits
-        if self.cfg.repair != DEFAULT_REPAIR or not batchnorms(self.dense) or not s.selection.n:
+        if self.cfg.repair != DEFAULT_REPAIR or not batchnorms(self.dense):
+            return None
+        if not s.selection.n:
+            print(
+                "note: no selection split (--selection-size 0), so the calibration check cannot run: the default "
+                "repair keeps bn unchecked; pass --selection-size N (e.g. 128) to check it",
+                flush=True,
+            )
             return None
         check = calibration_check(self.dense, s.calib, s.selection, self.device)
         if check.moves:

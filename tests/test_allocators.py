@@ -102,6 +102,12 @@ def test_unreachable_budget_is_user_error(toy_problem_parts):
         _problem(prof, weights, 0.9, upper=np.full(4, 0.5))
 
 
+def test_a_budget_that_prunes_no_weight_is_user_error(toy_problem_parts):
+    prof, weights = toy_problem_parts
+    with pytest.raises(UserError, match="prunes no weight"):
+        _problem(prof, weights, 1e-9)
+
+
 def _synthetic(seed: int, L: int = 3):
     rng = np.random.default_rng(seed)
     layers = [LayerInfo(f"l{i}", (int(n),), int(n), "linear") for i, n in enumerate(rng.integers(50, 400, L))]

@@ -37,3 +37,12 @@ def test_matched_calibration_images_keep_bn_and_a_chosen_repair_is_never_changed
     plan, out = _search(tmp_path / "b", capsys, "--model", "factories:shifted_digits_resnet", "--repair", chosen)
     assert plan["repair"] == DEFAULT_REPAIR and "bn_check" not in plan["calibration"]
     assert "moves the dense model" not in out
+
+
+def test_without_a_selection_split_the_check_says_it_could_not_run(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    args = ["search", "--budget", "0.5", "--calib-size", "128", "--selection-size", "0", "--no-verify"]
+    assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
+    plan, said = json.loads(out.read_text()), capsys.readouterr().out
+    assert plan["repair"] == DEFAULT_REPAIR and "bn_check" not in plan["calibration"]
+    assert said.count("note: no selection split (--selection-size 0), so the calibration check cannot run") == 1

@@ -53,6 +53,16 @@ def test_16_bit_greyscale_decodes_to_its_grey_level_not_white(tmp_path):
     assert px.shape == (8, 8, 3) and np.all(px == 128)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_float_image_with_pixels_that_are_not_finite_is_refused(tmp_path, bad):
+    path = tmp_path / "float.tif"
+    px = np.full((8, 8), 0.5, np.float32)
+    px[3, 4] = bad
+    Image.fromarray(px).save(path)
+    with pytest.raises(UserError, match="not finite"):
+        decode(str(path))
+
+
 def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "x.jpg"
     os.mkfifo(fifo)
@@ -118,3 +128,30 @@ def test_a_folder_link_that_loops_back_is_refused_at_once(tmp_path, link):
 
     with pytest.raises(UserError, match="links back into"):
         check_no_link_loop(data, "--train-data")
+
+
+@pytest.mark.parametrize(("second", "says"), [("loop outside", "links back into"), ("two links", "a second time")])
+def test_a_folder_reached_twice_through_links_is_refused(tmp_path, second, says):
+    from rr_alloc.data.images import check_no_link_loop
+
+    data = image_folder(tmp_path / "data", per_class=4)
+    outside = image_folder(tmp_path / "outside", per_class=2)
+    (data / "c").symlink_to(outside, target_is_directory=True)
+    if second == "loop outside":  # a loop that never passes through the data folder
+        (outside / "self").symlink_to(outside, target_is_directory=True)
+    else:
+        (data / "d").symlink_to(outside, target_is_directory=True)
+
+    with pytest.raises(UserError, match=says):
+        check_no_link_loop(data, "--train-data")
+
+
+def test_a_class_folder_linked_once_from_outside_is_read(tmp_path):
+    """A class folder that is a link to a folder elsewhere (a common layout) is neither a loop nor a repeat."""
+    from rr_alloc.data.images import check_no_link_loop
+
+    data = image_folder(tmp_path / "data", per_class=4)
+    elsewhere = image_folder(tmp_path / "elsewhere", per_class=2)
+    (data / "class2").symlink_to(elsewhere / "class0", target_is_directory=True)
+
+    check_no_link_loop(data, "--train-data")

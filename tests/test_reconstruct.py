@@ -166,6 +166,22 @@ def test_lsq_survives_dead_inputs_without_damping():
     assert all(torch.isfinite(p).all() for p in pruned.parameters())
 
 
+@pytest.mark.parametrize("solve", ["exact", "sweep"])
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_obs_without_damping_runs_on_fewer_samples_than_inputs(solve, depthwise):
+    """``damp=0`` is legal: a rank-deficient Gram gets the least jitter that factorises it, never a crash."""
+    torch.manual_seed(0)
+    first = nn.Conv2d(8, 8, 5, groups=8) if depthwise else nn.Conv2d(8, 8, 5)
+    dense = nn.Sequential(first, nn.Flatten(), nn.Linear(8, 4)).eval()
+    batches = [(torch.randn(3, 8, 5, 5), None)]  # 3 samples: the 200- and 25-input Grams have rank 3
+    pruned, masks = _pruned(dense, 0.5)
+    before = {name: int(m.sum()) for name, m in masks.items()}
+    run_repair(pruned, f"obs:damp=0:solve={solve}", batches, dense=dense, masks=masks)
+    assert all(torch.isfinite(p).all() for p in pruned.parameters())
+    for name, k in before.items():
+        assert int((pruned.get_submodule(name).weight == 0).sum()) >= k
+
+
 @pytest.mark.parametrize(
     "text,msg",
     [

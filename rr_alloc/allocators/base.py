@@ -104,6 +104,11 @@ class AllocationProblem:
             raise ValueError("a FLOP budget needs macs_per_weight")
         if np.any(self.lower > self.upper):
             raise UserError("a layer's minimum sparsity exceeds its maximum: check the bounds")
+        total = int(self.n.sum())
+        if self.unit == "weights" and total and round(self.budget * total) == 0:
+            raise UserError(
+                f"budget {self.budget} prunes no weight of the {total} prunable weights: pass at least {1 / total:.2g}"
+            )
         lo, hi = self.feasible_range()
         if not lo - 1e-12 <= self.budget <= hi + 1e-12:
             raise UserError(

@@ -48,6 +48,8 @@ def _to_rgb(img: Any, path: str) -> Any:
     if img.mode in ("I", "F"):
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode == "I" and a.max() > 255 else (255.0 if img.mode == "I" else 1.0)
+        if not np.isfinite(a).all():
+            raise UserError(f"image {path} has {img.mode} pixels that are not finite (NaN or inf): save it again")
         if a.min() < 0 or a.max() > top:
             raise UserError(
                 f"image {path} has {img.mode} pixels in [{a.min():g}, {a.max():g}], outside 0..{top:g}: "
@@ -59,19 +61,34 @@ def _to_rgb(img: Any, path: str) -> Any:
 
 def check_no_link_loop(root: Path, flag: str) -> None:
     """A folder link that leads back into the tree above it would be walked forever (or once per loop, counting
-    the same images many times): refused, naming the link."""
+    the same images many times), and two paths to one folder would read its images twice, possibly into two
+    splits: both refused, naming the link. Links are followed as the image reader follows them."""
     top = root.resolve()
-    for here, dirs, _ in os.walk(root, followlinks=False):
-        for d in dirs:
-            link = Path(here) / d
-            if link.is_symlink():
-                target = link.resolve()
-                parent = link.parent.resolve()
+    seen = {top}
+    stack = [root]
+    while stack:
+        here = stack.pop()
+        try:
+            subdirs = sorted(Path(e.path) for e in os.scandir(here) if e.is_dir())
+        except OSError:
+            continue  # unreadable here: the image reader names it
+        for d in subdirs:
+            target = d.resolve()
+            if d.is_symlink():
+                parent = d.parent.resolve()
                 if target == top or top in target.parents or target == parent or target in parent.parents:
+                    into = root if target == top or top in target.parents else f"{target}, a folder it lies in"
                     raise UserError(
-                        f"{link} links back into {root} (a loop: its images would be read again and again): "
+                        f"{d} links back into {into} (a loop: its images would be read again and again): "
                         f"remove the link from the {flag} folder"
                     )
+            if target in seen:
+                raise UserError(
+                    f"{d} reaches {target} a second time (a link loop, or two links to one folder: its images "
+                    f"would be read twice): remove the link from the {flag} folder"
+                )
+            seen.add(target)
+            stack.append(d)
 
 
 class UnlabeledFolder:
@@ -105,8 +122,8 @@ def _layout(root: Path, flag: str) -> list[str]:
             folders = folders or any(f.lower().endswith(EXTENSIONS) for _, _, fs in os.walk(entry.path) for f in fs)
     if loose and folders:
         raise UserError(
-            f"{flag} {root} mixes class folders with {len(loose)} loose images: pass a folder of class folders "
-            "(labelled) or a folder of plain images (unlabelled), not both"
+            f"{flag} {root} mixes class folders with {len(loose)} loose image{'s' * (len(loose) > 1)}: pass a "
+            "folder of class folders (labelled) or a folder of plain images (unlabelled), not both"
         )
     if len(loose) == 1:
         raise UserError(f"{flag} {root} holds one image: pass a folder with at least 2 images")

@@ -15,29 +15,17 @@ from torch import nn
 
 from .grams import GroupGrams
 from .refit import keep_rows, weight_rows
+from .sweep import cholesky_with_jitter
 
 __all__ = ["fit_depthwise"]
-
-
-def _cholesky(A: torch.Tensor) -> torch.Tensor:
-    """Lower factors of a batch; the systems that fail (dead inputs) get ``1e-8`` of their mean diagonal more,
-    as the per-group solves do."""
-    L, info = torch.linalg.cholesky_ex(A)
-    bad = info != 0
-    if bad.any():
-        A = A.clone()
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        A[bad] = A[bad] + 1e-8 * torch.diagonal(A[bad], dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None] * eye
-        L[bad] = torch.linalg.cholesky(A[bad])
-    return L
 
 
 def _obs_keep(Hl: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per group, the keep-mask with the same pruned count whose weights have the lowest OBS saliency."""
     d = keep.shape[1]
-    L = _cholesky(Hl)
+    L = cholesky_with_jitter(Hl)
     w = torch.cholesky_solve(rhs[..., None], L)[..., 0]  # the all-kept optimum
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    U = cholesky_with_jitter(torch.cholesky_inverse(L), upper=True)
     sal = w[:, :d] ** 2 / torch.diagonal(U, dim1=1, dim2=2)[:, :d] ** 2
     order = torch.sort(sal, dim=1, stable=True).indices
     n_prune = (~keep).sum(1, keepdim=True)

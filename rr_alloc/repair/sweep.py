@@ -10,9 +10,35 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DEFAULT_OBS_BLOCK", "solve_all_kept", "refine_kept", "obs_select", "sweep"]
+from ..errors import UserError
+
+__all__ = ["DEFAULT_OBS_BLOCK", "cholesky_with_jitter", "solve_all_kept", "refine_kept", "obs_select", "sweep"]
 
 DEFAULT_OBS_BLOCK = 128
+JITTERS = (1e-8, 1e-6, 1e-4, 1e-2)  # extra damping tried in turn, as fractions of the mean diagonal
+
+
+def cholesky_with_jitter(A: torch.Tensor, upper: bool = False) -> torch.Tensor:
+    """Cholesky factor of ``A`` (one matrix or a batch; lower unless ``upper``). A matrix that is not positive
+    definite in floating point (dead inputs, fewer samples than inputs under ``damp=0``) gets ``1e-8`` of its mean
+    diagonal added, then ``1e-6``, ``1e-4`` and ``1e-2``, until it factorises: the least damping that makes the
+    solve exist."""
+    L, info = torch.linalg.cholesky_ex(A, upper=upper)
+    bad = info != 0
+    if not bad.any():
+        return L
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    scale = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1).abs().clamp_min(1e-12)
+    for jitter in JITTERS:
+        fixed, info_fixed = torch.linalg.cholesky_ex(A + (jitter * scale)[..., None, None] * eye, upper=upper)
+        L = torch.where(bad[..., None, None], fixed, L)
+        bad = bad & (info_fixed != 0)
+        if not bad.any():
+            return L
+    raise UserError(
+        "a layer's Gram matrix cannot be factorised even with 1e-2 of its mean diagonal added (non-finite "
+        "activations?): check the model and the calibration images, or raise damp (e.g. obs:damp=0.01)"
+    )
 
 
 def solve_all_kept(H: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
@@ -20,10 +46,7 @@ def solve_all_kept(H: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tens
     ``O(d^3 + rows d^2)`` (the rows differ only in their right-hand sides)."""
     d = H.shape[0]
     eye = torch.eye(d, dtype=torch.float64, device=H.device)
-    Hl = H.double() + lam * eye
-    L, info = torch.linalg.cholesky_ex(Hl)
-    if int(info) != 0:  # dead inputs: a little more damping, as the inverse factor does
-        L = torch.linalg.cholesky(Hl + 1e-8 * torch.diagonal(Hl).mean().clamp_min(1e-12) * eye)
+    L = cholesky_with_jitter(H.double() + lam * eye)
     return torch.cholesky_solve(rhs.double().T, L).T
 
 
@@ -39,6 +62,7 @@ def refine_kept(
     x = m * x0.double()
     r = b - m * (x @ Hl)  # Hl is symmetric: row i of x @ Hl is Hl x_i
     dinv = m / torch.diagonal(Hl).clamp_min(1e-300)[None, :]
+    scale = float(torch.diagonal(Hl).mean().abs()) or 1.0
     z = dinv * r
     p = z.clone()
     rz = (r * z).sum(1)
@@ -47,7 +71,12 @@ def refine_kept(
         if bool((r.norm(dim=1) <= tol * bnorm).all()):
             break
         ap = m * (p @ Hl)
-        alpha = rz / (p * ap).sum(1).clamp_min(1e-300)
+        curv = (p * ap).sum(1)
+        # a direction without curvature (a singular H_KK under damp=0) would send x to infinity: that row
+        # stops there and restarts from its preconditioned residual
+        flat = curv <= 1e-14 * scale * (p * p).sum(1)
+        alpha = torch.where(flat, 0.0, rz / curv.clamp_min(1e-300))
+        p[flat] = 0.0
         x += alpha[:, None] * p
         r -= alpha[:, None] * ap
         z = dinv * r
@@ -60,12 +89,8 @@ def refine_kept(
 def _inverse_factor(H: torch.Tensor, full: torch.Tensor, lam: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + lam I)^-1`` in ``full`` column order: row i is column i's OBS update."""
     eye = torch.eye(len(full), dtype=torch.float64, device=full.device)
-    Hp = H[full][:, full].double() + lam * eye
-    L, info = torch.linalg.cholesky_ex(Hp)
-    if int(info) != 0:
-        Hp = Hp + 1e-8 * torch.diagonal(Hp).mean().clamp_min(1e-12) * eye  # an all-zero Gram: a dead layer
-        L = torch.linalg.cholesky(Hp)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    L = cholesky_with_jitter(H[full][:, full].double() + lam * eye)
+    return cholesky_with_jitter(torch.cholesky_inverse(L), upper=True)
 
 
 def _lowest_saliency(W1: torch.Tensor, diag: torch.Tensor, k: int) -> torch.Tensor:
