@@ -193,6 +193,8 @@ def test_obs_without_damping_runs_on_fewer_samples_than_inputs(solve, depthwise)
         ("obs:solve=exact:solve=sweep", "'solve' is given twice"),
         ("obs>naive@block:noshift:shift", "sets 'shift' twice"),
         ("bn>asr@block:lam=0.5:lam=mean", "sets 'lam' twice"),
+        ("naive@block+", "needs sites"),
+        ("naive@block+block", "named twice"),
     ],
 )
 def test_bad_or_repeated_repair_step_options_are_refused(text, msg):

@@ -159,11 +159,14 @@ class ChannelRepair(StepKind):
         method, _, sites_s = head.partition("@")
         if method not in CHANNEL_METHODS:
             return None
-        sites = tuple(s for s in sites_s.split("+") if s)
-        if not sites or any(s not in SITE_KINDS for s in sites):
+        sites = tuple(sites_s.split("+"))
+        if not sites_s or any(s not in SITE_KINDS for s in sites):
             raise UserError(
                 f"repair step {part!r} needs sites from {', '.join(SITE_KINDS)} after '@' (e.g. {method}@block+logits)"
             )
+        twice = first_repeat(list(sites))
+        if twice:
+            raise UserError(f"site {twice!r} is named twice in repair step {part!r} (in --repair {text!r}): keep one")
         return RepairStep(method, sites, *_parse_options(opts, part, method))
 
     def apply(self, step: RepairStep, pruned: nn.Module, ctx: StepContext) -> None:
