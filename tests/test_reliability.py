@@ -109,3 +109,22 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path, after):
         return
     assert proc.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "error: interrupted" and not out.exists()
+
+
+def test_a_profile_without_residual_distortion_plots_without_warnings(tmp_path):
+    """Constant calibration images can leave every D_res at zero: the figure is drawn on a linear axis."""
+    import warnings
+
+    import numpy as np
+
+    from rr_alloc.nn.layers import LayerInfo
+    from rr_alloc.plans.report import plot_rr_curves
+    from rr_alloc.profiling.rr import RRProfile
+
+    zeros = np.zeros((2, 3))
+    layers = [LayerInfo("a", (4, 4), 16, "linear"), LayerInfo("b", (4, 4), 16, "linear")]
+    profile = RRProfile(layers, np.array([0.5, 0.7, 0.9]), zeros, zeros)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = plot_rr_curves(profile, tmp_path / "rr.png")
+    assert path.stat().st_size > 0

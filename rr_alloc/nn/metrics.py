@@ -50,7 +50,8 @@ def per_image(logits: torch.Tensor, dense_logits: torch.Tensor) -> tuple[torch.T
     agree = (logits.argmax(1) == dense_logits.argmax(1)).double()
     logp_d = F.log_softmax(dense_logits.double(), 1)
     logp = F.log_softmax(logits.double(), 1)
-    return agree, (logp_d.exp() * (logp_d - logp)).sum(1)
+    # KL is never negative: rounding leaves about -1e-17 on a model equal to the dense one (printed as -0.0)
+    return agree, (logp_d.exp() * (logp_d - logp)).sum(1).clamp_min(0.0)
 
 
 def compare_logits(logits: torch.Tensor, labels: torch.Tensor, dense_logits: torch.Tensor) -> Metrics:

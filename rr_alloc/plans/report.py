@@ -77,10 +77,12 @@ def plot_rr_curves(
             g, v = profile.curve("d_res")
             axes[1].plot([s], [np.interp(s, g, v[i])], "x", color=color, ms=8)
     axes[0].set(xlabel="layer sparsity", ylabel="RR = D_res / D_raw", title="Relative Repairability")
+    # a log axis needs a positive value (constant calibration images can leave every D_res at zero)
+    positive = bool((np.asarray(profile.d_res) > 0).any())
     axes[1].set(
         xlabel="layer sparsity",
         ylabel="D_res (relative)",
-        yscale="log",
+        yscale="log" if positive else "linear",
         title="Residual distortion after ASR" + (" (x = plan)" if plan_sparsity else ""),
     )
     if L <= 40:
