@@ -73,7 +73,7 @@ def test_an_optimiser_from_outside_the_package_searches(extension, tmp_path, cap
         *("--storage", storage, "--no-verify"),
     )
     assert plan["search"]["optimizer"] == "toy-mix" and plan["search"]["complete"] == 4
-    assert plan["search"]["best_selection"] <= plan["search"]["global_selection"]  # started at global magnitude
+    assert plan["search"]["best_selection"] <= plan["search"]["global_selection"]  # from the best rule
 
 
 def test_a_model_source_from_outside_the_package_builds_plans_and_replays(extension, tmp_path, capsys):

@@ -64,3 +64,12 @@ def test_verify_labels_a_flop_plans_sparsity_as_macs(flop_plan):
     assert "MAC sparsity" in header
     row = next(l for l in r.stdout.splitlines() if "+ repair" in l)
     assert row.split()[-1] == f"{json.loads(flop_plan.read_text())['achieved_sparsity']:.4f}".rstrip("0")
+
+
+def test_a_plan_verified_on_another_model_names_the_model_it_was_made_for(factory_plan, capsys):
+    from rr_alloc.cli import main
+
+    assert main(["verify", "--plan", str(factory_plan), "--model", "digits_resnet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "the plan was made for model factories:tiny_digits_cnn, not digits_resnet" in err

@@ -219,7 +219,18 @@ def session_for_plan(plan: Plan, cfg: RunConfig, progress: bool = True) -> Sessi
     Checks the checkpoint's hash against the plan's record, the layer shapes and the layer set.
     """
     check_checkpoint_hash(plan, cfg.checkpoint)
-    session = Session(cfg, progress=progress)
+    made_for = plan.source.get("model") if plan.source else None
+    try:
+        session = Session(cfg, progress=progress)
+    except UserError as e:
+        if not made_for or made_for == cfg.model:
+            raise
+        # the plan's layers select the model's (as --include patterns): on another model the first error is
+        # about a layer, and the cause is the model
+        raise UserError(
+            f"{e} (the plan was made for model {made_for}, not {cfg.model}: pass --model {made_for}, or make a "
+            f"plan for {cfg.model} with `rr_alloc search`)"
+        ) from None
     plan.check_model(session.dense)
     if {l.name for l in session.layers} != {l.name for l in plan.layers}:
         raise UserError(

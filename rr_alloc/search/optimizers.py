@@ -277,8 +277,8 @@ class OptunaSearch(Allocator):
     name = "optuna"
     needs = Needs(weights=True, profile=True, evaluate=True)
     description = (
-        "end-to-end search started at global magnitude (evo: block moves guided by RR; cmaes; "
-        "tpe-mix), scored on the selection split"
+        "end-to-end search from the best rule (every rule scored under the repair first; evo: block moves "
+        "guided by RR; cmaes; tpe-mix), scored on the selection split"
     )
 
     def __init__(self, options: SearchOptions | None = None, n_trials: int = 30, timeout: float | None = None) -> None:
