@@ -63,6 +63,13 @@ def test_a_float_image_with_pixels_that_are_not_finite_is_refused(tmp_path, bad)
         decode(str(path))
 
 
+def test_a_broken_link_named_like_an_image_is_named_as_one(tmp_path):
+    link = tmp_path / "gone.jpg"
+    link.symlink_to(tmp_path / "missing.jpg")
+    with pytest.raises(UserError, match="broken link"):
+        decode(str(link))
+
+
 def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "x.jpg"
     os.mkfifo(fifo)

@@ -32,6 +32,8 @@ def decode(path: str) -> Any:
     """The image at ``path`` as an 8-bit RGB PIL image."""
     from PIL import Image
 
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"image {path} is a broken link (to {os.readlink(path)}): restore its target or remove it")
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise UserError(f"image {path} is not a regular file (a pipe or device): remove it from the image folder")
     with Image.open(path) as img:
