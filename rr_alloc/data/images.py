@@ -67,9 +67,9 @@ def check_no_link_loop(root: Path, flag: str) -> None:
     splits: both refused, naming the link. Links are followed as the image reader follows them."""
     top = root.resolve()
     seen = {top}
-    stack = [root]
+    stack = [(root, top)]  # each folder with the real folder it leads to
     while stack:
-        here = stack.pop()
+        here, parent = stack.pop()
         try:
             subdirs = sorted(Path(e.path) for e in os.scandir(here) if e.is_dir())
         except OSError:
@@ -77,7 +77,6 @@ def check_no_link_loop(root: Path, flag: str) -> None:
         for d in subdirs:
             target = d.resolve()
             if d.is_symlink():
-                parent = d.parent.resolve()
                 if target == top or top in target.parents or target == parent or target in parent.parents:
                     into = root if target == top or top in target.parents else f"{target}, a folder it lies in"
                     raise UserError(
@@ -90,7 +89,7 @@ def check_no_link_loop(root: Path, flag: str) -> None:
                     f"would be read twice): remove the link from the {flag} folder"
                 )
             seen.add(target)
-            stack.append(d)
+            stack.append((d, target))
 
 
 class UnlabeledFolder:

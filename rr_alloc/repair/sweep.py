@@ -61,8 +61,9 @@ def refine_kept(
     b = m * rhs.double()
     x = m * x0.double()
     r = b - m * (x @ Hl)  # Hl is symmetric: row i of x @ Hl is Hl x_i
-    dinv = m / torch.diagonal(Hl).clamp_min(1e-300)[None, :]
-    scale = float(torch.diagonal(Hl).mean().abs()) or 1.0
+    diag = torch.diagonal(Hl)
+    dinv = m / diag.clamp_min(1e-300)[None, :]
+    scale = float(diag.mean().abs()) or 1.0
     z = dinv * r
     p = z.clone()
     rz = (r * z).sum(1)
