@@ -15,20 +15,19 @@ from .profiling.rr import RRProfile, profile_rr
 from .profiling.sensitivity import output_sensitivity
 from .profiling.store import ProfileCache
 from .repair import RepairPipeline
-from .repair.reconstruct import DEFAULT_DAMP
 from .session import Session
 
 __all__ = ["profile", "profile_meta", "profile_repair", "profile_key", "layer_weights", "problem"]
 
 
-def profile_repair(text: str | None) -> tuple[str, float]:
+def profile_repair(text: str | None) -> tuple[str, float | None]:
     """``(kind, damp)`` of a ``--profile-repair`` value: ``channel``, or ``lsq``/``obs`` with its damping."""
     text = (text or "channel").strip()
     if text == "channel":
-        return "channel", DEFAULT_DAMP
+        return "channel", None
     head = text.split(":")[0]
     if head not in ("lsq", "obs"):
-        raise UserError(f"unknown --profile-repair {text!r}: use channel, lsq[:damp=X] or obs[:damp=X]")
+        raise UserError(f"unknown --profile-repair {text!r}: use channel, lsq[:damp=X|auto] or obs[:damp=X|auto]")
     step = RepairPipeline.parse(text, flag="--profile-repair").steps[0]
     return head, step.damp
 

@@ -133,7 +133,7 @@ class Session:
             print(
                 f"note: BatchNorm recalibration on the calibration images moves the dense model itself (agreement "
                 f"{100 * check.agreement:.1f}% with its dense self on the selection split): the default repair "
-                f"leaves bn out ({DEFAULT_WITHOUT_BN}); pass --repair to choose (obs:damp=0.01>bn>naive@block+logits "
+                f"leaves bn out ({DEFAULT_WITHOUT_BN}); pass --repair to choose (obs:damp=auto>bn>naive@block+logits "
                 "keeps bn)",
                 flush=True,
             )

@@ -11,11 +11,12 @@ Arms, at each sparsity (share of the prunable weights): the rules ``uniform``, `
 the selection split under the same pipeline), each repaired with
 
 - ``channel``:  ``bn>naive@block+logits`` (the channel-wise pipeline),
-- ``obs``:      ``obs>bn>naive@block+logits``,
-- ``obs-nobn``: ``obs>naive@block+logits`` (what the calibration check picks when BatchNorm recalibration on the
-  calibration images moves the dense model),
-- ``obs-nobn-damp0.1``: the same with ten times the default damping (``obs:damp=0.1``): 128 photos give fewer
-  samples than the widest layers have inputs (the classifier: 128 against 1280).
+- ``obs``:      ``obs:damp=0.01>bn>naive@block+logits`` (damping 0.01 of the mean Gram diagonal on every layer),
+- ``obs-nobn``: ``obs:damp=0.01>naive@block+logits`` (without ``bn``, as the calibration check chooses when
+  BatchNorm recalibration on the calibration images moves the dense model),
+- ``obs-nobn-auto``: ``obs>naive@block+logits``, the tool's default there: ``damp=auto`` raises the damping of a
+  layer that sees fewer sample rows than it has inputs by their ratio (the classifier: 1280 inputs, 128 images),
+- ``obs-nobn-damp0.1``: ``obs:damp=0.1>naive@block+logits``, ten times the damping on every layer,
 - ``obs-nobn-damp0.1-kd``: that, then ``kd`` (distillation to the dense model, 300 steps of 16 images) on the
   calibration photos plus every ``pool/`` photo outside the selection and validation splits (``--distill-size``);
   ``-lr1e-3`` with a third of ``kd``'s learning rate.
@@ -54,9 +55,13 @@ from efficientnet_lite import TRANSFORMS  # noqa: E402
 
 PIPELINES = {
     "channel": "bn>naive@block+logits",
-    # the default pipeline written out (damp given), so the calibration check leaves it as chosen: with bn
+    # the damping written out (so the calibration check leaves the pipeline as chosen: with bn): one fraction of
+    # the mean Gram diagonal on every layer, as damp=auto's 0.01 but never raised
     "obs": "obs:damp=0.01>bn>naive@block+logits",
-    "obs-nobn": "obs>naive@block+logits",
+    "obs-nobn": "obs:damp=0.01>naive@block+logits",
+    # the tool's default where the calibration check fires: damp=auto raises the damping of layers that see
+    # fewer sample rows than they have inputs (the classifier: 128 images, 1280 inputs, so 0.1)
+    "obs-nobn-auto": "obs>naive@block+logits",
     "obs-nobn-damp0.1": "obs:damp=0.1>naive@block+logits",
     # distillation to the dense model after the re-fit, sized for two CPU cores (about 10 min on Lite1)
     "obs-nobn-damp0.1-kd": "obs:damp=0.1>naive@block+logits>kd:steps=300:batch=16",
@@ -66,6 +71,7 @@ PROFILE_REPAIR = {
     "channel": "channel",
     "obs": "obs",
     "obs-nobn": "obs",
+    "obs-nobn-auto": "obs",
     "obs-nobn-damp0.1": "obs",
     "obs-nobn-damp0.1-kd": "obs",
     "obs-nobn-damp0.1-kd-lr1e-3": "obs",

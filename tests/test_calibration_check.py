@@ -24,7 +24,7 @@ def test_recalibration_that_moves_the_dense_model_leaves_bn_out_of_the_default(t
     assert check["moves"] and check["agreement"] < check["min_agreement"] and check["n"] == 64
     assert plan["repair"] == DEFAULT_WITHOUT_BN and plan["verify"]["repair"] == DEFAULT_WITHOUT_BN
     assert out.count("note: BatchNorm recalibration on the calibration images moves the dense model") == 1
-    assert "pass --repair to choose (obs:damp=0.01>bn>naive@block+logits keeps bn)" in out  # the way to keep bn
+    assert "pass --repair to choose (obs:damp=auto>bn>naive@block+logits keeps bn)" in out  # the way to keep bn
     assert main(["verify", "--plan", str(tmp_path / "plan.json"), "--trust-plan-model"]) == 0  # its own pipeline
     assert f"prune -> {DEFAULT_WITHOUT_BN} ->" in capsys.readouterr().out
 
@@ -33,7 +33,7 @@ def test_matched_calibration_images_keep_bn_and_a_chosen_repair_is_never_changed
     plan, out = _search(tmp_path / "a", capsys)  # the embedded digits model on its own images
     assert plan["repair"] == DEFAULT_REPAIR and not plan["calibration"]["bn_check"]["moves"]
     assert "moves the dense model" not in out
-    chosen = "obs:damp=0.01>bn>naive@block+logits"  # the default's pipeline, written out by the user
+    chosen = "obs:damp=auto>bn>naive@block+logits"  # the default's pipeline, written out by the user
     plan, out = _search(tmp_path / "b", capsys, "--model", "factories:shifted_digits_resnet", "--repair", chosen)
     assert plan["repair"] == DEFAULT_REPAIR and "bn_check" not in plan["calibration"]
     assert "moves the dense model" not in out

@@ -68,7 +68,8 @@ def _brute_lsq(dense, pruned, masks, batches, damp):
         og, dg = w.shape[0] // g, w.shape[1]
         for i in range(w.shape[0]):
             xg = xp[:, (i // og) * dg : (i // og + 1) * dg]
-            lam = damp * float((xg**2).sum(0).mean())
+            frac = 0.01 * max(1.0, dg / len(xg)) if damp == "auto" else damp  # auto: raised below rank
+            lam = frac * float((xg**2).sum(0).mean())
             A = xg[:, keep[i]]
             x0 = w[i, keep[i]]
             if const:
@@ -96,6 +97,28 @@ def test_lsq_equals_explicit_float64_solve(toy, toy_batches, damp):
     assert report.reconstructed == LAYERS and not report.skipped
     for (n, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=n)
+
+
+@pytest.mark.parametrize("n_batches", [4, 1])
+def test_auto_damping_raises_only_layers_with_fewer_sample_rows_than_inputs(toy, toy_batches, n_batches):
+    """``damp=auto`` (the default) is 0.01 of the mean diagonal, times inputs / rows where a layer sees fewer
+    rows than it has inputs: with the 7 images of one batch the 12-input classifier gets 0.01 * 12 / 7."""
+    dense, batches = _double(toy, toy_batches)
+    batches = batches[:n_batches]
+    pruned, masks = _pruned(dense, 0.8)
+    want = _brute_lsq(dense, pruned, masks, batches, "auto")
+    for text in ("lsq", "lsq:damp=auto"):
+        got = copy.deepcopy(pruned)
+        run_repair(got, text, batches, dense=dense, masks=masks)
+        for (n, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items()):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=n)
+    flat = copy.deepcopy(pruned)
+    run_repair(flat, "lsq:damp=0.01", batches, dense=dense, masks=masks)
+    same_fc = torch.equal(flat.fc.weight, got.fc.weight)
+    assert same_fc == (n_batches == 4) and torch.equal(flat.conv1.weight, got.conv1.weight)
+    assert str(RepairPipeline.parse("lsq:damp=auto")) == "lsq" and str(RepairPipeline.parse("obs:damp=0.01")) == (
+        "obs:damp=0.01"
+    )
 
 
 def test_lsq_keeps_the_masks_and_adds_nothing(toy, toy_batches):

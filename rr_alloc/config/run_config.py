@@ -143,7 +143,7 @@ class RunConfig:
     profile_repair: str = option(
         "channel",
         text,
-        "repair the RR profile measures: channel, lsq[:damp=X] or obs[:damp=X] "
+        "repair the RR profile measures: channel, lsq[:damp=X|auto] or obs[:damp=X|auto] "
         "(least-squares re-fit of the kept weights; the RR allocators then plan for it)",
         "alloc",
     )

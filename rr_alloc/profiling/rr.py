@@ -38,8 +38,8 @@ from ..nn.pruning import magnitude_order, n_pruned
 from ..nn.stats import as_bcx, distortions
 from ..repair.reconstruct import bias_targets
 from ..repair.refit import (
-    DEFAULT_DAMP,
     GramStats,
+    damp_text,
     damping,
     input_patches,
     keep_rows,
@@ -295,12 +295,12 @@ def profile_rr(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     profile_repair: str = "channel",
-    damp: float = DEFAULT_DAMP,
+    damp: float | None = None,
 ) -> RRProfile:
     """Measure ``D_raw``, ``D_res`` (layer-local, after the profile repair) and ``RR`` in one pass.
 
     ``profile_repair``: ``channel`` (ASR at the layer output) or ``lsq`` (least-squares re-fit of the
-    kept weights with damping ``damp``; layers the re-fit skips, e.g. grouped convs, keep the
+    kept weights with damping ``damp`` (``None``: ``damp=auto``); layers the re-fit skips, e.g. grouped convs, keep the
     channel-wise ``D_res``). ``model`` is used in eval mode and left unchanged (no hooks, same
     weights). ``dtype=torch.float64`` runs the pass in double precision (used by tests).
     """
@@ -339,9 +339,9 @@ def profile_rr(
     }
     if grams is not None:
         meta["profile_repair"] = (
-            f"{profile_repair} (damp={damp:g}; others channel-wise)"
+            f"{profile_repair} (damp={damp_text(damp)}; others channel-wise)"
             if len(grams) < len(layers)
-            else f"{profile_repair} (damp={damp:g})"
+            else f"{profile_repair} (damp={damp_text(damp)})"
         )
     return RRProfile(layers, np.asarray(grid), d_raw, d_res, meta)
 
@@ -354,7 +354,7 @@ def _distortions(
     grams: dict[str, GramStats] | None,
     lam: str | float,
     mean_shift: bool,
-    damp: float,
+    damp: float | None,
     obs: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``D_raw`` and ``D_res`` (layers x grid) from the accumulated moments (and Gram statistics for lsq)."""
@@ -371,14 +371,14 @@ def _distortions(
 
 
 def _lsq_d_res(
-    layer: nn.Module, gram: GramStats, grid: Sequence[float], damp: float, v_d_sum: float, obs: bool = False
+    layer: nn.Module, gram: GramStats, grid: Sequence[float], damp: float | None, v_d_sum: float, obs: bool = False
 ) -> np.ndarray:
     """``D_res`` under the least-squares re-fit at each grid sparsity (dense inputs): of the magnitude masks,
     or (``obs``) of the masks OBS chooses with the same count, as the ``obs`` step does with dense inputs."""
     H = gram.H
     w = weight_rows(layer, gram.with_const)
     d = layer.weight[0].numel()
-    lam = damping(H, damp, d)
+    lam = damping(H, damp, d, gram.n)
     order = magnitude_order(layer.weight)
     out = np.zeros(len(grid))
     for j, s in enumerate(grid):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .grams import GroupGrams
-from .refit import keep_rows, weight_rows
+from .refit import effective_damp, keep_rows, weight_rows
 from .sweep import cholesky_with_jitter
 
 __all__ = ["fit_depthwise"]
@@ -64,7 +64,7 @@ def fit_depthwise(
     grams: GroupGrams,
     keep: torch.Tensor,
     method: str,
-    damp: float,
+    damp: float | None,
     bias_to: str | None,
 ) -> torch.Tensor:
     """Re-fit every group of ``pruned.<name>`` (one output row each) from its Gram pair, ``lsq`` on the given
@@ -73,7 +73,7 @@ def fit_depthwise(
     const = grams.with_const
     d = dense_layer.weight[0].numel()
     H = grams.H.double()
-    lam = damp * torch.diagonal(H, dim1=1, dim2=2)[:, :d].mean(1)
+    lam = effective_damp(damp, d, grams.n) * torch.diagonal(H, dim1=1, dim2=2)[:, :d].mean(1)
     rhs = grams.R[..., 0].double() + lam[:, None] * weight_rows(dense_layer, const).to(H)
     Hl = H + lam[:, None, None] * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     keep2 = keep.flatten(1).to(H.device)

@@ -61,6 +61,7 @@ from .refit import (
     DEFAULT_OBS_BLOCK,
     MAX_SOLVE_FLOPS,
     GramStats,
+    damp_text,
     damping,
     exact_solve_flops,
     input_patches,
@@ -113,17 +114,18 @@ SOLVES = ("auto", "exact", "sweep")  # auto: the exact re-fit up to MAX_SOLVE_FL
 
 @dataclass(frozen=True)
 class ReconstructStep:
-    """``lsq`` or ``obs`` with its damping (fraction of the mean Gram diagonal) and OBS block size."""
+    """``lsq`` or ``obs`` with its damping (fraction of the mean Gram diagonal; ``None``: ``damp=auto``, see
+    ``refit.effective_damp``) and OBS block size."""
 
     method: str = "lsq"
-    damp: float = DEFAULT_DAMP
+    damp: float | None = None
     block: int = DEFAULT_OBS_BLOCK
     solve: str = "auto"  # exact per-row re-fit, SparseGPT's sweep, or auto: exact where affordable
 
     def __str__(self) -> str:
         s = self.method
-        if self.damp != DEFAULT_DAMP:
-            s += f":damp={self.damp:g}"
+        if self.damp is not None:
+            s += f":damp={damp_text(self.damp)}"
         if self.block != DEFAULT_OBS_BLOCK:
             s += f":block={self.block}"
         if self.solve != "auto":
@@ -221,7 +223,7 @@ def fit_layer(
     d = dense_layer.weight[0].numel()
     w_aug = weight_rows(dense_layer, gram.with_const)[rows]  # (rows, d [+1 bias column])
     H = gram.H
-    lam = damping(H, step.damp, d)
+    lam = damping(H, step.damp, d, gram.n)
     rhs = gram.R.T + lam * w_aug  # rows of X_p^T y_d + lam w_d
     keep2 = keep.flatten(1)[rows]
     if step.sweeps(layer):

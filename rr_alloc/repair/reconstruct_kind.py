@@ -7,21 +7,24 @@ from torch import nn
 from ..errors import UserError
 from ..nn.layers import reconstructed_layers
 from .reconstruct import RECONSTRUCT_METHODS, SOLVES, ReconstructStep, reconstruct
-from .refit import DEFAULT_DAMP, DEFAULT_OBS_BLOCK
+from .refit import DEFAULT_OBS_BLOCK
 from .steps import StepContext, StepKind, first_repeat, register
 
 __all__ = ["Reconstruction"]
 
 
 def _parse_options(method: str, opts: list[str], part: str, text: str) -> ReconstructStep:
-    damp, block, solve = DEFAULT_DAMP, DEFAULT_OBS_BLOCK, "auto"
+    damp: float | None = None  # auto
+    block, solve = DEFAULT_OBS_BLOCK, "auto"
     twice = first_repeat([o.partition("=")[0] for o in opts])
     if twice:
         raise UserError(f"option {twice!r} is given twice in repair step {part!r} (in --repair {text!r}): keep one")
     for o in opts:
         key, _, val = o.partition("=")
         try:
-            if key == "damp":
+            if key == "damp" and val == "auto":
+                damp = None
+            elif key == "damp":
                 damp = float(val)
                 if not damp >= 0 or damp == float("inf"):
                     raise ValueError
@@ -32,14 +35,14 @@ def _parse_options(method: str, opts: list[str], part: str, text: str) -> Recons
             elif key == "solve" and val in SOLVES:
                 solve = val
             else:
-                allowed = "damp=X" + (", block=B" if method == "obs" else "") + f" or solve={'|'.join(SOLVES)}"
+                allowed = "damp=X|auto" + (", block=B" if method == "obs" else "") + f" or solve={'|'.join(SOLVES)}"
                 raise UserError(
                     f"unknown option {o!r} in repair step {part!r}: use {allowed} (e.g. {method}:damp=0.01)"
                 )
         except ValueError:
             raise UserError(
                 f"bad value in {o!r} of repair step {part!r} (in --repair {text!r}): damp is a "
-                "number >= 0, block a positive integer"
+                "number >= 0 or auto, block a positive integer"
             )
     return ReconstructStep(method, damp, block, solve)
 
@@ -51,7 +54,7 @@ class Reconstruction(StepKind):
     methods = RECONSTRUCT_METHODS
     usage = ", ".join(RECONSTRUCT_METHODS)
     usage_rank = 1
-    grammar = f"lsq[:damp=X][:solve={'|'.join(SOLVES)}], obs[:damp=X][:block=B][:solve={'|'.join(SOLVES)}]"
+    grammar = f"lsq[:damp=X|auto][:solve={'|'.join(SOLVES)}], obs[:damp=X|auto][:block=B][:solve={'|'.join(SOLVES)}]"
     rewrites_weights = True
 
     def owns(self, step) -> bool:

@@ -36,6 +36,8 @@ __all__ = [
     "weight_rows",
     "keep_rows",
     "damping",
+    "effective_damp",
+    "damp_text",
     "solve_kept",
     "obs_select",
     "sweep",
@@ -46,7 +48,7 @@ __all__ = [
     "lsq_residuals",
 ]
 
-DEFAULT_DAMP = 0.01
+DEFAULT_DAMP = 0.01  # damp=auto's fraction of the mean Gram diagonal (the CIFAR screen's choice)
 # The exact re-fit factorises one system per output row on its kept columns: at most rows * d^3 / 3 flops
 # (rows * ((1 - s) d)^3 / 3 at sparsity s). Layers whose bound exceeds this
 # (ImageNet-sized convs: 512 rows x 4608 inputs is 1.6e13) get SparseGPT's sweep instead (one shared
@@ -249,9 +251,27 @@ def keep_rows(keep: torch.Tensor, with_const: bool) -> torch.Tensor:
     return torch.cat([keep, keep.new_ones(keep.shape[0], 1)], 1) if with_const else keep
 
 
-def damping(H: torch.Tensor, damp: float, n_weight_cols: int) -> float:
-    """``damp`` times the mean diagonal of the weight columns (the constant column is left out)."""
-    return float(damp * torch.diagonal(H)[:n_weight_cols].mean())
+def effective_damp(damp: float | None, n_weight_cols: int, n_rows: int) -> float:
+    """The damping fraction a layer gets: ``damp`` as given, or with ``damp=auto`` (``None``) ``DEFAULT_DAMP``
+    raised by the ratio of inputs to sample rows where a layer has fewer rows than inputs.
+
+    Such a layer's Gram matrix is rank-deficient and an exact re-fit interpolates the calibration samples: a
+    classifier of 1280 inputs fed 128 images (EfficientNet-Lite) gets 0.1, while every layer that sees more
+    rows than it has inputs (each conv, the CIFAR ResNets' classifiers on 1024 images) keeps 0.01."""
+    if damp is not None:
+        return damp
+    return DEFAULT_DAMP * max(1.0, n_weight_cols / max(n_rows, 1))
+
+
+def damping(H: torch.Tensor, damp: float | None, n_weight_cols: int, n_rows: int) -> float:
+    """The layer's damping fraction (``effective_damp``) times the mean diagonal of the weight columns (the
+    constant column is left out)."""
+    return float(effective_damp(damp, n_weight_cols, n_rows) * torch.diagonal(H)[:n_weight_cols].mean())
+
+
+def damp_text(damp: float | None) -> str:
+    """``damp`` as the repair grammar writes it: ``auto`` or the number."""
+    return "auto" if damp is None else f"{damp:g}"
 
 
 def solve_kept(H: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
