@@ -69,7 +69,7 @@ def loop_grams(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> list[GramSt
 
 
 def batched_grams(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> list[GramStats]:
-    return group_grams([(group_patches(conv, x), group_outputs(conv, y))], conv.groups, True)
+    return group_grams([(group_patches(conv, x), group_outputs(conv, y), len(x))], conv.groups, True)
 
 
 def bench_layer(conv: nn.Conv2d, shape: tuple[int, ...], batch: int, repeats: int) -> dict[str, float]:

@@ -53,6 +53,7 @@ def _brute_lsq(dense, pruned, masks, batches, damp):
     """Sequential ridge solves per row with numpy, rerunning the network for every layer."""
     model = copy.deepcopy(pruned)
     targets = bias_targets(dense)
+    n_images = sum(len(x) for x, _ in batches)
     for name in LAYERS:
         layer, dl = model.get_submodule(name), dense.get_submodule(name)
         xp = _rows(layer, _inputs(model, name, batches)).numpy()
@@ -68,7 +69,7 @@ def _brute_lsq(dense, pruned, masks, batches, damp):
         og, dg = w.shape[0] // g, w.shape[1]
         for i in range(w.shape[0]):
             xg = xp[:, (i // og) * dg : (i // og + 1) * dg]
-            frac = 0.01 * max(1.0, dg / len(xg)) if damp == "auto" else damp  # auto: raised below rank
+            frac = 0.01 * max(1.0, dg / n_images) if damp == "auto" else damp  # auto: raised by inputs/images
             lam = frac * float((xg**2).sum(0).mean())
             A = xg[:, keep[i]]
             x0 = w[i, keep[i]]
@@ -100,9 +101,9 @@ def test_lsq_equals_explicit_float64_solve(toy, toy_batches, damp):
 
 
 @pytest.mark.parametrize("n_batches", [4, 1])
-def test_auto_damping_raises_only_layers_with_fewer_sample_rows_than_inputs(toy, toy_batches, n_batches):
-    """``damp=auto`` (the default) is 0.01 of the mean diagonal, times inputs / rows where a layer sees fewer
-    rows than it has inputs: with the 7 images of one batch the 12-input classifier gets 0.01 * 12 / 7."""
+def test_auto_damping_raises_only_layers_with_more_inputs_than_images(toy, toy_batches, n_batches):
+    """``damp=auto`` (the default) is 0.01 of the mean diagonal, times inputs / images where a layer has more
+    inputs than calibration images: on 36 images only conv3 (72 inputs), on 7 every layer (27 to 72 inputs)."""
     dense, batches = _double(toy, toy_batches)
     batches = batches[:n_batches]
     pruned, masks = _pruned(dense, 0.8)
@@ -114,8 +115,10 @@ def test_auto_damping_raises_only_layers_with_fewer_sample_rows_than_inputs(toy,
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=n)
     flat = copy.deepcopy(pruned)
     run_repair(flat, "lsq:damp=0.01", batches, dense=dense, masks=masks)
-    same_fc = torch.equal(flat.fc.weight, got.fc.weight)
-    assert same_fc == (n_batches == 4) and torch.equal(flat.conv1.weight, got.conv1.weight)
+    for name in ("conv1", "block.conv"):  # 27 and 36 inputs: raised on 7 images only
+        same = torch.equal(flat.get_submodule(name).weight, got.get_submodule(name).weight)
+        assert same == (n_batches == 4), name
+    assert not torch.equal(flat.conv3.weight, got.conv3.weight)
     assert str(RepairPipeline.parse("lsq:damp=auto")) == "lsq" and str(RepairPipeline.parse("obs:damp=0.01")) == (
         "obs:damp=0.01"
     )
@@ -515,7 +518,9 @@ def test_grouped_gram_statistics_equal_one_gram_per_group(conv, targets, const):
     with torch.no_grad():
         ys = [conv(x) for x in xs]
     batched = group_grams(
-        [(group_patches(conv, x), group_outputs(conv, y) if targets else None) for x, y in zip(xs, ys)], g, const
+        [(group_patches(conv, x), group_outputs(conv, y) if targets else None, len(x)) for x, y in zip(xs, ys)],
+        g,
+        const,
     )
     for i, got in enumerate(batched):
         want = GramStats(const)
@@ -524,8 +529,8 @@ def test_grouped_gram_statistics_equal_one_gram_per_group(conv, targets, const):
             dg, og = p.shape[1] // g, rows.shape[1] // g
             assert torch.equal(group_patches(conv, x)[i], p[:, i * dg : (i + 1) * dg].T)
             assert torch.equal(group_outputs(conv, y)[i], rows[:, i * og : (i + 1) * og])
-            want.add(p[:, i * dg : (i + 1) * dg], rows[:, i * og : (i + 1) * og] if targets else None)
-        assert got.n == want.n
+            want.add(p[:, i * dg : (i + 1) * dg], rows[:, i * og : (i + 1) * og] if targets else None, len(x))
+        assert got.n == want.n and got.images == want.images == 12
         assert torch.allclose(got.H, want.H, rtol=1e-5, atol=1e-5)
         if targets:
             assert torch.allclose(got.R, want.R, rtol=1e-5, atol=1e-5)
@@ -549,7 +554,7 @@ def test_depthwise_groups_fitted_in_one_batch_equal_the_fit_of_each_group(method
     keep = torch.rand(conv.weight.shape) > 0.5
     with torch.no_grad():
         batches = [
-            (group_patches(dense[0], x[i : i + 8]), group_outputs(dense[0], dense[0](x[i : i + 8]))) for i in (0, 8)
+            (group_patches(dense[0], x[i : i + 8]), group_outputs(dense[0], dense[0](x[i : i + 8])), 8) for i in (0, 8)
         ]
     grams = group_grams(batches, 6, True)
     step = ReconstructStep(method)

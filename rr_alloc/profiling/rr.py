@@ -274,7 +274,7 @@ def _probe_hooks(
                 biases[name] = b.reshape(-1)
             a.add_batch(_probe(mod, inputs[0], stacks[name], biases[name]))
             if grams is not None and name in grams:
-                grams[name].add(input_patches(mod, inputs[0]))
+                grams[name].add(input_patches(mod, inputs[0]), images=inputs[0].shape[0])
 
         return hook
 
@@ -378,7 +378,7 @@ def _lsq_d_res(
     H = gram.H
     w = weight_rows(layer, gram.with_const)
     d = layer.weight[0].numel()
-    lam = damping(H, damp, d, gram.n)
+    lam = damping(H, damp, d, gram.images)
     order = magnitude_order(layer.weight)
     out = np.zeros(len(grid))
     for j, s in enumerate(grid):

@@ -43,8 +43,8 @@ def group_grams(batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], gro
     All groups are summed with one batched GEMM per batch, each group's positions contiguous, not one small
     GEMM per group (a depthwise layer has a group per channel, up to a thousand or more).
     """
-    n, h, sx, r, sy = 0, None, None, None, None
-    for x, y in batches:
+    n, images, h, sx, r, sy = 0, 0, None, None, None, None
+    for x, y, b in batches:
         parts = [torch.bmm(x, x.transpose(1, 2)).double(), x.sum(2).double()]
         if y is not None:
             parts += [torch.bmm(x, y).double(), y.sum(1).double()]
@@ -58,22 +58,26 @@ def group_grams(batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], gro
                 r += parts[2]
                 sy += parts[3]
         n += x.shape[2]
-    return GroupGrams(groups, const, n, h, sx, r, sy)
+        images += b
+    return GroupGrams(groups, const, n, h, sx, r, sy, images)
 
 
 class GroupGrams(list):
     """A grouped conv's per-group ``GramStats`` (views into the batched sums), and the batched ``H`` and ``R``
     the depthwise fit solves with, so no caller stacks the groups again."""
 
-    def __init__(self, groups: int, const: bool, n: int, h: Any, sx: Any, r: Any, sy: Any) -> None:
+    def __init__(self, groups: int, const: bool, n: int, h: Any, sx: Any, r: Any, sy: Any, images: int = 0) -> None:
         if h is None:
             super().__init__(GramStats(const) for _ in range(groups))
         else:
             super().__init__(
-                GramStats.of_sums(n, h[i], sx[i], None if r is None else r[i], None if sy is None else sy[i], const)
+                GramStats.of_sums(
+                    n, h[i], sx[i], None if r is None else r[i], None if sy is None else sy[i], const, images
+                )
                 for i in range(groups)
             )
         self.n, self._h, self._sx, self._r, self._sy, self.with_const = n, h, sx, r, sy, const
+        self.images = images
 
     @property
     def H(self) -> torch.Tensor:
@@ -104,11 +108,11 @@ def layer_grams(
             yd = dense_layer(xd)
             if i == 0:  # the patches must be what the layer really multiplies (padding inside its forward)
                 check_patches(name, dense_layer, xd, yd)
-            yield patches(layer, xp), outputs(layer, yd)
+            yield patches(layer, xp), outputs(layer, yd), xp.shape[0]
 
     if g > 1:
         return group_grams(rows(group_patches, group_outputs), g, const)
     gram = GramStats(const)
-    for p, y in rows(input_patches, output_rows):
-        gram.add(p, y)
+    for p, y, b in rows(input_patches, output_rows):
+        gram.add(p, y, images=b)
     return [gram]

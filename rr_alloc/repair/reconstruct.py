@@ -223,7 +223,7 @@ def fit_layer(
     d = dense_layer.weight[0].numel()
     w_aug = weight_rows(dense_layer, gram.with_const)[rows]  # (rows, d [+1 bias column])
     H = gram.H
-    lam = damping(H, step.damp, d, gram.n)
+    lam = damping(H, step.damp, d, gram.images)
     rhs = gram.R.T + lam * w_aug  # rows of X_p^T y_d + lam w_d
     keep2 = keep.flatten(1)[rows]
     if step.sweeps(layer):
