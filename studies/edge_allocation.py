@@ -14,8 +14,8 @@ the selection split under the same pipeline), each repaired with
 - ``obs``:      ``obs:damp=0.01>bn>naive@block+logits`` (damping 0.01 of the mean Gram diagonal on every layer),
 - ``obs-nobn``: ``obs:damp=0.01>naive@block+logits`` (without ``bn``, as the calibration check chooses when
   BatchNorm recalibration on the calibration images moves the dense model),
-- ``obs-nobn-auto``: ``obs>naive@block+logits``, the tool's default there: ``damp=auto`` raises the damping of a
-  layer with more inputs than calibration images by their ratio (the classifier: 1280 inputs, 128 photos: 0.1),
+- ``obs-nobn-auto``: ``obs>naive@block+logits``, the tool's default there: ``damp=auto`` is 0.01 from 1024
+  calibration images on and grows as 1 / images below (0.08 on 128 photos),
 - ``obs-nobn-damp0.1``: ``obs:damp=0.1>naive@block+logits``, ten times the damping on every layer,
 - ``obs-nobn-damp0.1-kd``: that, then ``kd`` (distillation to the dense model, 300 steps of 16 images) on the
   calibration photos plus every ``pool/`` photo outside the selection and validation splits (``--distill-size``);
@@ -59,8 +59,7 @@ PIPELINES = {
     # the mean Gram diagonal on every layer, as damp=auto's 0.01 but never raised
     "obs": "obs:damp=0.01>bn>naive@block+logits",
     "obs-nobn": "obs:damp=0.01>naive@block+logits",
-    # the tool's default where the calibration check fires: damp=auto raises the damping of layers with more
-    # inputs than calibration images (the classifier: 1280 inputs, 128 photos, so 0.1)
+    # the tool's default where the calibration check fires: damp=auto, 0.01 * 1024 / 128 = 0.08 on 128 photos
     "obs-nobn-auto": "obs>naive@block+logits",
     "obs-nobn-damp0.1": "obs:damp=0.1>naive@block+logits",
     # distillation to the dense model after the re-fit, sized for two CPU cores (about 10 min on Lite1)

@@ -73,7 +73,7 @@ def fit_depthwise(
     const = grams.with_const
     d = dense_layer.weight[0].numel()
     H = grams.H.double()
-    lam = effective_damp(damp, d, grams.images) * torch.diagonal(H, dim1=1, dim2=2)[:, :d].mean(1)
+    lam = effective_damp(damp, grams.images) * torch.diagonal(H, dim1=1, dim2=2)[:, :d].mean(1)
     rhs = grams.R[..., 0].double() + lam[:, None] * weight_rows(dense_layer, const).to(H)
     Hl = H + lam[:, None, None] * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     keep2 = keep.flatten(1).to(H.device)
