@@ -42,7 +42,9 @@ __all__ = ["Session"]
 class Session:
     """Build once from a ``RunConfig``: model, layers, splits; dense outputs and fingerprints on demand."""
 
-    def __init__(self, cfg: RunConfig, progress: bool = True) -> None:
+    def __init__(self, cfg: RunConfig, progress: bool = True, check_calibration: bool = True) -> None:
+        """``check_calibration=False``: leave ``cfg.repair`` as given (a replay repairs with its plan's pipeline,
+        so there is no default to adjust)."""
         self.cfg = cfg.validate()
         self.progress = progress
         self.timings: dict[str, float] = {}
@@ -67,7 +69,7 @@ class Session:
         if cfg.validation_size == 1:
             raise UserError("--validation-size 1 cannot bound a mean difference: pass 0 (no check) or >= 2")
         self._check_forward()
-        self.calibration = self._check_calibration()
+        self.calibration = self._check_calibration() if check_calibration else None
         self.timings["load"] = time.perf_counter() - t0
         self._dense_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.memo: dict[Any, Any] = {}  # derived evidence, keyed by what decides it (see the module docstring)

@@ -37,6 +37,10 @@ def test_matched_calibration_images_keep_bn_and_a_chosen_repair_is_never_changed
     plan, out = _search(tmp_path / "b", capsys, "--model", "factories:shifted_digits_resnet", "--repair", chosen)
     assert plan["repair"] == DEFAULT_REPAIR and "bn_check" not in plan["calibration"]
     assert "moves the dense model" not in out
+    # its replay keeps bn as recorded (the plan's text is the default's) and runs no check that would say otherwise
+    assert main(["verify", "--plan", str(tmp_path / "b" / "plan.json"), "--trust-plan-model"]) == 0
+    said = capsys.readouterr().out
+    assert f"prune -> {DEFAULT_REPAIR} ->" in said and "moves the dense model" not in said
 
 
 def test_without_a_selection_split_the_check_says_it_could_not_run(tmp_path, capsys):

@@ -221,7 +221,8 @@ def session_for_plan(plan: Plan, cfg: RunConfig, progress: bool = True) -> Sessi
     check_checkpoint_hash(plan, cfg.checkpoint)
     made_for = plan.source.get("model") if plan.source else None
     try:
-        session = Session(cfg, progress=progress)
+        # the plan records the pipeline it was verified with, bn or not: the calibration check has nothing to choose
+        session = Session(cfg, progress=progress, check_calibration=False)
     except UserError as e:
         if not made_for or made_for == cfg.model:
             raise
