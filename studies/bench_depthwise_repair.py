@@ -26,7 +26,7 @@ from common import ROOT, machine, run_main, shared_dir, write_report
 from rr_alloc.errors import UserError
 
 STUDIES = Path(__file__).resolve().parent
-REPAIR = "obs>naive@block+logits"
+REPAIR = "obs:damp=0.01>naive@block+logits"  # as measured (and parsed by checkouts before damp=auto)
 
 RUN = """
 import json, sys, time

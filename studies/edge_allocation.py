@@ -68,12 +68,8 @@ PIPELINES = {
 }
 PROFILE_REPAIR = {
     "channel": "channel",
-    "obs": "obs",
-    "obs-nobn": "obs",
+    **{p: "obs:damp=0.01" for p in PIPELINES if p.startswith("obs") and p != "obs-nobn-auto"},  # as measured
     "obs-nobn-auto": "obs",
-    "obs-nobn-damp0.1": "obs",
-    "obs-nobn-damp0.1-kd": "obs",
-    "obs-nobn-damp0.1-kd-lr1e-3": "obs",
 }  # rr-greedy's profile per pipeline
 RULES = ("uniform", "global", "lamp", "erk", "rr-greedy")
 KEY = ["model", "seed", "sparsity", "pipeline", "plan"]
