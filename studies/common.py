@@ -76,6 +76,13 @@ def t_interval(values: list[float] | np.ndarray, conf: float = 0.95) -> tuple[fl
     return m, half, float(v.std(ddof=1))
 
 
+def ci_text(values: list[float] | np.ndarray, scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
+    """``mean ± half-width`` of a t interval over seeds, scaled (no interval with one value)."""
+    m, h, _ = t_interval(values)
+    sign = "+" if signed else ""
+    return f"{scale * m:{sign}.{digits}f}" + ("" if np.isnan(h) else f" ± {scale * h:.{digits}f}")
+
+
 def write_report(path: Path, lines: list[str]) -> None:
     """A study's markdown report: written atomically (its folder made if needed) and printed."""
     from rr_alloc.system.files import write_text_atomic

@@ -20,9 +20,8 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from common import ROOT, add_common_args, machine, model_config, run_main, t_interval, write_report
+from common import ROOT, add_common_args, ci_text, machine, model_config, run_main, write_report
 
 from rr_alloc.api import allocate, verify
 from rr_alloc.plans.report import write_frame_csv
@@ -78,14 +77,6 @@ def _read(path: Path) -> pd.DataFrame:
 
 
 def summarise(df: pd.DataFrame, out: Path, argv: str) -> None:
-    def mean(v: np.ndarray) -> str:
-        m, h, _ = t_interval(v)
-        return f"{100 * m:.2f}" + ("" if np.isnan(h) else f" ± {100 * h:.2f}")
-
-    def diff(v: np.ndarray, scale: float, digits: int) -> str:
-        m, h, _ = t_interval(v)
-        return f"{scale * m:+.{digits}f}" + ("" if np.isnan(h) else f" ± {scale * h:.{digits}f}")
-
     lines = [
         "# Damping against the number of calibration images (CIFAR ResNets at 0.9)",
         "",
@@ -106,9 +97,10 @@ def summarise(df: pd.DataFrame, out: Path, argv: str) -> None:
         t = {d: by[d].loc[seeds].test_top1.to_numpy() for d in DAMPS}
         k = {d: by[d].loc[seeds].selection_kl.to_numpy() for d in DAMPS}
         lines.append(
-            f"| {model} | {calib} | {rule} | {len(seeds)} | {mean(t['0.01'])} | {mean(t['0.1'])} | "
-            f"{mean(t['auto'])} | {diff(t['0.1'] - t['0.01'], 100, 2)} | {diff(t['auto'] - t['0.01'], 100, 2)} | "
-            f"{diff(k['0.1'] - k['0.01'], 1, 3)} | {diff(k['auto'] - k['0.01'], 1, 3)} |"
+            f"| {model} | {calib} | {rule} | {len(seeds)} | {ci_text(t['0.01'], 100)} | {ci_text(t['0.1'], 100)} | "
+            f"{ci_text(t['auto'], 100)} | {ci_text(t['0.1'] - t['0.01'], 100, 2, True)} | "
+            f"{ci_text(t['auto'] - t['0.01'], 100, 2, True)} | "
+            f"{ci_text(k['0.1'] - k['0.01'], 1, 3, True)} | {ci_text(k['auto'] - k['0.01'], 1, 3, True)} |"
         )
     lines += ["", f"    python studies/damping_check.py {argv}".rstrip()]
     write_report(out / "damping_check.md", lines)

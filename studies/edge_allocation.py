@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import ROOT, machine, run_main, shared_dir, t_interval
+from common import ROOT, ci_text, machine, run_main, shared_dir
 
 from rr_alloc.api import allocate
 from rr_alloc.config.run_config import RunConfig
@@ -186,11 +186,6 @@ class Results:
         return self.out / "per_image" / f"{r['model']}_{r['seed']}_{r['sparsity']}_{r['pipeline']}_{r['plan']}.npy"
 
 
-def _mean_ci(values: np.ndarray, scale: float, digits: int) -> str:
-    m, h, _ = t_interval(values)
-    return f"{scale * m:.{digits}f}" + ("" if np.isnan(h) else f" ± {scale * h:.{digits}f}")
-
-
 def _per_image_ci(a: np.ndarray, scale: float, digits: int) -> str:
     """Mean ± 95% normal half-width over images (one seed: the interval is over images, not seeds)."""
     return f"{scale * a.mean():.{digits}f} ± {scale * 1.96 * a.std(ddof=1) / np.sqrt(len(a)):.{digits}f}"
@@ -202,8 +197,8 @@ def table_rows(df: pd.DataFrame) -> list[str]:
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for (m, s, pipe, plan), g in df.groupby(["model", "sparsity", "pipeline", "plan"], sort=True):
         lines.append(
-            f"| {m} | {s} | {pipe} | {plan} | {len(g)} | {_mean_ci(g.fidelity_agreement.to_numpy(), 100, 2)} | "
-            f"{_mean_ci(g.fidelity_kl.to_numpy(), 1, 4)} | {100 * g.selection_agreement.mean():.2f} | "
+            f"| {m} | {s} | {pipe} | {plan} | {len(g)} | {ci_text(g.fidelity_agreement.to_numpy(), 100, 2)} | "
+            f"{ci_text(g.fidelity_kl.to_numpy(), 1, 4)} | {100 * g.selection_agreement.mean():.2f} | "
             f"{(g.alloc_s + g.repair_s).mean():.0f} |"
         )
     return lines
@@ -230,8 +225,8 @@ def paired_rows(df: pd.DataFrame, results: Results) -> list[str]:
             if len(diffs) == 1:
                 agr, kl = _per_image_ci(diffs[0][0], 100, 2), _per_image_ci(diffs[0][1], 1, 4)
             else:
-                agr = _mean_ci(np.array([d[0].mean() for d in diffs]), 100, 2)
-                kl = _mean_ci(np.array([d[1].mean() for d in diffs]), 1, 4)
+                agr = ci_text(np.array([d[0].mean() for d in diffs]), 100, 2)
+                kl = ci_text(np.array([d[1].mean() for d in diffs]), 1, 4)
             lines.append(f"| {m} | {s} | {pipe} | {best} | {plan} | {agr} | {kl} |")
     return lines
 
@@ -253,8 +248,8 @@ def pipeline_rows(df: pd.DataFrame, results: Results, reference: str = "channel"
             if len(diffs) == 1:
                 agr, kl = _per_image_ci(diffs[0][0], 100, 2), _per_image_ci(diffs[0][1], 1, 4)
             else:
-                agr = _mean_ci(np.array([d[0].mean() for d in diffs]), 100, 2)
-                kl = _mean_ci(np.array([d[1].mean() for d in diffs]), 1, 4)
+                agr = ci_text(np.array([d[0].mean() for d in diffs]), 100, 2)
+                kl = ci_text(np.array([d[1].mean() for d in diffs]), 1, 4)
             lines.append(f"| {m} | {s} | {plan} | {pipe} | {len(diffs)} | {agr} | {kl} |")
     return lines
 
