@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import evidence
-from .allocators import allocator_class, get_allocator
+from .allocators import RULES, allocator_class, choose_rule, get_allocator
 from .evaluation import PruningLike, repaired_model, score
 from .nn.metrics import Metrics
 from .repair import RepairPipeline, RepairReport
@@ -27,8 +27,9 @@ from .session import Session
 __all__ = ["Allocation", "Verification", "AnchorChoice", "ANCHOR_RULES", "allocate", "verify", "best_rule"]
 
 # The rules a search may start from: each is scored on the selection split under the search's repair, and the
-# best one is the anchor the search improves and the reference its validation check compares against
-ANCHOR_RULES = ("global", "uniform", "lamp", "erk", "rr-greedy")
+# best one is the anchor the search improves and the reference its validation check compares against (the
+# ``best-rule`` allocator returns it without searching)
+ANCHOR_RULES = RULES
 
 
 @dataclass(frozen=True)
@@ -40,15 +41,30 @@ class Allocation:
     counts: dict[str, int]
     search: SearchProvenance | None = None
     study: Any = field(default=None, repr=False)
+    choice: "AnchorChoice | None" = None  # best-rule: which rule won and every rule's selection score
 
 
 @dataclass(frozen=True)
 class AnchorChoice:
-    """The best rule at a budget: its name and counts, and every rule's selection score (lower is better)."""
+    """The best rule at a budget: its name and counts, every rule's selection score (lower is better), and
+    what scored them (the repair, the objective and the number of selection images)."""
 
     rule: str
     counts: dict[str, int]
     scores: dict[str, float]
+    repair: str = ""
+    objective: str = ""
+    images: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan's ``rule_choice`` block."""
+        return {
+            "chosen": self.rule,
+            "repair": self.repair,
+            "objective": self.objective,
+            "selection_size": self.images,
+            "scores": dict(self.scores),
+        }
 
 
 @dataclass(frozen=True)
@@ -67,12 +83,15 @@ def allocate(
 ) -> Allocation:
     """``rule``'s per-layer pruned counts at ``budget`` (deterministic rules memoised on the session).
 
-    A search (``optuna``) starts from the best rule's counts (``best_rule``), runs the session's configured
-    optimiser on its storage and is never memoised: its result depends on the storage's trials.
+    ``best-rule`` is ``best_rule``'s choice. A search (``optuna``) starts from it, runs the session's
+    configured optimiser on its storage and is never memoised: its result depends on the storage's trials.
     """
     cls = allocator_class(rule)
     t0 = time.perf_counter()
-    if cls.needs.evaluate:
+    if rule == "best-rule":
+        choice = best_rule(session, budget)
+        out = Allocation(rule, float(budget), dict(choice.counts), choice=choice)
+    elif cls.needs.evaluate:
         found = run_search(session, budget, best_rule(session, budget))
         out = Allocation(rule, float(budget), found.counts, found.provenance, found.study)
     else:
@@ -89,13 +108,14 @@ def allocate(
 def best_rule(session: Session, budget: float, rules: tuple[str, ...] = ANCHOR_RULES) -> AnchorChoice:
     """Each of ``rules`` at ``budget`` scored on the selection split under the search's repair (every candidate
     pruned and repaired in full); the lowest loss wins, ties to the earlier rule (global magnitude first)."""
-    key = ("best_rule", float(budget), rules, session.cfg.loop_repair, session.cfg.objective)
+    cfg = session.cfg
+    key = ("best_rule", float(budget), rules, cfg.loop_repair, cfg.objective)
     if key not in session.memo:
-        scorer = SelectionScorer(session, session.cfg.loop_repair, session.cfg.objective)
+        scorer = SelectionScorer(session, cfg.loop_repair, cfg.objective)
         counts = {r: allocate(session, r, budget).counts for r in rules}
-        scores = {r: float(scorer(counts[r])) for r in rules}
-        best = min(rules, key=lambda r: scores[r])
-        session.memo[key] = AnchorChoice(best, counts[best], scores)
+        best, scores = choose_rule(counts, scorer)
+        n = session.splits.selection.n
+        session.memo[key] = AnchorChoice(best, counts[best], scores, cfg.loop_repair, cfg.objective, n)
     return session.memo[key]
 
 

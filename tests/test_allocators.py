@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from rr_alloc.allocators import ALLOCATORS, AllocationProblem, get_allocator, lamp_scores, objective, round_to_budget
+from rr_alloc.allocators import (
+    ALLOCATORS,
+    RULES,
+    AllocationProblem,
+    choose_rule,
+    get_allocator,
+    lamp_scores,
+    objective,
+    round_to_budget,
+)
 from rr_alloc.allocators.rr import layer_curves
 from rr_alloc.errors import UserError
 from rr_alloc.nn.layers import LayerInfo
@@ -67,8 +76,10 @@ def test_budget_met_to_one_weight_per_layer(name, budget, toy_problem_parts):
     assert int(k.sum()) == round(budget * int(n.sum()))  # exact for weight budgets
     for cand in EVALUATED:  # every candidate a search scored meets the budget too, sampled ones included
         assert int(cand.sum()) == round(budget * int(n.sum())) and np.all(cand <= np.floor(0.99 * n))
-    if ALLOCATORS[name].needs.evaluate:
+    if name == "optuna":
         assert len(EVALUATED) == OPTUNA_TRIALS
+    elif name == "best-rule":
+        assert len(EVALUATED) == len(RULES)
 
 
 @pytest.mark.parametrize("name", sorted(ALLOCATORS))
@@ -228,3 +239,29 @@ def test_optuna_anchor_plans_are_members_of_the_family(toy_problem_parts):
         want = get_allocator(name).allocate(pb)
         got = np.array(trial.user_attrs["counts"])
         assert np.abs(got - want).max() <= max(2, int(0.002 * pb.n.max())), name
+
+
+@pytest.mark.parametrize("unit", ["weights", "flops"])
+@pytest.mark.parametrize("favourite", RULES)
+def test_best_rule_returns_the_lowest_scoring_rule_counts_exactly(favourite, unit, toy_problem_parts):
+    """best-rule scores every rule's plan and returns the winner's counts unchanged, with every score kept."""
+    prof, weights = toy_problem_parts
+    plans = {r: get_allocator(r).allocate(_problem(prof, weights, 0.9, unit=unit)) for r in RULES}
+    target = plans[favourite]
+
+    def distance(counts):  # zero at the favourite's plan; ties elsewhere only when two rules plan alike
+        return float(np.abs(np.asarray(counts) - target).sum())
+
+    best = get_allocator("best-rule")
+    k = best.allocate(_problem(prof, weights, 0.9, unit=unit, evaluate=distance))
+    assert best.chosen == min(RULES, key=lambda r: distance(plans[r]))  # the first of the rules at distance 0
+    assert np.array_equal(k, plans[best.chosen]) and best.scores[best.chosen] == 0.0
+    assert set(best.scores) == set(RULES)
+    assert best.scores == {r: distance(plans[r]) for r in RULES}
+
+
+def test_choose_rule_breaks_ties_towards_the_earlier_rule():
+    chosen, scores = choose_rule({"global": 1, "uniform": 2, "lamp": 3}, lambda p: 1.0 if p != 2 else 0.5)
+    assert chosen == "uniform" and scores == {"global": 1.0, "uniform": 0.5, "lamp": 1.0}
+    chosen, _ = choose_rule({"global": 1, "uniform": 2, "lamp": 3}, lambda p: 0.0)
+    assert chosen == "global"

@@ -12,6 +12,7 @@ from .base import (
     round_to_budget,
 )
 from .baselines import ERK, LAMP, GlobalMagnitude, Uniform, erk_raw_density, lamp_scores
+from .best import RULES, BestRule, choose_rule
 from .rr import RRExact, RRGreedy, layer_curves, objective
 
 __all__ = [
@@ -34,4 +35,7 @@ __all__ = [
     "RRGreedy",
     "layer_curves",
     "objective",
+    "RULES",
+    "BestRule",
+    "choose_rule",
 ]

@@ -223,6 +223,7 @@ class Allocator(abc.ABC):
 
     name: ClassVar[str]
     needs: ClassVar[Needs] = Needs()
+    search_options: ClassVar[frozenset[str] | None] = frozenset()  # the search flags it reads (None: every one)
     description: ClassVar[str] = ""
 
     @abc.abstractmethod

@@ -12,7 +12,7 @@ import pandas as pd
 from ..allocators import ALLOCATORS, allocator_class
 from ..api import allocate, verify
 from ..errors import UserError
-from ..plans.report import save_figure, search_lines, write_frame_csv
+from ..plans.report import rule_choice_lines, save_figure, search_lines, write_frame_csv
 from ..repair import RepairPipeline
 from ..session import Session
 from ..system.files import staged_folder
@@ -84,7 +84,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if twice is not None:
             raise UserError(f"{flag} lists {twice} twice: pass each value once")
     check_split_size(cfg, args.split)
-    refuse_search_flags(args, any(ALLOCATORS[a].needs.evaluate for a in allocators))
+    refuse_search_flags(args, allocators)
     out_dir = Path(args.out_dir or Path("runs") / f"compare_{cfg.model.replace(':', '_')}")
     check_command_output(out_dir, "--out-dir", args, cfg, is_dir=True)  # before any work, not after it
     for name in ("compare.csv", "compare_layers.csv", "compare.png"):
@@ -137,6 +137,8 @@ def _measure(
             search = alloc.search.to_dict() if alloc.search is not None else {}
             if search:
                 print("  " + "\n  ".join(search_lines(search)), flush=True)
+            if alloc.choice is not None:
+                print("  " + "\n  ".join(rule_choice_lines(alloc.choice.to_dict())), flush=True)
             for r in repairs:
                 m = verify(session, counts, r, splits=(args.split,))[args.split]
                 rows.append(

@@ -12,6 +12,7 @@ from dataclasses import Field
 from pathlib import Path
 from typing import Any
 
+from ..allocators import allocator_class
 from ..config.files import load_config_file
 from ..config.run_config import GROUPS, RunConfig, option_fields
 from ..errors import UserError
@@ -138,13 +139,14 @@ def file_config(args: argparse.Namespace) -> dict[str, Any]:
     return load_config_file(args.config, overridden=given)
 
 
-def refuse_search_flags(args: argparse.Namespace, searching: bool) -> None:
-    """Search flags on a run that does not search would be ignored: refuse them instead."""
-    if searching:
+def refuse_search_flags(args: argparse.Namespace, allocators: list[str]) -> None:
+    """Search flags that none of ``allocators`` reads would be ignored: refuse them instead."""
+    reads = [allocator_class(a).search_options for a in allocators]
+    if any(r is None for r in reads):  # a search reads every one
         return
     keys = set(file_config(args))
     for f in option_fields(with_flag=True):
-        if f.metadata["group"] != "search":
+        if f.metadata["group"] != "search" or any(f.name in r for r in reads):
             continue
         if getattr(args, f.name, None) is not None or f.name in keys:
             given = f"--{f.name.replace('_', '-')}" if f.name not in keys else f"config key {f.name!r}"

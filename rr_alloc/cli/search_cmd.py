@@ -21,7 +21,14 @@ from ..nn.pruning import parse_pattern
 from ..plans.build import plan_budget
 from ..plans.plan import Plan
 from ..plans.replay import session_for_plan
-from ..plans.report import layer_table, plot_rr_curves, plot_search_progress, search_lines, write_profile_csv
+from ..plans.report import (
+    layer_table,
+    plot_rr_curves,
+    plot_search_progress,
+    rule_choice_lines,
+    search_lines,
+    write_profile_csv,
+)
 from ..repair import PRESETS, ReconstructStep, RepairPipeline
 from ..repair.steps import step_kinds
 from ..search.runner import heartbeat
@@ -142,7 +149,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if cfg.pattern:
         parse_pattern(cfg.pattern)  # a malformed pattern fails before any model or data is loaded
         refuse_budget_flags(args)
-    refuse_search_flags(args, cfg.allocator == "optuna" and not cfg.pattern)
+    refuse_search_flags(args, [] if cfg.pattern else [cfg.allocator])
     if args.out is not None and not args.out.strip():
         raise UserError("--out is empty: pass the plan's path (or leave --out out for runs/<model>_...)")
     refuse_level_search_flags(args, cfg)
@@ -243,6 +250,8 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
         _print_verification(plan, dense, cfg.repair, session.splits.calib.n)
     if plan.search:
         print("\n" + "\n".join(search_lines(plan.search)))
+    if plan.rule_choice:
+        print("\n" + "\n".join(rule_choice_lines(plan.rule_choice)))
     print(
         f"\nwrote {out} (plan), {', '.join(p.name for p in extra)} in {out.parent}  [{time.perf_counter() - t0:.1f}s]"
     )

@@ -192,7 +192,7 @@ class RunConfig:
     objective: str = option(
         "kl",
         text,
-        "search objective on the selection split (kl is label-free)",
+        "search (and best-rule) objective on the selection split (kl is label-free)",
         "search",
         choices=OBJECTIVES,
         study_key="always",
@@ -235,7 +235,7 @@ class RunConfig:
     search_repair: str | None = option(
         None,
         text,
-        "repair that scores search candidates (default: --repair); "
+        "repair that scores search candidates and best-rule's rules (default: --repair); "
         "e.g. the fast channel-wise bn>naive@block+logits while --repair obs>... "
         "verifies the plan",
         "search",
@@ -338,10 +338,10 @@ class RunConfig:
                 "train_data/test_data (--train-data/--test-data) name image folders, but the dataset is the "
                 "built-in digits: pass --dataset imagefolder (or cifar10, mnist, ...)"
             )
-        if self.reference and allocator_class(self.reference).needs.evaluate:
+        if self.reference and allocator_class(self.reference).search_options is None:
             raise UserError(
                 f"--reference {self.reference} is a search, not a rule to verify beside the plan: pass a rule "
-                "(global, uniform, lamp, erk, rr-greedy, rr-exact), or search with --allocator optuna"
+                "(global, uniform, lamp, erk, rr-greedy, rr-exact, best-rule), or search with --allocator optuna"
             )
         if self.distill_size and not any(
             isinstance(step, DistillStep)

@@ -75,6 +75,7 @@ def build_plan(session: Session, alloc: Allocation, repair: str, verified: dict[
             **({"bn_check": session.calibration.to_dict()} if session.calibration is not None else {}),
         },
         search=alloc.search.to_dict() if alloc.search is not None else {},
+        rule_choice=alloc.choice.to_dict() if alloc.choice is not None else {},
         profile={
             "grid": [float(g) for g in session.grid],
             "s_max": cfg.s_max,

@@ -133,6 +133,7 @@ class Plan:
     profile: dict[str, Any] = field(default_factory=dict)
     verify: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)  # provenance of a searched plan (optimiser, scores, fallback)
+    rule_choice: dict[str, Any] = field(default_factory=dict)  # best-rule: every rule's selection score, the winner
     tool: dict[str, Any] = field(default_factory=dict)
     created: str = ""
 
@@ -183,6 +184,7 @@ class Plan:
             "profile": self.profile,
             "verify": self.verify,
             **({"search": self.search} if self.search else {}),
+            **({"rule_choice": self.rule_choice} if self.rule_choice else {}),
             "tool": self.tool or {"name": "rr_alloc", "version": __version__},
             "created": self.created,
         }
@@ -231,6 +233,7 @@ class Plan:
             d.get("profile", {}),
             d.get("verify", {}),
             search=d.get("search", {}),
+            rule_choice=d.get("rule_choice", {}),
             tool=d.get("tool", {}),
             created=d.get("created", ""),
         )

@@ -19,6 +19,7 @@ __all__ = [
     "save_figure",
     "write_frame_csv",
     "search_lines",
+    "rule_choice_lines",
     "plot_search_progress",
 ]
 
@@ -92,6 +93,24 @@ def plot_rr_curves(
     out = save_figure(fig, path)
     plt.close(fig)
     return out
+
+
+def rule_choice_lines(info: dict) -> list[str]:
+    """How allocator best-rule chose, for the terminal: every rule's selection loss, the winner first marked."""
+    if not info:
+        return []
+    scores = info.get("scores") or {}
+    ranked = ", ".join(
+        f"{r} {v:.4f}" if v is not None else f"{r} n/a" for r, v in sorted(scores.items(), key=_score_order)
+    )
+    return [
+        f"rule choice: {info.get('objective')} after {info.get('repair')} on {info.get('selection_size')} selection "
+        f"images: {ranked}; chose {info.get('chosen')}"
+    ]
+
+
+def _score_order(item: tuple[str, float | None]) -> tuple[bool, float]:
+    return item[1] is None, item[1] if item[1] is not None else 0.0
 
 
 def search_lines(info: dict) -> list[str]:

@@ -178,6 +178,19 @@ PLAN_SCHEMA: dict[str, Any] = {
                 "validation_size": {"type": "integer", "minimum": 0},
             },
         },
+        "rule_choice": {
+            "type": "object",
+            "description": "how allocator best-rule chose: every rule's loss on the selection split (lower is "
+            "better) under the repair and objective that scored them, and the rule chosen",
+            "properties": {
+                "chosen": _TEXT,
+                "repair": _TEXT,
+                "objective": _TEXT,
+                "selection_size": {"type": "integer", "minimum": 0},
+                "scores": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
+            },
+            "required": ["chosen", "scores"],
+        },
         "tool": {"type": "object", "properties": {"name": _TEXT, "version": _TEXT}},
         "created": {"type": "string"},
     },

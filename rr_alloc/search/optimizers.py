@@ -276,6 +276,7 @@ class TpeMix(Optimizer):
 class OptunaSearch(Allocator):
     name = "optuna"
     needs = Needs(weights=True, profile=True, evaluate=True)
+    search_options = None  # every search flag
     description = (
         "end-to-end search from the best rule (every rule scored under the repair first; evo: block moves "
         "guided by RR; cmaes; tpe-mix), scored on the selection split"

@@ -1,0 +1,47 @@
+"""Allocator best-rule: every rule scored end to end on the selection split, the winner's plan returned."""
+
+from __future__ import annotations
+
+from helpers import QUICK, one_error
+
+from rr_alloc import RunConfig, Session, allocate
+from rr_alloc.allocators import RULES
+from rr_alloc.cli import main
+from rr_alloc.plans.plan import Plan
+
+CHANNEL = "bn>naive@block+logits"
+
+
+def test_best_rule_returns_the_lowest_scoring_rule_and_records_every_score():
+    session = Session(RunConfig(calib_size=64, selection_size=32, repair=CHANNEL), progress=False)
+    found = allocate(session, "best-rule", 0.9)
+    scores = found.choice.scores
+    assert set(scores) == set(RULES)
+    assert found.choice.rule == min(RULES, key=lambda r: scores[r])  # the first rule at the lowest loss
+    assert found.counts == allocate(session, found.choice.rule, 0.9).counts
+    assert found.choice.repair == CHANNEL and found.choice.images == 32
+
+
+def test_search_with_best_rule_writes_the_choice_into_a_plan_that_replays(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    argv = ["search", "--budget", "0.9", "--allocator", "best-rule", *QUICK, "--repair", CHANNEL]
+    assert main([*argv, "--search-repair", "bn", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    plan = Plan.load(out)
+    choice = plan.rule_choice
+    assert plan.allocator == "best-rule" and choice["repair"] == "bn" and choice["selection_size"] == 32
+    assert set(choice["scores"]) == set(RULES) and choice["chosen"] == min(RULES, key=choice["scores"].get)
+    assert f"chose {choice['chosen']}" in printed and "rule choice: kl after bn on 32 selection images" in printed
+    assert Plan.from_dict(plan.to_dict()).rule_choice == choice
+    session = Session(RunConfig(calib_size=64, selection_size=32, repair=CHANNEL), progress=False)
+    assert plan.counts == allocate(session, choice["chosen"], 0.9).counts
+    assert main(["verify", "--plan", str(out)]) == 0
+
+
+def test_best_rule_refuses_the_search_flags_it_does_not_read(tmp_path, capsys):
+    code = main(
+        ["search", "--budget", "0.9", "--allocator", "best-rule", "--n-trials", "5", "--out", str(tmp_path / "p.json")]
+    )
+    err = one_error(capsys, code)
+    assert "--n-trials applies to the end-to-end search" in err
+    assert not any(tmp_path.iterdir())
