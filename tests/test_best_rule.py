@@ -45,3 +45,11 @@ def test_best_rule_refuses_the_search_flags_it_does_not_read(tmp_path, capsys):
     err = one_error(capsys, code)
     assert "--n-trials applies to the end-to-end search" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_best_rule_without_a_selection_split_is_refused_before_any_work(tmp_path, capsys):
+    err = one_error(
+        capsys, main(["search", "--budget", "0.9", "--selection-size", "0", "--out", str(tmp_path / "p.json")])
+    )
+    assert "best-rule scores plans on the selection split" in err and "--allocator global" in err
+    assert not any(tmp_path.iterdir())

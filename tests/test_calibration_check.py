@@ -45,7 +45,8 @@ def test_matched_calibration_images_keep_bn_and_a_chosen_repair_is_never_changed
 
 def test_without_a_selection_split_the_check_says_it_could_not_run(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    args = ["search", "--budget", "0.5", "--calib-size", "128", "--selection-size", "0", "--no-verify"]
+    args = ["search", "--budget", "0.5", "--allocator", "global", "--calib-size", "128", "--selection-size", "0"]
+    args.append("--no-verify")
     assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
     plan, said = json.loads(out.read_text()), capsys.readouterr().out
     assert plan["repair"] == DEFAULT_REPAIR and "bn_check" not in plan["calibration"]

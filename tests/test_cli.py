@@ -36,13 +36,16 @@ def test_search_default_writes_plan_and_reports(digits_plan):
     out, stdout = digits_plan
     plan = json.loads(out.read_text())
     assert round(plan["achieved_sparsity"], 4) == 0.9
-    assert plan["allocator"] == "global"  # the default, chosen by the allocation study's selection split
+    assert plan["allocator"] == "best-rule"  # the default: the rule with the lowest selection KL
+    choice = plan["rule_choice"]
+    assert choice["chosen"] == min(choice["scores"], key=choice["scores"].get)
     for k in ("top1", "agreement", "kl", "reference"):
         assert k in plan["verify"]
-    assert plan["verify"]["reference"]["allocator"] == "rr-greedy"
+    assert plan["verify"]["reference"]["allocator"] == "global"
     assert {"name", "sparsity", "n_weights", "shape"} <= set(plan["layers"][0])
     assert (out.parent / "profile.csv").exists() and (out.parent / "rr_curves.png").exists()
-    assert "dense top-1" in stdout and "embedded default" in stdout and "rr-greedy + repair" in stdout
+    assert "dense top-1" in stdout and "embedded default" in stdout and "global + repair" in stdout
+    assert f"best-rule ({choice['chosen']}) + repair" in stdout and f"chose {choice['chosen']}" in stdout
 
 
 def test_verify_reproduces_search(digits_plan):

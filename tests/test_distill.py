@@ -118,7 +118,8 @@ def test_bad_step_options_are_one_line(text, words):
 def test_a_plan_with_the_step_replays_through_verify_and_apply_to_the_same_metrics(tmp_path):
     out = tmp_path / "plan.json"
     repair = "obs>bn>naive@block+logits>kd:steps=20"
-    r = run_cli("search", "--budget", "0.9", "--repair", repair, "--distill-size", "600", "--out", str(out))
+    argv = ("search", "--budget", "0.9", "--allocator", "global", "--repair", repair, "--distill-size", "600")
+    r = run_cli(*argv, "--out", str(out))
     assert r.returncode == 0, r.stderr
     plan = json.loads(out.read_text())
     assert plan["repair"] == repair and plan["verify"]["repair_distill"]["images"] == 600

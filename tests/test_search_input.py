@@ -245,7 +245,9 @@ def test_a_cached_profile_of_the_wrong_shape_is_rebuilt(tmp_path, capsys, monkey
 
 # ---------------------------------------------------------------- input that would be ignored
 def test_search_flags_without_the_search_are_refused(tmp_path, capsys):
-    assert "--search-repair" in bad_search(tmp_path, capsys, "--budget", "0.9", "--search-repair", "bn")
+    rule = ("--budget", "0.9", "--allocator", "lamp")
+    assert "--search-repair" in bad_search(tmp_path, capsys, *rule, "--search-repair", "bn")
+    assert "--n-trials" in bad_search(tmp_path, capsys, "--budget", "0.9", "--n-trials", "3")  # the default reads none
 
 
 def test_train_data_without_a_dataset_is_refused(tmp_path, capsys):

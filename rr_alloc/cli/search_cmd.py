@@ -32,6 +32,7 @@ from ..plans.report import (
 from ..repair import PRESETS, ReconstructStep, RepairPipeline
 from ..repair.steps import step_kinds
 from ..search.runner import heartbeat
+from ..search.scoring import NO_SELECTION
 from ..search.storage import check_storage, discard_if_empty, storage_file
 from ..search.study import StudySettings, summary_lines
 from ..session import Session
@@ -150,6 +151,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         parse_pattern(cfg.pattern)  # a malformed pattern fails before any model or data is loaded
         refuse_budget_flags(args)
     refuse_search_flags(args, [] if cfg.pattern else [cfg.allocator])
+    if not cfg.pattern and allocator_class(cfg.allocator).needs.evaluate and cfg.selection_size == 0:
+        raise UserError(NO_SELECTION.format(allocator=cfg.allocator))  # before any work, not after the profile
     if args.out is not None and not args.out.strip():
         raise UserError("--out is empty: pass the plan's path (or leave --out out for runs/<model>_...)")
     refuse_level_search_flags(args, cfg)
@@ -205,11 +208,7 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     print(f"rr_alloc search: {what}, repair {cfg.repair}", flush=True)
     session = Session(cfg, progress=True)
     _print_setting(session)
-    dense = session.dense_metrics("test")
-    if dense.top1 is not None:
-        print(f"dense top-1 on test: {100 * dense.top1:.2f}%", flush=True)
-    else:
-        print("test images unlabelled: plans are scored by agreement and KL to the dense model", flush=True)
+    dense = _print_dense(session)
     prof = evidence.profile(session) if not cfg.pattern and allocator_class(cfg.allocator).needs.profile else None
     if prof is not None:
         print(
@@ -248,10 +247,9 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     print(f"\nachieved global sparsity: {plan.achieved_sparsity:.4f} ({cfg.unit}; {target})")
     if verify:
         _print_verification(plan, dense, cfg.repair, session.splits.calib.n)
-    if plan.search:
-        print("\n" + "\n".join(search_lines(plan.search)))
-    if plan.rule_choice:
-        print("\n" + "\n".join(rule_choice_lines(plan.rule_choice)))
+    for lines in (search_lines(plan.search), rule_choice_lines(plan.rule_choice)):  # empty when not run
+        if lines:
+            print("\n" + "\n".join(lines))
     print(
         f"\nwrote {out} (plan), {', '.join(p.name for p in extra)} in {out.parent}  [{time.perf_counter() - t0:.1f}s]"
     )
@@ -260,6 +258,16 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     if cfg.model == "digits_resnet":
         print("\n" + EMBEDDED_NOTE)
     return plan
+
+
+def _print_dense(session: Session) -> Metrics:
+    """The dense model's test metrics, and its top-1 when the test images are labelled."""
+    dense = session.dense_metrics("test")
+    if dense.top1 is not None:
+        print(f"dense top-1 on test: {100 * dense.top1:.2f}%", flush=True)
+    else:
+        print("test images unlabelled: plans are scored by agreement and KL to the dense model", flush=True)
+    return dense
 
 
 def _print_setting(session: Session) -> None:
@@ -281,7 +289,7 @@ def _print_verification(plan: Plan, dense: Metrics, repair: str, n_calib: int) -
     rows = [
         metrics_row("dense", dense, 0.0, unit),
         metrics_row(
-            f"{plan.allocator} + repair",
+            f"{plan.allocator}{f' ({chosen})' if (chosen := plan.rule_choice.get('chosen')) else ''} + repair",
             Metrics(v["top1"], v["agreement"], v["kl"], v["n"]),
             plan.achieved_sparsity,
             unit,

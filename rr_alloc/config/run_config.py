@@ -92,9 +92,10 @@ class RunConfig:
     lam: str | float = option("mean", lambda_rule)  # config files only: the ASR shrinkage rule of the RR profile
     # allocation
     allocator: str = option(
-        "global",
+        "best-rule",
         text,
-        "allocator (see `list`; default global, the best on the selection split of studies/allocation_comparison.py)",
+        "allocator (see `list`; default best-rule: every rule scored on the selection split under the repair, "
+        "the best returned; global magnitude is the fastest)",
         "alloc",
     )
     reference: str | None = option(

@@ -19,7 +19,12 @@ from ..evaluation import repaired_model
 from ..session import Session
 from .objectives import per_image_losses
 
-__all__ = ["SelectionScorer", "Screened", "paired_upper_bound"]
+__all__ = ["SelectionScorer", "Screened", "paired_upper_bound", "NO_SELECTION"]
+
+NO_SELECTION = (
+    "{allocator} scores plans on the selection split, but --selection-size is 0: raise it, or pass a rule "
+    "(e.g. --allocator global)"
+)
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class SelectionScorer:
 
     def __init__(self, session: Session, repair: str, objective: str = "kl", screen_size: int | None = None) -> None:
         if session.splits.selection.n == 0:
-            raise UserError("a search allocator needs a selection split: pass --selection-size > 0")
+            raise UserError(NO_SELECTION.format(allocator="this run's allocator"))
         if objective == "top1" and not bool((session.splits.selection.y >= 0).all()):
             raise UserError(
                 "--objective top1 needs labelled training images, but the selection images are unlabelled: "
