@@ -265,3 +265,5 @@ def test_choose_rule_breaks_ties_towards_the_earlier_rule():
     assert chosen == "uniform" and scores == {"global": 1.0, "uniform": 0.5, "lamp": 1.0}
     chosen, _ = choose_rule({"global": 1, "uniform": 2, "lamp": 3}, lambda p: 0.0)
     assert chosen == "global"
+    chosen, scores = choose_rule({"global": 1, "uniform": 2}, lambda p: float("nan") if p == 1 else 5.0)
+    assert chosen == "uniform" and np.isnan(scores["global"])  # a diverged repair never wins

@@ -35,7 +35,9 @@ def test_search_with_best_rule_writes_the_choice_into_a_plan_that_replays(tmp_pa
     assert Plan.from_dict(plan.to_dict()).rule_choice == choice
     session = Session(RunConfig(calib_size=64, selection_size=32, repair=CHANNEL), progress=False)
     assert plan.counts == allocate(session, choice["chosen"], 0.9).counts
+    capsys.readouterr()
     assert main(["verify", "--plan", str(out)]) == 0
+    assert f"best-rule ({choice['chosen']}) + repair" in capsys.readouterr().out
 
 
 def test_best_rule_refuses_the_search_flags_it_does_not_read(tmp_path, capsys):
@@ -53,3 +55,26 @@ def test_best_rule_without_a_selection_split_is_refused_before_any_work(tmp_path
     )
     assert "best-rule scores plans on the selection split" in err and "--allocator global" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_reference_that_needs_a_selection_split_is_refused_before_any_work(tmp_path, capsys):
+    argv = ["search", "--budget", "0.9", "--allocator", "global", "--reference", "best-rule", "--selection-size", "0"]
+    err = one_error(capsys, main([*argv, "--out", str(tmp_path / "p.json")]))
+    assert "--reference best-rule scores plans on the selection split" in err
+    argv = ["compare", "--budgets", "0.9", "--allocators", "best-rule", "global", "--selection-size", "0"]
+    err = one_error(capsys, main([*argv, "--out-dir", str(tmp_path / "c")]))
+    assert "--allocators best-rule scores plans" in err and "drop best-rule from --allocators" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_bad_search_repair_is_named_as_such(tmp_path, capsys):
+    err = one_error(
+        capsys, main(["search", "--budget", "0.9", "--search-repair", "bogus", "--out", str(tmp_path / "p")])
+    )
+    assert "--search-repair" in err and "--repair 'bogus'" not in err
+
+
+def test_compare_chooses_the_rule_under_the_first_pipeline_it_verifies(tmp_path, capsys):
+    argv = ["compare", "--budgets", "0.9", "--allocators", "best-rule", "--repairs", CHANNEL, *QUICK]
+    assert main([*argv, "--out-dir", str(tmp_path / "c")]) == 0
+    assert f"rule choice: kl after {CHANNEL} on 32 selection images" in capsys.readouterr().out

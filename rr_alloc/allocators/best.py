@@ -7,6 +7,7 @@ training images under the repair the plan will get is the choice that does not d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import ClassVar, TypeVar
 
@@ -23,9 +24,10 @@ C = TypeVar("C")
 
 
 def choose_rule(plans: Mapping[str, C], loss: Callable[[C], float]) -> tuple[str, dict[str, float]]:
-    """The rule whose plan has the lowest ``loss`` (ties to the earlier rule) and every rule's loss."""
+    """The rule whose plan has the lowest ``loss`` (ties to the earlier rule; a NaN loss, a repair that
+    diverged, never wins) and every rule's loss."""
     scores = {rule: float(loss(plan)) for rule, plan in plans.items()}
-    return min(plans, key=lambda rule: scores[rule]), scores
+    return min(plans, key=lambda rule: math.inf if math.isnan(scores[rule]) else scores[rule]), scores
 
 
 @register

@@ -43,8 +43,9 @@ def register(sub: Any) -> None:  # argparse's subparsers object (its class is no
     c.add_argument(
         "--allocators",
         nargs="+",
-        help="allocators (default: all but optuna; name optuna to include "
-        "the end-to-end search, with the run's --optimizer, --n-trials and --validation-size)",
+        help="allocators (default: every rule, not best-rule or optuna; name best-rule to include the rule "
+        "chosen on the selection split, optuna the end-to-end search with the run's --optimizer, --n-trials and "
+        "--validation-size)",
     )
     c.add_argument("--repairs", nargs="+", help="repair pipelines to verify with (default: the run's --repair)")
     c.add_argument(
@@ -78,13 +79,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
         allocator_class(a)
     repairs = args.repairs or [cfg.repair]
     for r in repairs:
-        RepairPipeline.parse(r)
+        RepairPipeline.parse(r, flag="--repairs")
+    if args.repairs and not cfg.search_repair:  # best-rule and the search score under a pipeline this run verifies
+        cfg = cfg.updated(search_repair=repairs[0])
     for flag, values in (("--budgets", args.budgets), ("--allocators", allocators), ("--repairs", repairs)):
         twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if twice is not None:
             raise UserError(f"{flag} lists {twice} twice: pass each value once")
     check_split_size(cfg, args.split)
     refuse_search_flags(args, allocators)
+    scored = next((a for a in allocators if ALLOCATORS[a].needs.evaluate), None)
+    if scored and cfg.selection_size == 0:
+        raise UserError(
+            f"--allocators {scored} scores plans on the selection split, but --selection-size is 0: raise it, or "
+            f"drop {scored} from --allocators"
+        )
     out_dir = Path(args.out_dir or Path("runs") / f"compare_{cfg.model.replace(':', '_')}")
     check_command_output(out_dir, "--out-dir", args, cfg, is_dir=True)  # before any work, not after it
     for name in ("compare.csv", "compare_layers.csv", "compare.png"):

@@ -150,9 +150,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     if cfg.pattern:
         parse_pattern(cfg.pattern)  # a malformed pattern fails before any model or data is loaded
         refuse_budget_flags(args)
-    refuse_search_flags(args, [] if cfg.pattern else [cfg.allocator])
-    if not cfg.pattern and allocator_class(cfg.allocator).needs.evaluate and cfg.selection_size == 0:
-        raise UserError(NO_SELECTION.format(allocator=cfg.allocator))  # before any work, not after the profile
+    refuse_search_flags(args, [] if cfg.pattern else [cfg.allocator, cfg.reference_allocator])
+    if not cfg.pattern and cfg.selection_size == 0:  # before any work, not after the profile
+        for flag, name in (("--allocator", cfg.allocator), ("--reference", cfg.reference_allocator)):
+            if allocator_class(name).needs.evaluate:
+                raise UserError(NO_SELECTION.format(allocator=f"{flag} {name}"))
     if args.out is not None and not args.out.strip():
         raise UserError("--out is empty: pass the plan's path (or leave --out out for runs/<model>_...)")
     refuse_level_search_flags(args, cfg)
@@ -260,6 +262,12 @@ def run_search(cfg: RunConfig, budget: float | None, out: Path, verify: bool = T
     return plan
 
 
+def plan_label(plan: Plan) -> str:
+    """The plan's allocator as the tables name it: ``best-rule (lamp)`` for a rule chosen by measurement."""
+    chosen = plan.rule_choice.get("chosen")
+    return f"{plan.allocator} ({chosen})" if chosen else plan.allocator
+
+
 def _print_dense(session: Session) -> Metrics:
     """The dense model's test metrics, and its top-1 when the test images are labelled."""
     dense = session.dense_metrics("test")
@@ -289,7 +297,7 @@ def _print_verification(plan: Plan, dense: Metrics, repair: str, n_calib: int) -
     rows = [
         metrics_row("dense", dense, 0.0, unit),
         metrics_row(
-            f"{plan.allocator}{f' ({chosen})' if (chosen := plan.rule_choice.get('chosen')) else ''} + repair",
+            f"{plan_label(plan)} + repair",
             Metrics(v["top1"], v["agreement"], v["kl"], v["n"]),
             plan.achieved_sparsity,
             unit,
@@ -321,7 +329,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     unit = plan.budget_unit
     rows = [
         metrics_row("dense", dense, 0.0, unit),
-        metrics_row(f"{plan.allocator} + repair", m, plan.achieved_sparsity, unit),
+        metrics_row(f"{plan_label(plan)} + repair", m, plan.achieved_sparsity, unit),
     ]
     print(pd.DataFrame(rows).to_string(index=False))
     return 0

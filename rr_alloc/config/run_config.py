@@ -344,6 +344,8 @@ class RunConfig:
                 f"--reference {self.reference} is a search, not a rule to verify beside the plan: pass a rule "
                 "(global, uniform, lamp, erk, rr-greedy, rr-exact, best-rule), or search with --allocator optuna"
             )
+        if self.search_repair:  # parsed first, so its errors name its own flag
+            RepairPipeline.parse(self.search_repair, flag="--search-repair")
         if self.distill_size and not any(
             isinstance(step, DistillStep)
             for text in {self.repair, self.loop_repair}

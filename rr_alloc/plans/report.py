@@ -96,7 +96,8 @@ def plot_rr_curves(
 
 
 def rule_choice_lines(info: dict) -> list[str]:
-    """How allocator best-rule chose, for the terminal: every rule's selection loss, the winner first marked."""
+    """How allocator best-rule chose, for the terminal: every rule's selection loss, lowest first, and the
+    rule chosen."""
     if not info:
         return []
     scores = info.get("scores") or {}

@@ -22,7 +22,7 @@ from .objectives import per_image_losses
 __all__ = ["SelectionScorer", "Screened", "paired_upper_bound", "NO_SELECTION"]
 
 NO_SELECTION = (
-    "{allocator} scores plans on the selection split, but --selection-size is 0: raise it, or pass a rule "
+    "{allocator} scores plans on the selection split, but --selection-size is 0: raise it, or name a rule "
     "(e.g. --allocator global)"
 )
 
