@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..allocators import ALLOCATORS, allocator_class
 from ..api import allocate, verify
+from ..config.run_config import RunConfig
 from ..errors import UserError
 from ..plans.report import rule_choice_lines, save_figure, search_lines, write_frame_csv
 from ..repair import RepairPipeline
@@ -59,7 +60,8 @@ def register(sub: Any) -> None:  # argparse's subparsers object (its class is no
     c.set_defaults(handler=cmd_compare)
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def _checked_inputs(args: argparse.Namespace) -> tuple[RunConfig, list[str], list[str]]:
+    """The run config, allocators and repairs of a compare run, every bad or ignored input refused first."""
     keys = file_config(args)
     for flag, instead in (
         ("pattern", "compare allocates budgets: drop --pattern, or run search --pattern N:M"),
@@ -94,6 +96,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"--allocators {scored} scores plans on the selection split, but --selection-size is 0: raise it, or "
             f"drop {scored} from --allocators"
         )
+    return cfg, allocators, repairs
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    cfg, allocators, repairs = _checked_inputs(args)
     out_dir = Path(args.out_dir or Path("runs") / f"compare_{cfg.model.replace(':', '_')}")
     check_command_output(out_dir, "--out-dir", args, cfg, is_dir=True)  # before any work, not after it
     for name in ("compare.csv", "compare_layers.csv", "compare.png"):
