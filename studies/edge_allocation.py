@@ -16,6 +16,8 @@ the selection split under the same pipeline), each repaired with
   BatchNorm recalibration on the calibration images moves the dense model),
 - ``obs-nobn-auto``: ``obs>naive@block+logits``, the tool's default there: ``damp=auto`` is 0.01 from 1024
   calibration images on and grows as 1 / images below (0.08 on 128 photos),
+- ``obs-nobn-auto-calib444``: the same on 444 calibration photos (every ``pool/`` photo outside the selection
+  and validation splits; ``damp=auto`` 0.023 there),
 - ``obs-nobn-damp0.1``: ``obs:damp=0.1>naive@block+logits``, ten times the damping on every layer,
 - ``obs-nobn-damp0.1-kd``: that, then ``kd`` (distillation to the dense model, 300 steps of 16 images) on the
   calibration photos plus every ``pool/`` photo outside the selection and validation splits (``--distill-size``);
@@ -62,6 +64,7 @@ PIPELINES = {
     "obs-nobn": "obs:damp=0.01>naive@block+logits",
     # the tool's default where the calibration check fires: damp=auto, 0.01 * 1024 / 128 = 0.08 on 128 photos
     "obs-nobn-auto": "obs>naive@block+logits",
+    "obs-nobn-auto-calib444": "obs>naive@block+logits",
     "obs-nobn-damp0.1": "obs:damp=0.1>naive@block+logits",
     # distillation to the dense model after the re-fit, sized for two CPU cores (about 10 min on Lite1)
     "obs-nobn-damp0.1-kd": "obs:damp=0.1>naive@block+logits>kd:steps=300:batch=16",
@@ -71,7 +74,10 @@ PROFILE_REPAIR = {
     "channel": "channel",
     **{p: "obs:damp=0.01" for p in PIPELINES if p.startswith("obs") and p != "obs-nobn-auto"},  # as measured
     "obs-nobn-auto": "obs",
+    "obs-nobn-auto-calib444": "obs",
 }  # rr-greedy's profile per pipeline
+# arms that calibrate on more photos than --calib: 700 pool/ photos less 128 selection and 128 validation
+CALIB_SIZE = {"obs-nobn-auto-calib444": 444}
 RULES = ("uniform", "global", "lamp", "erk", "rr-greedy")
 KEY = ["model", "seed", "sparsity", "pipeline", "plan"]
 
@@ -85,7 +91,7 @@ def session_for(args: argparse.Namespace, model: str, seed: int, pipeline: str) 
         train_data=str(photos / "pool"),
         test_data=str(photos / "fidelity"),
         transform=TRANSFORMS[model],
-        calib_size=args.calib,
+        calib_size=args.calib if args.quick else CALIB_SIZE.get(pipeline, args.calib),
         selection_size=args.selection,
         validation_size=args.selection,
         eval_size=args.fidelity,
@@ -293,7 +299,8 @@ def summarise(args: argparse.Namespace, results: Results) -> None:
     lines = [
         "# Allocation on EfficientNet-Lite, calibrated on ImageNet photos" + (" (QUICK: not a result)" * args.quick),
         "",
-        f"Machine: {machine()}. Images: calibration {args.calib}, selection {args.selection} and validation "
+        f"Machine: {machine()}. Images: calibration {args.calib} (444 in the `-calib444` arm), selection "
+        f"{args.selection} and validation "
         f"{args.selection} from `pool/` (calibration seed), fidelity: {args.fidelity} images of `fidelity/` "
         "(reporting only). Agreement: top-1 equal to the dense model's; KL: KL(p_dense || p_pruned), nats. "
         "± is a 95% t interval over seeds (no interval with one seed). Seconds: allocation plus repair.",
