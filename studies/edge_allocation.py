@@ -330,6 +330,10 @@ def summarise(args: argparse.Namespace, results: Results) -> None:
         "",
         *pipeline_rows(df, results),
         "",
+        "Each pipeline against the default repair there (`obs-nobn-auto`), same plan and seeds (paired as above).",
+        "",
+        *pipeline_rows(df, results, reference="obs-nobn-auto"),
+        "",
         "    python studies/edge_allocation.py " + " ".join(a for a in sys.argv[1:] if a != "--summarise"),
     ]
     write_text_atomic(args.out / "edge_allocation.md", "\n".join(lines) + "\n")
