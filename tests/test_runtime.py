@@ -61,3 +61,37 @@ def test_import_does_not_tune(monkeypatch):
     monkeypatch.setattr(runtime, "_applied", None)
     importlib.reload(importlib.import_module("rr_alloc"))
     assert runtime._applied is None
+
+
+_RELEASE_PROBE = """
+import torch
+from rr_alloc.repair.propagate import activation_cap
+from rr_alloc.system.runtime import tune_malloc
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+tune_malloc()
+block = torch.empty(768 << 20, dtype=torch.uint8).fill_(1)  # below the tuned mmap threshold: on the heap
+del block
+kept = rss()
+activation_cap("cpu")
+print(kept - rss() >= 384 << 20)
+"""
+
+
+def test_activation_cap_counts_memory_the_process_freed():
+    """A repair's cache cap is taken after the heap a previous repair freed is handed back (tuned malloc keeps
+    it otherwise, and the next repair would see it as taken)."""
+    import ctypes
+    import platform
+    import subprocess
+    import sys
+
+    import pytest
+
+    if platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL("libc.so.6"), "malloc_trim"):
+        pytest.skip("glibc only: elsewhere the allocator returns memory itself")
+    r = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "True"

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..nn.hooks import forward_hooks
 from ..nn.stats import ChannelMoments, as_bcx
-from ..system.runtime import available_memory_bytes
+from ..system.runtime import available_memory_bytes, release_free_memory
 from .tracing import trace
 
 if TYPE_CHECKING:
@@ -70,7 +70,9 @@ ACTIVATION_SHARE = 0.4
 
 
 def activation_cap(device: torch.device | str = "cpu") -> float:
-    """Bytes of activations a repair may cache on ``device``: ``ACTIVATION_SHARE`` of its free memory now."""
+    """Bytes of activations a repair may cache on ``device``: ``ACTIVATION_SHARE`` of its free memory now,
+    counting what this process has freed and kept for reuse (handed back first)."""
+    release_free_memory(device)
     return ACTIVATION_SHARE * available_memory_bytes(device)
 
 
