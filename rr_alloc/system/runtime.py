@@ -53,9 +53,8 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
 def release_free_memory(device: object = "cpu") -> None:
     """Hand back to the system the memory this process has freed but keeps for reuse: glibc's free heap (which
     :func:`tune_malloc` keeps up to its threshold) or PyTorch's CUDA cache. A measure of free memory taken next
-    then counts it; without this, a second repair in one process sees the first one's freed activations as
-    taken and caps its cache too low (seen on EfficientNet-Lite1 calibrated on 444 photos: the second rule's
-    repair fell back to per-layer passes)."""
+    then counts it; without this, a later repair in the same process (``best-rule`` runs five) counts an
+    earlier one's freed activations as taken and caps its cache lower than the memory allows."""
     import torch
 
     dev = torch.device(device)
