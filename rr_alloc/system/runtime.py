@@ -18,12 +18,26 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Callable
 
 __all__ = ["available_memory_bytes", "release_free_memory", "tune_malloc"]
 
 _M_TRIM_THRESHOLD = -1  # <malloc.h>
 _M_MMAP_THRESHOLD = -3
 _applied: bool | None = None
+
+
+def _glibc(name: str, argtypes: list, restype: type) -> Callable[..., int] | None:
+    """glibc's function ``name`` with its C signature, or ``None`` off Linux or on another libc (musl: its
+    allocator is left alone)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
 
 
 def tune_malloc(threshold: int = 1 << 30) -> bool:
@@ -37,14 +51,11 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("RR_ALLOC_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get("RR_ALLOC_MALLOC_TUNING", "1") == "0":
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc: leave the allocator alone
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # trim threshold first: with it at 2x the mmap threshold freed heap tops are kept, not returned
     _applied = bool(mallopt(_M_TRIM_THRESHOLD, min(2 * threshold, 2**31 - 1)) and mallopt(_M_MMAP_THRESHOLD, threshold))
     return _applied
@@ -61,14 +72,9 @@ def release_free_memory(device: object = "cpu") -> None:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         return
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # musl or another libc: nothing kept beyond what it returns itself
-        return
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
+    trim = _glibc("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+    if trim is not None:
+        trim(0)
 
 
 def available_memory_bytes(device: object = "cpu") -> float:
